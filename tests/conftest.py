@@ -1,0 +1,73 @@
+"""Shared test setup.
+
+TRITON_INTERPRET must be set before ``triton`` itself is first imported (its own helpers
+such as tl.sum are decorated at import), so it is set here, at the top of the first file
+pytest imports. Outside the kernel test modules it is removed again for each test, so
+the dispatchers pick the torch reference there, as they do for any CPU user: the
+interpreter costs milliseconds per row and would dominate sampling-heavy tests.
+Feature nets are cached under a per-session temporary directory, never in ~/.cache.
+"""
+
+import os
+import tempfile
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("VARGEN_CACHE", tempfile.mkdtemp(prefix="vargen-test-cache-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vargen.config import from_dict  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_only_in_kernel_tests(request, monkeypatch):
+    if "kernels" not in request.module.__name__:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DIGITS = {"name": "digits", "resolution": 16, "heldout_fraction": 0.15, "split_seed": 0}
+
+
+def quiet_train(**over):
+    """Training-loop settings for tests: no bar, no logging noise."""
+    base = {"device": "cpu", "progress": False, "log_every": 1000, "ckpt_every": 100000, "warmup_steps": 20}
+    base.update(over)
+    return base
+
+
+@pytest.fixture(scope="session")
+def trained_pipeline(tmp_path_factory):
+    """A tiny VQ tokenizer and next-token model trained on digits through the real tasks.
+
+    Shared by every test that needs trained weights (FID, class recognition, sample.py).
+    About a minute on 2 cores.
+    """
+    from vargen.train.tasks import run
+
+    root = tmp_path_factory.mktemp("pipeline")
+    torch.manual_seed(0)
+    tok_cfg = from_dict(
+        {
+            "task": "tokenizer",
+            "out_dir": str(root / "vq"),
+            "data": DIGITS,
+            "model": {"name": "vq", "hidden": [16, 32], "codebook_size": 64, "code_dim": 8},
+            "train": quiet_train(steps=400, batch_size=64, lr=3e-3),
+        }
+    )
+    run(tok_cfg, log=lambda m: None)
+    gen_cfg = from_dict(
+        {
+            "task": "generator",
+            "out_dir": str(root / "ar"),
+            "data": DIGITS,
+            "tokenizer_ckpt": str(root / "vq"),
+            "model": {"name": "llamagen", "dim": 64, "depth": 2, "heads": 4, "class_dropout": 0.1},
+            "train": quiet_train(steps=600, batch_size=64, lr=3e-3, weight_decay=0.01),
+        }
+    )
+    run(gen_cfg, log=lambda m: None)
+    return {"root": root, "vq": root / "vq", "ar": root / "ar"}

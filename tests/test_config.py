@@ -1,0 +1,96 @@
+"""Config validation: unknown keys and wrong types fail before any work, naming the key."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vargen.config import ConfigError, from_dict, load_config, load_run_config
+from vargen.sampling.generate import SampleConfig
+
+from .conftest import ROOT
+
+
+def cfg_path(name):
+    return os.path.join(ROOT, "configs", name)
+
+
+def test_shipped_configs_validate():
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        if name.endswith(".yaml"):
+            cfg = load_run_config(cfg_path(name))
+            assert cfg.task in ("tokenizer", "generator", "feature_net")
+
+
+def test_defaults_compose_and_overrides_win():
+    cfg = load_run_config(cfg_path("digits_ar.yaml"), ["train.steps=7", "model.dim=32", "data.resolution=8"])
+    assert cfg.train.steps == 7 and cfg.model.dim == 32 and cfg.data.resolution == 8
+    assert cfg.train.log_every == 100  # from train/cpu.yaml
+    assert cfg.model.depth == 4  # from the file
+    assert cfg.model.mlp_ratio == pytest.approx(2.667)  # schema default
+
+
+@pytest.mark.parametrize(
+    "override, key, hint",
+    [
+        ("train.stpes=5", "train.stpes", "train.steps"),
+        ("model.dimm=5", "model.dimm", "model.dim"),
+        ("data.resolutoin=5", "data.resolutoin", "data.resolution"),
+        ("seeds=1", "seeds", "seed"),
+    ],
+)
+def test_unknown_key_names_key_and_closest(override, key, hint):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(cfg_path("digits_ar.yaml"), [override])
+    assert f"'{key}'" in str(e.value) and f"'{hint}'" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.steps=abc", "train.steps"),
+        ("model.dim=1.5x", "model.dim"),
+        ("train.resume=maybe", "train.resume"),
+    ],
+)
+def test_wrong_type_names_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_run_config(cfg_path("digits_ar.yaml"), [override])
+
+
+def test_unknown_component_name():
+    with pytest.raises(ConfigError, match="model.name.*llamagen"):
+        load_run_config(cfg_path("digits_ar.yaml"), ["model.name=llamagem"])
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match="root"):
+        from_dict({"task": "tokenizer", "data": {"name": "imagefolder"}})
+
+
+def test_sample_config_rejects_unknown_sampler_key():
+    with pytest.raises(ConfigError, match="sampler.topk.*sampler.top_k"):
+        load_config(SampleConfig, None, ["sampler.topk=3"])
+    cfg = load_config(SampleConfig, None, ["sampler.top_k=3", "classes=[1,2]"])
+    assert cfg.sampler.top_k == 3 and list(cfg.classes) == [1, 2]
+
+
+def test_train_cli_fails_fast_on_bad_key(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            "--config",
+            cfg_path("digits_vq.yaml"),
+            f"out_dir={out}",
+            "train.setps=3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2
+    assert "train.setps" in r.stderr and "train.steps" in r.stderr
+    assert not out.exists()  # no work was started

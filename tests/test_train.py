@@ -1,0 +1,188 @@
+"""Training loop and checkpoints: exact resume, NaN stop, atomic and checked checkpoints, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vargen.config import from_dict
+from vargen.train.checkpoint import CheckpointError, latest_checkpoint, read_train_state
+from vargen.train.loop import TrainingError, fit, read_log
+from vargen.train.tasks import load_component, run
+
+from .conftest import DIGITS, ROOT, quiet_train
+
+
+def ar_run_cfg(out_dir, tok_dir, steps, **train):
+    return from_dict(
+        {
+            "task": "generator",
+            "out_dir": str(out_dir),
+            "data": DIGITS,
+            "tokenizer_ckpt": str(tok_dir),
+            "model": {"name": "llamagen", "dim": 32, "depth": 1, "heads": 2, "dropout": 0.1},
+            "train": quiet_train(steps=steps, batch_size=32, lr=2e-3, log_every=1, **train),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_vq(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vq")
+    cfg = from_dict(
+        {
+            "task": "tokenizer",
+            "out_dir": str(out),
+            "data": DIGITS,
+            "model": {"name": "vq", "hidden": [8, 16], "codebook_size": 16, "code_dim": 4},
+            "train": quiet_train(steps=20, batch_size=32),
+        }
+    )
+    run(cfg, log=lambda m: None)
+    return out
+
+
+def test_resume_continues_exactly(tmp_path, tiny_vq):
+    """Losses after a resume equal those of an uninterrupted run (dropout and label dropout on)."""
+    straight = tmp_path / "straight"
+    run(ar_run_cfg(straight, tiny_vq, 12, ckpt_every=6), log=lambda m: None)
+    split = tmp_path / "split"
+    run(ar_run_cfg(split, tiny_vq, 6, ckpt_every=6), log=lambda m: None)
+    run(ar_run_cfg(split, tiny_vq, 12, ckpt_every=6, resume=True), log=lambda m: None)
+    a = [r["loss"] for r in read_log(straight)]
+    b = [r["loss"] for r in read_log(split)]
+    assert len(a) == len(b) == 12
+    assert a == b
+    wa, wb = load_file(straight / "model.safetensors"), load_file(split / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_existing_run_is_never_overwritten(tmp_path, tiny_vq):
+    out = tmp_path / "run"
+    run(ar_run_cfg(out, tiny_vq, 3), log=lambda m: None)
+    before = open(out / "model.safetensors", "rb").read()
+    with pytest.raises(TrainingError, match="resume=true"):
+        run(ar_run_cfg(out, tiny_vq, 3), log=lambda m: None)
+    assert open(out / "model.safetensors", "rb").read() == before
+
+
+class _Blowup(torch.nn.Module):
+    """Loss turns NaN on its 5th call: the loop must stop before updating or saving."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.calls = 0
+
+    def loss(self, x, y):
+        self.calls += 1
+        val = (self.w * x.mean()).sum()
+        return {"loss": val * float("nan") if self.calls == 5 else val}
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = from_dict(
+        {
+            "task": "feature_net",
+            "out_dir": str(tmp_path),
+            "data": DIGITS,
+            "train": quiet_train(steps=10, batch_size=4, ckpt_every=2),
+        }
+    )
+    model = _Blowup()
+    x, y = torch.rand(40, 3), torch.zeros(40, dtype=torch.long)
+    with pytest.raises(TrainingError, match="nan at step 4.*step_0000004"):
+        fit(model, x, y, cfg, torch.device("cpu"), "feature_net", log=lambda m: None)
+    assert os.path.basename(latest_checkpoint(str(tmp_path))) == "step_0000004"
+    assert read_train_state(latest_checkpoint(str(tmp_path)))["step"] == 4
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+def test_train_state_loads_with_weights_only(tiny_vq):
+    state = torch.load(os.path.join(latest_checkpoint(str(tiny_vq)), "train_state.pt"), weights_only=True)
+    assert state["step"] == 20 and "optimizer" in state and state["rng_cpu"].dtype == torch.uint8
+
+
+def test_corrupt_checkpoint_names_file(tmp_path, tiny_vq):
+    bad = tmp_path / "model.safetensors"
+    good = open(tiny_vq / "model.safetensors", "rb").read()
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors.*corrupt"):
+        load_component(str(bad))
+    with pytest.raises(CheckpointError, match="not found"):
+        load_component(str(tmp_path / "nothing.safetensors"))
+
+
+def test_mismatched_checkpoint_names_file_and_keys(tmp_path, tiny_vq):
+    from safetensors.torch import save_file
+
+    from vargen.train.checkpoint import read_weights
+
+    state, meta = read_weights(str(tiny_vq))
+    state.pop(sorted(state)[0])
+    path = tmp_path / "m.safetensors"
+    save_file(state, str(path), metadata={"config": json.dumps(meta["config"])})
+    with pytest.raises(CheckpointError, match=r"m\.safetensors does not match the model: missing keys"):
+        load_component(str(path))
+
+
+def test_generator_checks_tokenizer_hash(tmp_path, tiny_vq):
+    import shutil
+
+    tok = tmp_path / "tok"
+    shutil.copytree(tiny_vq, tok)
+    run(ar_run_cfg(tmp_path / "gen", tok, 2), log=lambda m: None)
+    from vargen.train.tasks import load_tokenizer_for
+
+    _, gen_cfg = load_component(str(tmp_path / "gen"))
+    load_tokenizer_for(gen_cfg)  # unchanged: fine
+    w = load_file(tok / "model.safetensors")
+    k = sorted(w)[0]
+    w[k] = w[k] + 1
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tok / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    save_file(w, str(tok / "model.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match="changed since the generator was trained"):
+        load_tokenizer_for(gen_cfg)
+
+
+def test_torchrun_two_processes_keep_identical_weights(tmp_path, tiny_vq):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        os.path.join(ROOT, "train.py"),
+        "--config",
+        os.path.join(ROOT, "configs", "digits_ar.yaml"),
+        f"out_dir={out}",
+        f"tokenizer_ckpt={tiny_vq}",
+        "model.dim=32",
+        "model.depth=1",
+        "model.heads=2",
+        "train.steps=6",
+        "train.batch_size=16",
+        "train.device=cpu",
+        "train.progress=false",
+        "train.log_every=1",
+        "train.threads=1",
+    ]
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    check = json.load(open(out / "ddp_check.json"))
+    assert check["world_size"] == 2
+    assert check["max_param_divergence"] == 0.0
+    assert len(read_log(out)) == 6

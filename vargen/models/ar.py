@@ -1,0 +1,132 @@
+"""LlamaGen-style next-token transformer over a tokenizer's grid of discrete ids.
+
+Sequence layout (LlamaGen, Sun et al. 2024): position 0 holds the class embedding (a
+prefix token with zero rotary angle), positions 1..N-1 hold image tokens 0..N-2; the
+output at position i predicts image token i. Classes live in one embedding table with
+an extra row ``num_classes`` for the null class of classifier-free guidance; in training
+labels are replaced by the null class with probability ``class_dropout``.
+
+The model never samples: samplers call :meth:`forward_step` with a :class:`KVCache`
+(or :meth:`logits` for a full recompute) and draw tokens with their own generator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vargen.models.blocks import Block, KVCache, RMSNorm, rope_2d_table
+from vargen.registry import MODELS
+
+
+@dataclass
+class ARConfig:
+    name: str = "llamagen"
+    vocab_size: int = 0  # 0 = taken from the tokenizer by the training task
+    grid: list[int] = field(default_factory=lambda: [0, 0])  # token grid (h, w); 0 = from the tokenizer
+    num_classes: int = 0  # 0 = taken from the dataset (1 for an unconditional set)
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 2.667  # SwiGLU hidden = mlp_ratio * dim (LLaMA: 8/3)
+    dropout: float = 0.0
+    class_dropout: float = 0.1  # label -> null class in training, for CFG
+    rope_base: float = 10000.0
+
+
+class ARTransformer(nn.Module):
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0 or min(cfg.grid) <= 0 or cfg.num_classes <= 0:
+            raise ValueError(
+                f"llamagen needs vocab_size, grid and num_classes > 0 (got {cfg.vocab_size}, "
+                f"{cfg.grid}, {cfg.num_classes}); the generator task fills them from the tokenizer"
+            )
+        self.cfg = cfg
+        self.vocab_size, self.num_classes = cfg.vocab_size, cfg.num_classes
+        self.num_tokens = cfg.grid[0] * cfg.grid[1]
+        self.null_class = cfg.num_classes
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.cls_emb = nn.Embedding(cfg.num_classes + 1, cfg.dim)  # last row: null class
+        self.blocks = nn.ModuleList(
+            Block(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth)
+        )
+        self.norm = RMSNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_2d_table(cfg.grid[0], cfg.grid[1], cfg.dim // cfg.heads, 1, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (1 + N, d/2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith(("proj.weight", "w2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.depth))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    # ------------------------------------------------------------------ forward passes
+    def _run(self, x_BTC, start: int, cache: KVCache | None):
+        T = x_BTC.shape[1]
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, d/2)
+        for i, blk in enumerate(self.blocks):
+            x_BTC = blk(x_BTC, cos, sin, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.head(self.norm(x_BTC))  # (B, T, V)
+
+    def embed(self, ids_Bt: torch.Tensor | None, cond_B: torch.Tensor | None, start: int):
+        """Input embeddings for positions start..start+t (class token at position 0)."""
+        parts = []
+        if start == 0:
+            parts.append(self.cls_emb(cond_B)[:, None])  # (B, 1, C)
+        if ids_Bt is not None and ids_Bt.shape[1] > 0:
+            parts.append(self.tok_emb(ids_Bt))  # (B, t, C)
+        return torch.cat(parts, dim=1)
+
+    def logits(self, ids_Bn: torch.Tensor, cond_B: torch.Tensor):
+        """Full (uncached) forward: logits (B, n+1, V) for tokens 0..n given ids 0..n-1.
+
+        ``ids_Bn`` may be any prefix (n <= N-1); with n = N-1 it is teacher forcing.
+        """
+        return self._run(self.embed(ids_Bn, cond_B, 0), 0, None)
+
+    def forward_step(self, ids_Bt: torch.Tensor | None, cond_B: torch.Tensor | None, cache: KVCache):
+        """Cached forward of new inputs after ``cache.length`` positions; returns (B, t', V).
+
+        On an empty cache pass ``cond_B`` (the class token is prepended) and optionally a
+        prefix of ids; afterwards pass only the new ids.
+        """
+        start = cache.length
+        return self._run(self.embed(ids_Bt, cond_B if start == 0 else None, start), start, cache)
+
+    def new_cache(self, batch: int, device=None, dtype=None) -> KVCache:
+        p = self.tok_emb.weight
+        c = self.cfg
+        return KVCache(
+            c.depth, batch, c.heads, self.num_tokens, c.dim // c.heads, device or p.device, dtype or p.dtype
+        )
+
+    def forward(self, ids_BN, cond_B):
+        return self.logits(ids_BN[:, :-1], cond_B)  # (B, N, V)
+
+    # ------------------------------------------------------------------ training
+    def loss(self, ids_BN: torch.Tensor, labels_B: torch.Tensor) -> dict:
+        """Next-token cross-entropy; labels dropped to the null class with p=class_dropout."""
+        if self.training and self.cfg.class_dropout > 0:
+            drop = torch.rand(labels_B.shape, device=labels_B.device) < self.cfg.class_dropout
+            labels_B = torch.where(drop, torch.full_like(labels_B, self.null_class), labels_B)
+        logits_BNV = self(ids_BN, labels_B)
+        loss = F.cross_entropy(logits_BNV.flatten(0, 1).float(), ids_BN.flatten())
+        acc = (logits_BNV.argmax(-1) == ids_BN).float().mean()
+        return {"loss": loss, "acc": acc.detach()}
+
+
+@MODELS.register("llamagen", ARConfig)
+def build_llamagen(cfg) -> ARTransformer:
+    return ARTransformer(ARConfig(**dict(cfg)))

@@ -1,0 +1,170 @@
+"""Transformer building blocks shared by every model: one attention function, RMSNorm,
+SwiGLU, 2D rotary embeddings and a preallocated KV cache.
+
+Attention goes through :func:`attention` only: xformers' memory-efficient kernel when it
+imports, its compiled ops loaded and the tensors are on CUDA; otherwise PyTorch's
+``scaled_dot_product_attention`` (which has CPU, flash and memory-efficient backends).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@functools.lru_cache(maxsize=1)
+def _xformers_ops():
+    """xformers.ops if it imports and its C++/CUDA ops loaded, else None (checked once)."""
+    if importlib.util.find_spec("xformers") is None:
+        return None
+    try:
+        import xformers
+        import xformers.ops as xops
+
+        if not getattr(xformers, "_has_cpp_library", False):
+            return None
+        return xops
+    except Exception:  # a broken build (wrong CUDA/torch) must never break attention
+        return None
+
+
+def attention(q_BHTd, k_BHSd, v_BHSd, mask_TS: torch.Tensor | None = None, causal: bool = False):
+    """Softmax attention. ``mask_TS`` is a boolean "may attend" mask broadcast over (B, H).
+
+    ``causal`` aligns the causal mask to the bottom-right (query t sees keys <= S - T + t),
+    which is what cached decoding needs; it is ignored when ``mask_TS`` is given.
+    """
+    T, S = q_BHTd.shape[-2], k_BHSd.shape[-2]
+    if causal and mask_TS is None and T > 1:
+        mask_TS = torch.ones(T, S, dtype=torch.bool, device=q_BHTd.device).tril(S - T)
+    xops = _xformers_ops() if q_BHTd.is_cuda else None
+    if xops is not None and mask_TS is None:
+        # xformers wants (B, T, H, d)
+        out = xops.memory_efficient_attention(
+            q_BHTd.transpose(1, 2), k_BHSd.transpose(1, 2), v_BHSd.transpose(1, 2)
+        )
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=mask_TS)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class SwiGLU(nn.Module):
+    """LLaMA's gated MLP: W2(silu(W1 x) * W3 x), hidden = 8/3 * dim rounded up to 16."""
+
+    def __init__(self, dim: int, mult: float = 8 / 3, dropout: float = 0.0):
+        super().__init__()
+        hidden = 16 * ((int(dim * mult) + 15) // 16)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+def rope_2d_table(grid_h: int, grid_w: int, head_dim: int, n_prefix: int = 1, base: float = 10000.0):
+    """cos/sin tables (n_prefix + h*w, head_dim/2) for 2D RoPE in raster order.
+
+    Half of the rotated pairs carry row frequencies, half column frequencies (LlamaGen /
+    EVA style). Prefix tokens (the class token) get zero rotation: cos 1, sin 0.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    freqs = 1.0 / base ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (d/4,)
+    rows = torch.arange(grid_h, dtype=torch.float64)[:, None].expand(grid_h, grid_w).reshape(-1)
+    cols = torch.arange(grid_w, dtype=torch.float64)[None, :].expand(grid_h, grid_w).reshape(-1)
+    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)  # (h*w, d/2)
+    angles = torch.cat([torch.zeros(n_prefix, head_dim // 2, dtype=torch.float64), angles])
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x_BHTd, cos_Td2, sin_Td2):
+    """Rotate consecutive pairs (x0, x1) of the head dim by the angles of each position."""
+    x = x_BHTd.float().unflatten(-1, (-1, 2))  # (B, H, T, d/2, 2)
+    x0, x1 = x[..., 0], x[..., 1]
+    out = torch.stack([x0 * cos_Td2 - x1 * sin_Td2, x0 * sin_Td2 + x1 * cos_Td2], dim=-1)
+    return out.flatten(-2).type_as(x_BHTd)
+
+
+class KVCache:
+    """Preallocated keys/values per layer, (B, H, T_max, d); ``length`` tokens are valid.
+
+    ``crop(n)`` rolls the cache back to its first n tokens (speculative decoding).
+    """
+
+    def __init__(self, depth, batch, heads, max_len, head_dim, device, dtype):
+        shape = (batch, heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
+        self.length = 0
+        self.max_len = max_len
+
+    def append(self, layer: int, k_BHtd, v_BHtd):
+        """Write new keys/values after the valid prefix; return the full valid K, V."""
+        t = k_BHtd.shape[2]
+        end = self.length + t
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} > {self.max_len}")
+        self.k[layer][:, :, self.length : end] = k_BHtd
+        self.v[layer][:, :, self.length : end] = v_BHtd
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, t: int):
+        self.length += t
+
+    def crop(self, n: int):
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot crop a cache of length {self.length} to {n}")
+        self.length = n
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} not divisible by heads {heads}")
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x_BTC, cos, sin, cache: KVCache | None = None, layer: int = 0, mask_TS=None):
+        B, T, C = x_BTC.shape
+        q, k, v = (
+            self.qkv(x_BTC).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # 3x (B, H, T, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # (B, H, S, d) with S = cached + T
+        y = attention(q, k, v, mask_TS=mask_TS, causal=mask_TS is None)  # (B, H, T, d)
+        return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm LLaMA block: x + attn(norm(x)); x + swiglu(norm(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 8 / 3, dropout: float = 0.0):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
+        self.attn = SelfAttention(dim, heads, dropout)
+        self.mlp = SwiGLU(dim, mlp_ratio, dropout)
+
+    def forward(self, x_BTC, cos, sin, cache=None, layer=0, mask_TS=None):
+        x_BTC = x_BTC + self.attn(self.norm1(x_BTC), cos, sin, cache, layer, mask_TS)
+        return x_BTC + self.mlp(self.norm2(x_BTC))

@@ -1,0 +1,106 @@
+"""Next-token decoding of an :class:`ARTransformer`, KV-cached or by full recompute.
+
+One step = one model forward on a batch of 2B rows when classifier-free guidance is on
+(conditional rows, then the same rows with the null class), followed by the fused
+logits warper (CFG mix on logits, temperature, top-k, top-p, Gumbel-max sampling from
+uniform noise drawn from the caller's generator). The uniform noise is drawn as
+(B, V) per step in token order, so cached and uncached decoding draw identical tokens
+from the same generator: caching changes only the cost.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from vargen.registry import SAMPLERS
+from vargen_kernels.logits_warper import warp_and_sample
+
+
+@dataclass
+class ARSamplerConfig:
+    name: str = "ar"
+    cfg_scale: float = 1.0  # 1 = no guidance (one forward of B rows per step)
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    use_cache: bool = True  # False recomputes the whole prefix every step (the baseline)
+
+
+def new_stats() -> dict:
+    """The sampler stats record every sampler returns (ARCHITECTURE.md contract)."""
+    return {
+        "target_forwards": 0,  # model calls (a CFG pair counts once: one batched call)
+        "draft_forwards": 0,
+        "tokens": 0,  # tokens emitted, over the batch
+        "accepted": 0,
+        "proposed": 0,
+        "positions_computed": 0,  # sequence positions pushed through the model, over calls
+        "seconds": 0.0,
+    }
+
+
+@torch.no_grad()
+def sample_ar(
+    model,
+    cond_B: torch.Tensor,
+    *,
+    generator: torch.Generator,
+    cfg_scale: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    use_cache: bool = True,
+    progress: bool = False,
+):
+    """Draw ids (B, N) for class labels ``cond_B``; returns (ids_BN, stats)."""
+    t0 = time.perf_counter()
+    B, N, V = cond_B.shape[0], model.num_tokens, model.vocab_size
+    device = model.tok_emb.weight.device
+    cond_B = cond_B.to(device)
+    guided = cfg_scale != 1.0
+    if guided:
+        cond_in = torch.cat([cond_B, torch.full_like(cond_B, model.null_class)])  # (2B,)
+    else:
+        cond_in = cond_B
+    rows = cond_in.shape[0]
+    ids_BN = torch.empty(B, N, dtype=torch.long, device=device)
+    stats = new_stats()
+    cache = model.new_cache(rows) if use_cache else None
+    for i in tqdm(range(N), desc="decode", disable=not progress, leave=False):
+        if use_cache:
+            prev = None if i == 0 else ids_BN[:, i - 1 : i].repeat(rows // B, 1)  # (rows, 1)
+            logits = model.forward_step(prev, cond_in, cache)[:, -1]  # (rows, V)
+            stats["positions_computed"] += rows
+        else:
+            prefix = ids_BN[:, :i].repeat(rows // B, 1)  # (rows, i)
+            logits = model.logits(prefix, cond_in)[:, -1]  # (rows, V)
+            stats["positions_computed"] += rows * (i + 1)
+        stats["target_forwards"] += 1
+        u_BV = torch.rand(B, V, generator=generator, device=generator.device).to(device)
+        ids_BN[:, i] = warp_and_sample(
+            logits[:B],
+            logits[B:] if guided else None,
+            cfg_scale=cfg_scale,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            uniform_BV=u_BV,
+        )
+    stats["tokens"] = stats["accepted"] = stats["proposed"] = B * N
+    stats["seconds"] = time.perf_counter() - t0
+    return ids_BN, stats
+
+
+@SAMPLERS.register("ar", ARSamplerConfig)
+def build_ar_sampler(cfg):
+    """A callable ``(model, cond_B, generator, progress) -> (ids, stats)`` for the config."""
+    kw = {k: v for k, v in dict(cfg).items() if k != "name"}
+
+    def run(model, cond_B, generator, progress=False):
+        return sample_ar(model, cond_B, generator=generator, progress=progress, **kw)
+
+    return run

@@ -1,0 +1,222 @@
+"""The one training loop every trainable component goes through.
+
+A trainable component is an ``nn.Module`` with ``loss(x, y) -> dict``; the loop
+optimises ``out["loss"]`` with AdamW (warmup + cosine), logs every other scalar, writes
+atomic checkpoints and resumes exactly: the batch of step s is a pure function of
+(seed, s), and the optimizer state, step and RNG states are restored, so the losses
+after a resume equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from vargen.config import to_plain
+from vargen.train import distributed as D
+from vargen.train.checkpoint import (
+    WEIGHTS,
+    CheckpointError,
+    latest_checkpoint,
+    load_state_into,
+    read_train_state,
+    read_weights,
+    save_checkpoint,
+)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+class _LossModule(torch.nn.Module):
+    """Routes DDP's forward through ``model.loss`` so gradient sync hooks fire."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y):
+        return self.model.loss(x, y)
+
+
+def lr_at(step: int, tc) -> float:
+    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    span = max(1, tc.steps - tc.warmup_steps)
+    frac = min(1.0, (step - tc.warmup_steps) / span)
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
+    """Indices of the global batch of ``step``: epoch e is a permutation seeded by (seed, e)."""
+    per_epoch = max(1, n // batch)
+    epoch, j = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    if batch > n:  # tiny sets: repeat the permutation
+        perm = perm.repeat(math.ceil(batch / n))
+    return perm[j * batch : (j + 1) * batch]
+
+
+def _rng_state() -> dict:
+    state = {"rng_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["rng_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["rng_cpu"])
+    if "rng_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+
+def _log_path(out_dir: str) -> str:
+    return os.path.join(out_dir, "log.jsonl")
+
+
+def read_log(out_dir: str) -> list[dict]:
+    path = _log_path(out_dir)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate_log(out_dir: str, upto_step: int) -> None:
+    rows = [r for r in read_log(out_dir) if r.get("step", 0) <= upto_step]
+    with open(_log_path(out_dir), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _scalars(out: dict) -> dict:
+    return {k: float(v.detach().float().item()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+
+
+def fit(model, x_all: torch.Tensor, y_all: torch.Tensor, run_cfg, device, task: str, log=print):
+    """Train ``model`` on (x_all, y_all) as configured in ``run_cfg.train``; returns the model."""
+    tc, out_dir = run_cfg.train, run_cfg.out_dir
+    rank, world_size = D.world()
+    if tc.batch_size % world_size:
+        raise TrainingError(f"train.batch_size={tc.batch_size} is not divisible by {world_size} processes")
+    config = to_plain(run_cfg)
+    os.makedirs(out_dir, exist_ok=True)
+    model.to(device).train()
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tc.lr,
+        betas=tuple(tc.betas),
+    )
+
+    start = 0
+    existing = latest_checkpoint(out_dir)
+    if tc.resume and existing:
+        state, meta = read_weights(os.path.join(existing, WEIGHTS))
+        if meta["config"].get("model") != config.get("model"):
+            raise CheckpointError(
+                f"cannot resume from {existing}: its model config {meta['config'].get('model')} differs "
+                f"from this run's {config.get('model')}"
+            )
+        load_state_into(model, state, os.path.join(existing, WEIGHTS))
+        ts = read_train_state(existing)
+        try:
+            opt.load_state_dict(ts["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"optimizer state in {existing} does not match the model: {e}") from None
+        _set_rng_state(ts)
+        start = int(ts["step"])
+        if rank == 0:
+            _truncate_log(out_dir, start)
+        log(f"resumed from {existing} at step {start}")
+    elif tc.resume:
+        log(f"train.resume=true but {out_dir} has no checkpoint yet: starting from step 0")
+    elif existing:
+        raise TrainingError(
+            f"{out_dir} already holds a checkpoint ({existing}); pass train.resume=true to continue it, "
+            "or choose another out_dir (nothing was overwritten)"
+        )
+    elif rank == 0 and os.path.exists(_log_path(out_dir)):
+        os.remove(_log_path(out_dir))
+
+    runner = _LossModule(model)
+    if tc.compile:
+        if device.type == "cuda":
+            runner = torch.compile(runner)
+        else:
+            log("train.compile=true is ignored on CPU")
+    if world_size > 1:
+        runner = torch.nn.parallel.DistributedDataParallel(
+            runner, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    use_amp = tc.amp and device.type == "cuda"
+    if tc.amp and not use_amp:
+        log("train.amp=true is ignored on CPU")
+
+    n = x_all.shape[0]
+    bar = tqdm(
+        range(start, tc.steps),
+        initial=start,
+        total=tc.steps,
+        desc=task,
+        disable=rank != 0 or not tc.progress or not sys.stderr.isatty(),
+    )
+    t0 = time.perf_counter()
+    for step in bar:
+        idx = batch_indices(step, n, tc.batch_size, run_cfg.seed)[rank::world_size]
+        x, y = x_all[idx].to(device), y_all[idx].to(device)
+        lr = lr_at(step, tc)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = runner(x, y)
+        loss = out["loss"]
+        if not D.all_true(bool(torch.isfinite(loss).item()), device):
+            latest = latest_checkpoint(out_dir)
+            raise TrainingError(
+                f"loss is {loss.item()} at step {step}: training stopped before the update; the last good "
+                f"checkpoint ({latest or 'none yet'}) is untouched. Lower train.lr or set train.grad_clip, "
+                "then rerun with train.resume=true"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30
+        )
+        opt.step()
+
+        done = step + 1
+        if rank == 0 and (done % tc.log_every == 0 or done == tc.steps):
+            row = {"step": done, **_scalars(out), "lr": lr, "grad_norm": float(grad_norm)}
+            row["elapsed_s"] = round(time.perf_counter() - t0, 3)
+            with open(_log_path(out_dir), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            msg = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "elapsed_s"))
+            if bar.disable:
+                log(f"[{task}] step {done}/{tc.steps} {msg}")
+            else:
+                bar.set_postfix_str(msg)
+        if done % tc.ckpt_every == 0 or done == tc.steps:
+            if rank == 0:
+                train_state = {"optimizer": opt.state_dict(), **_rng_state()}
+                save_checkpoint(out_dir, model, train_state, config, done, task, tc.keep_last)
+            if world_size > 1:
+                torch.distributed.barrier()
+    bar.close()
+    if world_size > 1:
+        div = D.max_param_divergence(model)
+        if rank == 0:
+            with open(os.path.join(out_dir, "ddp_check.json"), "w") as f:
+                json.dump({"world_size": world_size, "max_param_divergence": div}, f)
+            log(f"ddp: max parameter difference across {world_size} ranks = {div:.3g}")
+    model.eval()
+    return model

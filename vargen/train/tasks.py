@@ -1,0 +1,192 @@
+"""Training tasks: what ``train.py`` can train. Each task is a run schema (which
+registry its ``model`` section names) and a ``run(cfg)`` function.
+
+- ``tokenizer``: an image tokenizer (``model`` from TOKENIZERS) on the dataset's images.
+- ``generator``: a token model (``model`` from MODELS) on the ids of a trained tokenizer,
+  referenced by path and checked by hash.
+- ``feature_net``: the dataset classifier used as FID feature net and reward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from vargen.config import RunConfig, component, from_dict, to_plain
+from vargen.data import build_dataset
+from vargen.registry import REGISTRIES, TASKS
+from vargen.train import distributed as D
+from vargen.train.checkpoint import (
+    CheckpointError,
+    file_sha256,
+    load_state_into,
+    read_weights,
+    resolve_weights_path,
+)
+from vargen.train.loop import fit
+
+
+@dataclass
+class TokenizerRun(RunConfig):
+    task: str = "tokenizer"
+    model: dict = component("TOKENIZERS", {"name": "vq"})
+
+
+@dataclass
+class GeneratorRun(RunConfig):
+    task: str = "generator"
+    model: dict = component("MODELS", {"name": "llamagen"})
+    tokenizer_ckpt: str = "???"  # weights file or run directory of a trained tokenizer
+    tokenizer_sha256: str = ""  # filled in at training time; checked when loading
+
+
+@dataclass
+class FeatureNetRun(RunConfig):
+    task: str = "feature_net"
+    model: dict = component("FEATURE_NETS", {"name": "classifier"})
+
+
+def _model_registry(schema: type):
+    f = {f.name: f for f in dataclasses.fields(schema)}["model"]
+    return REGISTRIES[f.metadata["registry"]]
+
+
+def load_component(path: str, device="cpu"):
+    """Rebuild a trained component from one weights file (or run dir); returns (module, cfg).
+
+    The config stored in the file is validated again, so a checkpoint written by an older
+    schema fails with a message naming the key. A generator's tokenizer is checked by hash.
+    """
+    wpath = resolve_weights_path(path)
+    state, meta = read_weights(wpath)
+    try:
+        cfg = from_dict(meta["config"])
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {wpath}: its stored config is not valid here: {e}") from None
+    module = _model_registry(TASKS.get(cfg.task).schema).build(cfg.model)
+    load_state_into(module, state, wpath)
+    return module.to(device).eval(), cfg
+
+
+def load_tokenizer_for(gen_cfg, device="cpu"):
+    """The tokenizer a generator was trained on, verified against the recorded hash."""
+    path = resolve_weights_path(gen_cfg.tokenizer_ckpt)
+    want = gen_cfg.tokenizer_sha256
+    if want and file_sha256(path) != want:
+        raise CheckpointError(
+            f"tokenizer {path} changed since the generator was trained (sha256 differs from "
+            f"{want[:12]}...); retrain the generator or restore that tokenizer"
+        )
+    tok, _ = load_component(path, device)
+    return tok
+
+
+def _device(cfg):
+    dev = D.setup(cfg.train.device)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    return dev
+
+
+def _write_eval(cfg, metrics: dict, log) -> None:
+    if D.world()[0] == 0:
+        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        log(f"[{cfg.task}] eval: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+
+@torch.no_grad()
+def _tokenizer_eval(tok, images, device, batch=256) -> dict:
+    mse, used = 0.0, torch.zeros(tok.tokens_spec["vocab_size"], dtype=torch.bool)
+    for i in range(0, images.shape[0], batch):
+        x = images[i : i + batch].to(device)
+        ids = tok.encode(x)
+        used[ids.flatten().cpu()] = True
+        mse += torch.nn.functional.mse_loss(tok.decode(ids), x, reduction="sum").item()
+    return {"heldout_recon_mse": mse / images.numel(), "codebook_usage": used.float().mean().item()}
+
+
+@TASKS.register("tokenizer", TokenizerRun)
+def run_tokenizer(cfg, log=print):
+    device = _device(cfg)
+    torch.manual_seed(cfg.seed)
+    data = build_dataset(cfg.data)
+    cfg.model.channels, cfg.model.resolution = data.channels, data.resolution
+    tok = _model_registry(TokenizerRun).build(cfg.model)
+    fit(tok, data.train_images, data.train_labels, cfg, device, "tokenizer", log)
+    _write_eval(cfg, _tokenizer_eval(tok, data.heldout_images, device), log)
+    return tok
+
+
+@torch.no_grad()
+def encode_all(tok, images, device, batch=256) -> torch.Tensor:
+    return torch.cat(
+        [tok.encode(images[i : i + batch].to(device)).cpu() for i in range(0, len(images), batch)]
+    )
+
+
+@TASKS.register("generator", GeneratorRun)
+def run_generator(cfg, log=print):
+    device = _device(cfg)
+    torch.manual_seed(cfg.seed)
+    path = resolve_weights_path(cfg.tokenizer_ckpt)
+    cfg.tokenizer_sha256 = file_sha256(path)
+    tok = load_tokenizer_for(cfg, device)
+    data = build_dataset(cfg.data)
+    spec = tok.tokens_spec
+    if spec["kind"] != "ids":
+        raise ValueError(
+            f"generator '{cfg.model.name}' needs discrete ids; the tokenizer gives {spec['kind']}"
+        )
+    ids = encode_all(tok, data.train_images, device)
+    cfg.model.vocab_size, cfg.model.grid, cfg.model.num_classes = (
+        spec["vocab_size"],
+        list(spec["grid"]),
+        data.num_classes,
+    )
+    model = _model_registry(GeneratorRun).build(cfg.model)
+    log(
+        f"[generator] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{ids.shape[0]} sequences of {ids.shape[1]} tokens"
+    )
+    fit(model, ids, data.train_labels, cfg, device, "generator", log)
+    held = encode_all(tok, data.heldout_images, device)
+    with torch.no_grad():
+        model.eval()
+        out = model.loss(held.to(device), data.heldout_labels.to(device))
+    _write_eval(cfg, {"heldout_loss": out["loss"].item(), "heldout_acc": out["acc"].item()}, log)
+    return model
+
+
+@TASKS.register("feature_net", FeatureNetRun)
+def run_feature_net(cfg, log=print):
+    from vargen.eval.feature_net import classify_accuracy
+
+    device = _device(cfg)
+    torch.manual_seed(cfg.seed)
+    data = build_dataset(cfg.data)
+    cfg.model.channels, cfg.model.resolution, cfg.model.num_classes = (
+        data.channels,
+        data.resolution,
+        data.num_classes,
+    )
+    net = _model_registry(FeatureNetRun).build(cfg.model)
+    fit(net, data.train_images, data.train_labels, cfg, device, "feature_net", log)
+    acc = classify_accuracy(net, data.heldout_images.to(device), data.heldout_labels.to(device))
+    _write_eval(cfg, {"heldout_acc": acc}, log)
+    return net
+
+
+def run(cfg, log=print):
+    """Run the task a validated config names."""
+    try:
+        return TASKS.get(cfg.task).builder(cfg, log=log)
+    finally:
+        D.teardown()
+
+
+__all__ = ["load_component", "load_tokenizer_for", "run", "to_plain"]
