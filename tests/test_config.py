@@ -94,3 +94,9 @@ def test_train_cli_fails_fast_on_bad_key(tmp_path):
     assert r.returncode == 2
     assert "train.setps" in r.stderr and "train.steps" in r.stderr
     assert not out.exists()  # no work was started
+
+
+def test_switching_a_component_drops_the_old_components_fields():
+    cfg = load_run_config(cfg_path("shapes_vq.yaml"), ["data.name=imagefolder", "data.root=/x"])
+    assert cfg.data.name == "imagefolder" and cfg.data.root == "/x" and "num_images" not in cfg.data
+    assert cfg.data.resolution == 32  # the imagefolder schema's default, not the shapes file's

@@ -25,8 +25,14 @@ from vargen.eval import feature_net as feature_net_module
 from vargen.registry import FEATURE_NETS
 
 DIGITS = {"name": "digits", "resolution": 16, "heldout_fraction": 0.15, "split_seed": 0}
-SHAPES = {"name": "shapes", "resolution": 32, "num_images": 6000, "seed": 0, "heldout_fraction": 0.15,
-          "split_seed": 0}
+SHAPES = {
+    "name": "shapes",
+    "resolution": 32,
+    "num_images": 6000,
+    "seed": 0,
+    "heldout_fraction": 0.15,
+    "split_seed": 0,
+}
 
 
 @pytest.fixture(scope="session")

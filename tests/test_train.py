@@ -186,3 +186,28 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path, tiny_vq):
     assert check["world_size"] == 2
     assert check["max_param_divergence"] == 0.0
     assert len(read_log(out)) == 6
+
+
+def test_generator_on_wrong_image_size_stops_with_a_message(tmp_path, tiny_vq):
+    from vargen.data import DataError
+
+    cfg = ar_run_cfg(tmp_path / "gen", tiny_vq, 2)
+    cfg.data.resolution = 8  # the tokenizer was trained on 16x16 digits
+    with pytest.raises(DataError, match=r"expected \(N, 1, 16, 16\)"):
+        run(cfg, log=lambda m: None)
+
+
+def test_train_cli_reports_missing_data_folder(tmp_path, capsys):
+    import train
+
+    code = train.main(
+        [
+            "--config",
+            os.path.join(ROOT, "configs", "shapes_vq.yaml"),
+            f"out_dir={tmp_path / 'run'}",
+            "data.name=imagefolder",
+            f"data.root={tmp_path / 'no_such_folder'}",
+        ]
+    )
+    assert code == 1
+    assert f"image folder not found: {tmp_path / 'no_such_folder'}" in capsys.readouterr().err

@@ -49,6 +49,7 @@ class TrainLoopConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0  # 0 disables clipping
     log_every: int = 50
+    eval_every: int = 0  # held-out loss every N steps (0 = only the task's final evaluation)
     ckpt_every: int = 500  # also written at the end of training
     keep_last: int = 2  # checkpoints kept on disk (older ones are pruned)
     resume: bool = False  # continue from the newest checkpoint in out_dir
@@ -177,11 +178,26 @@ def _task_schema(raw: dict) -> type:
         raise ConfigError(f"config key 'task': {e.args[0]}") from None
 
 
+def _merge_overrides(raw: DictConfig, overrides: list[str]) -> dict:
+    """Merge overrides into ``raw``. Switching a component (``data.name=imagefolder``)
+    replaces that whole section, so fields of the previous component do not leak in."""
+    ov = parse_overrides(list(overrides))
+    raw = OmegaConf.to_container(raw, resolve=True)
+    for key, section in OmegaConf.to_container(ov).items():
+        old = raw.get(key)
+        if (
+            isinstance(section, dict)
+            and isinstance(old, dict)
+            and section.get("name", old.get("name")) != old.get("name")
+        ):
+            raw.pop(key)
+    return OmegaConf.to_container(OmegaConf.merge(raw, ov), resolve=True)
+
+
 def load_run_config(path: str, overrides: list[str] = ()) -> DictConfig:
     """Load, compose, override and validate a training config. Raises ConfigError."""
     import_components()
-    raw = OmegaConf.merge(_load_yaml_composed(path), parse_overrides(list(overrides)))
-    return from_dict(OmegaConf.to_container(raw, resolve=True))
+    return from_dict(_merge_overrides(_load_yaml_composed(path), overrides))
 
 
 def from_dict(raw: dict, schema: type | None = None) -> DictConfig:
@@ -199,8 +215,7 @@ def load_config(schema: type, path: str | None, overrides: list[str] = (), base:
     raw = OmegaConf.create(base or {})
     if path:
         raw = OmegaConf.merge(raw, _load_yaml_composed(path))
-    raw = OmegaConf.merge(raw, parse_overrides(list(overrides)))
-    return from_dict(OmegaConf.to_container(raw, resolve=True), schema)
+    return from_dict(_merge_overrides(raw, overrides), schema)
 
 
 def to_plain(cfg) -> dict:

@@ -60,11 +60,18 @@ class FeatureNet(nn.Module):
     which is closer to Gaussian than a rectified vector; FID models features as Gaussian.
     """
 
-    def __init__(self, *, channels: int, resolution: int, num_classes: int, width: int = 32,
-                 features: int = 64):
+    def __init__(
+        self, *, channels: int, resolution: int, num_classes: int, width: int = 32, features: int = 64
+    ):
         super().__init__()
-        self.config = dict(name="classifier", channels=channels, resolution=resolution,
-                           num_classes=num_classes, width=width, features=features)
+        self.config = dict(
+            name="classifier",
+            channels=channels,
+            resolution=resolution,
+            num_classes=num_classes,
+            width=width,
+            features=features,
+        )
         self.channels, self.resolution, self.num_classes = channels, resolution, num_classes
         self.num_features = features  # read by torchmetrics' FrechetInceptionDistance
         layers, c, side = [], channels, resolution
@@ -124,8 +131,11 @@ def build_feature_net(cfg) -> FeatureNet:
 
 def _fill_from_data(cfg, splits: ImageSplits) -> dict:
     cfg = _as_dict(cfg)
-    for key, value in (("channels", splits.channels), ("resolution", splits.resolution),
-                       ("num_classes", splits.num_classes)):
+    for key, value in (
+        ("channels", splits.channels),
+        ("resolution", splits.resolution),
+        ("num_classes", splits.num_classes),
+    ):
         if cfg[key] == 0:
             cfg[key] = value
         elif cfg[key] != value:
@@ -172,14 +182,15 @@ def train_feature_net(splits: ImageSplits, cfg=None, steps: int = DEFAULT_STEPS,
 
 
 @torch.no_grad()
-def classify_accuracy(net: FeatureNet, images: torch.Tensor, labels: torch.Tensor,
-                      batch_size: int = 256) -> float:
+def classify_accuracy(
+    net: FeatureNet, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
+) -> float:
     """Fraction of ``images`` whose argmax class equals ``labels``, in batches on the net's device."""
     device = next(net.parameters()).device
     correct = 0
     for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device)  # (b, C, H, W)
-        y = labels[start:start + batch_size].to(device)  # (b,)
+        x = images[start : start + batch_size].to(device)  # (b, C, H, W)
+        y = labels[start : start + batch_size].to(device)  # (b,)
         correct += (net.logits(x).argmax(-1) == y).sum().item()
     return correct / max(1, images.shape[0])
 
@@ -222,8 +233,13 @@ def cache_dir() -> Path:
 
 
 def _cache_record(data_cfg, cfg, steps: int, seed: int) -> dict:
-    return {"data": _full_data_config(data_cfg), "model": _as_dict(cfg), "steps": steps, "seed": seed,
-            "format_version": FORMAT_VERSION}
+    return {
+        "data": _full_data_config(data_cfg),
+        "model": _as_dict(cfg),
+        "steps": steps,
+        "seed": seed,
+        "format_version": FORMAT_VERSION,
+    }
 
 
 def _cache_path(record: dict) -> Path:
@@ -258,8 +274,9 @@ def _save(net: FeatureNet, path: Path, record: dict) -> None:
 _MEMO: dict[tuple[str, str], FeatureNet] = {}
 
 
-def get_feature_net(data_cfg, device="cpu", *, cfg=None, steps: int = DEFAULT_STEPS,
-                    seed: int = 0) -> FeatureNet:
+def get_feature_net(
+    data_cfg, device="cpu", *, cfg=None, steps: int = DEFAULT_STEPS, seed: int = 0
+) -> FeatureNet:
     """The feature net of a dataset config: memoised in-process, cached on disk, else trained.
 
     A cache file that cannot be read is retrained and rewritten, with a warning. The

@@ -31,20 +31,26 @@ def _check_images(images: torch.Tensor, which: str) -> None:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise ValueError(f"{which} images must be a tensor (N, C, H, W), got {shape}")
     if not images.is_floating_point():
-        raise ValueError(f"{which} images must be float in [0, 1], got dtype {images.dtype}; "
-                         "convert uint8 images with x.float() / 255")
+        raise ValueError(
+            f"{which} images must be float in [0, 1], got dtype {images.dtype}; "
+            "convert uint8 images with x.float() / 255"
+        )
     if images.shape[0] < 2:
         raise ValueError(f"FID needs at least 2 {which} images (a covariance), got {images.shape[0]}")
     lo, hi = images.min().item(), images.max().item()
     if not (0.0 <= lo and hi <= 1.0):
-        raise ValueError(f"{which} images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
-                         "clamp decoder outputs with x.clamp(0, 1)")
+        raise ValueError(
+            f"{which} images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
+            "clamp decoder outputs with x.clamp(0, 1)"
+        )
 
 
 def _check_same_shape(real_shape: tuple, fake: torch.Tensor) -> None:
     if tuple(fake.shape[1:]) != real_shape:
-        raise ValueError(f"real and fake images differ in shape: real (C, H, W) = {real_shape}, "
-                         f"fake (C, H, W) = {tuple(fake.shape[1:])}")
+        raise ValueError(
+            f"real and fake images differ in shape: real (C, H, W) = {real_shape}, "
+            f"fake (C, H, W) = {tuple(fake.shape[1:])}"
+        )
 
 
 @contextlib.contextmanager
@@ -79,11 +85,15 @@ class _Fid:
         else:
             path = os.fspath(inception_weights)
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"Inception weights file not found: {path} "
-                                        "(vargen never downloads them; pass the path of a local copy)")
+                raise FileNotFoundError(
+                    f"Inception weights file not found: {path} "
+                    "(vargen never downloads them; pass the path of a local copy)"
+                )
             if importlib.util.find_spec("torch_fidelity") is None:
-                raise ImportError("Inception FID needs torch-fidelity: pip install torch-fidelity "
-                                  "(the weights come from your local file; nothing is downloaded)")
+                raise ImportError(
+                    "Inception FID needs torch-fidelity: pip install torch-fidelity "
+                    "(the weights come from your local file; nothing is downloaded)"
+                )
             # torch-fidelity reads this file with torch.load: pass only files you trust.
             self.metric = FrechetInceptionDistance(
                 feature=2048, feature_extractor_weights_path=path, **common
@@ -95,7 +105,7 @@ class _Fid:
     def update(self, images: torch.Tensor, real: bool) -> None:
         with _eval_mode(self.net):
             for start in range(0, images.shape[0], self.batch_size):
-                x = images[start:start + self.batch_size].to(self.device, torch.float32)  # (b, C, H, W)
+                x = images[start : start + self.batch_size].to(self.device, torch.float32)  # (b, C, H, W)
                 if self.rgb and x.shape[1] == 1:
                     x = x.expand(-1, 3, -1, -1)  # (b, 3, H, W): Inception takes RGB
                 self.metric.update(x, real=real)
@@ -125,8 +135,13 @@ def compute_fid(
     _check_images(real_BCHW, "real")
     _check_images(fake_BCHW, "fake")
     _check_same_shape(tuple(real_BCHW.shape[1:]), fake_BCHW)
-    fid = _Fid(feature_net, inception_weights, reset_real_features=True, batch_size=batch_size,
-               device=real_BCHW.device if device is None else device)
+    fid = _Fid(
+        feature_net,
+        inception_weights,
+        reset_real_features=True,
+        batch_size=batch_size,
+        device=real_BCHW.device if device is None else device,
+    )
     fid.update(real_BCHW, real=True)
     fid.update(fake_BCHW, real=False)
     return fid.compute()
@@ -151,13 +166,19 @@ class FIDEvaluator:
         _check_images(real_BCHW, "real")
         self.image_shape = tuple(real_BCHW.shape[1:])  # (C, H, W)
         self.num_real = real_BCHW.shape[0]
-        self._fid = _Fid(feature_net, inception_weights, reset_real_features=False, batch_size=batch_size,
-                         device=real_BCHW.device if device is None else device)
+        self._fid = _Fid(
+            feature_net,
+            inception_weights,
+            reset_real_features=False,
+            batch_size=batch_size,
+            device=real_BCHW.device if device is None else device,
+        )
         self._fid.update(real_BCHW, real=True)
 
     @classmethod
-    def for_dataset(cls, data_cfg, split: str = "train", inception_weights=None, *, batch_size: int = 256,
-                    device="cpu") -> FIDEvaluator:
+    def for_dataset(
+        cls, data_cfg, split: str = "train", inception_weights=None, *, batch_size: int = 256, device="cpu"
+    ) -> FIDEvaluator:
         """Against a dataset split, in the feature space of its cached feature net (or Inception)."""
         images, _ = build_dataset(_full_data_config(data_cfg)).split(split)  # (N, C, H, W)
         net = None if inception_weights is not None else get_feature_net(data_cfg, device)

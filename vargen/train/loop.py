@@ -101,8 +101,28 @@ def _scalars(out: dict) -> dict:
     return {k: float(v.detach().float().item()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
 
 
-def fit(model, x_all: torch.Tensor, y_all: torch.Tensor, run_cfg, device, task: str, log=print):
-    """Train ``model`` on (x_all, y_all) as configured in ``run_cfg.train``; returns the model."""
+@torch.no_grad()
+def heldout_metrics(model, x: torch.Tensor, y: torch.Tensor, device, batch: int = 512) -> dict:
+    """``model.loss`` averaged over a held-out set, in eval mode, leaving the RNG untouched."""
+    was_training = model.training
+    model.eval()
+    sums, n = {}, 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for i in range(0, x.shape[0], batch):
+            out = _scalars(model.loss(x[i : i + batch].to(device), y[i : i + batch].to(device)))
+            k = min(batch, x.shape[0] - i)
+            for key, v in out.items():
+                sums[key] = sums.get(key, 0.0) + v * k
+            n += k
+    model.train(was_training)
+    return {f"heldout_{k}": v / n for k, v in sums.items()}
+
+
+def fit(model, x_all: torch.Tensor, y_all: torch.Tensor, run_cfg, device, task: str, log=print, heldout=None):
+    """Train ``model`` on (x_all, y_all) as configured in ``run_cfg.train``; returns the model.
+
+    ``heldout`` = (x, y) adds ``heldout_*`` metrics to the log every ``train.eval_every`` steps.
+    """
     tc, out_dir = run_cfg.train, run_cfg.out_dir
     rank, world_size = D.world()
     if tc.batch_size % world_size:
@@ -195,8 +215,11 @@ def fit(model, x_all: torch.Tensor, y_all: torch.Tensor, run_cfg, device, task: 
         opt.step()
 
         done = step + 1
-        if rank == 0 and (done % tc.log_every == 0 or done == tc.steps):
+        evaluate = heldout is not None and tc.eval_every > 0 and done % tc.eval_every == 0
+        if rank == 0 and (done % tc.log_every == 0 or done == tc.steps or evaluate):
             row = {"step": done, **_scalars(out), "lr": lr, "grad_norm": float(grad_norm)}
+            if evaluate:
+                row.update(heldout_metrics(model, *heldout, device))
             row["elapsed_s"] = round(time.perf_counter() - t0, 3)
             with open(_log_path(out_dir), "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -27,7 +27,7 @@ from vargen.train.checkpoint import (
     read_weights,
     resolve_weights_path,
 )
-from vargen.train.loop import fit
+from vargen.train.loop import fit, heldout_metrics
 
 
 @dataclass
@@ -117,7 +117,8 @@ def run_tokenizer(cfg, log=print):
     data = build_dataset(cfg.data)
     cfg.model.channels, cfg.model.resolution = data.channels, data.resolution
     tok = _model_registry(TokenizerRun).build(cfg.model)
-    fit(tok, data.train_images, data.train_labels, cfg, device, "tokenizer", log)
+    heldout = (data.heldout_images, data.heldout_labels)
+    fit(tok, data.train_images, data.train_labels, cfg, device, "tokenizer", log, heldout)
     _write_eval(cfg, _tokenizer_eval(tok, data.heldout_images, device), log)
     return tok
 
@@ -153,12 +154,9 @@ def run_generator(cfg, log=print):
         f"[generator] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{ids.shape[0]} sequences of {ids.shape[1]} tokens"
     )
-    fit(model, ids, data.train_labels, cfg, device, "generator", log)
-    held = encode_all(tok, data.heldout_images, device)
-    with torch.no_grad():
-        model.eval()
-        out = model.loss(held.to(device), data.heldout_labels.to(device))
-    _write_eval(cfg, {"heldout_loss": out["loss"].item(), "heldout_acc": out["acc"].item()}, log)
+    heldout = (encode_all(tok, data.heldout_images, device), data.heldout_labels)
+    fit(model, ids, data.train_labels, cfg, device, "generator", log, heldout)
+    _write_eval(cfg, heldout_metrics(model, *heldout, device), log)
     return model
 
 
@@ -175,7 +173,16 @@ def run_feature_net(cfg, log=print):
         data.num_classes,
     )
     net = _model_registry(FeatureNetRun).build(cfg.model)
-    fit(net, data.train_images, data.train_labels, cfg, device, "feature_net", log)
+    fit(
+        net,
+        data.train_images,
+        data.train_labels,
+        cfg,
+        device,
+        "feature_net",
+        log,
+        (data.heldout_images, data.heldout_labels),
+    )
     acc = classify_accuracy(net, data.heldout_images.to(device), data.heldout_labels.to(device))
     _write_eval(cfg, {"heldout_acc": acc}, log)
     return net
