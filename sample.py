@@ -23,15 +23,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from vargen.config import ConfigError, load_config
-    from vargen.sampling.generate import SampleConfig, run_sampling
+    from vargen.data import DataError
+    from vargen.sampling.generate import SampleConfig, default_sampler, run_sampling
+    from vargen.train.checkpoint import CheckpointError
 
     try:
-        cfg = load_config(SampleConfig, args.config, args.overrides)
+        base = {"sampler": {"name": default_sampler(args.ckpt)}}
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        cfg = load_config(SampleConfig, args.config, args.overrides, base=base)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from vargen.data import DataError
-    from vargen.train.checkpoint import CheckpointError
 
     try:
         run_sampling(args.ckpt, cfg, log=lambda m: print(m, flush=True))

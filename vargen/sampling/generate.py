@@ -1,6 +1,7 @@
 """Checkpoint -> images: what ``sample.py`` runs, also usable from Python.
 
-Loads a generator and the tokenizer it was trained on, draws ``num_samples`` images in
+Loads a generator and the tokenizer it was trained on (none for a pixel generator such
+as TarFlow, whose sampler returns images), draws ``num_samples`` images in
 batches with one explicit generator (same seed, same images on the same machine),
 writes a PNG grid, an ``.npz`` archive and ``metrics.json`` (sampler stats, optional FID).
 """
@@ -29,7 +30,7 @@ class SampleConfig:
     classes: list[int] = field(default_factory=list)  # labels to cycle through; empty = every class
     nrow: int = 0  # images per grid row; 0 = number of classes (one class per column)
     grid_max: int = 100  # at most this many images in the PNG grid
-    sampler: dict = component("SAMPLERS", {"name": "ar"})
+    sampler: dict = component("SAMPLERS", {"name": "ar"})  # sample.py defaults it from the checkpoint
     fid: bool = False  # score the samples against a split of the training dataset
     fid_split: str = "heldout"  # heldout | train
     inception_weights: str = ""  # local Inception weights file: real Inception FID instead of the proxy
@@ -45,18 +46,38 @@ def class_labels(num: int, num_classes: int, classes: list[int]) -> torch.Tensor
     return pool.repeat((num + len(pool) - 1) // len(pool))[:num]
 
 
+# The sampler a generator model uses when the sample config names none.
+DEFAULT_SAMPLER = {"llamagen": "ar", "tarflow": "tarflow"}
+GENERATOR_TASKS = ("generator", "pixel_generator")
+
+
 def generate(model, tokenizer, labels_B: torch.Tensor, sampler, generator, batch_size: int, progress=False):
-    """Sample and decode in batches; returns (images (N,C,H,W) in [0,1], ids, summed stats)."""
-    images, ids_all, total = [], [], {}
+    """Sample (and decode, when there is a tokenizer) in batches.
+
+    Returns (images (N,C,H,W) in [0,1], tokens or None, summed stats). Stats are summed
+    over batches except list-valued entries (per-block counts), which are concatenated.
+    """
+    images, tokens, total = [], [], {}
     chunks = range(0, labels_B.shape[0], batch_size)
     for i in tqdm(chunks, desc="sample", disable=not progress, leave=False):
-        ids, stats = sampler(model, labels_B[i : i + batch_size], generator)
-        with torch.no_grad():
-            images.append(tokenizer.decode(ids).cpu())
-        ids_all.append(ids.cpu())
+        out, stats = sampler(model, labels_B[i : i + batch_size], generator)
+        if tokenizer is None:
+            images.append(out.cpu())
+        else:
+            with torch.no_grad():
+                images.append(tokenizer.decode(out).cpu())
+            tokens.append(out.cpu())
         for k, v in stats.items():
-            total[k] = total.get(k, 0) + v
-    return torch.cat(images), torch.cat(ids_all), total
+            total[k] = total.get(k, [] if isinstance(v, list) else 0) + v
+    return torch.cat(images), (torch.cat(tokens) if tokens else None), total
+
+
+def default_sampler(ckpt: str) -> str:
+    """The sampler for a checkpoint's model, read from its stored config (no weights built)."""
+    from vargen.train.checkpoint import read_weights
+
+    _, meta = read_weights(ckpt)
+    return DEFAULT_SAMPLER.get(meta["config"].get("model", {}).get("name"), "ar")
 
 
 def run_sampling(ckpt: str, cfg, log=print) -> dict:
@@ -69,9 +90,9 @@ def run_sampling(ckpt: str, cfg, log=print) -> dict:
 
     device = setup(cfg.device)
     model, gen_cfg = load_component(ckpt, device)
-    if gen_cfg.task != "generator":
+    if gen_cfg.task not in GENERATOR_TASKS:
         raise ValueError(f"{ckpt} holds a '{gen_cfg.task}' checkpoint; sample.py needs a generator")
-    tokenizer = load_tokenizer_for(gen_cfg, device)
+    tokenizer = load_tokenizer_for(gen_cfg, device) if gen_cfg.task == "generator" else None
     sampler = SAMPLERS.build(cfg.sampler)
     out = cfg.out or os.path.join(os.path.dirname(resolve_weights_path(ckpt)), "samples")
     os.makedirs(out, exist_ok=True)
@@ -80,14 +101,15 @@ def run_sampling(ckpt: str, cfg, log=print) -> dict:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
     show = cfg.progress and sys.stderr.isatty()
-    images, ids, stats = generate(model, tokenizer, labels, sampler, generator, cfg.batch_size, show)
+    images, tokens, stats = generate(model, tokenizer, labels, sampler, generator, cfg.batch_size, show)
     elapsed = time.perf_counter() - t0
 
     nrow = cfg.nrow or (len(cfg.classes) or model.num_classes)
     grid_path = save_grid(images[: cfg.grid_max], os.path.join(out, "samples.png"), nrow=min(nrow, 20))
-    np.savez_compressed(
-        os.path.join(out, "samples.npz"), images=to_uint8(images), labels=labels.numpy(), ids=ids.numpy()
-    )
+    arrays = {"images": to_uint8(images), "labels": labels.numpy()}
+    if tokens is not None:
+        arrays["ids"] = tokens.numpy()
+    np.savez_compressed(os.path.join(out, "samples.npz"), **arrays)
     metrics = {
         "num_samples": cfg.num_samples,
         "seconds": round(elapsed, 3),

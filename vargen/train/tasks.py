@@ -4,6 +4,7 @@ registry its ``model`` section names) and a ``run(cfg)`` function.
 - ``tokenizer``: an image tokenizer (``model`` from TOKENIZERS) on the dataset's images.
 - ``generator``: a token model (``model`` from MODELS) on the ids of a trained tokenizer,
   referenced by path and checked by hash.
+- ``pixel_generator``: a generator on pixels (``model`` from MODELS, e.g. TarFlow).
 - ``feature_net``: the dataset classifier used as FID feature net and reward.
 """
 
@@ -42,6 +43,14 @@ class GeneratorRun(RunConfig):
     model: dict = component("MODELS", {"name": "llamagen"})
     tokenizer_ckpt: str = "???"  # weights file or run directory of a trained tokenizer
     tokenizer_sha256: str = ""  # filled in at training time; checked when loading
+
+
+@dataclass
+class PixelGeneratorRun(RunConfig):
+    """A generator that models pixels directly (TarFlow): no tokenizer."""
+
+    task: str = "pixel_generator"
+    model: dict = component("MODELS", {"name": "tarflow"})
 
 
 @dataclass
@@ -156,6 +165,24 @@ def run_generator(cfg, log=print):
     )
     heldout = (encode_all(tok, data.heldout_images, device), data.heldout_labels)
     fit(model, ids, data.train_labels, cfg, device, "generator", log, heldout)
+    _write_eval(cfg, heldout_metrics(model, *heldout, device), log)
+    return model
+
+
+@TASKS.register("pixel_generator", PixelGeneratorRun)
+def run_pixel_generator(cfg, log=print):
+    device = _device(cfg)
+    torch.manual_seed(cfg.seed)
+    data = build_dataset(cfg.data)
+    cfg.model.channels, cfg.model.resolution, cfg.model.num_classes = (
+        data.channels,
+        data.resolution,
+        data.num_classes,
+    )
+    model = _model_registry(PixelGeneratorRun).build(cfg.model)
+    log(f"[pixel_generator] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    heldout = (data.heldout_images, data.heldout_labels)
+    fit(model, data.train_images, data.train_labels, cfg, device, "pixel_generator", log, heldout)
     _write_eval(cfg, heldout_metrics(model, *heldout, device), log)
     return model
 
