@@ -119,15 +119,24 @@ def _tokenizer_eval(tok, images, device, batch=256) -> dict:
     return {"heldout_recon_mse": mse / images.numel(), "codebook_usage": used.float().mean().item()}
 
 
-@TASKS.register("tokenizer", TokenizerRun)
-def run_tokenizer(cfg, log=print):
+def _train_on_images(cfg, schema: type, log, fill_classes: bool):
+    """Build the dataset and the model (shapes filled in from the data) and fit on images."""
     device = _device(cfg)
     torch.manual_seed(cfg.seed)
     data = build_dataset(cfg.data)
     cfg.model.channels, cfg.model.resolution = data.channels, data.resolution
-    tok = _model_registry(TokenizerRun).build(cfg.model)
+    if fill_classes:
+        cfg.model.num_classes = data.num_classes
+    model = _model_registry(schema).build(cfg.model)
+    log(f"[{cfg.task}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     heldout = (data.heldout_images, data.heldout_labels)
-    fit(tok, data.train_images, data.train_labels, cfg, device, "tokenizer", log, heldout)
+    fit(model, data.train_images, data.train_labels, cfg, device, cfg.task, log, heldout)
+    return model, data, device
+
+
+@TASKS.register("tokenizer", TokenizerRun)
+def run_tokenizer(cfg, log=print):
+    tok, data, device = _train_on_images(cfg, TokenizerRun, log, fill_classes=False)
     _write_eval(cfg, _tokenizer_eval(tok, data.heldout_images, device), log)
     return tok
 
@@ -171,19 +180,8 @@ def run_generator(cfg, log=print):
 
 @TASKS.register("pixel_generator", PixelGeneratorRun)
 def run_pixel_generator(cfg, log=print):
-    device = _device(cfg)
-    torch.manual_seed(cfg.seed)
-    data = build_dataset(cfg.data)
-    cfg.model.channels, cfg.model.resolution, cfg.model.num_classes = (
-        data.channels,
-        data.resolution,
-        data.num_classes,
-    )
-    model = _model_registry(PixelGeneratorRun).build(cfg.model)
-    log(f"[pixel_generator] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    heldout = (data.heldout_images, data.heldout_labels)
-    fit(model, data.train_images, data.train_labels, cfg, device, "pixel_generator", log, heldout)
-    _write_eval(cfg, heldout_metrics(model, *heldout, device), log)
+    model, data, device = _train_on_images(cfg, PixelGeneratorRun, log, fill_classes=True)
+    _write_eval(cfg, heldout_metrics(model, data.heldout_images, data.heldout_labels, device), log)
     return model
 
 
@@ -191,25 +189,7 @@ def run_pixel_generator(cfg, log=print):
 def run_feature_net(cfg, log=print):
     from vargen.eval.feature_net import classify_accuracy
 
-    device = _device(cfg)
-    torch.manual_seed(cfg.seed)
-    data = build_dataset(cfg.data)
-    cfg.model.channels, cfg.model.resolution, cfg.model.num_classes = (
-        data.channels,
-        data.resolution,
-        data.num_classes,
-    )
-    net = _model_registry(FeatureNetRun).build(cfg.model)
-    fit(
-        net,
-        data.train_images,
-        data.train_labels,
-        cfg,
-        device,
-        "feature_net",
-        log,
-        (data.heldout_images, data.heldout_labels),
-    )
+    net, data, device = _train_on_images(cfg, FeatureNetRun, log, fill_classes=True)
     acc = classify_accuracy(net, data.heldout_images.to(device), data.heldout_labels.to(device))
     _write_eval(cfg, {"heldout_acc": acc}, log)
     return net
