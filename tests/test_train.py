@@ -211,3 +211,27 @@ def test_train_cli_reports_missing_data_folder(tmp_path, capsys):
     )
     assert code == 1
     assert f"image folder not found: {tmp_path / 'no_such_folder'}" in capsys.readouterr().err
+
+
+def test_tokenizer_task_trains_a_multiscale_vat(tmp_path):
+    cfg = from_dict(
+        {
+            "task": "tokenizer",
+            "out_dir": str(tmp_path),
+            "data": DIGITS,
+            "model": {
+                "name": "vat",
+                "hidden": [8, 16],
+                "code_dim": 4,
+                "codebook_size": 32,
+                "scales": [1, 2, 4],
+            },
+            "train": quiet_train(steps=10, batch_size=32),
+        }
+    )
+    run(cfg, log=lambda m: None)
+    ev = json.load(open(tmp_path / "eval.json"))
+    assert 0 < ev["codebook_usage"] <= 1 and ev["heldout_recon_mse"] < 0.5
+    tok, _ = load_component(str(tmp_path))
+    ids = tok.encode(torch.rand(2, 1, 16, 16))
+    assert [t.shape for t in ids] == [(2, 1), (2, 4), (2, 16)]

@@ -1,8 +1,10 @@
-"""Image tokenizers: images (B, C, H, W) in [0, 1] <-> discrete token ids (B, N).
+"""Image tokenizers: images (B, C, H, W) in [0, 1] <-> discrete tokens.
 
-Importing this package registers every tokenizer in ``vargen.registry.TOKENIZERS``.
+Importing this package registers every tokenizer in ``vargen.registry.TOKENIZERS``:
+``vq`` (ids (B, N)) and ``vat`` (variational, multi-scale ids: a list of (B, s_k^2)).
 """
 
+from vargen.tokenizers.vat import VATConfig, VATokenizer, build_vat  # registers "vat"
 from vargen.tokenizers.vq import VQConfig, VQTokenizer, build_vq  # registers "vq"
 
-__all__ = ["VQConfig", "VQTokenizer", "build_vq"]
+__all__ = ["VATConfig", "VATokenizer", "VQConfig", "VQTokenizer", "build_vat", "build_vq"]
