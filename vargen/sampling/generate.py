@@ -47,7 +47,7 @@ def class_labels(num: int, num_classes: int, classes: list[int]) -> torch.Tensor
 
 
 # The sampler a generator model uses when the sample config names none.
-DEFAULT_SAMPLER = {"llamagen": "ar", "tarflow": "tarflow"}
+DEFAULT_SAMPLER = {"llamagen": "ar", "tarflow": "tarflow", "var": "var"}
 GENERATOR_TASKS = ("generator", "pixel_generator")
 
 
@@ -66,7 +66,7 @@ def generate(model, tokenizer, labels_B: torch.Tensor, sampler, generator, batch
         else:
             with torch.no_grad():
                 images.append(tokenizer.decode(out).cpu())
-            tokens.append(out.cpu())
+            tokens.append((torch.cat(out, dim=1) if isinstance(out, list) else out).cpu())
         for k, v in stats.items():
             total[k] = total.get(k, [] if isinstance(v, list) else 0) + v
     return torch.cat(images), (torch.cat(tokens) if tokens else None), total
@@ -93,7 +93,15 @@ def run_sampling(ckpt: str, cfg, log=print) -> dict:
     if gen_cfg.task not in GENERATOR_TASKS:
         raise ValueError(f"{ckpt} holds a '{gen_cfg.task}' checkpoint; sample.py needs a generator")
     tokenizer = load_tokenizer_for(gen_cfg, device) if gen_cfg.task == "generator" else None
+    if tokenizer is not None and hasattr(model, "attach_tokenizer"):
+        model.attach_tokenizer(tokenizer)
     sampler = SAMPLERS.build(cfg.sampler)
+    if hasattr(sampler, "prepare"):  # samplers that tune themselves on real data (TarFlow auto policy)
+        from vargen.data import build_dataset
+
+        data = build_dataset(gen_cfg.data)
+        pick = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(0))[:256]
+        sampler.prepare(model, data.train_images[pick].to(device), data.train_labels[pick].to(device))
     out = cfg.out or os.path.join(os.path.dirname(resolve_weights_path(ckpt)), "samples")
     os.makedirs(out, exist_ok=True)
 

@@ -144,9 +144,26 @@ def run_tokenizer(cfg, log=print):
 
 @torch.no_grad()
 def encode_all(tok, images, device, batch=256) -> torch.Tensor:
-    return torch.cat(
-        [tok.encode(images[i : i + batch].to(device)).cpu() for i in range(0, len(images), batch)]
-    )
+    """Token ids of every image, (N, num_tokens); multi-scale ids are concatenated by scale."""
+    out = []
+    for i in range(0, len(images), batch):
+        ids = tok.encode(images[i : i + batch].to(device))
+        out.append((torch.cat(ids, dim=1) if isinstance(ids, list) else ids).cpu())
+    return torch.cat(out)
+
+
+def _fill_from_tokenizer(model_cfg, spec: dict, num_classes: int) -> None:
+    """Fill the shape fields a generator schema declares from the tokenizer's tokens_spec."""
+    fills = {
+        "vocab_size": spec["vocab_size"],
+        "grid": list(spec.get("grid", ())),
+        "scales": list(spec.get("scales", ())),
+        "code_dim": spec.get("code_dim", 0),
+        "num_classes": num_classes,
+    }
+    for key, value in fills.items():
+        if key in model_cfg:
+            model_cfg[key] = value
 
 
 @TASKS.register("generator", GeneratorRun)
@@ -158,17 +175,16 @@ def run_generator(cfg, log=print):
     tok = load_tokenizer_for(cfg, device)
     data = build_dataset(cfg.data)
     spec = tok.tokens_spec
-    if spec["kind"] != "ids":
-        raise ValueError(
-            f"generator '{cfg.model.name}' needs discrete ids; the tokenizer gives {spec['kind']}"
-        )
     ids = encode_all(tok, data.train_images, device)
-    cfg.model.vocab_size, cfg.model.grid, cfg.model.num_classes = (
-        spec["vocab_size"],
-        list(spec["grid"]),
-        data.num_classes,
-    )
+    _fill_from_tokenizer(cfg.model, spec, data.num_classes)
     model = _model_registry(GeneratorRun).build(cfg.model)
+    expects = getattr(model, "token_kind", "ids")
+    if spec["kind"] != expects:
+        raise ValueError(
+            f"generator '{cfg.model.name}' models {expects}; the tokenizer at {path} gives {spec['kind']}"
+        )
+    if hasattr(model, "attach_tokenizer"):  # next-scale models rebuild their inputs from ids
+        model.attach_tokenizer(tok)
     log(
         f"[generator] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{ids.shape[0]} sequences of {ids.shape[1]} tokens"

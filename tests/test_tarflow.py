@@ -1,0 +1,285 @@
+"""TarFlow and its inverses (spec models.md 3d, 4f): float64 invariants on tiny random flows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vargen.models.tarflow import TarFlow, TarFlowConfig, build_tarflow
+from vargen.registry import SAMPLERS
+from vargen.sampling import tarflow_sampling as ts
+
+T, CP = 16, 4  # 8x8 gray images, patch 2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: a second intra-op thread only spins on a shared 2-core machine (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(std=0.1, blocks=2, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    cfg = TarFlowConfig(
+        channels=1, resolution=8, num_classes=3, dim=16, layers_per_block=1, num_blocks=blocks, heads=2
+    )
+    m = TarFlow(cfg).to(dtype).eval()
+    if std > 0:
+        m.init_output_(std, torch.Generator().manual_seed(seed + 1))
+    return m
+
+
+def data(B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, CP, generator=g, dtype=torch.float64)
+    return x, torch.tensor([0, 2, 3])[:B]  # 3 = the null class
+
+
+def plans(m, method, segments=1, **kw):
+    return [ts.BlockPlan(method, segments, **kw)] * len(m.blocks)
+
+
+def test_builder_validates_and_shapes():
+    with pytest.raises(ValueError, match="num_classes"):
+        build_tarflow({"name": "tarflow", "channels": 1, "resolution": 8})
+    m = build_tarflow({"name": "tarflow", "channels": 3, "resolution": 8, "num_classes": 2})
+    img = torch.rand(2, 3, 8, 8)
+    x = m.to_tokens(img)
+    assert x.shape == (2, 16, 12) and x.min() >= -1 and x.max() <= 1
+    assert torch.allclose(m.to_images(x), img, atol=1e-6)
+
+
+def test_fresh_model_is_identity_and_flip_is_involution():
+    m = tiny(std=0)
+    x, c = data()
+    z, logdet = m(x, c)
+    assert torch.equal(z, x) and torch.equal(logdet, torch.zeros(3, dtype=torch.float64))
+    for i, block in enumerate(m.blocks):
+        null = block.cond_emb(torch.tensor([block.null_class]))[0]
+        assert torch.allclose(null, block.class_emb.mean(0), atol=1e-15)  # mean-embedding null class
+        assert torch.equal(block.permute(block.permute(x)), x)
+        assert torch.equal(block.permute(x), x.flip(1) if i % 2 else x)
+
+
+def test_reverse_of_forward_is_identity():
+    m = tiny(blocks=3)
+    x, c = data()
+    z, _ = m(x, c)
+    assert (z - x).abs().max() > 1e-2  # a non-trivial flow
+    xr, _ = ts.invert_tarflow(m, z, c, plans(m, "sequential"))
+    assert (xr - x).abs().max() < 1e-10
+
+
+def test_logdet_equals_autograd_log_abs_det():
+    m = tiny()
+    x, c = data(B=1)
+    _, logdet = m(x, c)
+    J = torch.autograd.functional.jacobian(lambda v: m(v.view(1, T, CP), c)[0].flatten(), x.flatten())
+    _, logabsdet = torch.linalg.slogdet(J)
+    assert abs(logdet.item() * T * CP - logabsdet.item()) < 1e-10
+    assert abs(logabsdet.item()) > 1e-3
+
+
+def test_each_block_is_causal_in_its_permuted_order():
+    m = tiny()
+    x, c = data(B=1)
+    for block in m.blocks:
+
+        def f(u, block=block):
+            a, b = block.shifted_params(u.view(1, T, CP), c)
+            return ((u.view(1, T, CP) - b) * torch.exp(-a)).flatten()
+
+        J = torch.autograd.functional.jacobian(f, block.permute(x).flatten()).view(T, CP, T, CP)
+        tok = J.abs().amax(dim=(1, 3))  # (T_out, T_in)
+        assert tok.triu(1).max() == 0  # dz_i / du_j = 0 for j > i
+        assert tok.tril(-1).max() > 1e-3  # and the flow does couple tokens
+
+
+@pytest.mark.parametrize("guidance", [None, 1.5])
+def test_jacobi_and_gs_jacobi_equal_sequential(guidance):
+    m = tiny(blocks=3)
+    x, c = data()
+    z, _ = m(x, c)
+    ref, _ = ts.invert_tarflow(m, z, c, plans(m, "sequential"), guidance=guidance)
+    if guidance is None:
+        assert (ref - x).abs().max() < 1e-10
+    for method, segments in [("jacobi", 1), ("gs_jacobi", 4), ("gs_jacobi", 5)]:
+        out, infos = ts.invert_tarflow(m, z, c, plans(m, method, segments), tol=1e-13, guidance=guidance)
+        assert (out - ref).abs().max() < 1e-10, (method, segments)
+        size = math.ceil((T - 1) / segments)
+        for info in infos:
+            assert info["iterations"] <= T
+            assert all(k <= size for k in info["segment_iterations"])
+
+
+def test_after_k_jacobi_iterations_tokens_0_to_k_are_exact():
+    m = tiny()
+    block = m.blocks[1]
+    x, c = data()
+    z = block(x, c)[0]
+    zp = block.permute(z)
+    exact, _ = ts.invert_block_sequential(block, zp, c)
+    for k in (1, 3, 7):
+        u, info = ts.invert_block_jacobi(block, zp, c, max_iters=k, tol=0.0)
+        assert info["iterations"] == k
+        assert (u[:, : k + 1] - exact[:, : k + 1]).abs().max() < 1e-12
+        assert (u[:, k + 1] - exact[:, k + 1]).abs().max() > 1e-8  # the next one is not yet
+
+
+@pytest.mark.parametrize("guidance", [None, 2.0])
+def test_single_token_segments_reproduce_sequential_bit_for_bit(guidance):
+    m = tiny()
+    x, c = data()
+    z, _ = m(x, c)
+    seq, _ = ts.invert_tarflow(m, z, c, plans(m, "sequential"), guidance=guidance)
+    gs, infos = ts.invert_tarflow(m, z, c, plans(m, "gs_jacobi", T), guidance=guidance)
+    assert torch.equal(seq, gs)
+    assert all(info["passes"] == T - 1 for info in infos)
+
+
+def test_gs_segments_attend_to_keys_values_of_final_values():
+    """A segment stopped early (cap 1) must leave K/V of its FINAL values for later segments."""
+    m = tiny()
+    block = m.blocks[0]
+    x, c = data()
+    zp = block.permute(block(x, c)[0])
+    u, info = ts.invert_block_gs_jacobi(block, zp, c, segments=4, max_iters=1, tol=0.0)
+    assert info["segment_iterations"] == [1, 1, 1, 1] and info["passes"] == 4 + 3  # 3 recomputes
+    ref = zp.clone()  # z-init; one Jacobi step per segment, with a clean full pass for the prefix
+    for s in (0, 4, 8, 12):
+        e = min(s + 4, T - 1)
+        a, b = block.shifted_params(ref, c)
+        ref[:, s + 1 : e + 1] = zp[:, s + 1 : e + 1] * torch.exp(a[:, s + 1 : e + 1]) + b[:, s + 1 : e + 1]
+    assert (u - ref).abs().max() < 1e-12
+
+
+def test_initial_guess_changes_iterations_never_the_result():
+    m = tiny(std=0.005, blocks=3)  # near-identity blocks converge in a few iterations
+    x, c = data()
+    z, _ = m(x, c)
+    out_z, info_z = ts.invert_tarflow(m, z, c, plans(m, "jacobi", init="z"), tol=1e-14)
+    out_0, info_0 = ts.invert_tarflow(m, z, c, plans(m, "jacobi", init="zero"), tol=1e-14)
+    assert [i["iterations"] for i in info_z] != [i["iterations"] for i in info_0]
+    assert (out_z - x).abs().max() < 1e-10 and (out_0 - x).abs().max() < 1e-10
+    _, info = ts.invert_tarflow(m, z, c, plans(m, "jacobi"), tol=1e-8)
+    assert max(i["iterations"] for i in info) <= 5  # n_iter << T - 1: the paper's speed-up
+
+
+@pytest.mark.parametrize("w", [None, 1.5])
+def test_cached_sequential_inverse_equals_naive_recompute(w):
+    """Also pins the guidance: a <- a + g_i (a - a_null), annealed g_i = i / (T - 1) w."""
+    m = tiny()
+    block = m.blocks[1]
+    x, c = data()
+    zp = block.permute(block(x, c)[0])
+    cached, _ = ts.invert_block_sequential(block, zp, c, guidance=w)
+    naive = zp.clone()
+    null = torch.full_like(c, block.null_class)
+    for i in range(1, T):  # recompute the whole prefix for every token
+        a, b = block.shifted_params(naive, c)
+        if w is not None:
+            a_u, b_u = block.shifted_params(naive, null)
+            g = i / (T - 1) * w
+            a, b = a + g * (a - a_u), b + g * (b - b_u)
+        naive[:, i] = zp[:, i] * torch.exp(a[:, i]) + b[:, i]
+    assert (cached - naive).abs().max() < 1e-12
+
+
+def test_guidance_weight_zero_equals_conditional_and_nonzero_differs():
+    m = tiny()
+    x, c = data()
+    z, _ = m(x, c)
+    cond, _ = ts.invert_tarflow(m, z, c, plans(m, "sequential"))
+    for method in ("sequential", "jacobi"):
+        g0, _ = ts.invert_tarflow(m, z, c, plans(m, method), guidance=0.0, tol=1e-13)
+        assert (g0 - cond).abs().max() < 1e-12
+    g2, _ = ts.invert_tarflow(m, z, c, plans(m, "sequential"), guidance=2.0)
+    assert (g2[:2] - cond[:2]).abs().max() > 1e-4  # real labels move
+    assert (g2[2] - cond[2]).abs().max() < 1e-12  # the null class guides against itself
+
+
+def test_inactive_clamp_changes_nothing():
+    m = tiny(std=0.05)
+    x, c = data()
+    z = 0.1 * x
+    for block in m.blocks:  # every block's input and output, hence every solution, is inside
+        assert z.abs().max() < 3
+        z, _ = block(z, c)
+    assert z.abs().max() < 3
+    ref, _ = ts.invert_tarflow(m, z, c, plans(m, "sequential"))
+    out, _ = ts.invert_tarflow(m, z, c, plans(m, "gs_jacobi", 4), tol=1e-13, clamp=3.0)
+    assert (out - ref).abs().max() < 1e-10
+
+
+def test_tweedie_on_gaussian_model_is_posterior_mean():
+    m = tiny(std=0)  # identity flow: the model density is N(0, I)
+    x, c = data()
+    s2 = m.cfg.noise_std**2
+    # noisy x ~ N(0, 1) = clean N(0, 1 - s2) + noise N(0, s2): E[clean | x] = (1 - s2) x
+    assert torch.allclose(m.denoise(x, c), (1 - s2) * x, atol=1e-12)
+
+
+def test_crm_igm_and_policy():
+    m = tiny(blocks=3)
+    images = torch.rand(6, 1, 8, 8, dtype=torch.float64)
+    met = ts.crm_igm(m, images)
+    for k in ("crm", "igm_z", "igm_zero"):
+        assert met[k].shape == (3,) and torch.isfinite(met[k]).all()
+    crm = torch.tensor([1.0, 10.0, 1.0])  # model block 1 dominates
+    pol = ts.choose_policy(crm, torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 1.0, 1.0]))
+    assert [p.method for p in pol] == ["jacobi", "gs_jacobi", "jacobi"]  # sampling order
+    assert [p.init for p in pol] == ["zero", "zero", "z"]
+    stack = ts.stack_policy(3, [0], 8, 32, 10, "z")
+    assert [(p.method, p.segments, p.max_iters) for p in stack] == [
+        ("gs_jacobi", 8, 32),
+        ("jacobi", 1, 10),
+        ("jacobi", 1, 10),
+    ]
+
+
+def test_samples_finite_in_range_and_seeded():
+    m = tiny(std=0.05, dtype=torch.float32)
+    c = torch.tensor([0, 1, 2, 3])
+    run = SAMPLERS.build({**vars(ts.TarFlowSamplerConfig()), "method": "gs_jacobi", "cfg_scale": 2.0})
+    a, stats = run(m, c, torch.Generator().manual_seed(0))
+    b, _ = run(m, c, torch.Generator().manual_seed(0))
+    d, _ = run(m, c, torch.Generator().manual_seed(1))
+    assert a.shape == (4, 1, 8, 8) and torch.isfinite(a).all() and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, d)
+    for k in ("target_forwards", "draft_forwards", "tokens", "accepted", "proposed", "seconds"):
+        assert k in stats
+    assert stats["target_forwards"] == sum(stats["passes_per_block"]) <= stats["baseline_passes"]
+    assert len(stats["iterations_per_block"]) == 2
+    stack = SAMPLERS.build({**vars(ts.TarFlowSamplerConfig()), "gs_blocks": [1], "max_iters": 3})
+    _, stats = stack(m, c, torch.Generator().manual_seed(0))
+    assert [p["method"] for p in stats["plans"]] == ["jacobi", "gs_jacobi"]
+    assert stats["iterations_per_block"][0] <= 3
+
+
+@pytest.mark.slow
+def test_loss_decreases_on_digits():
+    from vargen.data import build_dataset
+
+    data = build_dataset({"name": "digits", "resolution": 16, "heldout_fraction": 0.15, "split_seed": 0})
+    images, labels = data.train_images[:32], data.train_labels[:32]
+    torch.manual_seed(0)
+    cfg = TarFlowConfig(
+        channels=1, resolution=16, num_classes=data.num_classes, dim=32, layers_per_block=1, num_blocks=2
+    )
+    m = TarFlow(cfg)
+    opt = torch.optim.Adam(m.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(100):
+        out = m.loss(images, labels)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert set(out) == {"loss", "bpd", "logdet", "prior"}
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.3
+    assert math.isfinite(out["bpd"].item())

@@ -1,0 +1,241 @@
+"""TarFlow: a normalizing flow made of causal transformer blocks over pixel patches.
+
+TarFlow (Zhai et al. 2024, "Normalizing Flows are Capable Generative Models"; spec
+models.md section 3). Images in [0, 1] are mapped to [-1, 1] and patchified into
+T = (H/p)(W/p) tokens of C_p = C p^2 values. ``num_blocks`` flow blocks follow; block b
+reads the tokens in its own order, identity for even b and flipped for odd b, so the
+autoregressive direction alternates. In that order a block is an affine autoregressive
+flow (MAF / IAF):
+
+    (a_i, b_i) = f(u_<i)       a causal transformer whose output is shifted right by one
+    z_i = (u_i - b_i) exp(-a_i)                    x -> z (training, one parallel pass)
+    u_i = z_i exp(a_i) + b_i                       z -> x (sampling, token by token)
+
+so the Jacobian is triangular and log|det| = -sum(a). The output projection starts at
+zero, which makes a fresh model the identity flow. Class conditioning adds a learned
+per-block class embedding to every token; the null class (index ``num_classes``, used for
+dropped labels and the unconditional guidance stream) takes the MEAN class embedding.
+
+The model never samples: :mod:`vargen.sampling.tarflow_sampling` inverts the blocks with
+:meth:`FlowBlock.params` and a :class:`~vargen.models.blocks.KVCache`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from vargen.models.blocks import KVCache, attention
+from vargen.registry import MODELS
+
+
+@dataclass
+class TarFlowConfig:
+    name: str = "tarflow"
+    channels: int = 0  # 0 = taken from the dataset by the training task
+    resolution: int = 0  # 0 = taken from the dataset
+    num_classes: int = 0  # 0 = taken from the dataset (1 for an unconditional set)
+    patch_size: int = 2  # 16x16 digits -> T = 64 tokens of C_p = 4
+    dim: int = 64
+    layers_per_block: int = 2
+    num_blocks: int = 4
+    heads: int = 4
+    noise_std: float = 0.05  # Gaussian noise augmentation in training; also the Tweedie sigma
+    class_dropout: float = 0.1  # label -> null class in training, for guidance
+
+
+class _Layer(nn.Module):
+    """Pre-LN transformer layer: causal MHSA and a GELU MLP (x4), as in TarFlow."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} not divisible by heads {heads}")
+        self.heads, self.head_dim = heads, dim // heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x_BLD, cache: KVCache | None, layer: int):
+        B, L, D = x_BLD.shape
+        qkv = self.qkv(self.norm1(x_BLD)).view(B, L, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3x (B, H, L, d)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # (B, H, S, d): finished prefix + these L
+        y = attention(q, k, v, causal=True)  # (B, H, L, d), query t sees keys <= S - L + t
+        x_BLD = x_BLD + self.proj(y.transpose(1, 2).reshape(B, L, D))
+        return x_BLD + self.mlp(self.norm2(x_BLD))
+
+
+class FlowBlock(nn.Module):
+    """One TarFlow MetaBlock. Every method except :meth:`forward` works in permuted order."""
+
+    def __init__(self, cfg: TarFlowConfig, num_tokens: int, token_dim: int, flip: bool):
+        super().__init__()
+        self.flip, self.null_class = flip, cfg.num_classes
+        self.num_tokens, self.token_dim = num_tokens, token_dim
+        self.heads, self.head_dim = cfg.heads, cfg.dim // cfg.heads
+        self.proj_in = nn.Linear(token_dim, cfg.dim)
+        self.pos_emb = nn.Parameter(torch.randn(num_tokens, cfg.dim) * 0.02)  # raster order
+        self.class_emb = nn.Parameter(torch.randn(cfg.num_classes, cfg.dim) * 0.02)
+        self.layers = nn.ModuleList(_Layer(cfg.dim, cfg.heads) for _ in range(cfg.layers_per_block))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.proj_out = nn.Linear(cfg.dim, 2 * token_dim)  # rows [:C_p] -> a, [C_p:] -> b
+        nn.init.zeros_(self.proj_out.weight)  # identity flow at init (TarFlow)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def permute(self, x_BTC):
+        """pi_b: identity or flip of the token axis; both are involutions, so pi^-1 = pi."""
+        return x_BTC.flip(1) if self.flip else x_BTC
+
+    def cond_emb(self, cond_B):
+        """Class embeddings (B, D); the null class gets the mean of the class embeddings."""
+        table = torch.cat([self.class_emb, self.class_emb.mean(0, keepdim=True)])  # (K+1, D)
+        return table[cond_B]
+
+    def new_cache(self, batch: int) -> KVCache:
+        p = self.proj_in.weight
+        depth = len(self.layers)
+        return KVCache(depth, batch, self.heads, self.num_tokens, self.head_dim, p.device, p.dtype)
+
+    def params(self, u_BLC, cond_B, cache: KVCache | None = None):
+        """(a, b), each (B, L, C_p), for tokens start+1 .. start+L of the permuted sequence.
+
+        ``u_BLC`` holds the permuted tokens start .. start+L-1 with ``start = cache.length``
+        (0 without a cache). Their keys/values are written after the cache's valid prefix
+        but the cache is NOT advanced: a Jacobi solver re-runs a segment until it settles
+        and advances only once the written keys/values belong to the final values.
+        """
+        start = 0 if cache is None else cache.length
+        L = u_BLC.shape[1]
+        pos_TD = self.pos_emb.flip(0) if self.flip else self.pos_emb  # positions in permuted order
+        h = self.proj_in(u_BLC) + pos_TD[start : start + L] + self.cond_emb(cond_B)[:, None]  # (B, L, D)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cache, i)
+        a_BLC, b_BLC = self.proj_out(self.norm(h)).chunk(2, dim=-1)
+        return a_BLC, b_BLC
+
+    def shifted_params(self, u_BTC, cond_B):
+        """(a, b), each (B, T, C_p), for all tokens: token i depends on u_<i, token 0 gets (0, 0)."""
+        a, b = self.params(u_BTC[:, :-1], cond_B)  # tokens 1..T-1 from inputs 0..T-2
+        zero = a.new_zeros(a.shape[0], 1, a.shape[2])
+        return torch.cat([zero, a], dim=1), torch.cat([zero, b], dim=1)
+
+    def forward(self, x_BTC, cond_B):
+        """x -> z in raster order; returns (z_BTC, logdet_B) with logdet per dimension."""
+        u = self.permute(x_BTC)
+        a, b = self.shifted_params(u, cond_B)
+        z = (u - b) * torch.exp(-a)  # (B, T, C_p)
+        return self.permute(z), -a.mean(dim=(1, 2))
+
+
+class TarFlow(nn.Module):
+    def __init__(self, cfg: TarFlowConfig):
+        super().__init__()
+        if cfg.channels <= 0 or cfg.resolution <= 0 or cfg.num_classes <= 0:
+            raise ValueError(
+                f"tarflow needs channels, resolution and num_classes > 0 (got {cfg.channels}, "
+                f"{cfg.resolution}, {cfg.num_classes}); the training task fills them from the dataset"
+            )
+        if cfg.resolution % cfg.patch_size:
+            raise ValueError(f"resolution {cfg.resolution} not divisible by patch_size {cfg.patch_size}")
+        self.cfg = cfg
+        self.num_classes = self.null_class = cfg.num_classes
+        self.grid = cfg.resolution // cfg.patch_size
+        self.num_tokens = self.grid**2  # T
+        self.token_dim = cfg.channels * cfg.patch_size**2  # C_p
+        self.blocks = nn.ModuleList(
+            FlowBlock(cfg, self.num_tokens, self.token_dim, flip=bool(i % 2)) for i in range(cfg.num_blocks)
+        )
+
+    # ------------------------------------------------------------------ pixels <-> tokens
+    def patchify(self, x_BCHW):
+        """(B, C, H, W) -> (B, T, C p^2), tokens in raster order."""
+        B, C, p, g = x_BCHW.shape[0], x_BCHW.shape[1], self.cfg.patch_size, self.grid
+        x = x_BCHW.reshape(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5)  # (B, g, g, C, p, p)
+        return x.reshape(B, g * g, C * p * p)
+
+    def unpatchify(self, x_BTC):
+        B, C, p, g = x_BTC.shape[0], self.cfg.channels, self.cfg.patch_size, self.grid
+        x = x_BTC.reshape(B, g, g, C, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, g, p, g, p)
+        return x.reshape(B, C, g * p, g * p)
+
+    def to_tokens(self, images_BCHW):
+        """Images in [0, 1] -> model-space tokens in [-1, 1], (B, T, C_p)."""
+        return self.patchify(images_BCHW * 2 - 1)
+
+    def to_images(self, x_BTC):
+        """Model-space tokens -> images (B, C, H, W) clamped to [0, 1]."""
+        return ((self.unpatchify(x_BTC) + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------------ the flow
+    def forward(self, x_BTC, cond_B):
+        """x -> z through all blocks; returns (z_BTC, logdet_B), log|det J| / (T C_p)."""
+        logdet_B = x_BTC.new_zeros(x_BTC.shape[0])
+        for block in self.blocks:
+            x_BTC, ld = block(x_BTC, cond_B)
+            logdet_B = logdet_B + ld
+        return x_BTC, logdet_B
+
+    def nll(self, x_BTC, cond_B):
+        """Negative log density per sample and dimension (nats), prior N(0, I)."""
+        z, logdet_B = self(x_BTC, cond_B)
+        return 0.5 * z.pow(2).mean(dim=(1, 2)) + 0.5 * math.log(2 * math.pi) - logdet_B
+
+    def loss(self, images_BCHW, labels_B) -> dict:
+        """TarFlow objective 0.5 mean(z^2) - mean(logdet) (NLL per dim up to a constant).
+
+        In training the tokens get Gaussian noise of std ``noise_std`` and labels drop to
+        the null class with p = ``class_dropout`` (both from the global RNG, as the trainer
+        seeds it). ``bpd`` is the continuous density of the (noisy) image in bits per 8-bit
+        dimension: [-1, 1] holds 256 bins of width 1/128, so bpd = (NLL + log 128) / log 2.
+        It is not a discrete-data bound (that needs uniform dequantization).
+        """
+        x = self.to_tokens(images_BCHW)  # (B, T, C_p)
+        if self.training:
+            if self.cfg.noise_std > 0:
+                x = x + self.cfg.noise_std * torch.randn_like(x)
+            if self.cfg.class_dropout > 0:
+                drop = torch.rand(labels_B.shape, device=labels_B.device) < self.cfg.class_dropout
+                labels_B = torch.where(drop, torch.full_like(labels_B, self.null_class), labels_B)
+        z, logdet_B = self(x, labels_B)
+        prior = 0.5 * z.pow(2).mean()
+        loss = prior - logdet_B.mean()
+        bpd = (loss.detach() + 0.5 * math.log(2 * math.pi) + math.log(128)) / math.log(2)
+        return {"loss": loss, "bpd": bpd, "logdet": logdet_B.mean().detach(), "prior": prior.detach()}
+
+    def denoise(self, x_BTC, cond_B):
+        """Tweedie step x + sigma^2 grad log p(x) with sigma = ``noise_std`` (spec 3b.4).
+
+        The model learned the density of data plus N(0, sigma^2) noise, so this is the
+        posterior mean of the clean tokens given the sampled (noisy) ones.
+        """
+        sigma2 = self.cfg.noise_std**2
+        with torch.enable_grad():
+            x = x_BTC.detach().requires_grad_(True)
+            nll_sum = self.nll(x, cond_B).sum() * x[0].numel()  # sum over batch and dims
+            (grad,) = torch.autograd.grad(nll_sum, x)
+        return (x_BTC - sigma2 * grad).detach()
+
+    @torch.no_grad()
+    def init_output_(self, std: float, generator: torch.Generator):
+        """Overwrite every block's zero-initialised proj_out weight with N(0, std^2).
+
+        A fresh TarFlow is the identity flow; tests use this to get a non-trivial one.
+        """
+        for block in self.blocks:
+            w = block.proj_out.weight
+            noise = torch.randn(w.shape, generator=generator, dtype=w.dtype, device=generator.device)
+            w.copy_(std * noise.to(w.device))
+
+
+@MODELS.register("tarflow", TarFlowConfig)
+def build_tarflow(cfg) -> TarFlow:
+    return TarFlow(TarFlowConfig(**dict(cfg)))
+
+
+__all__ = ["FlowBlock", "TarFlow", "TarFlowConfig", "build_tarflow"]
