@@ -55,7 +55,8 @@ def main(argv=None):
     data = build_dataset(cfg.data)
     pick = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(0))[:256]
     m = crm_igm(model, data.train_images[pick], data.train_labels[pick])
-    policy = choose_policy(m["crm"], m["igm_z"], m["igm_zero"])
+    # Jacobi blocks stop by tolerance (cap 0 = the exactness bound T), see build_tarflow_sampler
+    policy = choose_policy(m["crm"], m["igm_z"], m["igm_zero"], jacobi_max_iters=0)
     evaluator = FIDEvaluator.for_dataset(dict(cfg.data), split="train")
     n = 200 if args.quick else 1000
     seeds = [0, 1, 2]
