@@ -31,6 +31,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = {"name": "digits", "resolution": 16, "heldout_fraction": 0.15, "split_seed": 0}
 
 
+@pytest.fixture(scope="module")
+def digits():
+    from vargen.data import build_dataset
+
+    return build_dataset(DIGITS)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny nets gain nothing from intra-op threads, and spinning OpenMP workers make a run
+    several times slower when another process shares the two cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def adam_steps(model, images, steps: int, lr: float = 2e-3, batch: int = 32) -> dict:
+    """A few Adam steps of ``model.loss(images)`` on random batches; returns the last output."""
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        out = model.loss(images[torch.randint(len(images), (batch,))])
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    return out
+
+
 def quiet_train(**over):
     """Training-loop settings for tests: no bar, no logging noise."""
     base = {"device": "cpu", "progress": False, "log_every": 1000, "ckpt_every": 100000, "warmup_steps": 20}

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from vargen.config import validate
-from vargen.data import build_dataset
 from vargen.registry import TOKENIZERS
 from vargen.tokenizers.msrq import MultiScaleResidualQuantizer, phi_index
 from vargen.tokenizers.vat import VATConfig, VATokenizer, build_vat, gaussian_kl
 from vargen.tokenizers.vat_set import VATSet, VATSetConfig, chamfer
+
+from .conftest import adam_steps
 
 TINY = {
     "name": "vat",
@@ -38,20 +39,6 @@ def tiny(seed: int = 0, **overrides) -> VATokenizer:
 def msrq(seed: int = 0, dim: int = 4, scales=(1, 2, 3, 4), **kw) -> MultiScaleResidualQuantizer:
     torch.manual_seed(seed)
     return MultiScaleResidualQuantizer(dim, 32, list(scales), **kw)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return build_dataset({"name": "digits", "resolution": 16, "heldout_fraction": 0.15, "split_seed": 0})
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny nets gain nothing from intra-op threads on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def point_sets(images: torch.Tensor, points: int = 48) -> torch.Tensor:
@@ -225,13 +212,7 @@ def test_training_lowers_recon(digits, one_thread):
     x, held = digits.train_images, digits.heldout_images
     m.eval()
     before = float(m.loss(held)["recon_mse"])
-    m.train()
-    opt = torch.optim.Adam(m.parameters(), lr=2e-3)
-    for _ in range(150):
-        out = m.loss(x[torch.randint(len(x), (32,))])
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
+    out = adam_steps(m, x, 150)
     assert set(out) == {"loss", "recon_mse", "kl", "commit", "codebook_usage"}
     m.eval()
     after = m.loss(held)

@@ -13,9 +13,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from vargen.config import validate
-from vargen.data import build_dataset
 from vargen.registry import TOKENIZERS
 from vargen.tokenizers import VQConfig, VQTokenizer, build_vq
+
+from .conftest import adam_steps
 
 TINY = {"name": "vq", "channels": 1, "resolution": 16, "hidden": [16, 32], "codebook_size": 32, "code_dim": 8}
 
@@ -23,11 +24,6 @@ TINY = {"name": "vq", "channels": 1, "resolution": 16, "hidden": [16, 32], "code
 def tiny(seed: int = 0, **overrides) -> VQTokenizer:
     torch.manual_seed(seed)
     return build_vq({**TINY, **overrides})
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return build_dataset({"name": "digits", "resolution": 16, "heldout_fraction": 0.15, "split_seed": 0})
 
 
 def flat_latents(m: VQTokenizer, x: torch.Tensor) -> torch.Tensor:
@@ -190,29 +186,13 @@ def test_ddp_ranks_keep_identical_codebooks(digits, tmp_path):
     assert not torch.equal(s0["codebook"], tiny(seed=0).codebook)  # the updates did happen
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny convs gain little from intra-op threads, and spinning OpenMP workers make the
-    run several times slower when another process shares the two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_training_lowers_recon_and_uses_codebook(digits, one_thread):
     m = tiny().train()
     x, held = digits.train_images, digits.heldout_images
     m.eval()
     before = float(m.loss(held)["recon_mse"])
-    m.train()
-    opt = torch.optim.Adam(m.parameters(), lr=2e-3)
-    for _ in range(150):
-        out = m.loss(x[torch.randint(len(x), (32,))])
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
+    adam_steps(m, x, 150)
     m.eval()
     after = m.loss(held)
     assert float(after["recon_mse"]) < 0.25 * before, (before, float(after["recon_mse"]))
