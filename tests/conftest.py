@@ -60,6 +60,13 @@ def adam_steps(model, images, steps: int, lr: float = 2e-3, batch: int = 32) -> 
     return out
 
 
+def task_config(task: str, out_dir, train: dict, **sections):
+    """A validated run config on digits: ``train`` goes through :func:`quiet_train`,
+    ``sections`` (model=..., tokenizer_ckpt=...) are added as they are."""
+    raw = {"task": task, "out_dir": str(out_dir), "data": DIGITS, "train": quiet_train(**train), **sections}
+    return from_dict(raw)
+
+
 def quiet_train(**over):
     """Training-loop settings for tests: no bar, no logging noise."""
     base = {"device": "cpu", "progress": False, "log_every": 1000, "ckpt_every": 100000, "warmup_steps": 20}
@@ -78,25 +85,19 @@ def trained_pipeline(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pipeline")
     torch.manual_seed(0)
-    tok_cfg = from_dict(
-        {
-            "task": "tokenizer",
-            "out_dir": str(root / "vq"),
-            "data": DIGITS,
-            "model": {"name": "vq", "hidden": [16, 32], "codebook_size": 64, "code_dim": 8},
-            "train": quiet_train(steps=400, batch_size=64, lr=3e-3),
-        }
+    tok_cfg = task_config(
+        "tokenizer",
+        root / "vq",
+        dict(steps=400, batch_size=64, lr=3e-3),
+        model={"name": "vq", "hidden": [16, 32], "codebook_size": 64, "code_dim": 8},
     )
     run(tok_cfg, log=lambda m: None)
-    gen_cfg = from_dict(
-        {
-            "task": "generator",
-            "out_dir": str(root / "ar"),
-            "data": DIGITS,
-            "tokenizer_ckpt": str(root / "vq"),
-            "model": {"name": "llamagen", "dim": 64, "depth": 2, "heads": 4, "class_dropout": 0.1},
-            "train": quiet_train(steps=600, batch_size=64, lr=3e-3, weight_decay=0.01),
-        }
+    gen_cfg = task_config(
+        "generator",
+        root / "ar",
+        dict(steps=600, batch_size=64, lr=3e-3, weight_decay=0.01),
+        tokenizer_ckpt=str(root / "vq"),
+        model={"name": "llamagen", "dim": 64, "depth": 2, "heads": 4, "class_dropout": 0.1},
     )
     run(gen_cfg, log=lambda m: None)
     return {"root": root, "vq": root / "vq", "ar": root / "ar"}

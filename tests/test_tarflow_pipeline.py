@@ -4,27 +4,23 @@ sequential and GS-Jacobi inverses, scored by FID."""
 import pytest
 import torch
 
-from vargen.config import from_dict
 from vargen.eval import FIDEvaluator
 from vargen.models.tarflow import TarFlow
 from vargen.sampling.generate import class_labels
 from vargen.sampling.tarflow_sampling import sample_tarflow
 from vargen.train.tasks import load_component, run
 
-from .conftest import DIGITS, quiet_train
+from .conftest import DIGITS, task_config
 
 
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory):
     out = tmp_path_factory.mktemp("tarflow")
-    cfg = from_dict(
-        {
-            "task": "pixel_generator",
-            "out_dir": str(out),
-            "data": DIGITS,
-            "model": {"name": "tarflow", "dim": 48, "layers_per_block": 1, "num_blocks": 4, "heads": 4},
-            "train": quiet_train(steps=250, batch_size=64, lr=2e-3),
-        }
+    cfg = task_config(
+        "pixel_generator",
+        out,
+        dict(steps=250, batch_size=64, lr=2e-3),
+        model={"name": "tarflow", "dim": 48, "layers_per_block": 1, "num_blocks": 4, "heads": 4},
     )
     run(cfg, log=lambda m: None)
     model, _ = load_component(str(out))

@@ -9,38 +9,31 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vargen.config import from_dict
 from vargen.train.checkpoint import CheckpointError, latest_checkpoint, read_train_state
 from vargen.train.loop import TrainingError, fit, read_log
 from vargen.train.tasks import load_component, run
 
-from .conftest import DIGITS, ROOT, quiet_train
+from .conftest import ROOT, task_config
 
 
 def ar_run_cfg(out_dir, tok_dir, steps, **train):
-    return from_dict(
-        {
-            "task": "generator",
-            "out_dir": str(out_dir),
-            "data": DIGITS,
-            "tokenizer_ckpt": str(tok_dir),
-            "model": {"name": "llamagen", "dim": 32, "depth": 1, "heads": 2, "dropout": 0.1},
-            "train": quiet_train(steps=steps, batch_size=32, lr=2e-3, log_every=1, **train),
-        }
+    return task_config(
+        "generator",
+        out_dir,
+        dict(steps=steps, batch_size=32, lr=2e-3, log_every=1, **train),
+        tokenizer_ckpt=str(tok_dir),
+        model={"name": "llamagen", "dim": 32, "depth": 1, "heads": 2, "dropout": 0.1},
     )
 
 
 @pytest.fixture(scope="module")
 def tiny_vq(tmp_path_factory):
     out = tmp_path_factory.mktemp("vq")
-    cfg = from_dict(
-        {
-            "task": "tokenizer",
-            "out_dir": str(out),
-            "data": DIGITS,
-            "model": {"name": "vq", "hidden": [8, 16], "codebook_size": 16, "code_dim": 4},
-            "train": quiet_train(steps=20, batch_size=32),
-        }
+    cfg = task_config(
+        "tokenizer",
+        out,
+        dict(steps=20, batch_size=32),
+        model={"name": "vq", "hidden": [8, 16], "codebook_size": 16, "code_dim": 4},
     )
     run(cfg, log=lambda m: None)
     return out
@@ -85,14 +78,7 @@ class _Blowup(torch.nn.Module):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    cfg = from_dict(
-        {
-            "task": "feature_net",
-            "out_dir": str(tmp_path),
-            "data": DIGITS,
-            "train": quiet_train(steps=10, batch_size=4, ckpt_every=2),
-        }
-    )
+    cfg = task_config("feature_net", tmp_path, dict(steps=10, batch_size=4, ckpt_every=2))
     model = _Blowup()
     x, y = torch.rand(40, 3), torch.zeros(40, dtype=torch.long)
     with pytest.raises(TrainingError, match="nan at step 4.*step_0000004"):
@@ -214,20 +200,11 @@ def test_train_cli_reports_missing_data_folder(tmp_path, capsys):
 
 
 def test_tokenizer_task_trains_a_multiscale_vat(tmp_path):
-    cfg = from_dict(
-        {
-            "task": "tokenizer",
-            "out_dir": str(tmp_path),
-            "data": DIGITS,
-            "model": {
-                "name": "vat",
-                "hidden": [8, 16],
-                "code_dim": 4,
-                "codebook_size": 32,
-                "scales": [1, 2, 4],
-            },
-            "train": quiet_train(steps=10, batch_size=32),
-        }
+    cfg = task_config(
+        "tokenizer",
+        tmp_path,
+        dict(steps=10, batch_size=32),
+        model={"name": "vat", "hidden": [8, 16], "code_dim": 4, "codebook_size": 32, "scales": [1, 2, 4]},
     )
     run(cfg, log=lambda m: None)
     ev = json.load(open(tmp_path / "eval.json"))

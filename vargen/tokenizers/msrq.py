@@ -135,6 +135,24 @@ class MultiScaleResidualQuantizer(nn.Module):
             self.codebook = nn.Parameter(codes)  # (V, D)
         self.register_buffer("ema_count", torch.ones(codebook_size))  # (V,) usage counts
 
+    @classmethod
+    def from_config(cls, cfg, ndim: int) -> MultiScaleResidualQuantizer:
+        """Build from a tokenizer config that carries the quantizer's fields (VAT, VAT-set)."""
+        return cls(
+            cfg.code_dim,
+            cfg.codebook_size,
+            list(cfg.scales),
+            ndim=ndim,
+            up_mode=cfg.up_mode,
+            phi_ratio=cfg.phi_ratio,
+            phi_share=cfg.phi_share,
+            beta=cfg.beta,
+            codebook_std=cfg.codebook_std,
+            zero_code=cfg.zero_code,
+            ema_decay=cfg.ema_decay,
+            dead_code_threshold=cfg.dead_code_threshold,
+        )
+
     @property
     def num_tokens(self) -> int:
         return sum(s**self.ndim for s in self.scales)

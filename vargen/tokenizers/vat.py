@@ -90,20 +90,7 @@ class VATokenizer(nn.Module):
         hidden = list(cfg.hidden)
         self.encoder = _encoder(cfg.channels, hidden, n_down, cfg.res_blocks, 2 * cfg.code_dim)
         self.decoder = _decoder(cfg.channels, hidden, n_down, cfg.res_blocks, cfg.code_dim)
-        self.quantizer = MultiScaleResidualQuantizer(
-            cfg.code_dim,
-            cfg.codebook_size,
-            list(cfg.scales),
-            ndim=2,
-            up_mode=cfg.up_mode,
-            phi_ratio=cfg.phi_ratio,
-            phi_share=cfg.phi_share,
-            beta=cfg.beta,
-            codebook_std=cfg.codebook_std,
-            zero_code=cfg.zero_code,
-            ema_decay=cfg.ema_decay,
-            dead_code_threshold=cfg.dead_code_threshold,
-        )
+        self.quantizer = MultiScaleResidualQuantizer.from_config(cfg, ndim=2)
         self.vocab_size = cfg.codebook_size
 
     @property

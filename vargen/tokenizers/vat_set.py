@@ -45,6 +45,7 @@ class VATSetConfig:
     scales: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # token counts, last = M
     codebook_size: int = 64
     codebook_std: float = 1.0
+    zero_code: bool = False  # a fixed all-zero code (the restricted, monotone-energy configuration)
     kl_weight: float = 1e-4
     beta: float = 0.25
     phi_ratio: float = 0.5
@@ -96,19 +97,7 @@ class VATSet(nn.Module):
         if min(cfg.in_dim, cfg.num_outputs, cfg.depth) < 1 or cfg.kl_weight < 0:
             raise ValueError("in_dim, num_outputs, depth >= 1 and kl_weight >= 0 are required")
         self.cfg = cfg
-        self.quantizer = MultiScaleResidualQuantizer(
-            cfg.code_dim,
-            cfg.codebook_size,
-            list(cfg.scales),
-            ndim=1,
-            up_mode=cfg.up_mode,
-            phi_ratio=cfg.phi_ratio,
-            phi_share=cfg.phi_share,
-            beta=cfg.beta,
-            codebook_std=cfg.codebook_std,
-            ema_decay=cfg.ema_decay,
-            dead_code_threshold=cfg.dead_code_threshold,
-        )
+        self.quantizer = MultiScaleResidualQuantizer.from_config(cfg, ndim=1)
         M, W = self.quantizer.scales[-1], cfg.width
         self.latents = nn.Parameter(torch.randn(M, W) * 0.02)  # (M, W) learnable latent tokens
         self.embed_in = nn.Linear(cfg.in_dim, W)

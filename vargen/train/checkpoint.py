@@ -121,9 +121,8 @@ def latest_checkpoint(out_dir: str) -> str | None:
 def resolve_weights_path(path: str) -> str:
     """Accept a weights file, a checkpoint directory or a run directory."""
     if os.path.isdir(path):
-        for cand in (os.path.join(path, WEIGHTS),):
-            if os.path.isfile(cand):
-                return cand
+        if os.path.isfile(os.path.join(path, WEIGHTS)):
+            return os.path.join(path, WEIGHTS)
         raise CheckpointError(f"no {WEIGHTS} in {path}: is it a vargen run directory that finished a save?")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vargen.config import RunConfig, component, from_dict, to_plain
+from vargen.config import RunConfig, component, from_dict
 from vargen.data import build_dataset
 from vargen.registry import REGISTRIES, TASKS
 from vargen.train import distributed as D
@@ -220,4 +220,4 @@ def run(cfg, log=print):
         D.teardown()
 
 
-__all__ = ["load_component", "load_tokenizer_for", "run", "to_plain"]
+__all__ = ["load_component", "load_tokenizer_for", "run"]
