@@ -110,14 +110,19 @@ def _write_eval(cfg, metrics: dict, log) -> None:
 
 @torch.no_grad()
 def _tokenizer_eval(tok, images, device, batch=256) -> dict:
+    discrete = tok.tokens_spec["kind"] != "continuous"
     mse, used = 0.0, torch.zeros(tok.tokens_spec["vocab_size"], dtype=torch.bool)
     for i in range(0, images.shape[0], batch):
         x = images[i : i + batch].to(device)
-        ids = tok.encode(x)  # (B, N), or a list of (B, n_k) for multi-scale tokenizers
-        flat = torch.cat([t.flatten() for t in ids]) if isinstance(ids, list) else ids.flatten()
-        used[flat.cpu()] = True
+        ids = tok.encode(x)  # (B, N) ids, a list of (B, n_k) for multi-scale, (B, N, D) continuous
+        if discrete:
+            flat = torch.cat([t.flatten() for t in ids]) if isinstance(ids, list) else ids.flatten()
+            used[flat.cpu()] = True
         mse += torch.nn.functional.mse_loss(tok.decode(ids), x, reduction="sum").item()
-    return {"heldout_recon_mse": mse / images.numel(), "codebook_usage": used.float().mean().item()}
+    out = {"heldout_recon_mse": mse / images.numel()}
+    if discrete:
+        out["codebook_usage"] = used.float().mean().item()
+    return out
 
 
 def _train_on_images(cfg, schema: type, log, fill_classes: bool):
