@@ -9,4 +9,14 @@ from vargen.tokenizers.kl import KLConfig, KLTokenizer, build_kl  # registers "k
 from vargen.tokenizers.vat import VATConfig, VATokenizer, build_vat  # registers "vat"
 from vargen.tokenizers.vq import VQConfig, VQTokenizer, build_vq  # registers "vq"
 
-__all__ = ["KLConfig", "KLTokenizer", "build_kl", "VATConfig", "VATokenizer", "VQConfig", "VQTokenizer", "build_vat", "build_vq"]
+__all__ = [
+    "KLConfig",
+    "KLTokenizer",
+    "build_kl",
+    "VATConfig",
+    "VATokenizer",
+    "VQConfig",
+    "VQTokenizer",
+    "build_vat",
+    "build_vq",
+]
