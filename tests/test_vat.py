@@ -55,7 +55,13 @@ def test_registered_schema_and_tokens_spec():
     cfg = validate(VATConfig, {"name": "vat", "channels": 1, "resolution": 16})
     assert cfg["scales"] == [1, 2, 3, 4] and cfg["downsample"] == 4
     m = TOKENIZERS.build(cfg)
-    spec = {"kind": "multiscale_ids", "scales": [1, 2, 3, 4], "vocab_size": 256, "num_tokens": 30}
+    spec = {
+        "kind": "multiscale_ids",
+        "scales": [1, 2, 3, 4],
+        "vocab_size": 256,
+        "code_dim": 16,
+        "num_tokens": 30,
+    }
     assert m.tokens_spec == spec
 
 

@@ -1,8 +1,18 @@
-"""Generator models: next-token AR transformer, TarFlow (and later next-scale, xAR, MDM)."""
+"""Generator models: next-token AR transformer, next-scale (VAR) transformer, TarFlow."""
 
-from vargen.models import ar, tarflow  # noqa: F401  (register)
+from vargen.models import ar, tarflow, var  # noqa: F401  (register)
 from vargen.models.ar import ARConfig, ARTransformer
 from vargen.models.blocks import KVCache, attention
 from vargen.models.tarflow import TarFlow, TarFlowConfig
+from vargen.models.var import NextScaleTransformer, VARConfig
 
-__all__ = ["ARConfig", "ARTransformer", "KVCache", "TarFlow", "TarFlowConfig", "attention"]
+__all__ = [
+    "ARConfig",
+    "ARTransformer",
+    "KVCache",
+    "NextScaleTransformer",
+    "TarFlow",
+    "TarFlowConfig",
+    "VARConfig",
+    "attention",
+]

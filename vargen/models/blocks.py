@@ -8,6 +8,7 @@ imports, its compiled ops loaded and the tensors are on CUDA; otherwise PyTorch'
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 
@@ -132,6 +133,13 @@ class KVCache:
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot crop a cache of length {self.length} to {n}")
         self.length = n
+
+    def select_rows(self, rows: torch.Tensor) -> KVCache:
+        """A new cache of the given batch rows (repeats allowed), same valid length."""
+        out = copy.copy(self)
+        out.k = [t[rows] for t in self.k]  # (len(rows), H, T_max, d)
+        out.v = [t[rows] for t in self.v]
+        return out
 
 
 class SelfAttention(nn.Module):

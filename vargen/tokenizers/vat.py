@@ -100,6 +100,7 @@ class VATokenizer(nn.Module):
             "kind": "multiscale_ids",
             "scales": scales,
             "vocab_size": self.vocab_size,
+            "code_dim": self.cfg.code_dim,
             "num_tokens": self.quantizer.num_tokens,
         }
 
