@@ -216,3 +216,21 @@ def test_sample_cli_on_a_next_scale_checkpoint(trained_var, tmp_path):
     assert metrics["stats.target_forwards"] == 2 * len(SCALES)  # picked the "var" sampler
     a, b = (torch.from_numpy(__import__("numpy").load(tmp_path / d / "samples.npz")["ids"]) for d in "ab")
     assert a.shape == (20, sum(s * s for s in SCALES)) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "sampler", [["sampler.name=tts_var", "sampler.n=2"], ["sampler.name=best_of_n", "sampler.n=4"]]
+)
+def test_sample_cli_runs_test_time_search(trained_var, tmp_path, sampler):
+    import sample
+
+    ckpt = str(trained_var["root"] / "var")
+    args = ["num_samples=6", "batch_size=6", "progress=false", "sampler.cfg_scale=1.5", *sampler]
+    assert sample.main(["--ckpt", ckpt, f"out={tmp_path}", *args]) == 0
+    metrics = json.load(open(tmp_path / "metrics.json"))
+    if "best_of_n" in sampler[0]:  # 4 candidates through 4 scales, decoded once for the pick
+        decoded, rows = 4, 4 * 4
+    else:  # N=2: 16, 12, 4, 2 candidates per scale; decoded before each drop and for the pick
+        decoded, rows = 16 + 12 + 4 + 2, 16 + 12 + 4 + 2
+    assert metrics["stats.decoded_images"] == 6 * decoded
+    assert metrics["stats.candidate_forwards"] == 6 * rows

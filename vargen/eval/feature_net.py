@@ -100,6 +100,11 @@ class FeatureNet(nn.Module):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(F.relu(self(images)))  # (B, num_classes)
 
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The last conv stage's map as tokens (B, h*w, width): one token per spatial cell."""
+        fmap = self.trunk[:-1](self._prepare(images))  # (B, width, h, w), trunk ends in Flatten
+        return fmap.flatten(2).transpose(1, 2)  # (B, h*w, width)
+
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
         """Cross-entropy and accuracy; the generic trainer optimises ``out["loss"]``."""
         logits = self.logits(images)  # (B, num_classes)

@@ -154,10 +154,15 @@ class NextScaleTransformer(nn.Module):
         self._tokenizer = (tokenizer,)
 
     @property
-    def quantizer(self):
+    def tokenizer(self):
+        """The attached tokenizer (its quantizer builds inputs; its decoder makes images)."""
         if not self._tokenizer:
             raise RuntimeError("call model.attach_tokenizer(tokenizer) first: next-scale inputs come from it")
-        return self._tokenizer[0].quantizer
+        return self._tokenizer[0]
+
+    @property
+    def quantizer(self):
+        return self.tokenizer.quantizer
 
     def split_scales(self, ids_BL: torch.Tensor) -> list[torch.Tensor]:
         """Concatenated ids (B, L) -> a list of (B, n_k), coarse to fine."""

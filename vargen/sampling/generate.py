@@ -96,6 +96,8 @@ def run_sampling(ckpt: str, cfg, log=print) -> dict:
     if tokenizer is not None and hasattr(model, "attach_tokenizer"):
         model.attach_tokenizer(tokenizer)
     sampler = SAMPLERS.build(cfg.sampler)
+    if hasattr(sampler, "bind_run"):  # samplers that use the run's dataset (TTS-VAR's reward)
+        sampler.bind_run(gen_cfg, device)
     if hasattr(sampler, "prepare"):  # samplers that tune themselves on real data (TarFlow auto policy)
         from vargen.data import build_dataset
 

@@ -155,12 +155,14 @@ def sample_var(
     """Draw multi-scale ids for labels ``cond_B``; returns (list of (B, n_k) ids, stats)."""
     t0 = time.perf_counter()
     state = start_state(model, cond_B, cfg_scale)
-    stats = new_stats()
+    stats = {**new_stats(), "candidate_forwards": 0, "token_forwards": 0}
     warp = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
     for _ in tqdm(range(len(model.scales)), desc="scales", disable=not progress, leave=False):
         decode_scale(model, state, generator, **warp)
         stats["target_forwards"] += 1
         stats["positions_computed"] += state.cache.k[0].shape[0] * state.ids[-1].shape[1]
+        stats["candidate_forwards"] += state.batch  # images pushed through this scale
+        stats["token_forwards"] += state.batch * state.ids[-1].shape[1]
     B = state.batch
     stats["tokens"] = stats["accepted"] = stats["proposed"] = B * model.num_tokens
     stats["seconds"] = time.perf_counter() - t0
