@@ -95,12 +95,17 @@ def sample_ar(
     return ids_BN, stats
 
 
-@SAMPLERS.register("ar", ARSamplerConfig)
-def build_ar_sampler(cfg):
-    """A callable ``(model, cond_B, generator, progress) -> (ids, stats)`` for the config."""
+def keyword_sampler(sample_fn, cfg):
+    """A sampler callable ``(model, cond_B, generator, progress) -> (out, stats)`` that runs
+    ``sample_fn`` with the sampler config's fields (all but ``name``) as keywords."""
     kw = {k: v for k, v in dict(cfg).items() if k != "name"}
 
     def run(model, cond_B, generator, progress=False):
-        return sample_ar(model, cond_B, generator=generator, progress=progress, **kw)
+        return sample_fn(model, cond_B, generator=generator, progress=progress, **kw)
 
     return run
+
+
+@SAMPLERS.register("ar", ARSamplerConfig)
+def build_ar_sampler(cfg):
+    return keyword_sampler(sample_ar, cfg)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from vargen.models.blocks import KVCache
 from vargen.registry import SAMPLERS
-from vargen.sampling.ar_decode import new_stats
+from vargen.sampling.ar_decode import keyword_sampler, new_stats
 from vargen_kernels.logits_warper import warp_and_sample
 
 
@@ -171,10 +171,4 @@ def sample_var(
 
 @SAMPLERS.register("var", VARSamplerConfig)
 def build_var_sampler(cfg):
-    """A callable ``(model, cond_B, generator, progress) -> (ids per scale, stats)``."""
-    kw = {k: v for k, v in dict(cfg).items() if k != "name"}
-
-    def run(model, cond_B, generator, progress=False):
-        return sample_var(model, cond_B, generator=generator, progress=progress, **kw)
-
-    return run
+    return keyword_sampler(sample_var, cfg)

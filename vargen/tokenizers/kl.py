@@ -26,11 +26,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import nn
 
-from vargen.data.base import check_images
 from vargen.registry import TOKENIZERS
-from vargen.tokenizers.vat import gaussian_kl, gaussian_sample
+from vargen.tokenizers.vat import GaussianConvAutoencoder, gaussian_kl, gaussian_sample
 from vargen.tokenizers.vq import VQConfig, _check, _decoder, _encoder
 
 
@@ -47,7 +45,7 @@ class KLConfig:
     stats_momentum: float = 0.01  # running per-channel mean/std of mu (0 = frozen at 0 / 1)
 
 
-class KLTokenizer(nn.Module):
+class KLTokenizer(GaussianConvAutoencoder):
     """Images (B, C, H, W) in [0, 1] <-> continuous tokens (B, N, D), N = h * w raster order."""
 
     def __init__(self, cfg: KLConfig):
@@ -76,16 +74,6 @@ class KLTokenizer(nn.Module):
             "vocab_size": 0,
             "num_tokens": self.side * self.side,
         }
-
-    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, C, H, W) in [0, 1] -> (mu, logvar), each (B, D, h, w)."""
-        check_images(images, self.cfg.resolution, self.cfg.channels, "KLTokenizer")
-        mu, logvar = self.encoder(images * 2 - 1).chunk(2, dim=1)
-        return mu, logvar.clamp(-30.0, 20.0)
-
-    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
-        """Unnormalised latent (B, D, h, w) -> images (B, C, H, W), [0, 1] scale, not clamped."""
-        return (self.decoder(z) + 1) / 2
 
     def normalize(self, z_BDhw: torch.Tensor) -> torch.Tensor:
         """Unnormalised latent (B, D, h, w) -> tokens (B, N, D) of about unit scale."""

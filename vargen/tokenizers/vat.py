@@ -69,7 +69,25 @@ def gaussian_sample(mu: torch.Tensor, logvar: torch.Tensor, sample: bool) -> tor
     return mu + (0.5 * logvar).exp() * torch.randn_like(mu) if sample else mu
 
 
-class VATokenizer(nn.Module):
+class GaussianConvAutoencoder(nn.Module):
+    """Conv encoder to a diagonal Gaussian posterior and conv decoder, images in [0, 1].
+
+    Shared by the VAT and KL tokenizers; subclasses build ``encoder`` (2D output channels:
+    mean and log-variance) and ``decoder`` and set ``cfg`` (channels, resolution).
+    """
+
+    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) in [0, 1] -> (mu, logvar), each (B, D, h, w)."""
+        check_images(images, self.cfg.resolution, self.cfg.channels, type(self).__name__)
+        mu, logvar = self.encoder(images * 2 - 1).chunk(2, dim=1)
+        return mu, logvar.clamp(-30.0, 20.0)
+
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent (B, D, h, w) -> images (B, C, H, W), [0, 1] scale but not clamped."""
+        return (self.decoder(z) + 1) / 2
+
+
+class VATokenizer(GaussianConvAutoencoder):
     """Images (B, C, H, W) in [0, 1] <-> multi-scale ids: a list of (B, s_k^2) per scale."""
 
     def __init__(self, cfg: VATConfig):
@@ -103,16 +121,6 @@ class VATokenizer(nn.Module):
             "code_dim": self.cfg.code_dim,
             "num_tokens": self.quantizer.num_tokens,
         }
-
-    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, C, H, W) in [0, 1] -> (mu, logvar), each (B, D, h, w)."""
-        check_images(images, self.cfg.resolution, self.cfg.channels, "VATokenizer")
-        mu, logvar = self.encoder(images * 2 - 1).chunk(2, dim=1)
-        return mu, logvar.clamp(-30.0, 20.0)
-
-    def decode_latent(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """Latent (B, D, h, w) -> images (B, C, H, W), [0, 1] scale but not clamped."""
-        return (self.decoder(f_hat) + 1) / 2
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
