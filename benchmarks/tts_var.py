@@ -58,7 +58,7 @@ def main(argv=None):
         "bon": BestOfN(BestOfNConfig(n=8, **warp), reward_fn=reward),
         "tts_var2": tts(2),
         "tts_var8": tts(8),
-        **{f"tts_var8.potential.{pot}": tts(8, pot) for pot in ("value", "diff", "max", "sum")},
+        **{f"tts_var8.potential.{pot}": tts(8, pot) for pot in ("diff", "max", "sum")},  # value: tts_var8
     }
     for sampler in methods.values():
         if isinstance(sampler, TTSVAR):
@@ -68,8 +68,6 @@ def main(argv=None):
     res = {name: {"reward": [], "fid": [], "cand": 0, "tok": 0, "dec": 0} for name in methods}
     for seed in seeds:
         for name, sampler in methods.items():
-            if name == "tts_var8.potential.value":  # the same run as tts_var8
-                continue
             images, _, stats = generate(
                 model, tok, labels, sampler, torch.Generator().manual_seed(seed), batch
             )

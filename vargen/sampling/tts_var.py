@@ -29,7 +29,7 @@ its split (clustering at scales 2 and 5 of 12, resampling at 6 and 9) becomes
 ``switch = 0.5``. Where the reference differs: it asserts that only VALUE is used and
 never records a history; here all four potentials run on a recorded history. With a
 constant schedule nothing is selected, and with N = 1 the output equals plain sampling
-(same generator, same ids); a constant schedule of N is best-of-N (:func:`best_of_n`).
+(same generator, same ids); a constant schedule of N is best-of-N (:class:`BestOfN`).
 
 Compute is counted in ``candidate_forwards`` (sum over scales of the rows forwarded),
 ``token_forwards`` (the same weighted by the scale's token count, a FLOP proxy),
@@ -242,6 +242,10 @@ class TTSVAR:
             self.reward_fn = self.reward_fn or ClassifierReward(net)
             self.feature_fn = self.feature_fn or ClassifierPatchTokens(net)
 
+    def schedule(self, num_scales: int) -> list[int]:
+        """b_k per scale, in multiples of N: the configured one or the reference's shape."""
+        return list(self.cfg.schedule) or default_schedule(num_scales)
+
     def _features(self, images) -> torch.Tensor:
         f = self.feature_fn(images)
         if f.dim() == 3:  # patch tokens
@@ -255,7 +259,7 @@ class TTSVAR:
         c = self.cfg
         t0 = time.perf_counter()
         K, B = len(model.scales), cond_B.shape[0]
-        per_n = list(c.schedule) or default_schedule(K)
+        per_n = self.schedule(K)
         check_schedule(per_n, K)
         sizes = [b * c.n for b in per_n]  # candidates per label at each scale
         plan = selection_plan(per_n, c.switch)
@@ -321,32 +325,19 @@ class BestOfNConfig:
     top_p: float = 1.0
 
 
-class BestOfN:
+class BestOfN(TTSVAR):
     """Best-of-N: TTS-VAR with the constant schedule N, ..., N (no selection, the final pick)."""
 
     def __init__(self, cfg: BestOfNConfig, reward_fn: Callable | None = None):
         if cfg.n < 1:
             raise ValueError(f"sampler.n must be >= 1, got {cfg.n}")
-        self.cfg, self.reward_fn = cfg, reward_fn
-        if reward_fn is None and cfg.reward != "classifier":
-            self.reward_fn = _import_callable(cfg.reward, "reward")
+        warp = dict(cfg_scale=cfg.cfg_scale, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        search = TTSVARConfig(n=1, reward=cfg.reward, **warp)
+        super().__init__(search, reward_fn, feature_fn=lambda images: images.flatten(1))  # never clusters
+        self.n = cfg.n
 
-    def bind_run(self, gen_cfg, device="cpu") -> None:
-        if self.reward_fn is None:
-            from vargen.eval.feature_net import get_feature_net
-
-            self.reward_fn = ClassifierReward(get_feature_net(dict(gen_cfg.data), device))
-
-    def __call__(self, model, cond_B, generator, progress=False):
-        if self.reward_fn is None:
-            raise RuntimeError("best-of-N needs a reward: pass reward_fn, or call bind_run(gen_cfg)")
-        c = self.cfg
-        warp = dict(cfg_scale=c.cfg_scale, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
-        tts = TTSVARConfig(n=1, schedule=[c.n] * len(model.scales), reward=c.reward, **warp)
-        search = TTSVAR(
-            tts, reward_fn=self.reward_fn, feature_fn=lambda images: images.flatten(1)
-        )  # never clusters
-        return search(model, cond_B, generator, progress)
+    def schedule(self, num_scales: int) -> list[int]:
+        return [self.n] * num_scales
 
 
 @SAMPLERS.register("best_of_n", BestOfNConfig)
