@@ -119,7 +119,7 @@ def sample_jacobi(model, cond_B, *, generator, window=16, ratio_fn=token_ratio, 
         draft_Bg = torch.where(has_Bg, y_BW.gather(1, src_Bg), fresh_Bg)
         p_src = p_BWV.gather(1, src_Bg[..., None].expand(B, g, V))
         q_BgV = torch.where(has_Bg[..., None], p_src, F.one_hot(fresh_Bg, V).float())
-    return ids_BN, finish_stats(stats, B * N, t0)
+    return ids_BN, finish_stats(stats, B, B * N, t0)
 
 
 @dataclass

@@ -148,13 +148,14 @@ def sample_speculative(target, draft, cond_B, *, generator, gamma=4, **warp):
         stats["accepted"] += int((n_B * active_B).sum())
         stats["proposed"] += int((cap_B * active_B).sum())
         len_B = len_B + (n_B + 1) * active_B
-    return ids_BN, finish_stats(stats, B * N, t0)
+    return ids_BN, finish_stats(stats, B, B * N, t0)
 
 
-def finish_stats(stats: dict, tokens: int, t0: float) -> dict:
+def finish_stats(stats: dict, rows: int, tokens: int, t0: float) -> dict:
     stats["tokens"] = tokens
     stats["acceptance"] = stats["accepted"] / max(1, stats["proposed"])
-    stats["tokens_per_target_call"] = tokens / max(1, stats["target_forwards"])
+    stats["row_target_forwards"] = stats["target_forwards"] * rows  # a call serves every row
+    stats["tokens_per_target_call"] = tokens / max(1, stats["row_target_forwards"])  # per row
     stats["seconds"] = time.perf_counter() - t0
     return stats
 
