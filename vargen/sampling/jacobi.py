@@ -27,7 +27,7 @@ commits its own n_b + 1), which is exact and wastes nothing.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +152,7 @@ def _check_window(cfg):
 
 @SAMPLERS.register("sjd", SJDConfig)
 def build_sjd(cfg):
-    cfg = dict(cfg)
+    cfg = {**asdict(SJDConfig()), **dict(cfg)}
     _check_window(cfg)
 
     def run(model, cond_B, generator, progress=False):
@@ -164,7 +164,7 @@ def build_sjd(cfg):
 
 @SAMPLERS.register("gsd", GSDConfig)
 def build_gsd(cfg):
-    cfg = dict(cfg)
+    cfg = {**asdict(GSDConfig()), **dict(cfg)}
     _check_window(cfg)
     if cfg["group"] < 1:
         raise ValueError(f"sampler.group must be >= 1, got {cfg['group']}")

@@ -20,7 +20,7 @@ drafted tokens keeps the sampler exact).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -167,7 +167,7 @@ def warp_kwargs(cfg) -> dict:
 @SAMPLERS.register("speculative", SpeculativeConfig)
 def build_speculative(cfg):
     """``(model, cond_B, generator, progress) -> (ids, stats)``; loads ``draft_ckpt`` on first use."""
-    cfg = dict(cfg)
+    cfg = {**asdict(SpeculativeConfig()), **dict(cfg)}
     if not cfg["draft_ckpt"]:
         raise ValueError("sampler.draft_ckpt must name a trained draft llamagen run for 'speculative'")
     if cfg["gamma"] < 1:
