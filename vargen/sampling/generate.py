@@ -69,6 +69,9 @@ def generate(model, tokenizer, labels_B: torch.Tensor, sampler, generator, batch
             tokens.append((torch.cat(out, dim=1) if isinstance(out, list) else out).cpu())
         for k, v in stats.items():
             total[k] = total.get(k, [] if isinstance(v, list) else 0) + v
+    if "acceptance" in total:  # ratios do not sum over batches: recompute (speculative samplers)
+        total["acceptance"] = total["accepted"] / max(1, total["proposed"])
+        total["tokens_per_target_call"] = total["tokens"] / max(1, total["row_target_forwards"])
     return torch.cat(images), (torch.cat(tokens) if tokens else None), total
 
 

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Speculative samplers against plain next-token decoding of the same trained llamagen.
+
+    python benchmarks/speculative.py [--quick] --target runs/digits_ar --draft runs/digits_ar_draft
+
+Side by side in one run on the trained digits models (16 tokens per image): baseline KV-cached
+decoding ("ar"), exact speculative sampling with the draft model ("sd"), speculative Jacobi
+decoding ("jacobi") and GSD ("gsd"). Per method: target forwards (NFE) and wall-clock ratios
+against the baseline, acceptance, and FID against the held-out split as mean and std over 3
+sampling seeds. ``gsd.tv_toy`` is GSD's lossiness TV(out, p) on a toy AR model (exact joint).
+CSpD needs the xAR + MAR-head backbone (issue 5), not merged here: no cspd entries.
+Writes benchmarks/results/speculative.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import meta, print_table, write_results  # noqa: E402
+
+from vargen.eval.fid import FIDEvaluator  # noqa: E402
+from vargen.registry import SAMPLERS  # noqa: E402
+from vargen.sampling.generate import generate  # noqa: E402
+from vargen.train.tasks import load_component, load_tokenizer_for  # noqa: E402
+
+
+def gsd_tv_on_toy(samples: int) -> float:
+    from tests.test_speculative import T, ToyAR, V
+    from vargen.sampling.jacobi import gsd_ratio, sample_jacobi
+
+    target = ToyAR(0, zero_frac=0.3)
+    cond = torch.zeros(samples, dtype=torch.long)
+
+    def ratio(p, q, x):
+        return gsd_ratio(p, q, x, group=14, delta=0.15, dist=0.0)
+
+    ids, _ = sample_jacobi(target, cond, generator=torch.Generator().manual_seed(0), window=3, ratio_fn=ratio)
+    code = ids[:, 0] * V**2 + ids[:, 1] * V + ids[:, 2]
+    emp = torch.bincount(code, minlength=V**T).double() / samples
+    return 0.5 * (emp - target.joint()).abs().sum().item()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--target", default="runs/digits_ar")
+    p.add_argument("--draft", default="runs/digits_ar_draft")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    num = 200 if args.quick else 1000
+    model, gen_cfg = load_component(args.target)
+    tokenizer = load_tokenizer_for(gen_cfg, "cpu")
+    fid = FIDEvaluator.for_dataset(dict(gen_cfg.data), split="heldout")
+    warp = {"cfg_scale": args.cfg_scale}
+    methods = {
+        "baseline": {"name": "ar", **warp},
+        "sd": {"name": "speculative", "draft_ckpt": args.draft, "gamma": 4, **warp},
+        "jacobi": {"name": "sjd", "window": 16, **warp},
+        "gsd": {"name": "gsd", "window": 16, **warp},
+    }
+    labels = torch.arange(num) % model.num_classes
+    res, rows = {}, []
+    for m, scfg in methods.items():
+        sampler = SAMPLERS.build(scfg)
+        fids, secs, nfe, acc = [], 0.0, 0, []
+        for seed in range(3):
+            g = torch.Generator().manual_seed(seed)
+            t0 = time.perf_counter()
+            images, _, stats = generate(model, tokenizer, labels, sampler, g, batch_size=num)
+            secs += time.perf_counter() - t0
+            nfe += stats["target_forwards"]
+            acc.append(stats.get("acceptance", 1.0))
+            fids.append(fid.score(images))
+        f = torch.tensor(fids)
+        res[f"{m}.nfe"], res[f"{m}.seconds"] = nfe / 3, secs / 3
+        res[f"{m}.acceptance"] = sum(acc) / 3
+        res[f"{m}.fid_mean"], res[f"{m}.fid_std"] = f.mean().item(), f.std().item()
+    for m in methods:
+        if m != "baseline":
+            res[f"{m}.nfe_ratio"] = res["baseline.nfe"] / res[f"{m}.nfe"]
+            res[f"{m}.wall_ratio"] = res["baseline.seconds"] / res[f"{m}.seconds"]
+        rows.append(
+            {
+                "method": m,
+                "nfe": res[f"{m}.nfe"],
+                "nfe_ratio": res.get(f"{m}.nfe_ratio", 1.0),
+                "wall_ratio": res.get(f"{m}.wall_ratio", 1.0),
+                "acceptance": res[f"{m}.acceptance"],
+                "fid_mean": res[f"{m}.fid_mean"],
+                "fid_std": res[f"{m}.fid_std"],
+            }
+        )
+    res["gsd.tv_toy"] = gsd_tv_on_toy(20_000 if args.quick else 100_000)
+    print_table(rows, ["method", "nfe", "nfe_ratio", "wall_ratio", "acceptance", "fid_mean", "fid_std"])
+    print(f"gsd.tv_toy = {res['gsd.tv_toy']:.4f}")
+    write_results("speculative", {**res, "samples_per_seed": num, "batch": num}, meta(args.quick, range(3)))
+
+
+if __name__ == "__main__":
+    main()

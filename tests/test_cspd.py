@@ -1,0 +1,114 @@
+"""CSpD verification on analytic toys (spec sampling-speculative.md 3(c))."""
+
+import math
+
+import pytest
+import torch
+from scipy.stats import kstest, norm
+
+from vargen.sampling.cspd import cspd_verify, gaussian_logpdf, residual_sample
+
+M = 100_000
+
+
+class LinearGaussianHead:
+    """Two-step linear-Gaussian "diffusion": x1 = a x_T + s e1, x0 = b x1 + s0 e2.
+    Marginal of x0: N(0, b^2 (a^2 + s^2) + s0^2) (spec 3(c).2)."""
+
+    def __init__(self, a, s, b, s0):
+        self.a, self.s, self.b, self.s0 = a, s, b, s0
+        self.var = b**2 * (a**2 + s**2) + s0**2
+
+    def reverse_trajectory(self, cond_NW, x_T_NC, noises_SNC, temperature=1.0):
+        x1 = self.a * x_T_NC + self.s * noises_SNC[0]
+        mean = self.b * x1
+        std = torch.full_like(mean, self.s0)
+        return {
+            "x0": mean + std * noises_SNC[-1],
+            "mean_last": mean,
+            "std_last": std,
+            "sum_log_std": torch.full_like(mean, math.log(self.s)),
+        }
+
+
+def run_toy(target, draft, mode, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(M, 1, generator=g)
+    noises = torch.randn(2, M, 1, generator=g)  # shared by draft and target (alignment)
+    tq = {k: v[:, None] for k, v in draft.reverse_trajectory(None, x_T, noises).items()}  # (M, 1, 1)
+    tp = {k: v[:, None] for k, v in target.reverse_trajectory(None, x_T, noises).items()}
+    n, z, stats = cspd_verify(tq, tp, g, mode=mode)
+    out = torch.where(n[:, None] > 0, tq["x0"][:, 0], z)[:, 0]
+    return out, n, stats
+
+
+TARGET = LinearGaussianHead(a=0.9, s=0.3, b=1.1, s0=0.5)
+DRAFT = LinearGaussianHead(a=0.6, s=1.5, b=0.9, s0=0.8)
+
+
+def test_exact_mode_is_unbiased_on_two_step_toy():
+    out, n, stats = run_toy(TARGET, DRAFT, "exact")
+    assert kstest(out.numpy(), norm(scale=math.sqrt(TARGET.var)).cdf).pvalue > 1e-3
+    assert 0.2 < n.float().mean() < 0.95 and stats["ar_unfilled"] == 0
+
+
+def test_paper_mode_bias_is_visible():
+    out, _, _ = run_toy(TARGET, DRAFT, "paper")
+    assert kstest(out.numpy(), norm(scale=math.sqrt(TARGET.var)).cdf).pvalue < 1e-3
+
+
+def test_identical_heads_accept_everything():
+    _, n, stats = run_toy(TARGET, TARGET, "exact")
+    assert bool((n == 1).all()) and stats["accepted"] == M
+
+
+def test_first_rejection_stops_the_block():
+    g = torch.Generator().manual_seed(1)
+    B, k = 20_000, 4
+    x_T, noises = torch.randn(B * k, 1, generator=g), torch.randn(2, B * k, 1, generator=g)
+    tq = {a: v.view(B, k, 1) for a, v in DRAFT.reverse_trajectory(None, x_T, noises).items()}
+    tp = {a: v.view(B, k, 1) for a, v in TARGET.reverse_trajectory(None, x_T, noises).items()}
+    n, _, stats = cspd_verify(tq, tp, g)
+    # i.i.d. positions: P(n >= j) = alpha^j for the per-position acceptance alpha
+    alpha = stats["accepted"] / stats["proposed"]
+    for j in range(1, k + 1):
+        assert abs((n >= j).float().mean() - alpha**j) < 0.02
+
+
+def test_gmm_target_gaussian_draft_single_step():
+    """1-D: acceptance = 1 - TV(p, q) and the outputs follow the GMM target (KS)."""
+    w, mus, sds = torch.tensor([0.3, 0.7]), torch.tensor([-1.5, 1.0]), torch.tensor([0.5, 0.7])
+    mq, sq = 0.0, 1.5
+
+    def log_p(y):
+        comp = torch.distributions.Normal(mus, sds).log_prob(y[..., None]) + w.log()
+        return torch.logsumexp(comp, -1)[..., 0]  # (K, N)
+
+    def log_q(y):
+        return gaussian_logpdf(y, torch.full_like(y, mq), torch.full_like(y, sq))
+
+    def sample_p(k, gen):
+        c = torch.multinomial(w, k * M, replacement=True, generator=gen).view(k, M)
+        return (mus[c] + sds[c] * torch.randn(k, M, generator=gen))[..., None]  # (k, M, 1)
+
+    g = torch.Generator().manual_seed(2)
+    x = (mq + sq * torch.randn(M, generator=g))[None, :, None]  # (1, M, 1) drafts
+    accept = torch.rand(M, generator=g).log() < (log_p(x) - log_q(x)).clamp(max=0)[0]
+    z, tries, filled = residual_sample(sample_p, log_p, log_q, torch.zeros(M), g, K=16)
+    out = torch.where(accept, x[0, :, 0], z[:, 0])
+    grid = torch.linspace(-10, 10, 20_001)[None, :, None]
+    tv = 0.5 * (log_p(grid).exp() - log_q(grid).exp()).abs().sum() * (20 / 20_000)
+    assert abs(accept.float().mean() - (1 - tv)) < 0.01
+    assert filled.all()
+    assert abs(tries.float().mean() - 1 / tv) < 0.1 * (1 / tv)  # A-R tries ~ 1 / Z, Z = TV
+
+    def gmm_cdf(v):
+        return sum(wi * norm(mi, si).cdf(v) for wi, mi, si in zip(w.tolist(), mus.tolist(), sds.tolist()))
+
+    assert kstest(out.numpy(), gmm_cdf).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["bogus"])
+def test_bad_mode_is_rejected(mode):
+    with pytest.raises(ValueError, match="sampler.mode"):
+        run_toy(TARGET, DRAFT, mode)

@@ -1,0 +1,183 @@
+"""Speculative Jacobi decoding (SJD, Teng et al. ICLR 2025) and grouped speculative decoding
+(GSD, So et al. ICCV 2025): self-speculative samplers, no draft model.
+
+Spec: specs/sampling-speculative.md sections 1b and 2. A window of L-1 draft tokens, each with the
+distribution q it was drawn from (one-hot for the random initial tokens), is verified in one
+target call; the test and residual are those of :mod:`vargen.sampling.speculative`. Jacobi
+update (1b(a).5): the next drafts are the target's own samples at the uncommitted window
+positions, with q = that position's p, padded with fresh random tokens.
+
+GSD replaces the per-token ratio p(x)/q(x) by P(C)/Q(C) over a group C around the draft x
+(section 2(a)): the G tokens nearest x in the target's probability ranking, filtered by
+probability gap ``|p(y) - p(x)| < delta`` and squared embedding distance ``< dist``. GSD is lossy
+by design (it emits the draft token itself on group acceptance). Defects of the reference
+(``junhyukso/GSD``) fixed here:
+
+- its window slice ``sorted[r-7:r+7]`` is empty for ranks r < 7 (0/0 = NaN, always rejected);
+  ours is clipped into the vocabulary, so it always holds G tokens with x among them;
+- tokens outside top-k tie at -inf, so a draft token with p(x) = 0 could be accepted through its
+  window; we restrict C to supp(p) and give a draft with p(x) = 0 ratio 0 (never emitted).
+
+Optional ``group_exact``: on rejection the group is resampled from norm(max(0, P' - Q')) and a
+token from p(. | C), the spec's exact-at-group-level suggestion -- not implemented (see README).
+The reference's batch handling commits min_b n_b for all rows; rows here are ragged (each row
+commits its own n_b + 1), which is exact and wastes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vargen.registry import SAMPLERS
+from vargen.sampling.ar_decode import new_stats
+from vargen.sampling.speculative import (
+    accept_and_correct,
+    finish_stats,
+    token_ratio,
+    warp_kwargs,
+    window_probs,
+    write_at,
+)
+
+
+def gsd_ratio(p_BgV, q_BgV, x_Bg, group: int, delta: float, dist: float, emb_VD=None):
+    """GSD's P(C)/Q(C) with C built from p's ranking around x (section 2(a).1-4), vectorised.
+
+    ``group`` = window size G (reference: 14, ``sorted[r-7:r+7]``), ``delta`` the probability gap,
+    ``dist`` the squared-L2 embedding threshold (skipped when ``emb_VD`` is None or dist <= 0).
+    """
+    V = p_BgV.shape[-1]
+    G = min(group, V)
+    x = x_Bg[..., None]  # (B, g, 1)
+    px = p_BgV.gather(2, x)  # (B, g, 1)
+    order = p_BgV.argsort(dim=-1, descending=True, stable=True)  # (B, g, V) ranking by target prob
+    rank = order.argsort(dim=-1, stable=True).gather(2, x)  # (B, g, 1) rank of x
+    start = (rank - G // 2).clamp(0, V - G)  # clipped window: never empty (reference NaN fixed)
+    win = order.gather(2, start + torch.arange(G, device=x.device))  # (B, g, G)
+    pw, qw = p_BgV.gather(2, win), q_BgV.gather(2, win)  # (B, g, G)
+    keep = ((pw - px).abs() < delta) & (pw > 0)  # restricted to tokens the target can emit
+    if emb_VD is not None and dist > 0:
+        d2 = (emb_VD[win] - emb_VD[x_Bg][..., None, :]).pow(2).sum(-1)  # (B, g, G)
+        keep &= d2 < dist
+    keep |= win == x  # x always in its group
+    P, Q = (pw * keep).sum(-1), (qw * keep).sum(-1)  # (B, g)
+    return torch.where(px[..., 0] > 0, P / Q, torch.zeros_like(P))
+
+
+def partition_ratio(p_BgV, q_BgV, x_Bg, part_V):
+    """P(C(x))/Q(C(x)) for a fixed partition ``part_V`` (group id per token): Theorem 1's setting."""
+    K = int(part_V.max()) + 1
+    idx = part_V.expand_as(p_BgV)
+    P = torch.zeros(*p_BgV.shape[:-1], K, dtype=p_BgV.dtype, device=p_BgV.device).scatter_add_(2, idx, p_BgV)
+    Q = torch.zeros_like(P).scatter_add_(2, idx, q_BgV)
+    cx = part_V[x_Bg][..., None]
+    px = p_BgV.gather(2, x_Bg[..., None])[..., 0]
+    return torch.where(px > 0, P.gather(2, cx)[..., 0] / Q.gather(2, cx)[..., 0], torch.zeros_like(px))
+
+
+@torch.no_grad()
+def sample_jacobi(model, cond_B, *, generator, window=16, ratio_fn=token_ratio, **warp):
+    """SJD with window L = ``window`` (L-1 drafts + 1); ``ratio_fn(p, q, x)`` is the acceptance
+    ratio (token-level for SJD, a GSD group ratio for GSD). Returns (ids_BN, stats)."""
+    t0 = time.perf_counter()
+    if window < 1:
+        raise ValueError(f"sampler.window must be >= 1, got {window}")
+    warp = {"cfg_scale": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, **warp}
+    B, N, V = cond_B.shape[0], model.num_tokens, model.vocab_size
+    device = cond_B.device
+    g = window - 1
+    rand_ids = lambda: torch.randint(V, (B, g), generator=generator, device=generator.device).to(device)  # noqa: E731
+    ids_BN = torch.zeros(B, N, dtype=torch.long, device=device)
+    len_B = torch.zeros(B, dtype=torch.long, device=device)
+    win = torch.arange(window, device=device)
+    draft_Bg = rand_ids()  # random initial tokens with one-hot q (1b(a) state)
+    q_BgV = F.one_hot(draft_Bg, V).float()
+    stats = new_stats()
+    while True:
+        active_B = len_B < N
+        if not bool(active_B.any()):
+            break
+        for j in range(g):  # place drafts at positions len + j (a loop over window slots)
+            write_at(ids_BN, len_B + j, draft_Bg[:, j], active_B & (len_B + j < N))
+        p_BWV = window_probs(model, ids_BN, cond_B, (len_B[:, None] + win).clamp(max=N - 1), warp)
+        stats["target_forwards"] += 1
+        ratio_Bg = ratio_fn(p_BWV[:, :g], q_BgV, draft_Bg)
+        n_B, z_B, y_BW, cap_B = accept_and_correct(p_BWV, q_BgV, draft_Bg, ratio_Bg, N - len_B, generator)
+        write_at(ids_BN, len_B + n_B, z_B, active_B)
+        stats["accepted"] += int((n_B * active_B).sum())
+        stats["proposed"] += int((cap_B * active_B).sum())
+        len_B = len_B + (n_B + 1) * active_B
+        # Jacobi update (1b(a).5): slot j of the next window is window position n + 1 + j
+        src_Bg = n_B[:, None] + 1 + torch.arange(g, device=device)
+        has_Bg = src_Bg < window
+        src_Bg = src_Bg.clamp(max=window - 1)
+        fresh_Bg = rand_ids()
+        draft_Bg = torch.where(has_Bg, y_BW.gather(1, src_Bg), fresh_Bg)
+        p_src = p_BWV.gather(1, src_Bg[..., None].expand(B, g, V))
+        q_BgV = torch.where(has_Bg[..., None], p_src, F.one_hot(fresh_Bg, V).float())
+    return ids_BN, finish_stats(stats, B, B * N, t0)
+
+
+@dataclass
+class SJDConfig:
+    name: str = "sjd"
+    window: int = 16  # L (reference max_num_new_tokens)
+    cfg_scale: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass
+class GSDConfig:
+    name: str = "gsd"
+    window: int = 16
+    group: int = 14  # G: ranking window around the draft (reference: sorted[r-7:r+7])
+    delta: float = 0.15  # probability-gap filter (reference)
+    dist: float = 0.5  # squared-L2 input-embedding filter (reference); <= 0 disables it
+    cfg_scale: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def _check_window(cfg):
+    if cfg["window"] < 1:
+        raise ValueError(f"sampler.window must be >= 1, got {cfg['window']}")
+
+
+@SAMPLERS.register("sjd", SJDConfig)
+def build_sjd(cfg):
+    cfg = {**asdict(SJDConfig()), **dict(cfg)}
+    _check_window(cfg)
+
+    def run(model, cond_B, generator, progress=False):
+        cond_B = cond_B.to(model.tok_emb.weight.device)
+        return sample_jacobi(model, cond_B, generator=generator, window=cfg["window"], **warp_kwargs(cfg))
+
+    return run
+
+
+@SAMPLERS.register("gsd", GSDConfig)
+def build_gsd(cfg):
+    cfg = {**asdict(GSDConfig()), **dict(cfg)}
+    _check_window(cfg)
+    if cfg["group"] < 1:
+        raise ValueError(f"sampler.group must be >= 1, got {cfg['group']}")
+
+    def run(model, cond_B, generator, progress=False):
+        emb = model.tok_emb.weight.detach().float()  # (V, D) input embeddings, as the reference
+        cond_B = cond_B.to(emb.device)
+
+        def ratio(p, q, x):
+            return gsd_ratio(p, q, x, cfg["group"], cfg["delta"], cfg["dist"], emb)
+
+        return sample_jacobi(
+            model, cond_B, generator=generator, window=cfg["window"], ratio_fn=ratio, **warp_kwargs(cfg)
+        )
+
+    return run
