@@ -22,6 +22,7 @@ _COMPONENT_MODULES = (
     "vargen.models",
     "vargen.sampling",
     "vargen.eval",
+    "vargen.diffusion",
     "vargen.train.tasks",
 )
 

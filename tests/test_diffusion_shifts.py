@@ -1,0 +1,125 @@
+"""TS-DPM exposure-bias time shift, ScheduleShift (applied once through diffusers), conversions."""
+
+import pytest
+import torch
+
+from vargen.diffusion.denoiser import PARAMETERISATIONS, eps_to, to_eps
+from vargen.diffusion.schedules import ScheduleShift
+from vargen.diffusion.time_shift import ExposureBiasTimeShift, ddim_sample, linear_alphas_cumprod
+
+ABAR = linear_alphas_cumprod()
+
+
+def _gauss_eps(v0):
+    """Exact eps for data N(0, v0 I): eps = sqrt(1-abar) x / (abar v0 + 1 - abar)."""
+
+    def eps(x, t):
+        a = ABAR[t].view(-1, *([1] * (x.dim() - 1)))
+        return (1 - a).sqrt() * x / (a * v0 + 1 - a)
+
+    return eps
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize(
+    "ts", [ExposureBiasTimeShift(window=0), ExposureBiasTimeShift(window=40, cutoff=1000)]
+)
+def test_disabled_time_shift_is_bit_exact(eta, ts):
+    eps = _gauss_eps(0.5)
+    base, _ = ddim_sample(eps, (8, 16), 10, torch.Generator().manual_seed(0), eta=eta)
+    off, st = ddim_sample(eps, (8, 16), 10, torch.Generator().manual_seed(0), eta=eta, time_shift=ts)
+    assert torch.equal(base, off) and st["shifted_steps"] == 0
+
+
+def test_enabled_time_shift_changes_output():
+    eps = _gauss_eps(0.5)
+    base, _ = ddim_sample(eps, (8, 16), 10, torch.Generator().manual_seed(0))
+    on, st = ddim_sample(
+        eps, (8, 16), 10, torch.Generator().manual_seed(0), time_shift=ExposureBiasTimeShift(40)
+    )
+    assert st["shifted_steps"] > 0 and not torch.equal(base, on)
+
+
+def test_window_and_cutoff():
+    ts = ExposureBiasTimeShift(window=20, cutoff=300)
+    g = torch.Generator().manual_seed(0)
+    for t in (100, 300, 301, 600, 995):
+        x = torch.randn(32, 64, generator=g, dtype=torch.float64) * torch.rand(32, 1, generator=g) * 1.5
+        t_s = ts.shifted(x, t, ABAR)
+        assert torch.all((t_s - t).abs() <= 10) and torch.all((t_s >= 0) & (t_s <= 999))
+        if t <= 300:
+            assert torch.all(t_s == t)
+
+
+def test_variance_matching_recovers_tau_and_is_monotone():
+    ts = ExposureBiasTimeShift(window=40, cutoff=0)
+    g = torch.Generator().manual_seed(1)
+    for tau_star, t in ((150, 160), (200, 190), (250, 265)):
+        x = (1 - ABAR[tau_star]).sqrt() * torch.randn(1, 100_000, generator=g, dtype=torch.float64)  # x0 = 0
+        t_s = ts.shifted(x, t, ABAR).item()
+        assert abs(t_s - tau_star) <= 1
+        prev = t_s
+        for delta in (0.01, 0.05, 0.2):
+            now = ts.shifted(x * (1 + delta), t, ABAR).item()
+            assert now >= prev
+            prev = now
+
+
+def test_corrected_variance_is_noop_on_exact_samples_paper_is_not():
+    v0, t = 0.3, 200
+    g = torch.Generator().manual_seed(2)
+    a = ABAR[t]
+    x0 = v0**0.5 * torch.randn(4, 100_000, generator=g, dtype=torch.float64)
+    x = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    corrected = ExposureBiasTimeShift(window=100, cutoff=0, variance="corrected", data_var=v0).shifted(
+        x, t, ABAR
+    )
+    paper = ExposureBiasTimeShift(window=100, cutoff=0).shifted(x, t, ABAR)
+    assert torch.all((corrected - t).abs() <= 2)
+    assert torch.all(paper > t + 5)  # ignores abar * v0: exact samples are pushed to noisier steps
+
+
+def test_time_shift_bad_config_names_key():
+    with pytest.raises(ValueError, match="time_shift.mode"):
+        ExposureBiasTimeShift(window=4, mode="deis")
+    with pytest.raises(ValueError, match="time_shift.variance"):
+        ExposureBiasTimeShift(window=4, variance="data")
+
+
+def test_schedule_shift_forms():
+    sig = torch.linspace(1.0, 0.01, 50, dtype=torch.float64)
+    sd3 = ScheduleShift("sd3", 3.0)(sig)
+    assert torch.allclose(ScheduleShift("exponential", torch.tensor(3.0).log().item())(sig), sd3)
+    assert torch.all(sd3 >= sig) and sd3[0] == 1.0
+    assert torch.allclose(ScheduleShift("linear", 1.0)(sig), sig)
+    assert ScheduleShift.mu_for_resolution(256) == pytest.approx(0.5)
+    assert ScheduleShift.mu_for_resolution(4096) == pytest.approx(1.15)
+    with pytest.raises(ValueError, match="ScheduleShift.kind"):
+        ScheduleShift("double", 2.0)
+
+
+def test_diffusers_flowmatch_with_explicit_sigmas_shifts_once():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sig = torch.linspace(1.0, 1 / 30, 30, dtype=torch.float64)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(sigmas=sig.numpy())
+    expected = ScheduleShift("sd3", 3.0)(sig)
+    assert torch.allclose(sched.sigmas[:-1].double(), expected, atol=1e-6)
+    twice = ScheduleShift("sd3", 3.0)(expected)
+    assert not torch.allclose(sched.sigmas[:-1].double(), twice, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", PARAMETERISATIONS)
+def test_parameterisation_round_trip(kind):
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 5, 4, generator=g, dtype=torch.float64).unbind(0)
+    a = 0.6
+    s = (1 - a * a) ** 0.5
+    xt = a * x0 + s * eps
+    pred = eps_to(eps, kind, xt, a, s)
+    assert torch.allclose(to_eps(pred, kind, xt, a, s), eps)
+    if kind == "x0":
+        assert torch.allclose(pred, x0)
+    if kind == "v":
+        assert torch.allclose(pred, a * eps - s * x0)

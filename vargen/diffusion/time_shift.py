@@ -1,0 +1,100 @@
+"""Exposure-bias time shift (TS-DPM, Li et al., ICLR'24) on DDPM / DDIM over a discrete VP grid.
+
+At a noisy step t > cutoff, the network is evaluated at the step t_s of the full training grid,
+inside the window |tau - t| <= window // 2, whose noise variance best matches the per-sample
+variance of x_t (spec section 1a). ``variance="paper"`` matches 1 - abar_tau as the reference
+code does; it ignores the data term and so shifts even *exact* marginal samples towards
+noisier steps. ``variance="corrected"`` matches abar_tau * data_var + 1 - abar_tau instead,
+which is a no-op on exact samples (the correct version we add).
+``mode="canonical"``: network, x0-estimate and DDIM coefficients use t_s (paper Fig. 1).
+``mode="pndm_target"``: the pnm_solver.py variant: the network sees the scheduled t, the
+window is centred on the next step and the shifted step becomes the transfer target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, ...), t (B,) long) -> eps
+
+
+def linear_alphas_cumprod(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """abar_t for the DDPM linear beta schedule (Ho et al. 2020), float64 (T,)."""
+    return torch.cumprod(1 - torch.linspace(beta_start, beta_end, T, dtype=torch.float64), 0)
+
+
+@dataclass
+class ExposureBiasTimeShift:
+    window: int = 0  # on the full training grid; 0 disables
+    cutoff: int = 300  # shift only where t > cutoff
+    variance: str = "paper"  # paper | corrected
+    data_var: float = 1.0  # Var(x0) per entry, used by variance="corrected"
+    mode: str = "canonical"  # canonical | pndm_target
+
+    def __post_init__(self):
+        if self.variance not in ("paper", "corrected"):
+            raise ValueError(f"time_shift.variance must be paper|corrected, got {self.variance!r}")
+        if self.mode not in ("canonical", "pndm_target"):
+            raise ValueError(f"time_shift.mode must be canonical|pndm_target, got {self.mode!r}")
+        if self.window < 0:
+            raise ValueError(f"time_shift.window must be >= 0, got {self.window}")
+
+    def shifted(self, x: torch.Tensor, t: int, abar: torch.Tensor) -> torch.Tensor:
+        """Per-sample coupled steps t_s (B,) long for the state x (B, ...) at scheduled step t."""
+        B, T, h = x.shape[0], abar.shape[0], self.window // 2
+        t_B = torch.full((B,), t, dtype=torch.long)
+        if h == 0 or t <= self.cutoff:
+            return t_B
+        v_B = x.reshape(B, -1).double().var(dim=1)  # per-sample statistic (spec 1a.1)
+        taus = torch.arange(max(t - h, 0), min(t + h, T - 1) + 1)  # (W,)
+        a = abar[taus]
+        target_W = 1 - a if self.variance == "paper" else a * self.data_var + 1 - a
+        return taus[(v_B[:, None] - target_W[None]).abs().argmin(1)]  # (B,)
+
+
+def ddim_sample(
+    eps_fn: EpsFn,
+    shape: tuple,
+    steps: int,
+    generator: torch.Generator,
+    abar: torch.Tensor | None = None,
+    eta: float = 0.0,
+    time_shift: ExposureBiasTimeShift | None = None,
+):
+    """DDIM (eta=0) / DDPM-like (eta=1) sampling on an evenly respaced grid (Song et al. 2021, eq. 12).
+
+    Returns x0 (shape) and stats {"target_forwards", "shifted_steps"} (steps where any sample shifted).
+    """
+    abar = linear_alphas_cumprod() if abar is None else abar
+    T = abar.shape[0]
+    grid = torch.linspace(T - 1, 0, steps).round().long().tolist()
+    x = torch.randn(shape, generator=generator, dtype=torch.float64)
+    B = shape[0]
+    bshape = (B,) + (1,) * (len(shape) - 1)
+    stats = {"target_forwards": 0, "shifted_steps": 0}
+    for i, t in enumerate(grid):
+        t_next = grid[i + 1] if i + 1 < len(grid) else -1
+        t_net = torch.full((B,), t, dtype=torch.long)
+        t_coef = t_net
+        a_next = abar[t_next].expand(B) if t_next >= 0 else torch.ones(B, dtype=torch.float64)
+        if time_shift is not None and time_shift.mode == "canonical":
+            t_net = t_coef = time_shift.shifted(x, t, abar)
+        elif time_shift is not None and t_next >= 0:  # pndm_target: shift the transfer target
+            a_next = abar[time_shift.shifted(x, t_next, abar)]
+        stats["shifted_steps"] += int((t_coef != t).any() or (t_next >= 0 and (a_next != abar[t_next]).any()))
+        eps = eps_fn(x, t_net)
+        stats["target_forwards"] += 1
+        a_t = abar[t_coef].view(bshape)
+        a_n = a_next.view(bshape)
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        if t_next < 0:
+            x = x0
+            break
+        sig = eta * ((1 - a_n) / (1 - a_t)).sqrt() * (1 - a_t / a_n).clamp_min(0).sqrt()
+        x = a_n.sqrt() * x0 + (1 - a_n - sig**2).clamp_min(0).sqrt() * eps
+        if eta > 0:
+            x = x + sig * torch.randn(shape, generator=generator, dtype=torch.float64)
+    return x, stats
