@@ -1,0 +1,203 @@
+"""MAR's per-token diffusion head ("DiffLoss", SimpleMLPAdaLN), spec models.md section 2a.
+
+A head owns its loss and its sampler (MAR's split): the backbone gives one condition
+vector z per token (``cond_NW``); the head models p(x | z) for that token's continuous
+latent x (``(N, C)``) with a small DDPM.
+
+Choices (documented deviations from the reference code, see the spec):
+- Variance is **fixed**, not learned: the posterior variance beta~_t of the respaced chain,
+  with ADM's "clipped" value at the last step (beta~ of the second step), so the loss is
+  the plain eps-MSE (the spec's learned-range variance + VLB term is optional).
+- The **last reverse step is stochastic**: x0 = mean + tau * sigma * xi. ADM (and MAR's
+  released sampler) return the mean at t = 0, which makes the density of x0 degenerate and
+  breaks the continuous speculative-decoding ratio test (sampling-speculative spec).
+- CFG mixes eps only, and both halves share the noise, so the chain is run on one x.
+
+Noise order of :meth:`DiffusionHead.sample` (documented because :meth:`reverse_trajectory`
+must reproduce it): first x_T ~ N(0, I) of shape (N, C) from the generator, then one
+(N, C) normal draw per reverse step, from the noisiest step to the last one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vargen.registry import HEADS
+
+
+@dataclass
+class DiffusionHeadConfig:
+    name: str = "mar_diffusion"
+    width: int = 128  # W of the MLP (MAR: 1024)
+    depth: int = 3  # residual blocks (MAR: 3)
+    num_train_steps: int = 1000  # cosine schedule length T
+    num_sampling_steps: int = 100  # respaced ancestral steps S
+    diffusion_batch_mul: int = 4  # each (z, target) pair repeated with fresh t and eps
+
+
+def cosine_alpha_bar(num_steps: int) -> torch.Tensor:
+    """alpha_bar_t for t = 1..T of IDDPM's cosine schedule (Nichol & Dhariwal eq. 17), float64."""
+
+    def f(t):
+        return math.cos((t / num_steps + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - f(i + 1) / f(i), 0.999) for i in range(num_steps)]
+    return torch.cumprod(1 - torch.tensor(betas, dtype=torch.float64), 0)  # (T,)
+
+
+def timestep_embedding(t_N: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (integer) timesteps, as in DiT/MAR."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t_N.device) / half)  # (half,)
+    args = t_N.float()[:, None] * freqs[None]  # (N, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class ResBlock(nn.Module):
+    """LN -> modulate(shift, scale) -> Linear -> SiLU -> Linear; gate * h + residual."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x_NW, y_NW):
+        shift, scale, gate = self.ada(y_NW).chunk(3, dim=-1)  # 3 x (N, W)
+        return x_NW + gate * self.mlp(modulate(self.norm(x_NW), shift, scale))
+
+
+class EpsNet(nn.Module):
+    """SimpleMLPAdaLN: eps(x_t, t, z); adaLN and output layers zero-initialised (eps = 0 at init)."""
+
+    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int):
+        super().__init__()
+        self.width = width
+        self.input_proj = nn.Linear(token_dim, width)
+        self.time_embed = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
+        self.cond_embed = nn.Linear(cond_dim, width)
+        self.blocks = nn.ModuleList(ResBlock(width) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, token_dim)
+        for lin in [b.ada[-1] for b in self.blocks] + [self.final_ada[-1], self.out]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x_NC, t_N, cond_NW):
+        y_NW = self.time_embed(timestep_embedding(t_N, 256).to(x_NC.dtype)) + self.cond_embed(cond_NW)
+        h_NW = self.input_proj(x_NC)
+        for blk in self.blocks:
+            h_NW = blk(h_NW, y_NW)
+        shift, scale = self.final_ada(y_NW).chunk(2, dim=-1)
+        return self.out(modulate(self.final_norm(h_NW), shift, scale))  # (N, C)
+
+
+class DiffusionHead(nn.Module):
+    """Per-token DDPM head: eps-MSE loss, respaced ancestral sampler with temperature and CFG."""
+
+    def __init__(self, cfg: DiffusionHeadConfig, token_dim: int, cond_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.token_dim = token_dim
+        self.num_sampling_steps = int(cfg.num_sampling_steps)
+        self.net = EpsNet(token_dim, cond_dim, cfg.width, cfg.depth)
+        abar = cosine_alpha_bar(cfg.num_train_steps)  # (T,)
+        self.register_buffer("alpha_bar", abar.float(), persistent=False)
+        self._respaced = {}
+
+    def schedule(self, num_steps: int):
+        """Respaced chain on ``num_steps`` evenly spaced training timesteps (ADM's space_timesteps).
+
+        Returns (t_S, abar_S, coef_x0_S, coef_xt_S, std_S) in float64, index 0 = least noisy.
+        """
+        if num_steps not in self._respaced:
+            T = self.cfg.num_train_steps
+            t_S = torch.linspace(0, T - 1, num_steps, dtype=torch.float64).round().long()  # (S,)
+            abar = cosine_alpha_bar(T)[t_S]  # (S,)
+            abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+            beta = 1 - abar / abar_prev  # respaced betas
+            # posterior q(x_{t-1} | x_t, x0) (DDPM eq. 7)
+            coef_x0 = beta * abar_prev.sqrt() / (1 - abar)
+            coef_xt = (1 - abar_prev) * (1 - beta).sqrt() / (1 - abar)
+            var = beta * (1 - abar_prev) / (1 - abar)
+            var[0] = var[1] if num_steps > 1 else beta[0]  # ADM's clipped log-variance: never 0
+            self._respaced[num_steps] = (t_S, abar, coef_x0, coef_xt, var.sqrt())
+        return self._respaced[num_steps]
+
+    def loss(self, target_NC: torch.Tensor, cond_NW: torch.Tensor) -> torch.Tensor:
+        """eps-prediction MSE at uniform t; each pair repeated ``diffusion_batch_mul`` times."""
+        m = self.cfg.diffusion_batch_mul
+        x0 = target_NC.repeat(m, 1)  # (mN, C)
+        cond = cond_NW.repeat(m, 1)  # (mN, W)
+        t = torch.randint(0, self.cfg.num_train_steps, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        abar = self.alpha_bar[t][:, None]  # (mN, 1)
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+        return F.mse_loss(self.net(x_t, t, cond), eps)
+
+    def _eps(self, x_NC, t_int, cond_NW, cfg_scale, cond_uncond_NW):
+        t_N = torch.full((x_NC.shape[0],), int(t_int), device=x_NC.device)
+        if cond_uncond_NW is None or cfg_scale == 1.0:
+            return self.net(x_NC, t_N, cond_NW)
+        eps_2N = self.net(
+            torch.cat([x_NC, x_NC]), torch.cat([t_N, t_N]), torch.cat([cond_NW, cond_uncond_NW])
+        )
+        eps_c, eps_u = eps_2N.chunk(2)
+        return eps_u + cfg_scale * (eps_c - eps_u)
+
+    def reverse_trajectory(
+        self, cond_NW, x_T_NC, noises_SNC, temperature=1.0, cfg_scale=1.0, cond_uncond_NW=None
+    ) -> dict:
+        """The ancestral chain from the caller's x_T with the caller's per-step noises.
+
+        noises_SNC[k] is used at the k-th reverse step (k = 0 noisiest, S-1 last). The last
+        step is stochastic: x0 = mean_last + std_last * noises_SNC[-1]; sum_log_std sums
+        log(temperature * sigma) over the S-1 earlier steps and the C dims (-inf at temperature 0).
+        """
+        S = noises_SNC.shape[0]
+        t_S, abar_S, c0_S, ct_S, std_S = self.schedule(S)
+        x = x_T_NC
+        sum_log_std = x.new_zeros(x.shape[0])
+        for k in range(S):
+            i = S - 1 - k
+            eps = self._eps(x, t_S[i], cond_NW, cfg_scale, cond_uncond_NW)
+            x0_pred = (x - math.sqrt(1 - abar_S[i]) * eps) / math.sqrt(abar_S[i])
+            mean = float(c0_S[i]) * x0_pred + float(ct_S[i]) * x  # (N, C)
+            std = temperature * float(std_S[i])
+            if k < S - 1:
+                # isotropic Gaussian step: log-det term is C * log(std) per row
+                sum_log_std = sum_log_std + (x.shape[1] * math.log(std) if std > 0 else -math.inf)
+                x = mean + std * noises_SNC[k]
+        std_last = torch.full((x.shape[0], 1), std, dtype=x.dtype, device=x.device)
+        return {
+            "x0": mean + std_last * noises_SNC[-1],
+            "mean_last": mean,
+            "std_last": std_last,
+            "sum_log_std": sum_log_std,
+        }
+
+    @torch.no_grad()
+    def sample(self, cond_NW, generator, num_steps=None, temperature=1.0, cfg_scale=1.0, cond_uncond_NW=None):
+        """Respaced ancestral sampling; noise order as in the module docstring."""
+        S = int(num_steps or self.num_sampling_steps)
+        shape = (cond_NW.shape[0], self.token_dim)
+        kw = {"generator": generator, "device": cond_NW.device, "dtype": cond_NW.dtype}
+        x_T = torch.randn(shape, **kw)
+        noises = torch.stack([torch.randn(shape, **kw) for _ in range(S)])  # (S, N, C)
+        out = self.reverse_trajectory(cond_NW, x_T, noises, temperature, cfg_scale, cond_uncond_NW)
+        return out["x0"]
+
+
+@HEADS.register("mar_diffusion", DiffusionHeadConfig)
+def build_diffusion_head(cfg, token_dim: int, cond_dim: int) -> DiffusionHead:
+    return DiffusionHead(DiffusionHeadConfig(**dict(cfg)), token_dim, cond_dim)
