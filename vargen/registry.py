@@ -20,6 +20,7 @@ _COMPONENT_MODULES = (
     "vargen.data",
     "vargen.tokenizers",
     "vargen.models",
+    "vargen.heads",
     "vargen.sampling",
     "vargen.eval",
     "vargen.train.tasks",
