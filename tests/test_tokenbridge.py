@@ -127,7 +127,7 @@ def test_head_sampling_is_seeded_and_uses_order_inverse():
     assert torch.equal(a, b) and a.shape == (4, 6) and a.max() < 16
 
 
-def test_head_learns_a_conditional_distribution():
+def test_head_learns_a_conditional_distribution(one_thread):
     """Trained on q_c = f(z) with channel 0 a deterministic copy of channel 3, the head fits it."""
     torch.manual_seed(0)
     head = DimwiseARHead(
