@@ -36,8 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vargen.models.blocks import KVCache, attention
-
 
 @dataclass
 class DimwiseHeadConfig:
@@ -71,16 +69,21 @@ class _CausalAdaLNBlock(nn.Module):
         nn.init.zeros_(self.ada[1].weight)  # adaLN-Zero: the block starts as the identity
         nn.init.zeros_(self.ada[1].bias)
 
-    def forward(self, x_MTD, cond_MTD, cache: KVCache | None, layer: int):
+    def forward(self, x_MTD, cond_MTD, cache: list | None, layer: int):
         M, T, D = x_MTD.shape
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(cond_MTD).chunk(6, dim=-1)  # 6x (M, T, D)
         h = _modulate(self.norm1(x_MTD), sh1, sc1)
         q, k, v = self.qkv(h).view(M, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (M, H, T, d)
         if cache is not None:  # one new position attends to all cached (earlier) ones: causal
-            k, v = cache.append(layer, k, v)
-            y = attention(q, k, v)
+            if len(cache) > layer:
+                k = torch.cat([cache[layer][0], k], dim=2)  # (M, H, S, d)
+                v = torch.cat([cache[layer][1], v], dim=2)
+                cache[layer] = (k, v)
+            else:
+                cache.append((k, v))
+            y = F.scaled_dot_product_attention(q, k, v)
         else:
-            y = attention(q, k, v, causal=True)  # (M, H, T, d)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (M, H, T, d)
         x_MTD = x_MTD + g1 * self.proj(y.transpose(1, 2).reshape(M, T, D))
         return x_MTD + g2 * self.mlp(_modulate(self.norm2(x_MTD), sh2, sc2))  # (M, T, D)
 
@@ -154,8 +157,7 @@ class DimwiseARHead(nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         M, C = z_MZ.shape[0], self.C
-        cfg = self.cfg
-        cache = KVCache(cfg.depth, M, cfg.heads, C, cfg.width // cfg.heads, z_MZ.device, z_MZ.dtype)
+        cache: list = []  # per layer (K, V), (M, H, k, d) after k channel steps
         cond_all = self.z_cond(z_MZ)[:, None] + self.cond_pos  # (M, C, D)
         x = (self.z_in(z_MZ) + self.pos[0])[:, None]  # (M, 1, D)
         out = torch.empty(M, C, dtype=torch.long, device=z_MZ.device)
@@ -164,7 +166,6 @@ class DimwiseARHead(nn.Module):
             h = x
             for layer, blk in enumerate(self.blocks):
                 h = blk(h, cond, cache, layer)
-            cache.advance(1)
             probs = torch.softmax(self._logits(h, cond, k)[:, 0].float() / temperature, dim=-1)  # (M, B)
             level = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (M,)
             out[:, k] = level

@@ -1,7 +1,7 @@
 """Samplers: each takes a model, a condition and an explicit torch.Generator, and returns
 tokens plus a stats record (forwards, tokens, acceptance, seconds)."""
 
-from vargen.sampling import ar_decode, tarflow_sampling, tts_var, var_decode  # noqa: F401  (register)
+from vargen.sampling import ar_decode, tarflow_sampling, tokenbridge_decode, tts_var, var_decode  # noqa: F401
 from vargen.sampling.ar_decode import new_stats, sample_ar
 from vargen.sampling.tarflow_sampling import sample_tarflow
 from vargen.sampling.var_decode import sample_var
