@@ -217,3 +217,37 @@ def test_sampler_cache_matches_uncached_greedy_and_is_seeded():
     a, _ = sample_tokenbridge(model, labels, generator=torch.Generator().manual_seed(4), cfg_scale=2.0)
     b, _ = sample_tokenbridge(model, labels, generator=torch.Generator().manual_seed(4), cfg_scale=2.0)
     assert torch.equal(a, b)
+
+
+def test_pipeline_train_py_tasks_and_sampler(tmp_path, one_thread):
+    """kl -> tokenbridge (no training) -> tokenbridge_ar through the real tasks, then the sampler."""
+    from vargen.sampling.generate import default_sampler
+    from vargen.train.tasks import load_component, load_tokenizer_for, run
+
+    from .conftest import task_config
+
+    torch.manual_seed(0)
+    quiet = dict(log=lambda m: None)
+    kl_model = {"name": "kl", "hidden": [16, 32], "code_dim": 8}
+    run(task_config("tokenizer", tmp_path / "kl", dict(steps=30, batch_size=32), model=kl_model), **quiet)
+    tb_model = {"name": "tokenbridge", "kl_ckpt": str(tmp_path / "kl"), "levels": 16}
+    tok = run(task_config("tokenbridge", tmp_path / "tb", {}, model=tb_model), **quiet)
+    assert tok.tokens_spec["kind"] == "dim_ids"
+    gen_model = {"name": "tokenbridge_ar", "dim": 32, "depth": 1, "head_width": 32, "head_depth": 1}
+    gen_cfg = task_config(
+        "generator",
+        tmp_path / "gen",
+        dict(steps=10, batch_size=32),
+        tokenizer_ckpt=str(tmp_path / "tb"),
+        model=gen_model,
+    )
+    run(gen_cfg, **quiet)
+    model, cfg = load_component(str(tmp_path / "gen"))
+    assert model.cfg.vocab_size == 16 and model.cfg.code_dim == 8
+    tok = load_tokenizer_for(cfg)
+    ids, stats = sample_tokenbridge(
+        model, torch.arange(4), generator=torch.Generator().manual_seed(0), cfg_scale=2.0
+    )
+    images = tok.decode(ids)
+    assert images.shape == (4, 1, 16, 16) and stats["target_forwards"] == 16
+    assert default_sampler(str(tmp_path / "gen")) == "tokenbridge"

@@ -126,6 +126,8 @@ class DimQuantizer(nn.Module):
 class TokenBridgeConfig(DimQuantConfig):
     name: str = "tokenbridge"
     kl_ckpt: str = ""  # a trained "kl" tokenizer run dir or weights file
+    channels: int = 0  # filled from the dataset by the tokenizer task; must match the KL tokenizer's
+    resolution: int = 0
 
 
 class TokenBridgeTokenizer(nn.Module):
@@ -136,6 +138,10 @@ class TokenBridgeTokenizer(nn.Module):
         kl_spec = kl.tokens_spec
         if kl_spec["kind"] != "continuous":
             raise ValueError(f"tokenizer.kl_ckpt must hold a continuous tokenizer, got {kl_spec['kind']!r}")
+        for key in ("channels", "resolution"):
+            want, got = getattr(kl.cfg, key), getattr(cfg, key)
+            if got and got != want:
+                raise ValueError(f"tokenizer.{key}={got} differs from the KL tokenizer's {want}")
         self.cfg, self.kl = cfg, kl.eval().requires_grad_(False)
         self.quantizer = DimQuantizer(
             DimQuantConfig(**{k: getattr(cfg, k) for k in DimQuantConfig.__dataclass_fields__})
