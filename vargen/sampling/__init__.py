@@ -1,7 +1,15 @@
 """Samplers: each takes a model, a condition and an explicit torch.Generator, and returns
 tokens plus a stats record (forwards, tokens, acceptance, seconds)."""
 
-from vargen.sampling import ar_decode, jacobi, speculative, tarflow_sampling, tts_var, var_decode  # noqa: F401  (register)  # noqa: F401  (register)
+from vargen.sampling import (  # noqa: F401  (register)
+    ar_decode,
+    jacobi,
+    speculative,
+    tarflow_sampling,
+    tokenbridge_decode,
+    tts_var,
+    var_decode,
+)
 from vargen.sampling.ar_decode import new_stats, sample_ar
 from vargen.sampling.tarflow_sampling import sample_tarflow
 from vargen.sampling.var_decode import sample_var

@@ -6,6 +6,7 @@ Importing this package registers every tokenizer in ``vargen.registry.TOKENIZERS
 """
 
 from vargen.tokenizers.kl import KLConfig, KLTokenizer, build_kl  # registers "kl"
+from vargen.tokenizers.tokenbridge import DimQuantConfig, DimQuantizer, build_tokenbridge  # "tokenbridge"
 from vargen.tokenizers.vat import VATConfig, VATokenizer, build_vat  # registers "vat"
 from vargen.tokenizers.vq import VQConfig, VQTokenizer, build_vq  # registers "vq"
 
@@ -13,6 +14,9 @@ __all__ = [
     "KLConfig",
     "KLTokenizer",
     "build_kl",
+    "DimQuantConfig",
+    "DimQuantizer",
+    "build_tokenbridge",
     "VATConfig",
     "VATokenizer",
     "VQConfig",

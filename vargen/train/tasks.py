@@ -225,4 +225,25 @@ def run(cfg, log=print):
         D.teardown()
 
 
+@dataclass
+class TokenBridgeRun(RunConfig):
+    task: str = "tokenbridge"
+    model: dict = component("TOKENIZERS", {"name": "tokenbridge"})
+
+
+@TASKS.register("tokenbridge", TokenBridgeRun)
+def run_tokenbridge(cfg, log=print):
+    """Wrap a trained KL tokenizer with TokenBridge's training-free quantizer and save it (no training)."""
+    from vargen.config import to_plain
+    from vargen.train.checkpoint import WEIGHTS, save_weights
+
+    data = build_dataset(cfg.data)
+    cfg.model.channels, cfg.model.resolution = data.channels, data.resolution
+    tok = _model_registry(TokenBridgeRun).build(cfg.model)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    save_weights(os.path.join(cfg.out_dir, WEIGHTS), tok, to_plain(cfg), 0, cfg.task)
+    _write_eval(cfg, _tokenizer_eval(tok, data.heldout_images, _device(cfg)), log)
+    return tok
+
+
 __all__ = ["load_component", "load_tokenizer_for", "run"]
