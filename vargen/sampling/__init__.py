@@ -3,9 +3,11 @@ tokens plus a stats record (forwards, tokens, acceptance, seconds)."""
 
 from vargen.sampling import (  # noqa: F401  (register)
     ar_decode,
+    ctf_decode,
     jacobi,
     speculative,
     tarflow_sampling,
+    token_shuffle_decode,
     tokenbridge_decode,
     tts_var,
     var_decode,

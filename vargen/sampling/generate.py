@@ -47,7 +47,14 @@ def class_labels(num: int, num_classes: int, classes: list[int]) -> torch.Tensor
 
 
 # The sampler a generator model uses when the sample config names none.
-DEFAULT_SAMPLER = {"llamagen": "ar", "tarflow": "tarflow", "var": "var", "tokenbridge_ar": "tokenbridge"}
+DEFAULT_SAMPLER = {
+    "llamagen": "ar",
+    "tarflow": "tarflow",
+    "var": "var",
+    "tokenbridge_ar": "tokenbridge",
+    "token_shuffle": "token_shuffle",
+    "ctf": "ctf",
+}
 GENERATOR_TASKS = ("generator", "pixel_generator")
 
 
