@@ -11,6 +11,7 @@ from vargen.sampling import (  # noqa: F401  (register)
     tokenbridge_decode,
     tts_var,
     var_decode,
+    xar_sampling,
 )
 from vargen.sampling.ar_decode import new_stats, sample_ar
 from vargen.sampling.tarflow_sampling import sample_tarflow

@@ -54,6 +54,7 @@ DEFAULT_SAMPLER = {
     "tokenbridge_ar": "tokenbridge",
     "token_shuffle": "token_shuffle",
     "ctf": "ctf",
+    "xar": "xar",
 }
 GENERATOR_TASKS = ("generator", "pixel_generator")
 

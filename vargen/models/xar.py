@@ -1,0 +1,201 @@
+"""xAR: next-X prediction over continuous tokens (Ren et al. 2025, arXiv:2502.20388; spec models.md 1).
+
+The KL tokenizer's latent (B, N, C) is grouped into entities (:mod:`vargen.models.entities`:
+token, k x k cell, subsample, scale or the whole image) and put in entity order, L positions.
+The backbone predicts one condition vector z per position of entity e from the class and the
+entities before e; a per-token head (``head:``, HEADS ``flow`` or ``mar_diffusion``) owns the
+loss and the sampler of p(x | z). One backbone forward per entity while sampling.
+
+Inputs. The positions of entity 0 carry a learned start embedding; the positions of entity
+e > 0 carry entity e - 1's tokens (for ``scale``, upsampled nearest to entity e's side, as VAR
+feeds the previous scale), projected to the width, plus a learned position embedding (entity
+order), an entity embedding and the embedding of the context's noise time. Attention is
+block-causal (bidirectional inside an entity, causal across), so entity e's conditions see
+entity e - 1's tokens and, through earlier positions, all before it. Blocks are VAR's
+AdaLN-Zero blocks conditioned on the class (:class:`vargen.models.var.AdaLNBlock`), which
+also gives the KV cache across entities.
+
+Noisy context learning (the paper's exposure-bias fix): in training every (sample, entity)
+gets its own time t ~ U(0, 1) and the context tokens are x_t = (1 - t) x + t eps, the head's
+own path, with t embedded; ``noisy_context: false`` feeds clean context (teacher forcing, the
+ablation). Sampling always feeds the clean generated entities with t = 0.
+
+Position embeddings are learned in entity order rather than RoPE permuted to entity order
+(the spec's choice): with at most 21 positions on digits both are exact position codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vargen.config import component
+from vargen.heads.diffusion import timestep_embedding
+from vargen.models.blocks import KVCache
+from vargen.models.entities import Entities
+from vargen.models.var import AdaLNBlock, modulate
+from vargen.registry import HEADS, MODELS
+
+
+@dataclass
+class XARConfig:
+    name: str = "xar"
+    grid: list[int] = field(default_factory=lambda: [0, 0])  # filled from the tokenizer
+    code_dim: int = 0  # C, filled from the tokenizer
+    num_classes: int = 0  # filled from the dataset
+    entity: str = "cell"  # token | cell | subsample | scale | image
+    cell: int = 2  # side of a cell entity
+    stride: int = 2  # subsample stride
+    entity_scales: list[int] = field(default_factory=lambda: [1, 2, 4])  # scale entity sides
+    dim: int = 64
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    class_dropout: float = 0.1
+    noisy_context: bool = True  # false = teacher forcing on clean context
+    head: dict = component("HEADS", {"name": "flow"})
+
+
+class XAR(nn.Module):
+    token_kind = "continuous"
+
+    def __init__(self, cfg: XARConfig):
+        super().__init__()
+        if min(cfg.grid) <= 0 or cfg.code_dim <= 0 or cfg.num_classes <= 0:
+            raise ValueError(
+                "xar needs grid, code_dim and num_classes (the generator task fills them from a "
+                f"continuous tokenizer such as kl); got {list(cfg.grid)}, {cfg.code_dim}, {cfg.num_classes}"
+            )
+        self.cfg = cfg
+        self.entities = Entities(cfg.entity, list(cfg.grid), cfg.cell, cfg.stride, list(cfg.entity_scales))
+        self.sizes = list(self.entities.sizes)  # n_e
+        self.starts = [0]
+        for n in self.sizes:
+            self.starts.append(self.starts[-1] + n)
+        self.num_entities, self.length = len(self.sizes), self.starts[-1]  # E, L
+        self.num_classes, self.null_class = cfg.num_classes, cfg.num_classes
+        C, D = cfg.dim, cfg.code_dim
+        self.cls_emb = nn.Embedding(cfg.num_classes + 1, C)  # last row: null class
+        self.start_1nC = nn.Parameter(torch.randn(1, self.sizes[0], C) * 0.02)
+        self.pos_1LC = nn.Parameter(torch.randn(1, self.length, C) * 0.02)
+        self.ent_emb = nn.Embedding(self.num_entities, C)
+        self.tok_in = nn.Linear(D, C)
+        self.time_in = nn.Sequential(nn.Linear(256, C), nn.SiLU(), nn.Linear(C, C))
+        self.blocks = nn.ModuleList(
+            AdaLNBlock(C, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth)
+        )
+        for blk in self.blocks:  # adaLN-Zero (DiT): every block starts as the identity
+            nn.init.zeros_(blk.ada[-1].weight)
+            nn.init.zeros_(blk.ada[-1].bias)
+        self.out_norm = nn.LayerNorm(C, elementwise_affine=False, eps=1e-6)
+        self.out_ada = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
+        nn.init.zeros_(self.out_ada[-1].weight)
+        nn.init.zeros_(self.out_ada[-1].bias)
+        self.head = HEADS.build(cfg.head, token_dim=D, cond_dim=C)
+        ent_L = self.entities.entity_index()  # (L,)
+        self.register_buffer("entity_L", ent_L, persistent=False)
+        self.register_buffer("mask_LL", ent_L[:, None] >= ent_L[None, :], persistent=False)
+
+    # ------------------------------------------------------------------ inputs
+    def context_for(self, e: int, prev_BnD: torch.Tensor) -> torch.Tensor:
+        """Entity e - 1's tokens laid out on entity e's positions: (B, n_e, D)."""
+        if self.cfg.entity != "scale":
+            return prev_BnD  # equal entity sizes
+        B, _, D = prev_BnD.shape
+        s_prev, s = self.cfg.entity_scales[e - 1], self.cfg.entity_scales[e]
+        img = prev_BnD.transpose(1, 2).reshape(B, D, s_prev, s_prev)
+        return F.interpolate(img, size=(s, s), mode="nearest").flatten(2).transpose(1, 2)  # (B, s*s, D)
+
+    def embed_entity(self, e: int, prev_BnD: torch.Tensor | None, t_B: torch.Tensor | None, B: int):
+        """Input embeddings (B, n_e, C) of entity e's positions; t_B is the context's noise time."""
+        a, b = self.starts[e], self.starts[e + 1]
+        if e == 0:
+            x = self.start_1nC.expand(B, -1, -1)
+        else:
+            x = self.tok_in(self.context_for(e, prev_BnD))  # (B, n_e, C)
+            t_emb = self.time_in(timestep_embedding(1000.0 * t_B, 256).to(x.dtype))  # (B, C)
+            x = x + t_emb[:, None]
+        return x + self.pos_1LC[:, a:b] + self.ent_emb(self.entity_L[a:b])  # (B, n_e, C)
+
+    def _run(self, x_BTC, cond_BC, cache: KVCache | None, mask_TS):
+        for i, blk in enumerate(self.blocks):
+            x_BTC = blk(x_BTC, cond_BC, cache, i, mask_TS)
+        if cache is not None:
+            cache.advance(x_BTC.shape[1])
+        shift, scale = self.out_ada(cond_BC).chunk(2, dim=-1)
+        return modulate(self.out_norm(x_BTC), shift, scale)  # (B, T, C): head conditions z
+
+    def conditions(self, ctx_BLD: torch.Tensor, t_BE: torch.Tensor, cond_B: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced conditions (B, L, C) from context tokens in entity order and their times."""
+        B = ctx_BLD.shape[0]
+        parts = [self.embed_entity(0, None, None, B)]
+        for e in range(1, self.num_entities):
+            prev = ctx_BLD[:, self.starts[e - 1] : self.starts[e]]
+            parts.append(self.embed_entity(e, prev, t_BE[:, e - 1], B))
+        return self._run(torch.cat(parts, dim=1), self.cls_emb(cond_B), None, self.mask_LL)
+
+    def entity_conditions(self, tokens_BNC: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+        """Head conditions (B, L, C) for every position in entity order, clean context (t = 0).
+
+        Entity e's conditions depend only on the class and entities < e. For ``entity: token``
+        L = N and position i is raster token i.
+        """
+        x_BLD = self.entities.clusterify(tokens_BNC)
+        t_BE = x_BLD.new_zeros(x_BLD.shape[0], self.num_entities)
+        return self.conditions(x_BLD, t_BE, labels_B)
+
+    # ------------------------------------------------------------------ sampling
+    def new_cache(self, batch: int) -> KVCache:
+        c, p = self.cfg, self.pos_1LC
+        return KVCache(c.depth, batch, c.heads, self.length, c.dim // c.heads, p.device, p.dtype)
+
+    def forward_entity(self, e: int, prev_BnD, cond_B: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Cached forward of entity e (entities < e already in ``cache``): conditions (B, n_e, C)."""
+        if cache.length != self.starts[e]:
+            raise ValueError(f"entity {e} needs a cache of length {self.starts[e]}, got {cache.length}")
+        B = cond_B.shape[0]
+        t_B = torch.zeros(B, device=cond_B.device)
+        return self._run(self.embed_entity(e, prev_BnD, t_B, B), self.cls_emb(cond_B), cache, None)
+
+    # ------------------------------------------------------------------ training
+    def context_times(self, B: int, device) -> torch.Tensor:
+        """(B, E) noise time of each context entity: U(0, 1) with noisy context, else 0."""
+        if self.cfg.noisy_context:
+            return torch.rand(B, self.num_entities, device=device)
+        return torch.zeros(B, self.num_entities, device=device)
+
+    def loss(self, tokens_BNC: torch.Tensor, labels_B: torch.Tensor) -> dict:
+        if self.training and self.cfg.class_dropout > 0:
+            drop = torch.rand(labels_B.shape, device=labels_B.device) < self.cfg.class_dropout
+            labels_B = torch.where(drop, torch.full_like(labels_B, self.null_class), labels_B)
+        x_BLD = self.entities.clusterify(tokens_BNC)
+        t_BE = self.context_times(x_BLD.shape[0], x_BLD.device)
+        t_BL1 = t_BE[:, self.entity_L, None]  # (B, L, 1)
+        ctx_BLD = (1 - t_BL1) * x_BLD + t_BL1 * torch.randn_like(x_BLD)  # the head's own path
+        z_BLC = self.conditions(ctx_BLD, t_BE, labels_B)
+        loss = self.head.loss(x_BLD.flatten(0, 1), z_BLC.flatten(0, 1))
+        return {"loss": loss}
+
+
+def cfg_ramp(e: int, num_entities: int, w: float) -> float:
+    """Guidance of entity e: 1 at the first entity, w at the last, linear between (xAR).
+
+    A single entity (``image``) gets w: it is the last one, and the only one.
+    """
+    if num_entities == 1:
+        return w
+    return 1.0 + (w - 1.0) * e / (num_entities - 1)
+
+
+@MODELS.register("xar", XARConfig)
+def build_xar(cfg) -> XAR:
+    fields = dict(cfg)
+    fields["head"] = dict(fields.get("head") or {"name": "flow"})
+    return XAR(XARConfig(**fields))
+
+
+__all__ = ["XAR", "XARConfig", "cfg_ramp"]
