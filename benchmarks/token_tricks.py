@@ -1,62 +1,177 @@
-"""Issue 4 benchmark (partial: TokenBridge reconstruction only).
+#!/usr/bin/env python
+"""Issue 4 side by side on digits: TokenBridge, coarse-to-fine labels (CTF) and Token-Shuffle
+against the spine's VQ + next-token model.
 
     python benchmarks/token_tricks.py [--quick]
 
-Trains the digits KL tokenizer (configs/digits_kl.yaml settings; --quick: 200 steps) into a
-temp dir, then reports held-out reconstruction MSE of the continuous latent (`kl.recon_mse`) and
-of TokenBridge's quantized latent at B = 16, 32, 64 levels (`tokenbridge.recon_mse.{B}`), plus
-the latent quantization error. CTF, Token-Shuffle and the generation FIDs are not built yet.
+Trains (or resumes) with the shipped configs into runs/bench_token_tricks_{quick,full}: the KL
+tokenizer, TokenBridge's wrapper of it (no training), the VQ tokenizer, and four generators for
+the same number of steps and batch size (next-token `llamagen` on VQ ids, `ctf` and
+`token_shuffle` on the same VQ ids, `tokenbridge_ar` on TokenBridge's per-dimension ids).
+Reports:
+
+- held-out reconstruction MSE of the continuous latent and of TokenBridge's quantized latent
+  at 16 / 32 / 64 levels per dimension;
+- FID (mean and std over 3 sampling seeds, classifier features, vs the held-out split) of
+  every generator at the same guidance scale, and its forwards per image (NFE);
+- CTF: the sampling-time ratio CTF / next-token (same batch, same run) and the held-out
+  stage-1 cross-entropy (over K coarse labels) next to the next-token model's (over V ids);
+- Token-Shuffle: transformer positions s=1 / s=2 and the train-step time s=1 / s=2 of the same
+  architecture (window 1 vs window 2, forward + backward on one batch).
+
+Writes benchmarks/results/token_tricks.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import sys
-import tempfile
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import meta, print_table, write_results  # noqa: E402
 
-from vargen.config import load_run_config  # noqa: E402
-from vargen.data import build_dataset  # noqa: E402
-from vargen.tokenizers.tokenbridge import DimQuantConfig, DimQuantizer  # noqa: E402
-from vargen.train.tasks import run  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GENERATORS = {  # result key -> (config, tokenizer run)
+    "ar": ("digits_ar", "vq"),
+    "ctf": ("digits_ctf", "vq"),
+    "token_shuffle": ("digits_token_shuffle", "vq"),
+    "tokenbridge": ("digits_tokenbridge_ar", "tokenbridge"),
+}
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
+def train(name: str, out: str, quick: bool, extra=()):
+    from vargen.config import load_run_config
+    from vargen.train.tasks import run
+
+    over = [f"out_dir={out}", "train.progress=false", *extra]
+    if quick:
+        over += ["train.steps=300", "train.eval_every=0"]
+    cfg = load_run_config(os.path.join(ROOT, "configs", f"{name}.yaml"), over)
+    if cfg.task != "tokenbridge":  # the wrapper has nothing to train or resume
+        cfg.train.resume = True
+    return run(cfg, log=print)
+
+
+@torch.no_grad()
+def recon(kl, images) -> dict:
+    from vargen.tokenizers.tokenbridge import DimQuantConfig, DimQuantizer
+
+    z = kl.encode(images)  # (B, N, D) normalised tokens
+    out = {"kl.recon_mse": torch.nn.functional.mse_loss(kl.decode(z), images).item()}
+    for levels in (16, 32, 64):
+        q = DimQuantizer(DimQuantConfig(levels=levels))
+        zq = q.dequantize(q.quantize(z))
+        out[f"tokenbridge.recon_mse.{levels}"] = torch.nn.functional.mse_loss(kl.decode(zq), images).item()
+        out[f"tokenbridge.latent_abs_err.{levels}"] = (z - zq).abs().mean().item()
+    return out
+
+
+def train_step_seconds(model, ids_BN, labels_B, steps: int) -> float:
+    """Seconds per forward + backward of ``model.loss`` on one batch (after one warm-up step)."""
+    model.train()
+    for i in range(steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        model.loss(ids_BN, labels_B)["loss"].backward()
+    return (time.perf_counter() - t0) / steps
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="300-step models and 200 samples per seed")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    args = p.parse_args(argv)
     torch.set_num_threads(1)
-    steps = 200 if args.quick else 800
-    out = tempfile.mkdtemp(prefix="bench_token_tricks_")
-    cfg = load_run_config(
-        os.path.join(ROOT, "configs", "digits_kl.yaml"),
-        [f"out_dir={out}/kl", f"train.steps={steps}", "train.progress=false", "train.log_every=100000"],
+    from vargen.data import build_dataset
+    from vargen.eval import FIDEvaluator
+    from vargen.registry import MODELS, SAMPLERS
+    from vargen.sampling.generate import DEFAULT_SAMPLER, class_labels, generate
+    from vargen.train.tasks import encode_all, load_component, load_tokenizer_for
+
+    root = os.path.join(ROOT, "runs", f"bench_token_tricks_{'quick' if args.quick else 'full'}")
+    kl = train("digits_kl", os.path.join(root, "kl"), args.quick).eval()
+    train("digits_tokenbridge", os.path.join(root, "tokenbridge"), args.quick, [f"model.kl_ckpt={root}/kl"])
+    train("digits_vq", os.path.join(root, "vq"), args.quick)
+    runs = {}
+    for key, (config, tok_run) in GENERATORS.items():
+        out = os.path.join(root, config)
+        train(config, out, args.quick, [f"tokenizer_ckpt={root}/{tok_run}"])
+        model, cfg = load_component(out)
+        evals = json.load(open(os.path.join(out, "eval.json")))
+        runs[key] = (model.eval(), load_tokenizer_for(cfg), evals, dict(cfg.model))
+
+    data = build_dataset(dict(cfg.data))
+    flat = recon(kl, data.heldout_images)
+
+    evaluator = FIDEvaluator.for_dataset(dict(cfg.data), split="heldout")
+    n, seeds, batch = (200 if args.quick else 1000), [0, 1, 2], 250
+    labels = class_labels(n, data.num_classes, [])
+    fids = {k: [] for k in runs}
+    seconds = {k: 0.0 for k in runs}
+    forwards = {k: 0 for k in runs}
+    for seed in seeds:
+        for key, (model, tok, _, model_cfg) in runs.items():
+            name = DEFAULT_SAMPLER[model_cfg["name"]]
+            sampler = SAMPLERS.build({"name": name, "cfg_scale": args.cfg_scale})
+            g = torch.Generator().manual_seed(seed)
+            t0 = time.perf_counter()
+            images, _, stats = generate(model, tok, labels, sampler, g, batch)
+            seconds[key] += time.perf_counter() - t0
+            forwards[key] += stats["target_forwards"]
+            fids[key].append(evaluator.score(images))
+    batches = len(seeds) * -(-n // batch)
+    for key in runs:
+        flat[f"{key}.fid_mean"] = statistics.mean(fids[key])
+        flat[f"{key}.fid_std"] = statistics.stdev(fids[key])
+        flat[f"{key}.nfe"] = forwards[key] / batches
+        flat[f"{key}.sample_seconds"] = seconds[key]
+
+    flat["ctf.sample_time_ratio"] = seconds["ctf"] / seconds["ar"]
+    flat["ctf.stage1_loss"] = runs["ctf"][2]["heldout_stage1_loss"]  # CE over K coarse labels
+    flat["ctf.stage2_loss"] = runs["ctf"][2]["heldout_stage2_loss"]
+    flat["ar.loss"] = runs["ar"][2]["heldout_loss"]  # CE over V ids
+
+    # Token-Shuffle's compute saving: the same architecture at window 1 (every id a position) and 2
+    ts, vq, _, ts_cfg = runs["token_shuffle"]
+    ids = encode_all(vq, data.train_images[:64], torch.device("cpu"))  # (64, N)
+    y = data.train_labels[:64]
+    torch.manual_seed(0)
+    s1 = MODELS.build({**ts_cfg, "window": 1})
+    step = {w: train_step_seconds(m, ids, y, 5 if args.quick else 20) for w, m in ((1, s1), (2, ts))}
+    flat["token_shuffle.tokens_ratio"] = s1.num_tokens / ts.num_tokens
+    flat["token_shuffle.train_step_ratio"] = step[1] / step[2]
+    flat["samples_per_seed"], flat["cfg_scale"] = n, args.cfg_scale
+
+    rows = [
+        {"latent": name, "recon_mse": flat[k]}
+        for name, k in [("continuous KL", "kl.recon_mse")]
+        + [(f"TokenBridge B={b}", f"tokenbridge.recon_mse.{b}") for b in (16, 32, 64)]
+    ]
+    print_table(rows, ["latent", "recon_mse"])
+    rows = [
+        {
+            "generator": key,
+            "fid": f"{flat[key + '.fid_mean']:.2f} ± {flat[key + '.fid_std']:.2f}",
+            "nfe": flat[key + ".nfe"],
+            "sample_s": seconds[key],
+        }
+        for key in runs
+    ]
+    print_table(rows, ["generator", "fid", "nfe", "sample_s"])
+    print(
+        f"CTF sample time / AR: {flat['ctf.sample_time_ratio']:.2f}; held-out CE stage 1 "
+        f"{flat['ctf.stage1_loss']:.3f} (K labels) vs next-token {flat['ar.loss']:.3f} (V ids)\n"
+        f"Token-Shuffle s=2: positions / {flat['token_shuffle.tokens_ratio']:.0f}, "
+        f"train step {flat['token_shuffle.train_step_ratio']:.2f}x faster"
     )
-    kl = run(cfg, log=lambda m: None).eval()
-    data = build_dataset(cfg.data)
-    x = data.heldout_images
-    with torch.no_grad():
-        z = kl.encode(x)  # (B, N, D) normalised tokens
-        flat = {"kl.recon_mse": torch.nn.functional.mse_loss(kl.decode(z), x).item()}
-        rows = [{"latent": "continuous", "recon_mse": flat["kl.recon_mse"], "latent_abs_err": 0.0}]
-        for levels in (16, 32, 64):
-            q = DimQuantizer(DimQuantConfig(levels=levels))
-            zq = q.dequantize(q.quantize(z))
-            mse = torch.nn.functional.mse_loss(kl.decode(zq), x).item()
-            flat[f"tokenbridge.recon_mse.{levels}"] = mse
-            flat[f"tokenbridge.latent_abs_err.{levels}"] = (z - zq).abs().mean().item()
-            rows.append(
-                {"latent": f"B={levels}", "recon_mse": mse, "latent_abs_err": (z - zq).abs().mean().item()}
-            )
-    print_table(rows, ["latent", "recon_mse", "latent_abs_err"])
-    print("wrote", write_results("token_tricks", flat, meta(args.quick, [0])))
+    print("wrote", write_results("token_tricks", flat, meta(args.quick, seeds)))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from vargen.registry import SAMPLERS
-from vargen.sampling.ar_decode import sample_ar
+from vargen.sampling.ar_decode import keyword_sampler, sample_ar
 from vargen_kernels.logits_warper import warp_and_sample
 
 
@@ -25,8 +25,21 @@ class CTFSamplerConfig:
 
 @torch.no_grad()
 def sample_ctf(
-    model, cond_B, *, generator, cfg_scale=1.0, temperature=1.0, fine_temperature=1.0, fine_top_k=0
+    model,
+    cond_B,
+    *,
+    generator,
+    cfg_scale=1.0,
+    temperature=1.0,
+    fine_temperature=1.0,
+    fine_top_k=0,
+    progress=False,
 ):
+    """Stage 1 (coarse labels, next-token with CFG) then one stage-2 pass for the fine ids.
+
+    Returns (ids_BN, stats); stats count stage-1 forwards plus the one stage-2 forward.
+    ``progress`` is accepted for the sampler protocol; there is no bar.
+    """
     t0 = time.perf_counter()
     coarse_BN, stats = sample_ar(
         model.stage1, cond_B, generator=generator, cfg_scale=cfg_scale, temperature=temperature
@@ -45,9 +58,4 @@ def sample_ctf(
 
 @SAMPLERS.register("ctf", CTFSamplerConfig)
 def build_ctf_sampler(cfg):
-    kw = {k: v for k, v in dict(cfg).items() if k != "name"}
-
-    def run(model, cond_B, generator, progress=False):
-        return sample_ctf(model, cond_B, generator=generator, **kw)
-
-    return run
+    return keyword_sampler(sample_ctf, cfg)

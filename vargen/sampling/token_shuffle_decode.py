@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from vargen.registry import SAMPLERS
-from vargen.sampling.ar_decode import new_stats
+from vargen.sampling.ar_decode import keyword_sampler, new_stats
 from vargen_kernels.logits_warper import warp_and_sample
 
 
@@ -70,9 +70,4 @@ def sample_token_shuffle(
 
 @SAMPLERS.register("token_shuffle", TokenShuffleSamplerConfig)
 def build_token_shuffle_sampler(cfg):
-    kw = {k: v for k, v in dict(cfg).items() if k != "name"}
-
-    def run(model, cond_B, generator, progress=False):
-        return sample_token_shuffle(model, cond_B, generator=generator, progress=progress, **kw)
-
-    return run
+    return keyword_sampler(sample_token_shuffle, cfg)

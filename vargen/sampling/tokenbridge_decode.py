@@ -17,7 +17,7 @@ import torch
 
 from vargen.heads.dimwise import guide_features
 from vargen.registry import SAMPLERS
-from vargen.sampling.ar_decode import new_stats
+from vargen.sampling.ar_decode import keyword_sampler, new_stats
 
 
 @dataclass
@@ -28,7 +28,9 @@ class TokenBridgeSamplerConfig:
 
 
 @torch.no_grad()
-def sample_tokenbridge(model, cond_B, *, generator, cfg_scale: float = 1.0, temperature: float = 1.0):
+def sample_tokenbridge(
+    model, cond_B, *, generator, cfg_scale: float = 1.0, temperature: float = 1.0, progress: bool = False
+):
     """Draw per-dimension ids (B, N, C) for class labels ``cond_B``; returns (ids_BNC, stats)."""
     t0 = time.perf_counter()
     B, N, C = cond_B.shape[0], model.num_tokens, model.cfg.code_dim
@@ -57,10 +59,4 @@ def sample_tokenbridge(model, cond_B, *, generator, cfg_scale: float = 1.0, temp
 
 @SAMPLERS.register("tokenbridge", TokenBridgeSamplerConfig)
 def build_tokenbridge_sampler(cfg):
-    """A callable ``(model, cond_B, generator, progress) -> (ids, stats)`` for the config."""
-    kw = {k: v for k, v in dict(cfg).items() if k != "name"}
-
-    def run(model, cond_B, generator, progress=False):
-        return sample_tokenbridge(model, cond_B, generator=generator, **kw)
-
-    return run
+    return keyword_sampler(sample_tokenbridge, cfg)
