@@ -55,6 +55,8 @@ def test_entity_conditions_are_block_causal(kind):
         t2[:, j] = 0.7
         out = model.conditions(x, t2, y)
         torch.testing.assert_close(out[:, : model.starts[j + 1]], base[:, : model.starts[j + 1]])
+        if j + 1 < E:
+            assert (out[:, model.starts[j + 1] :] - base[:, model.starts[j + 1] :]).abs().amax() > 1e-4
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -110,6 +112,17 @@ def test_flow_head_starts_at_zero_velocity():
     head = FlowHead(FlowHeadConfig(width=16, depth=2), token_dim=3, cond_dim=8)
     v = head.velocity(torch.randn(6, 3), torch.rand(6), torch.randn(6, 8))
     assert torch.equal(v, torch.zeros(6, 3))
+
+
+def test_flow_loss_is_zero_for_the_oracle_velocity():
+    torch.manual_seed(0)
+    head = FlowHead(FlowHeadConfig(width=16, depth=1, batch_mul=2), token_dim=3, cond_dim=8)
+    x0, z = torch.randn(5, 3), torch.randn(5, 8)
+    rep = x0.repeat(2, 1)  # the loss repeats each pair batch_mul times
+    head.velocity = lambda x, t, c: (x - rep) / t[:, None]  # = eps - x0 on the linear path
+    assert head.loss(x0, z).item() < 1e-10
+    head.velocity = lambda x, t, c: (x - 0.9 * rep) / t[:, None]  # a slightly wrong oracle
+    assert head.loss(x0, z).item() > 1e-3
 
 
 def _gaussian_velocity(mu, s):
