@@ -11,6 +11,10 @@ Choices (documented deviations from the reference code, see the spec):
 - The **last reverse step is stochastic**: x0 = mean + tau * sigma * xi. ADM (and MAR's
   released sampler) return the mean at t = 0, which makes the density of x0 degenerate and
   breaks the continuous speculative-decoding ratio test (sampling-speculative spec).
+- The x0 prediction is clamped to [-clip_x0, clip_x0] (default 5: the tokens are normalised
+  per channel) before the posterior mean, as ADM's ``clip_denoised`` does for images. MAR does
+  not clip; without it an under-trained head's chain explodes (1/sqrt(abar_T) ~ 2e4 multiplies
+  the eps error at the first step). ``clip_x0: 0`` restores MAR's rule.
 - CFG mixes eps only, and both halves share the noise, so the chain is run on one x.
 
 Noise order of :meth:`DiffusionHead.sample` (documented because :meth:`reverse_trajectory`
@@ -38,6 +42,7 @@ class DiffusionHeadConfig:
     num_train_steps: int = 1000  # cosine schedule length T
     num_sampling_steps: int = 100  # respaced ancestral steps S
     diffusion_batch_mul: int = 4  # each (z, target) pair repeated with fresh t and eps
+    clip_x0: float = 5.0  # clamp the x0 prediction to [-clip_x0, clip_x0] while sampling; 0 = off (MAR)
 
 
 def cosine_alpha_bar(num_steps: int) -> torch.Tensor:
@@ -172,6 +177,8 @@ class DiffusionHead(nn.Module):
             i = S - 1 - k
             eps = self._eps(x, t_S[i], cond_NW, cfg_scale, cond_uncond_NW)
             x0_pred = (x - math.sqrt(1 - abar_S[i]) * eps) / math.sqrt(abar_S[i])
+            if self.cfg.clip_x0 > 0:  # near t = T, 1 / sqrt(abar) ~ 2e4 amplifies any eps error
+                x0_pred = x0_pred.clamp(-self.cfg.clip_x0, self.cfg.clip_x0)
             mean = float(c0_S[i]) * x0_pred + float(ct_S[i]) * x  # (N, C)
             std = temperature * float(std_S[i])
             if k < S - 1:

@@ -3,6 +3,7 @@ tokens plus a stats record (forwards, tokens, acceptance, seconds)."""
 
 from vargen.sampling import (  # noqa: F401  (register)
     ar_decode,
+    cspd_sampler,
     ctf_decode,
     jacobi,
     speculative,
