@@ -1,4 +1,5 @@
-"""Shared helpers for benchmark scripts: results JSON with a meta entry, table printing."""
+"""Shared helpers for benchmark scripts: training a shipped config, results JSON with a meta entry,
+table printing."""
 
 from __future__ import annotations
 
@@ -9,7 +10,23 @@ import platform
 
 import torch
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def train(config: str, out: str, quick: bool, extra=(), quick_steps: int = 300) -> str:
+    """Train (or resume) ``configs/<config>.yaml`` into ``out`` with overrides; returns ``out``.
+
+    ``quick`` caps the steps at ``quick_steps`` and turns off periodic evaluation.
+    """
+    from vargen.config import load_run_config
+    from vargen.train.tasks import run
+
+    over = [f"out_dir={out}", "train.resume=true", "train.progress=false", *extra]
+    if quick:
+        over += [f"train.steps={quick_steps}", "train.eval_every=0"]
+    run(load_run_config(os.path.join(ROOT, "configs", f"{config}.yaml"), over), log=print)
+    return out
 
 
 def meta(quick: bool, seeds, device: str = "cpu") -> dict:

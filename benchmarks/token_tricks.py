@@ -34,28 +34,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import meta, print_table, write_results  # noqa: E402
+from common import ROOT, meta, print_table, train, write_results  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATORS = {  # result key -> (config, tokenizer run)
     "ar": ("digits_ar", "vq"),
     "ctf": ("digits_ctf", "vq"),
     "token_shuffle": ("digits_token_shuffle", "vq"),
     "tokenbridge": ("digits_tokenbridge_ar", "tokenbridge"),
 }
-
-
-def train(name: str, out: str, quick: bool, extra=()):
-    from vargen.config import load_run_config
-    from vargen.train.tasks import run
-
-    over = [f"out_dir={out}", "train.progress=false", *extra]
-    if quick:
-        over += ["train.steps=300", "train.eval_every=0"]
-    cfg = load_run_config(os.path.join(ROOT, "configs", f"{name}.yaml"), over)
-    if cfg.task != "tokenbridge":  # the wrapper has nothing to train or resume
-        cfg.train.resume = True
-    return run(cfg, log=print)
 
 
 @torch.no_grad()
@@ -96,8 +82,11 @@ def main(argv=None):
     from vargen.train.tasks import encode_all, load_component, load_tokenizer_for
 
     root = os.path.join(ROOT, "runs", f"bench_token_tricks_{'quick' if args.quick else 'full'}")
-    kl = train("digits_kl", os.path.join(root, "kl"), args.quick).eval()
-    train("digits_tokenbridge", os.path.join(root, "tokenbridge"), args.quick, [f"model.kl_ckpt={root}/kl"])
+    kl = load_component(train("digits_kl", os.path.join(root, "kl"), args.quick))[0]
+    tb = os.path.join(root, "tokenbridge")
+    if not os.path.exists(os.path.join(tb, "model.safetensors")):  # no training: wrap once, since
+        # rewriting it would change the file its generator was trained on (its hash is checked)
+        train("digits_tokenbridge", tb, args.quick, [f"model.kl_ckpt={root}/kl"])
     train("digits_vq", os.path.join(root, "vq"), args.quick)
     runs = {}
     for key, (config, tok_run) in GENERATORS.items():

@@ -23,8 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import meta, print_table, write_results  # noqa: E402
-from vat import train  # noqa: E402
+from common import meta, print_table, train, write_results  # noqa: E402
 
 
 def main(argv=None):

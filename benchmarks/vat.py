@@ -27,20 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import meta, print_table, write_results  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def train(name: str, out: str, quick: bool, extra=()):
-    from vargen.config import load_run_config
-    from vargen.train.tasks import run
-
-    over = [f"out_dir={out}", "train.resume=true", "train.progress=false", *extra]
-    if quick:
-        over += ["train.steps=300", "train.eval_every=0"]
-    run(load_run_config(os.path.join(ROOT, "configs", f"{name}.yaml"), over), log=print)
-    return out
+from common import ROOT, meta, print_table, train, write_results  # noqa: E402
 
 
 @torch.no_grad()

@@ -22,9 +22,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import meta, print_table, write_results  # noqa: E402
+from common import ROOT, meta, print_table, train, write_results  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {  # result key -> overrides of configs/digits_xar.yaml
     "xar.token": ["model.entity=token"],
     "xar.cell": ["model.entity=cell"],
@@ -34,17 +33,6 @@ VARIANTS = {  # result key -> overrides of configs/digits_xar.yaml
     "xar.teacher_forcing": ["model.entity=cell", "model.noisy_context=false"],
     "mar_head": ["model.entity=token", "model.head.name=mar_diffusion", "model.head.num_sampling_steps=50"],
 }
-
-
-def train(name: str, out: str, quick: bool, extra=()):
-    from vargen.config import load_run_config
-    from vargen.train.tasks import run
-
-    over = [f"out_dir={out}", "train.resume=true", "train.progress=false", *extra]
-    if quick:
-        over += ["train.steps=300", "train.eval_every=0"]
-    run(load_run_config(os.path.join(ROOT, "configs", f"{name}.yaml"), over), log=print)
-    return out
 
 
 def main(argv=None):
