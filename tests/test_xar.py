@@ -73,6 +73,22 @@ def test_cached_entity_forwards_equal_full_recompute(kind):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_rope_positions_are_grid_positions_in_entity_order(kind):
+    model = _model(kind)
+    rows, cols = model.grid_positions()  # (L,) each
+    assert rows.shape == (model.length,)
+    pos = torch.stack([rows, cols], -1)[None].double()  # (1, L, 2)
+    raster = torch.stack(torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1).reshape(
+        1, 16, 2
+    )
+    if kind == "scale":  # the finest scale is the grid; a coarse cell sits at the centre of its block
+        torch.testing.assert_close(pos[:, -16:], raster.double())
+        torch.testing.assert_close(pos[0, 0], torch.tensor([1.5, 1.5], dtype=torch.float64))
+    else:  # unclusterify puts every position back on its own raster cell
+        torch.testing.assert_close(model.entities.unclusterify(pos), raster.double())
+
+
 def test_entity_conditions_of_raster_tokens_use_clean_context():
     model = _model("cell")
     tokens = torch.randn(2, 16, 3)

@@ -78,21 +78,31 @@ class SwiGLU(nn.Module):
         return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
-def rope_2d_table(grid_h: int, grid_w: int, head_dim: int, n_prefix: int = 1, base: float = 10000.0):
-    """cos/sin tables (n_prefix + h*w, head_dim/2) for 2D RoPE in raster order.
+def rope_2d_angles(rows_T: torch.Tensor, cols_T: torch.Tensor, head_dim: int, base: float = 10000.0):
+    """cos/sin tables (T, head_dim/2) for 2D RoPE at the given (row, col) of each position.
 
     Half of the rotated pairs carry row frequencies, half column frequencies (LlamaGen /
-    EVA style). Prefix tokens (the class token) get zero rotation: cos 1, sin 0.
+    EVA style). Coordinates may be fractional (a coarse scale's cell centres on the fine grid).
     """
     if head_dim % 4:
         raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
     quarter = head_dim // 4
     freqs = 1.0 / base ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (d/4,)
-    rows = torch.arange(grid_h, dtype=torch.float64)[:, None].expand(grid_h, grid_w).reshape(-1)
-    cols = torch.arange(grid_w, dtype=torch.float64)[None, :].expand(grid_h, grid_w).reshape(-1)
-    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)  # (h*w, d/2)
-    angles = torch.cat([torch.zeros(n_prefix, head_dim // 2, dtype=torch.float64), angles])
+    rows, cols = rows_T.double(), cols_T.double()
+    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)  # (T, d/2)
     return angles.cos().float(), angles.sin().float()
+
+
+def rope_2d_table(grid_h: int, grid_w: int, head_dim: int, n_prefix: int = 1, base: float = 10000.0):
+    """cos/sin tables (n_prefix + h*w, head_dim/2) for 2D RoPE in raster order.
+
+    Prefix tokens (the class token) get zero rotation: cos 1, sin 0.
+    """
+    rows = torch.arange(grid_h)[:, None].expand(grid_h, grid_w).reshape(-1)
+    cols = torch.arange(grid_w)[None, :].expand(grid_h, grid_w).reshape(-1)
+    cos, sin = rope_2d_angles(rows, cols, head_dim, base)  # raises on a bad head_dim
+    one, zero = torch.ones(n_prefix, head_dim // 2), torch.zeros(n_prefix, head_dim // 2)
+    return torch.cat([one, cos]), torch.cat([zero, sin])
 
 
 def apply_rope(x_BHTd, cos_Td2, sin_Td2):

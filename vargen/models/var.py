@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vargen.models.blocks import KVCache, attention
+from vargen.models.blocks import KVCache, apply_rope, attention
 from vargen.registry import MODELS
 
 
@@ -74,11 +74,14 @@ class AdaLNBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x_BTC, cond_BC, cache: KVCache | None, layer: int, mask_TS):
+    def forward(self, x_BTC, cond_BC, cache: KVCache | None, layer: int, mask_TS, rope=None):
+        """``rope`` = (cos, sin) tables (T, d/2) of these positions, or None (VAR: absolute embeddings)."""
         B, T, C = x_BTC.shape
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(cond_BC).chunk(6, dim=-1)  # 6x (B, C)
         h = modulate(self.norm1(x_BTC), sh1, sc1)  # (B, T, C)
         q, k, v = self.qkv(h).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x (B,H,T,d)
+        if rope is not None:  # rotate before caching: cached keys keep their own positions
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, H, S, d): earlier scales + this one
         y = attention(q, k, v, mask_TS=mask_TS)  # (B, H, T, d)

@@ -20,8 +20,10 @@ gets its own time t ~ U(0, 1) and the context tokens are x_t = (1 - t) x + t eps
 own path, with t embedded; ``noisy_context: false`` feeds clean context (teacher forcing, the
 ablation). Sampling always feeds the clean generated entities with t = 0.
 
-Position embeddings are learned in entity order rather than RoPE permuted to entity order
-(the spec's choice): with at most 21 positions on digits both are exact position codes.
+Positions: 2D RoPE at each position's place on the token grid, permuted to entity order (the
+raster (row, col) of the token a position predicts; for ``scale`` the centre of a coarse cell on
+the fine grid, so scales share one coordinate frame). Queries and keys are rotated before the KV
+cache, so cached keys keep their positions.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import nn
 
 from vargen.config import component
 from vargen.heads.diffusion import timestep_embedding
-from vargen.models.blocks import KVCache
+from vargen.models.blocks import KVCache, rope_2d_angles
 from vargen.models.entities import Entities
 from vargen.models.var import AdaLNBlock, modulate
 from vargen.registry import HEADS, MODELS
@@ -81,7 +83,6 @@ class XAR(nn.Module):
         C, D = cfg.dim, cfg.code_dim
         self.cls_emb = nn.Embedding(cfg.num_classes + 1, C)  # last row: null class
         self.start_1nC = nn.Parameter(torch.randn(1, self.sizes[0], C) * 0.02)
-        self.pos_1LC = nn.Parameter(torch.randn(1, self.length, C) * 0.02)
         self.ent_emb = nn.Embedding(self.num_entities, C)
         self.tok_in = nn.Linear(D, C)
         self.time_in = nn.Sequential(nn.Linear(256, C), nn.SiLU(), nn.Linear(C, C))
@@ -96,11 +97,28 @@ class XAR(nn.Module):
         nn.init.zeros_(self.out_ada[-1].weight)
         nn.init.zeros_(self.out_ada[-1].bias)
         self.head = HEADS.build(cfg.head, token_dim=D, cond_dim=C)
+        cos, sin = rope_2d_angles(*self.grid_positions(), C // cfg.heads)  # (L, d/2) each
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         ent_L = self.entities.entity_index()  # (L,)
         self.register_buffer("entity_L", ent_L, persistent=False)
         self.register_buffer("mask_LL", ent_L[:, None] >= ent_L[None, :], persistent=False)
 
     # ------------------------------------------------------------------ inputs
+    def grid_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, col) on the token grid of every position in entity order, (L,) each."""
+        h, w = self.cfg.grid
+        if self.cfg.entity != "scale":
+            raster = self.entities.perm  # entity-order position -> raster index
+            return (raster // w).float(), (raster % w).float()
+        rows, cols = [], []
+        for s in self.cfg.entity_scales:  # cell centres of an s x s map on the h x w grid
+            r = (torch.arange(s, dtype=torch.float64) + 0.5) * h / s - 0.5
+            c = (torch.arange(s, dtype=torch.float64) + 0.5) * w / s - 0.5
+            rows.append(r[:, None].expand(s, s).reshape(-1))
+            cols.append(c[None, :].expand(s, s).reshape(-1))
+        return torch.cat(rows), torch.cat(cols)
+
     def context_for(self, e: int, prev_BnD: torch.Tensor) -> torch.Tensor:
         """Entity e - 1's tokens laid out on entity e's positions: (B, n_e, D)."""
         if self.cfg.entity != "scale":
@@ -119,11 +137,13 @@ class XAR(nn.Module):
             x = self.tok_in(self.context_for(e, prev_BnD))  # (B, n_e, C)
             t_emb = self.time_in(timestep_embedding(1000.0 * t_B, 256).to(x.dtype))  # (B, C)
             x = x + t_emb[:, None]
-        return x + self.pos_1LC[:, a:b] + self.ent_emb(self.entity_L[a:b])  # (B, n_e, C)
+        return x + self.ent_emb(self.entity_L[a:b])  # (B, n_e, C); positions enter through RoPE
 
-    def _run(self, x_BTC, cond_BC, cache: KVCache | None, mask_TS):
+    def _run(self, x_BTC, cond_BC, cache: KVCache | None, mask_TS, start: int = 0):
+        T = x_BTC.shape[1]
+        rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, d/2) x 2
         for i, blk in enumerate(self.blocks):
-            x_BTC = blk(x_BTC, cond_BC, cache, i, mask_TS)
+            x_BTC = blk(x_BTC, cond_BC, cache, i, mask_TS, rope)
         if cache is not None:
             cache.advance(x_BTC.shape[1])
         shift, scale = self.out_ada(cond_BC).chunk(2, dim=-1)
@@ -150,7 +170,7 @@ class XAR(nn.Module):
 
     # ------------------------------------------------------------------ sampling
     def new_cache(self, batch: int) -> KVCache:
-        c, p = self.cfg, self.pos_1LC
+        c, p = self.cfg, self.start_1nC
         return KVCache(c.depth, batch, c.heads, self.length, c.dim // c.heads, p.device, p.dtype)
 
     def forward_entity(self, e: int, prev_BnD, cond_B: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -159,7 +179,8 @@ class XAR(nn.Module):
             raise ValueError(f"entity {e} needs a cache of length {self.starts[e]}, got {cache.length}")
         B = cond_B.shape[0]
         t_B = torch.zeros(B, device=cond_B.device)
-        return self._run(self.embed_entity(e, prev_BnD, t_B, B), self.cls_emb(cond_B), cache, None)
+        x = self.embed_entity(e, prev_BnD, t_B, B)
+        return self._run(x, self.cls_emb(cond_B), cache, None, start=self.starts[e])
 
     # ------------------------------------------------------------------ training
     def context_times(self, B: int, device) -> torch.Tensor:

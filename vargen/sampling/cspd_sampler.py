@@ -66,7 +66,7 @@ def sample_cspd(
 ):
     """Draw tokens (B, N, C) distributed as the target's own ``xar`` sampler (exact mode)."""
     t0 = time.perf_counter()
-    device = model.pos_1LC.device
+    device = model.start_1nC.device
     cond_B = cond_B.to(device)
     B, N, C = cond_B.shape[0], model.length, model.cfg.code_dim
     S = int(num_steps or model.head.num_sampling_steps)
@@ -130,7 +130,7 @@ def build_cspd(cfg):
         if "draft" not in loaded:
             from vargen.train.tasks import load_component
 
-            draft, _ = load_component(cfg["draft_ckpt"], model.pos_1LC.device)
+            draft, _ = load_component(cfg["draft_ckpt"], model.start_1nC.device)
             _check_pair(model, draft)
             loaded["draft"] = draft.eval()
         return sample_cspd(

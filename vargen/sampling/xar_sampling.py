@@ -36,7 +36,7 @@ class XARSamplerConfig:
 @torch.no_grad()
 def sample_xar(model, cond_B, *, generator, cfg_scale=1.0, temperature=1.0, num_steps=0, progress=False):
     t0 = time.perf_counter()
-    device = model.pos_1LC.device
+    device = model.start_1nC.device
     cond_B = cond_B.to(device)
     B, E = cond_B.shape[0], model.num_entities
     guided = cfg_scale != 1.0
