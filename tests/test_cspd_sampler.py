@@ -1,5 +1,6 @@
-"""CSpD on xAR models (entity token, MAR head): exact in distribution, full acceptance for an
-identical draft, ragged rows filled, seeded, and reachable from sample.py."""
+"""CSpD on xAR models (entity token, MAR head): exact in distribution (with and without
+guidance), full acceptance for an identical draft, ragged rows filled, seeded, and reachable from
+sample.py."""
 
 import numpy as np
 import pytest
@@ -27,10 +28,13 @@ def _xar(seed, dim=32):
 
 
 def _toy_batch(n, g):
-    """Three correlated 1-D tokens whose law depends on the class."""
+    """Three correlated 1-D tokens whose law depends on the class (also given the earlier tokens,
+    so guidance changes every token after the first)."""
     y = torch.randint(0, 2, (n,), generator=g)
-    a = torch.where(y == 0, 1.0, -1.0)[:, None] + 0.5 * torch.randn(n, 1, generator=g)
-    x = torch.stack([a, -a + 0.3 * torch.randn(n, 1, generator=g), 0.5 * a * a], 1)  # (n, 3, 1)
+    sign = torch.where(y == 0, 1.0, -1.0)[:, None]
+    a = sign + 0.5 * torch.randn(n, 1, generator=g)
+    x1 = -a + 0.5 * sign + 0.3 * torch.randn(n, 1, generator=g)
+    x = torch.stack([a, x1, 0.5 * a * a - 0.3 * sign], 1)  # (n, 3, 1)
     return x, y
 
 
@@ -61,12 +65,15 @@ def _draft_near(target, noise, seed=1):
     return draft
 
 
-def test_identical_draft_accepts_everything(target):
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_identical_draft_accepts_everything(target, cfg_scale):
     model = target
     y = torch.tensor([0, 1, 1, 0])
-    out, st = sample_cspd(model, model, y, generator=torch.Generator().manual_seed(0), gamma=2)
+    g = torch.Generator().manual_seed(0)
+    out, st = sample_cspd(model, model, y, generator=g, gamma=2, cfg_scale=cfg_scale)
     assert out.shape == (4, 3, 1) and st["acceptance"] == 1.0
     assert st["target_forwards"] == 1  # 3 tokens per row: 2 accepted drafts + the bonus token
+    assert st["positions_computed"] == (2 if cfg_scale != 1.0 else 1) * 4 * 3  # a CFG pair: one call
 
 
 def test_seeded_and_every_row_filled(target):
@@ -92,6 +99,24 @@ def test_cspd_matches_the_target_sampler_in_distribution(target, gamma):
     # and the test has power: the other class's samples are told apart
     own, _ = sample_xar(target, 1 - y, generator=torch.Generator().manual_seed(12))
     pv = [sps.ks_2samp(own[:, i, 0].numpy(), ref[:, i, 0].numpy()).pvalue for i in range(3)]
+    assert np.min(pv) < 1e-6
+
+
+def test_guided_cspd_matches_the_guided_target_sampler(target):
+    """With cfg_scale > 1 both chains are guided on xAR's ramp: CSpD is distributed as the
+    target's ``xar`` sampler with the same cfg_scale (two-sample KS on every token), and the KS
+    test tells that sampler apart from the one at another cfg_scale."""
+    draft = _draft_near(target, 1e-3)
+    n, w = 3000, 3.0
+    y = torch.zeros(n, dtype=torch.long)
+    ref, st_ref = sample_xar(target, y, generator=torch.Generator().manual_seed(20), cfg_scale=w)
+    out, st = sample_cspd(target, draft, y, generator=torch.Generator().manual_seed(21), gamma=3, cfg_scale=w)
+    assert 0.3 < st["acceptance"] < 0.9 and st["ar_unfilled"] == 0
+    assert st["target_forwards"] <= st_ref["target_forwards"] == 3  # a CFG pair is one call in both
+    for i in range(3):
+        assert sps.ks_2samp(out[:, i, 0].numpy(), ref[:, i, 0].numpy()).pvalue > 1e-3
+    other, _ = sample_xar(target, y, generator=torch.Generator().manual_seed(22), cfg_scale=1.0)
+    pv = [sps.ks_2samp(other[:, i, 0].numpy(), ref[:, i, 0].numpy()).pvalue for i in (1, 2)]
     assert np.min(pv) < 1e-6
 
 

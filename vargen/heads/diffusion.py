@@ -15,7 +15,9 @@ Choices (documented deviations from the reference code, see the spec):
   per channel) before the posterior mean, as ADM's ``clip_denoised`` does for images. MAR does
   not clip; without it an under-trained head's chain explodes (1/sqrt(abar_T) ~ 2e4 multiplies
   the eps error at the first step). ``clip_x0: 0`` restores MAR's rule.
-- CFG mixes eps only, and both halves share the noise, so the chain is run on one x.
+- CFG mixes eps only, and both halves share the noise, so the chain is run on one x. The
+  scale may differ per row (a (N,) tensor): xAR's ramp gives each position its own scale, and
+  CSpD runs positions at different places of the ramp in one chain.
 
 Noise order of :meth:`DiffusionHead.sample` (documented because :meth:`reverse_trajectory`
 must reproduce it): first x_T ~ N(0, I) of shape (N, C) from the generator, then one
@@ -151,14 +153,22 @@ class DiffusionHead(nn.Module):
         return F.mse_loss(self.net(x_t, t, cond), eps)
 
     def _eps(self, x_NC, t_int, cond_NW, cfg_scale, cond_uncond_NW):
+        """Guided eps: eps_u + w (eps_c - eps_u); w a float or a (N,) tensor (one scale per row).
+
+        Rows with w == 1 take eps_c itself, so a per-row scale equals per-row scalar calls.
+        """
         t_N = torch.full((x_NC.shape[0],), int(t_int), device=x_NC.device)
-        if cond_uncond_NW is None or cfg_scale == 1.0:
+        per_row = torch.is_tensor(cfg_scale)
+        if cond_uncond_NW is None or (not per_row and cfg_scale == 1.0):
             return self.net(x_NC, t_N, cond_NW)
         eps_2N = self.net(
             torch.cat([x_NC, x_NC]), torch.cat([t_N, t_N]), torch.cat([cond_NW, cond_uncond_NW])
         )
         eps_c, eps_u = eps_2N.chunk(2)
-        return eps_u + cfg_scale * (eps_c - eps_u)
+        if not per_row:
+            return eps_u + cfg_scale * (eps_c - eps_u)
+        w_N1 = cfg_scale.to(eps_c)[:, None]  # (N, 1)
+        return torch.where(w_N1 == 1.0, eps_c, eps_u + w_N1 * (eps_c - eps_u))  # (N, C)
 
     def reverse_trajectory(
         self, cond_NW, x_T_NC, noises_SNC, temperature=1.0, cfg_scale=1.0, cond_uncond_NW=None
@@ -168,9 +178,14 @@ class DiffusionHead(nn.Module):
         noises_SNC[k] is used at the k-th reverse step (k = 0 noisiest, S-1 last). The last
         step is stochastic: x0 = mean_last + std_last * noises_SNC[-1]; sum_log_std sums
         log(temperature * sigma) over the S-1 earlier steps and the C dims (-inf at temperature 0).
+        ``cfg_scale`` is a float or a (N,) tensor of per-row guidance scales (with
+        ``cond_uncond_NW``); under guidance ``mean_last`` is the guided mean, the mean of the
+        Gaussian the last step actually samples.
         """
         S = noises_SNC.shape[0]
         t_S, abar_S, c0_S, ct_S, std_S = self.schedule(S)
+        if torch.is_tensor(cfg_scale) and bool((cfg_scale == 1.0).all()):
+            cfg_scale = 1.0  # no guided row: the plain conditional chain
         x = x_T_NC
         sum_log_std = x.new_zeros(x.shape[0])
         for k in range(S):

@@ -14,9 +14,20 @@ tokenizer (the draft smaller). One iteration per batch:
 4. when every draft is accepted, a bonus token is sampled from the target head at the next position.
 
 Rows are ragged (each commits its own number of tokens); the backbones run by full recompute of
-``entity_conditions`` (one call per step serves every row at its own position). Guidance is not
-supported here (``cfg_scale`` must be 1): the xAR ramp gives each position its own scale and the
-head's chain takes one scale per call.
+``entity_conditions`` (one call per step serves every row at its own position).
+
+Guidance (``cfg_scale`` != 1) follows the plain ``xar`` sampler: token i gets the xAR ramp scale
+w_i = 1 + (cfg_scale - 1) i / (N - 1) (:func:`~vargen.models.xar.cfg_ramp`), the backbones run
+the conditional and the null-class rows as one batch of 2B rows, and the heads mix eps with each
+position's own w_i (a per-row scale tensor, since a block spans several ramp positions and rows sit
+at different positions). Draft and target chains are both guided, so the last-step Gaussians the
+ratio test compares are the guided ones, the densities of what each chain actually samples (spec
+3(a).4), and the output is distributed as ``xar`` with the same ``cfg_scale``.
+
+Stats: ``target_forwards`` / ``draft_forwards`` count backbone calls; a guided call on the 2B-row
+batch counts once, as in the ``xar`` sampler (and :func:`~vargen.sampling.ar_decode.new_stats`);
+``positions_computed`` counts the target's positions over calls (rows x N per full recompute,
+doubled rows under guidance).
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from vargen.models.xar import cfg_ramp
 from vargen.registry import SAMPLERS
 from vargen.sampling.ar_decode import new_stats
 from vargen.sampling.cspd import cspd_verify
@@ -41,7 +53,7 @@ class CSpDConfig:
     num_steps: int = 0  # head reverse steps for both heads; 0 = the target head's
     mode: str = "exact"  # exact (Sigma = 1) or paper (biased variance factor, opt-in)
     proposals: int = 16  # K proposals per row and round in the residual sampler
-    cfg_scale: float = 1.0  # must be 1 (see the module docstring)
+    cfg_scale: float = 1.0  # guidance at the last token; xAR's ramp from 1 at the first
 
 
 def _check_pair(model, draft):
@@ -50,26 +62,51 @@ def _check_pair(model, draft):
             raise ValueError(f"cspd needs xar models with entity token and head mar_diffusion ({who})")
     if draft.cfg.code_dim != model.cfg.code_dim or list(draft.cfg.grid) != list(model.cfg.grid):
         raise ValueError("sampler.draft_ckpt: draft and target must share the tokenizer")
+    if draft.num_classes != model.num_classes:  # the same labels and null class (guidance)
+        raise ValueError("sampler.draft_ckpt: draft and target must share the classes")
 
 
-def _trajectory(head, cond_BgW, x_T, noises, temperature) -> dict:
-    """The head's aligned chain on (B, g) positions, outputs reshaped to (B, g, ...)."""
+def _trajectory(head, cond_BgW, x_T, noises, temperature, w_Bg, uncond_BgW) -> dict:
+    """The head's aligned chain on (B, g) positions (guided by w_Bg), outputs reshaped to (B, g, ...)."""
     B, g, W = cond_BgW.shape
     z, x = cond_BgW.reshape(B * g, W), x_T.flatten(0, 1)
-    out = head.reverse_trajectory(z, x, noises.flatten(1, 2), temperature)
+    z_u = None if uncond_BgW is None else uncond_BgW.reshape(B * g, W)
+    w = w_Bg.flatten()  # (B g,) per-position scales
+    out = head.reverse_trajectory(z, x, noises.flatten(1, 2), temperature, w, z_u)
     return {k: v.reshape(B, g, *v.shape[1:]) for k, v in out.items()}
+
+
+def _conditions(model, tokens_BNC, cond_in, B):
+    """One backbone call: conditional and (under guidance) null-class conditions, (B, N, W) each."""
+    rows = cond_in.shape[0] // B  # 2 under guidance
+    z = model.entity_conditions(tokens_BNC.repeat(rows, 1, 1), cond_in)  # (rows B, N, W)
+    return z[:B], (z[B:] if rows == 2 else None)
 
 
 @torch.no_grad()
 def sample_cspd(
-    model, draft, cond_B, *, generator, gamma=4, temperature=1.0, num_steps=0, mode="exact", K=16
+    model,
+    draft,
+    cond_B,
+    *,
+    generator,
+    gamma=4,
+    temperature=1.0,
+    num_steps=0,
+    mode="exact",
+    K=16,
+    cfg_scale=1.0,
 ):
-    """Draw tokens (B, N, C) distributed as the target's own ``xar`` sampler (exact mode)."""
+    """Draw tokens (B, N, C) distributed as the target's own ``xar`` sampler with the same
+    ``cfg_scale`` (exact mode)."""
     t0 = time.perf_counter()
     device = model.start_1nC.device
     cond_B = cond_B.to(device)
     B, N, C = cond_B.shape[0], model.length, model.cfg.code_dim
     S = int(num_steps or model.head.num_sampling_steps)
+    guided = cfg_scale != 1.0
+    cond_in = torch.cat([cond_B, torch.full_like(cond_B, model.null_class)]) if guided else cond_B
+    ramp_N = torch.tensor([cfg_ramp(i, N, cfg_scale) for i in range(N)], device=device)  # (N,)
     rows = torch.arange(B, device=device)
     tokens = torch.zeros(B, N, C, device=device)  # committed prefix, then drafts
     len_B = torch.zeros(B, dtype=torch.long, device=device)
@@ -83,18 +120,25 @@ def sample_cspd(
         steps_q = []
         for k in range(g):  # draft proposals, one draft call each
             pos = (len_B + k).clamp(max=N - 1)
-            z = draft.entity_conditions(tokens, cond_B)[rows, pos]  # (B, W_q)
-            traj = draft.head.reverse_trajectory(z, x_T[:, k], noises[:, :, k], temperature)
+            z_c, z_u = _conditions(draft, tokens, cond_in, B)
+            z_u = None if z_u is None else z_u[rows, pos]  # (B, W_q)
+            traj = draft.head.reverse_trajectory(
+                z_c[rows, pos], x_T[:, k], noises[:, :, k], temperature, ramp_N[pos], z_u
+            )
             write = len_B + k < N
             tokens[rows[write], pos[write]] = traj["x0"][write]
             steps_q.append(traj)
             stats["draft_forwards"] += 1
         q = {key: torch.stack([t[key] for t in steps_q], 1) for key in steps_q[0]}  # (B, g, ...)
         pos_Bg = (len_B[:, None] + torch.arange(g + 1, device=device)).clamp(max=N - 1)  # (B, g+1)
-        z_p = model.entity_conditions(tokens, cond_B)  # (B, N, W): one target call
+        z_c, z_u = _conditions(model, tokens, cond_in, B)  # one target call
         stats["target_forwards"] += 1
-        z_p = z_p.gather(1, pos_Bg[..., None].expand(B, g + 1, z_p.shape[-1]))  # (B, g+1, W)
-        p = _trajectory(model.head, z_p[:, :g], x_T, noises, temperature)
+        stats["positions_computed"] += cond_in.shape[0] * N
+        z_p = z_c[rows[:, None], pos_Bg]  # (B, g+1, W)
+        z_pu = None if z_u is None else z_u[rows[:, None], pos_Bg]
+        w_Bg = ramp_N[pos_Bg]  # (B, g+1)
+        u_g = None if z_pu is None else z_pu[:, :g]
+        p = _trajectory(model.head, z_p[:, :g], x_T, noises, temperature, w_Bg[:, :g], u_g)
         n_B, resid_BC, vstats = cspd_verify(q, p, generator, mode=mode, K=K)
         room = N - len_B
         live = room > 0
@@ -106,7 +150,8 @@ def sample_cspd(
         stats["ar_unfilled"] += vstats["ar_unfilled"]
         # position len + n: the residual token after a rejection, a bonus token after g acceptances
         extra_pos = (len_B + n_B).clamp(max=N - 1)
-        bonus = model.head.sample(z_p[:, g], generator, S, temperature)  # (B, C)
+        bonus_u = None if z_pu is None else z_pu[:, g]
+        bonus = model.head.sample(z_p[:, g], generator, S, temperature, w_Bg[:, g], bonus_u)  # (B, C)
         extra = torch.where((n_B < g)[:, None], resid_BC, bonus)
         put = live & (len_B + n_B < N)
         tokens[rows[put], extra_pos[put]] = extra[put]
@@ -122,8 +167,6 @@ def build_cspd(cfg):
         raise ValueError("sampler.draft_ckpt must name a trained draft xar run for 'cspd'")
     if cfg["gamma"] < 1:
         raise ValueError(f"sampler.gamma must be >= 1, got {cfg['gamma']}")
-    if cfg["cfg_scale"] != 1.0:
-        raise ValueError("sampler.cfg_scale: cspd samples without guidance (1.0); see cspd_sampler.py")
     loaded = {}
 
     def run(model, cond_B, generator, progress=False):
@@ -143,6 +186,7 @@ def build_cspd(cfg):
             num_steps=cfg["num_steps"],
             mode=cfg["mode"],
             K=cfg["proposals"],
+            cfg_scale=cfg["cfg_scale"],
         )
 
     return run
