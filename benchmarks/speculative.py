@@ -8,7 +8,9 @@ decoding ("ar"), exact speculative sampling with the draft model ("sd"), specula
 decoding ("jacobi") and GSD ("gsd"). Per method: target forwards (NFE) and wall-clock ratios
 against the baseline, acceptance, and FID against the held-out split as mean and std over 3
 sampling seeds. ``gsd.tv_toy`` is GSD's lossiness TV(out, p) on a toy AR model (exact joint).
-CSpD needs the xAR + MAR-head backbone (issue 5), not merged here: no cspd entries.
+``cspd.*``: continuous speculative decoding on its own model family (xAR + MAR head on the KL
+tokenizer, benchmarks/cspd.py's models) against its own baseline, the ``xar`` sampler at the same
+``--cfg-scale`` (``cspd.baseline_*``).
 Writes benchmarks/results/speculative.json.
 """
 
@@ -45,6 +47,18 @@ def gsd_tv_on_toy(samples: int) -> float:
     code = ids[:, 0] * V**2 + ids[:, 1] * V + ids[:, 2]
     emp = torch.bincount(code, minlength=V**T).double() / samples
     return 0.5 * (emp - target.joint()).abs().sum().item()
+
+
+def cspd_entries(quick: bool, cfg_scale: float) -> tuple[dict, dict]:
+    """``cspd.*`` keys from benchmarks/cspd.py's :func:`run` (exact mode) and a table row."""
+    import cspd
+
+    r = cspd.run(quick, cfg_scale=cfg_scale, paper=False)
+    keys = ("nfe", "seconds", "nfe_ratio", "wall_ratio", "acceptance", "fid_mean", "fid_std")
+    res = {f"cspd.{k}": r[f"cspd.{k}"] for k in keys}
+    res.update({f"cspd.baseline_{k}": r[f"baseline.{k}"] for k in ("nfe", "seconds", "fid_mean", "fid_std")})
+    res["cspd.cfg_scale"] = cfg_scale
+    return res, {"method": "cspd", **{k: res[f"cspd.{k}"] for k in keys if k != "seconds"}}
 
 
 def main(argv=None):
@@ -98,6 +112,9 @@ def main(argv=None):
                 "fid_std": res[f"{m}.fid_std"],
             }
         )
+    cspd_res, cspd_row = cspd_entries(args.quick, args.cfg_scale)
+    res.update(cspd_res)
+    rows.append(cspd_row)
     res["gsd.tv_toy"] = gsd_tv_on_toy(20_000 if args.quick else 100_000)
     print_table(rows, ["method", "nfe", "nfe_ratio", "wall_ratio", "acceptance", "fid_mean", "fid_std"])
     print(f"gsd.tv_toy = {res['gsd.tv_toy']:.4f}")
