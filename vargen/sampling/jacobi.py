@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from vargen.registry import SAMPLERS
 from vargen.sampling.ar_decode import new_stats
 from vargen.sampling.speculative import (
+    WindowScorer,
     accept_and_correct,
     finish_stats,
     token_ratio,
     warp_kwargs,
-    window_probs,
     write_at,
 )
 
@@ -80,9 +80,11 @@ def partition_ratio(p_BgV, q_BgV, x_Bg, part_V):
 
 
 @torch.no_grad()
-def sample_jacobi(model, cond_B, *, generator, window=16, ratio_fn=token_ratio, **warp):
+def sample_jacobi(model, cond_B, *, generator, window=16, ratio_fn=token_ratio, use_cache=True, **warp):
     """SJD with window L = ``window`` (L-1 drafts + 1); ``ratio_fn(p, q, x)`` is the acceptance
-    ratio (token-level for SJD, a GSD group ratio for GSD). Returns (ids_BN, stats)."""
+    ratio (token-level for SJD, a GSD group ratio for GSD). ``use_cache``: KV-cached windows on
+    a ragged cache rolled back to each row's committed length (1b(a).5 "delete the rejected KV
+    entries"), else full prefix recompute; both draw the same tokens. Returns (ids_BN, stats)."""
     t0 = time.perf_counter()
     if window < 1:
         raise ValueError(f"sampler.window must be >= 1, got {window}")
@@ -93,17 +95,17 @@ def sample_jacobi(model, cond_B, *, generator, window=16, ratio_fn=token_ratio, 
     rand_ids = lambda: torch.randint(V, (B, g), generator=generator, device=generator.device).to(device)  # noqa: E731
     ids_BN = torch.zeros(B, N, dtype=torch.long, device=device)
     len_B = torch.zeros(B, dtype=torch.long, device=device)
-    win = torch.arange(window, device=device)
     draft_Bg = rand_ids()  # random initial tokens with one-hot q (1b(a) state)
     q_BgV = F.one_hot(draft_Bg, V).float()
     stats = new_stats()
+    scorer = WindowScorer(model, cond_B, warp, stats, use_cache, window)
     while True:
         active_B = len_B < N
         if not bool(active_B.any()):
             break
         for j in range(g):  # place drafts at positions len + j (a loop over window slots)
             write_at(ids_BN, len_B + j, draft_Bg[:, j], active_B & (len_B + j < N))
-        p_BWV = window_probs(model, ids_BN, cond_B, (len_B[:, None] + win).clamp(max=N - 1), warp)
+        p_BWV = scorer.window(ids_BN, len_B, window)  # inputs: last committed token + drafts
         stats["target_forwards"] += 1
         ratio_Bg = ratio_fn(p_BWV[:, :g], q_BgV, draft_Bg)
         n_B, z_B, y_BW, cap_B = accept_and_correct(p_BWV, q_BgV, draft_Bg, ratio_Bg, N - len_B, generator)
@@ -111,6 +113,7 @@ def sample_jacobi(model, cond_B, *, generator, window=16, ratio_fn=token_ratio, 
         stats["accepted"] += int((n_B * active_B).sum())
         stats["proposed"] += int((cap_B * active_B).sum())
         len_B = len_B + (n_B + 1) * active_B
+        scorer.commit(len_B)
         # Jacobi update (1b(a).5): slot j of the next window is window position n + 1 + j
         src_Bg = n_B[:, None] + 1 + torch.arange(g, device=device)
         has_Bg = src_Bg < window
@@ -126,6 +129,7 @@ def sample_jacobi(model, cond_B, *, generator, window=16, ratio_fn=token_ratio, 
 class SJDConfig:
     name: str = "sjd"
     window: int = 16  # L (reference max_num_new_tokens)
+    use_cache: bool = True  # False: recompute the whole prefix every call (baseline)
     cfg_scale: float = 1.0
     temperature: float = 1.0
     top_k: int = 0
@@ -139,6 +143,7 @@ class GSDConfig:
     group: int = 14  # G: ranking window around the draft (reference: sorted[r-7:r+7])
     delta: float = 0.15  # probability-gap filter (reference)
     dist: float = 0.5  # squared-L2 input-embedding filter (reference); <= 0 disables it
+    use_cache: bool = True
     cfg_scale: float = 1.0
     temperature: float = 1.0
     top_k: int = 0
@@ -157,7 +162,14 @@ def build_sjd(cfg):
 
     def run(model, cond_B, generator, progress=False):
         cond_B = cond_B.to(model.tok_emb.weight.device)
-        return sample_jacobi(model, cond_B, generator=generator, window=cfg["window"], **warp_kwargs(cfg))
+        return sample_jacobi(
+            model,
+            cond_B,
+            generator=generator,
+            window=cfg["window"],
+            use_cache=cfg["use_cache"],
+            **warp_kwargs(cfg),
+        )
 
     return run
 
@@ -177,7 +189,13 @@ def build_gsd(cfg):
             return gsd_ratio(p, q, x, cfg["group"], cfg["delta"], cfg["dist"], emb)
 
         return sample_jacobi(
-            model, cond_B, generator=generator, window=cfg["window"], ratio_fn=ratio, **warp_kwargs(cfg)
+            model,
+            cond_B,
+            generator=generator,
+            window=cfg["window"],
+            ratio_fn=ratio,
+            use_cache=cfg["use_cache"],
+            **warp_kwargs(cfg),
         )
 
     return run
