@@ -5,9 +5,9 @@ import itertools
 
 import pytest
 import torch
-from scipy.stats import chisquare
+from scipy.stats import chi2, chisquare
 
-from vargen.sampling.jacobi import gsd_ratio, partition_ratio, sample_jacobi
+from vargen.sampling.jacobi import exact_group_fns, gsd_ratio, partition_ratio, rank_partition, sample_jacobi
 from vargen.sampling.speculative import sample_speculative
 
 V, T, SAMPLES = 6, 3, 100_000
@@ -214,3 +214,43 @@ def test_group_acceptance_grows_with_nested_partitions():
     for a, b in zip(accs, accs[1:]):
         assert (b >= a - 1e-6).all()
     assert (accs[-1] > accs[0] + 0.05).all()
+
+
+def group_pvalue(ids_BN, target, group):
+    """Pooled chi-square of each emitted token's group (rank blocks of the target's p at that
+    prefix) against P'(. | prefix), over every prefix seen at least 500 times."""
+    stat, dof = 0.0, 0
+    prefix = torch.zeros(ids_BN.shape[0], dtype=torch.long)
+    for t in range(T):
+        p_tab = torch.softmax(target.tables[t].double(), -1)  # (V**t, V)
+        part = rank_partition(p_tab, group)  # (V**t, V) group ids < V + 1
+        P = torch.zeros(V**t, V + 1, dtype=torch.float64).scatter_add_(1, part, p_tab)
+        counts = torch.zeros_like(P).index_put_(
+            (prefix, part[prefix, ids_BN[:, t]]),
+            torch.ones(len(prefix), dtype=torch.float64),
+            accumulate=True,
+        )
+        assert counts[P == 0].sum() == 0  # a group of target mass 0 is never emitted
+        n = counts.sum(1, keepdim=True)
+        keep = (n >= 500) & (P > 0)
+        E = n * P
+        stat += ((counts - E).pow(2) / E)[keep].sum().item()
+        dof += int(keep.sum() - keep.any(1).sum())  # K - 1 per prefix
+        prefix = prefix * V + ids_BN[:, t]
+    return chi2.sf(stat, dof)
+
+
+def test_gsd_exact_groups_is_exact_at_group_level(toys):
+    """Spec 2(a) group-exact variant: the emitted group follows P' given the prefix; with the
+    same group test but the token-level residual (plain GSD) it visibly does not."""
+    target, _ = toys
+    ratio, residual = exact_group_fns(2)
+    kw = {"cond_B": COND, "window": 3, "use_cache": False, "ratio_fn": ratio}
+    ids, stats = sample_jacobi(target, generator=torch.Generator().manual_seed(4), residual_fn=residual, **kw)
+    assert group_pvalue(ids, target, 2) > 1e-3
+    ids_plain, _ = sample_jacobi(target, generator=torch.Generator().manual_seed(4), **kw)
+    assert group_pvalue(ids_plain, target, 2) < 1e-6
+    _, stats_sjd = sample_jacobi(
+        target, COND, generator=torch.Generator().manual_seed(4), use_cache=False, window=3
+    )
+    assert stats["acceptance"] > stats_sjd["acceptance"]  # Theorem 1: grouping accepts more

@@ -120,13 +120,21 @@ class WindowScorer:
             self.cache.rollback(len_B.repeat(len(self.cond_in) // len(len_B)))
 
 
-def accept_and_correct(p_BWV, q_BgV, x_Bg, ratio_Bg, room_B, generator):
+def token_residual(p_BV, q_BV):
+    """norm(max(0, p - q)) (1(a).4); p itself when the residual mass vanishes (1(a).5)."""
+    res = (p_BV - q_BV).clamp(min=0)
+    mass = res.sum(-1, keepdim=True)
+    return torch.where(mass > RESIDUAL_EPS, res / mass.clamp(min=RESIDUAL_EPS), p_BV)
+
+
+def accept_and_correct(p_BWV, q_BgV, x_Bg, ratio_Bg, room_B, generator, residual_fn=token_residual):
     """The verification step shared by SD, SJD and GSD, vectorised over batch and window.
 
     ``p_BWV`` holds the target at the g = W-1 draft positions plus the bonus one, ``ratio_Bg``
     the acceptance ratio of each draft (p(x)/q(x) for the exact samplers), ``room_B`` the tokens
-    a row still has to emit. Returns (n_B accepted drafts, z_B the token emitted after them,
-    y_BW one target sample per window position, cap_B drafts the row was allowed to accept).
+    a row still has to emit, ``residual_fn(p_BV, q_BV)`` the distribution a rejection resamples
+    from. Returns (n_B accepted drafts, z_B the token emitted after them, y_BW one target sample
+    per window position, cap_B drafts the row was allowed to accept).
     """
     B, W, V = p_BWV.shape
     g = W - 1
@@ -140,9 +148,7 @@ def accept_and_correct(p_BWV, q_BgV, x_Bg, ratio_Bg, room_B, generator):
     p_n = p_BWV.gather(1, n_B[:, None, None].expand(B, 1, V))[:, 0]  # (B, V)
     if g > 0:
         q_n = q_BgV.gather(1, n_B.clamp(max=g - 1)[:, None, None].expand(B, 1, V))[:, 0]  # (B, V)
-        res = (p_n - q_n).clamp(min=0)  # norm(max(0, p - q)), 1(a).4
-        mass = res.sum(-1, keepdim=True)
-        res = torch.where(mass > RESIDUAL_EPS, res / mass.clamp(min=RESIDUAL_EPS), p_n)
+        res = residual_fn(p_n, q_n)
     else:
         res = p_n
     z_res = sample_probs(res, generator)
