@@ -5,9 +5,14 @@
 
 Side by side in one run on the trained digits models (16 tokens per image): baseline KV-cached
 decoding ("ar"), exact speculative sampling with the draft model ("sd"), speculative Jacobi
-decoding ("jacobi") and GSD ("gsd"). Per method: target forwards (NFE) and wall-clock ratios
-against the baseline, acceptance, and FID against the held-out split as mean and std over 3
-sampling seeds. ``gsd.tv_toy`` is GSD's lossiness TV(out, p) on a toy AR model (exact joint).
+decoding ("jacobi"), GSD ("gsd") and GSD's group-exact variant ("gsd_exact"). Per method: target
+forwards (NFE) and wall-clock ratios against the baseline, acceptance, and FID against the
+held-out split as mean and std over 3 sampling seeds. The speculative samplers run KV-cached on
+a ragged cache (``<m>.wall_ratio``); each is run again with ``use_cache=false`` (full prefix
+recompute) for ``<m>.wall_ratio_nocache`` and ``<m>.same_tokens_nocache``, the fraction of
+images whose tokens the two variants drew identically from the same generator (float32: a
+rare argmax flip on a 1e-6 logit difference can change a row). ``gsd.tv_toy`` is GSD's
+lossiness TV(out, p) on a toy AR model (exact joint).
 CSpD needs the xAR + MAR-head backbone (issue 5), not merged here: no cspd entries.
 Writes benchmarks/results/speculative.json.
 """
@@ -66,41 +71,58 @@ def main(argv=None):
         "sd": {"name": "speculative", "draft_ckpt": args.draft, "gamma": 4, **warp},
         "jacobi": {"name": "sjd", "window": 16, **warp},
         "gsd": {"name": "gsd", "window": 16, **warp},
+        "gsd_exact": {"name": "gsd", "window": 16, "exact_groups": True, **warp},
     }
     labels = torch.arange(num) % model.num_classes
+
+    def run(scfg, seed, score):
+        g = torch.Generator().manual_seed(seed)
+        t0 = time.perf_counter()
+        images, ids, stats = generate(model, tokenizer, labels, SAMPLERS.build(scfg), g, batch_size=num)
+        secs = time.perf_counter() - t0
+        return secs, ids, stats, (fid.score(images) if score else None)
+
     res, rows = {}, []
     for m, scfg in methods.items():
-        sampler = SAMPLERS.build(scfg)
-        fids, secs, nfe, acc = [], 0.0, 0, []
+        fids, secs, secs_nc, nfe, acc, same = [], 0.0, 0.0, 0, [], []
         for seed in range(3):
-            g = torch.Generator().manual_seed(seed)
-            t0 = time.perf_counter()
-            images, _, stats = generate(model, tokenizer, labels, sampler, g, batch_size=num)
-            secs += time.perf_counter() - t0
+            t, ids, stats, f = run(scfg, seed, score=True)
+            secs += t
             nfe += stats["target_forwards"]
             acc.append(stats.get("acceptance", 1.0))
-            fids.append(fid.score(images))
+            fids.append(f)
+            if m != "baseline":
+                t, ids_nc, _, _ = run({**scfg, "use_cache": False}, seed, score=False)
+                secs_nc += t
+                same.append((ids == ids_nc).all(1).float().mean().item())
         f = torch.tensor(fids)
         res[f"{m}.nfe"], res[f"{m}.seconds"] = nfe / 3, secs / 3
         res[f"{m}.acceptance"] = sum(acc) / 3
         res[f"{m}.fid_mean"], res[f"{m}.fid_std"] = f.mean().item(), f.std().item()
+        if m != "baseline":
+            res[f"{m}.seconds_nocache"] = secs_nc / 3
+            res[f"{m}.same_tokens_nocache"] = sum(same) / 3
     for m in methods:
         if m != "baseline":
             res[f"{m}.nfe_ratio"] = res["baseline.nfe"] / res[f"{m}.nfe"]
             res[f"{m}.wall_ratio"] = res["baseline.seconds"] / res[f"{m}.seconds"]
+            res[f"{m}.wall_ratio_nocache"] = res["baseline.seconds"] / res[f"{m}.seconds_nocache"]
         rows.append(
             {
                 "method": m,
                 "nfe": res[f"{m}.nfe"],
                 "nfe_ratio": res.get(f"{m}.nfe_ratio", 1.0),
                 "wall_ratio": res.get(f"{m}.wall_ratio", 1.0),
+                "wall_ratio_nocache": res.get(f"{m}.wall_ratio_nocache", float("nan")),
+                "same_tokens": res.get(f"{m}.same_tokens_nocache", float("nan")),
                 "acceptance": res[f"{m}.acceptance"],
                 "fid_mean": res[f"{m}.fid_mean"],
                 "fid_std": res[f"{m}.fid_std"],
             }
         )
     res["gsd.tv_toy"] = gsd_tv_on_toy(20_000 if args.quick else 100_000)
-    print_table(rows, ["method", "nfe", "nfe_ratio", "wall_ratio", "acceptance", "fid_mean", "fid_std"])
+    cols = ["method", "nfe", "nfe_ratio", "wall_ratio", "wall_ratio_nocache", "same_tokens", "acceptance"]
+    print_table(rows, [*cols, "fid_mean", "fid_std"])
     print(f"gsd.tv_toy = {res['gsd.tv_toy']:.4f}")
     write_results("speculative", {**res, "samples_per_seed": num, "batch": num}, meta(args.quick, range(3)))
 
