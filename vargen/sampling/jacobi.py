@@ -248,14 +248,16 @@ def build_gsd(cfg):
         def ratio(p, q, x):
             return gsd_ratio(p, q, x, cfg["group"], cfg["delta"], cfg["dist"], emb)
 
-        exact = exact_group_fns(cfg["group"]) if cfg["exact_groups"] else (ratio, token_residual)
+        ratio_fn, residual_fn = (
+            exact_group_fns(cfg["group"]) if cfg["exact_groups"] else (ratio, token_residual)
+        )
         return sample_jacobi(
             model,
             cond_B,
             generator=generator,
             window=cfg["window"],
-            ratio_fn=exact[0],
-            residual_fn=exact[1],
+            ratio_fn=ratio_fn,
+            residual_fn=residual_fn,
             use_cache=cfg["use_cache"],
             **warp_kwargs(cfg),
         )
