@@ -5,9 +5,17 @@
 
 Side by side in one run on the trained digits models (16 tokens per image): baseline KV-cached
 decoding ("ar"), exact speculative sampling with the draft model ("sd"), speculative Jacobi
-decoding ("jacobi") and GSD ("gsd"). Per method: target forwards (NFE) and wall-clock ratios
-against the baseline, acceptance, and FID against the held-out split as mean and std over 3
-sampling seeds. ``gsd.tv_toy`` is GSD's lossiness TV(out, p) on a toy AR model (exact joint).
+decoding ("jacobi"), GSD ("gsd") and GSD's group-exact variant ("gsd_exact"). Per method: target
+forwards (NFE) and wall-clock ratios against the baseline, acceptance, and FID against the
+held-out split as mean and std over 3 sampling seeds. The speculative samplers run KV-cached on
+a ragged cache (``<m>.wall_ratio``); each is run again with ``use_cache=false`` (full prefix
+recompute) for ``<m>.wall_ratio_nocache`` and ``<m>.same_tokens_nocache``, the fraction of
+images whose tokens the two variants drew identically from the same generator (float32: a
+rare argmax flip on a 1e-6 logit difference can change a row). ``gsd.tv_toy`` is GSD's
+lossiness TV(out, p) on a toy AR model (exact joint). ``long.*``: the same cached / uncached
+comparison on random-weight llamagens with a 16x16 grid (256 tokens), where the prefix a full
+recompute repeats is long; their near-uniform conditionals make acceptance high, so only the
+cost is meaningful there (no FID).
 ``cspd.*``: continuous speculative decoding on its own model family (xAR + MAR head on the KL
 tokenizer, benchmarks/cspd.py's models) against its own baseline, the ``xar`` sampler at the same
 ``--cfg-scale`` (``cspd.baseline_*``).
@@ -43,7 +51,8 @@ def gsd_tv_on_toy(samples: int) -> float:
     def ratio(p, q, x):
         return gsd_ratio(p, q, x, group=14, delta=0.15, dist=0.0)
 
-    ids, _ = sample_jacobi(target, cond, generator=torch.Generator().manual_seed(0), window=3, ratio_fn=ratio)
+    g = torch.Generator().manual_seed(0)
+    ids, _ = sample_jacobi(target, cond, generator=g, window=3, ratio_fn=ratio, use_cache=False)
     code = ids[:, 0] * V**2 + ids[:, 1] * V + ids[:, 2]
     emp = torch.bincount(code, minlength=V**T).double() / samples
     return 0.5 * (emp - target.joint()).abs().sum().item()
@@ -59,6 +68,46 @@ def cspd_entries(quick: bool, cfg_scale: float) -> tuple[dict, dict]:
     res.update({f"cspd.baseline_{k}": r[f"baseline.{k}"] for k in ("nfe", "seconds", "fid_mean", "fid_std")})
     res["cspd.cfg_scale"] = cfg_scale
     return res, {"method": "cspd", **{k: res[f"cspd.{k}"] for k in keys if k != "seconds"}}
+
+
+def long_sequence_costs(batch: int = 8) -> dict:
+    """Wall ratios against KV-cached "ar" of cached and uncached SD / SJD on 256 tokens."""
+    from vargen.models.ar import ARConfig, ARTransformer
+    from vargen.sampling.ar_decode import sample_ar
+    from vargen.sampling.jacobi import sample_jacobi
+    from vargen.sampling.speculative import sample_speculative
+
+    torch.manual_seed(0)  # random weights (benchmark data only)
+
+    def llamagen(dim, depth):
+        cfg = ARConfig(vocab_size=128, grid=[16, 16], num_classes=10, dim=dim, depth=depth, heads=4)
+        return ARTransformer(cfg).eval()
+
+    target, draft = llamagen(64, 4), llamagen(32, 2)
+    cond = torch.arange(batch) % 10
+
+    def timed(fn, repeats=1, **kw):  # best of ``repeats`` (the short runs are noisy on a shared CPU)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            ids, stats = fn(generator=torch.Generator().manual_seed(0), **kw)
+            best = min(best, time.perf_counter() - t0)
+        return best, ids, stats
+
+    base, _, _ = timed(sample_ar, repeats=3, model=target, cond_B=cond, cfg_scale=1.5)
+    runs = {
+        "sd": (sample_speculative, {"target": target, "draft": draft, "gamma": 4}),
+        "jacobi": (sample_jacobi, {"model": target, "window": 16}),
+    }
+    res = {"long.tokens": target.num_tokens, "long.batch": batch}
+    for m, (fn, kw) in runs.items():
+        t_c, ids_c, st = timed(fn, repeats=3, cond_B=cond, cfg_scale=1.5, use_cache=True, **kw)
+        t_n, ids_n, _ = timed(fn, cond_B=cond, cfg_scale=1.5, use_cache=False, **kw)
+        res[f"long.{m}.nfe"] = st["target_forwards"]
+        res[f"long.{m}.wall_ratio"] = base / t_c
+        res[f"long.{m}.wall_ratio_nocache"] = base / t_n
+        res[f"long.{m}.same_tokens_nocache"] = (ids_c == ids_n).all(1).float().mean().item()
+    return res
 
 
 def main(argv=None):
@@ -79,34 +128,50 @@ def main(argv=None):
         "sd": {"name": "speculative", "draft_ckpt": args.draft, "gamma": 4, **warp},
         "jacobi": {"name": "sjd", "window": 16, **warp},
         "gsd": {"name": "gsd", "window": 16, **warp},
+        "gsd_exact": {"name": "gsd", "window": 16, "exact_groups": True, **warp},
     }
     labels = torch.arange(num) % model.num_classes
+
+    def run(scfg, seed, score):
+        g = torch.Generator().manual_seed(seed)
+        t0 = time.perf_counter()
+        images, ids, stats = generate(model, tokenizer, labels, SAMPLERS.build(scfg), g, batch_size=num)
+        secs = time.perf_counter() - t0
+        return secs, ids, stats, (fid.score(images) if score else None)
+
     res, rows = {}, []
     for m, scfg in methods.items():
-        sampler = SAMPLERS.build(scfg)
-        fids, secs, nfe, acc = [], 0.0, 0, []
+        fids, secs, secs_nc, nfe, acc, same = [], 0.0, 0.0, 0, [], []
         for seed in range(3):
-            g = torch.Generator().manual_seed(seed)
-            t0 = time.perf_counter()
-            images, _, stats = generate(model, tokenizer, labels, sampler, g, batch_size=num)
-            secs += time.perf_counter() - t0
+            t, ids, stats, f = run(scfg, seed, score=True)
+            secs += t
             nfe += stats["target_forwards"]
             acc.append(stats.get("acceptance", 1.0))
-            fids.append(fid.score(images))
+            fids.append(f)
+            if m != "baseline":
+                t, ids_nc, _, _ = run({**scfg, "use_cache": False}, seed, score=False)
+                secs_nc += t
+                same.append((ids == ids_nc).all(1).float().mean().item())
         f = torch.tensor(fids)
         res[f"{m}.nfe"], res[f"{m}.seconds"] = nfe / 3, secs / 3
         res[f"{m}.acceptance"] = sum(acc) / 3
         res[f"{m}.fid_mean"], res[f"{m}.fid_std"] = f.mean().item(), f.std().item()
+        if m != "baseline":
+            res[f"{m}.seconds_nocache"] = secs_nc / 3
+            res[f"{m}.same_tokens_nocache"] = sum(same) / 3
     for m in methods:
         if m != "baseline":
             res[f"{m}.nfe_ratio"] = res["baseline.nfe"] / res[f"{m}.nfe"]
             res[f"{m}.wall_ratio"] = res["baseline.seconds"] / res[f"{m}.seconds"]
+            res[f"{m}.wall_ratio_nocache"] = res["baseline.seconds"] / res[f"{m}.seconds_nocache"]
         rows.append(
             {
                 "method": m,
                 "nfe": res[f"{m}.nfe"],
                 "nfe_ratio": res.get(f"{m}.nfe_ratio", 1.0),
                 "wall_ratio": res.get(f"{m}.wall_ratio", 1.0),
+                "wall_ratio_nocache": res.get(f"{m}.wall_ratio_nocache", float("nan")),
+                "same_tokens": res.get(f"{m}.same_tokens_nocache", float("nan")),
                 "acceptance": res[f"{m}.acceptance"],
                 "fid_mean": res[f"{m}.fid_mean"],
                 "fid_std": res[f"{m}.fid_std"],
@@ -116,8 +181,13 @@ def main(argv=None):
     res.update(cspd_res)
     rows.append(cspd_row)
     res["gsd.tv_toy"] = gsd_tv_on_toy(20_000 if args.quick else 100_000)
-    print_table(rows, ["method", "nfe", "nfe_ratio", "wall_ratio", "acceptance", "fid_mean", "fid_std"])
+    res.update(long_sequence_costs())
+    cols = ["method", "nfe", "nfe_ratio", "wall_ratio", "wall_ratio_nocache", "same_tokens", "acceptance"]
+    print_table(rows, [*cols, "fid_mean", "fid_std"])
     print(f"gsd.tv_toy = {res['gsd.tv_toy']:.4f}")
+    for k, v in res.items():
+        if k.startswith("long."):
+            print(f"{k} = {v:.4g}")
     write_results("speculative", {**res, "samples_per_seed": num, "batch": num}, meta(args.quick, range(3)))
 
 

@@ -5,16 +5,19 @@ import itertools
 
 import pytest
 import torch
-from scipy.stats import chisquare
+from scipy.stats import chi2, chisquare
 
-from vargen.sampling.jacobi import gsd_ratio, partition_ratio, sample_jacobi
+from vargen.sampling.jacobi import exact_group_fns, gsd_ratio, partition_ratio, rank_partition, sample_jacobi
 from vargen.sampling.speculative import sample_speculative
 
 V, T, SAMPLES = 6, 3, 100_000
 
 
 class ToyAR:
-    """An AR model given by tables: logits of token t = table_t[prefix index], (V**t, V) each."""
+    """An AR model given by tables: logits of token t = table_t[prefix index], (V**t, V) each.
+
+    It has no KV cache, so the samplers run on it with ``use_cache=False`` (full recompute);
+    tests/test_speculative_cache.py shows the cached samplers draw the same tokens."""
 
     null_class = 0
 
@@ -71,7 +74,7 @@ COND = torch.zeros(SAMPLES, dtype=torch.long)
 def test_speculative_is_exact(toys, gamma):
     target, draft = toys
     ids, stats = sample_speculative(
-        target, draft, COND, generator=torch.Generator().manual_seed(gamma), gamma=gamma
+        target, draft, COND, generator=torch.Generator().manual_seed(gamma), use_cache=False, gamma=gamma
     )
     assert chi2_pvalue(ids, target.joint()) > 1e-3
     assert stats["target_forwards"] < T * SAMPLES  # fewer target calls than tokens...
@@ -81,7 +84,9 @@ def test_speculative_is_exact(toys, gamma):
 def test_speculative_acceptance_matches_overlap():
     target, draft = ToyAR(2), ToyAR(3)
     target.num_tokens = draft.num_tokens = 2  # one draft position: acceptance = sum min(p, q)
-    _, stats = sample_speculative(target, draft, COND, generator=torch.Generator().manual_seed(0), gamma=1)
+    _, stats = sample_speculative(
+        target, draft, COND, generator=torch.Generator().manual_seed(0), use_cache=False, gamma=1
+    )
     p, q = torch.softmax(target.tables[0][0], -1), torch.softmax(draft.tables[0][0], -1)
     expected = torch.minimum(p, q).sum().item()
     assert stats["proposed"] == SAMPLES
@@ -91,7 +96,7 @@ def test_speculative_acceptance_matches_overlap():
 def test_identical_draft_accepts_everything(toys):
     target, _ = toys
     ids, stats = sample_speculative(
-        target, target, COND[:2000], generator=torch.Generator().manual_seed(0), gamma=4
+        target, target, COND[:2000], generator=torch.Generator().manual_seed(0), use_cache=False, gamma=4
     )
     assert stats["accepted"] == stats["proposed"] > 0
     assert stats["target_forwards"] == 1  # T = 3 tokens: 2 accepted drafts + the bonus, one call
@@ -101,7 +106,7 @@ def test_identical_draft_accepts_everything(toys):
 def test_jacobi_is_exact(toys, window):
     target, _ = toys
     ids, stats = sample_jacobi(
-        target, COND, generator=torch.Generator().manual_seed(10 + window), window=window
+        target, COND, generator=torch.Generator().manual_seed(10 + window), use_cache=False, window=window
     )
     assert chi2_pvalue(ids, target.joint()) > 1e-3
     if window == 1:
@@ -114,7 +119,13 @@ def test_jacobi_under_warpers_matches_warped_target(toys):
     """Top-k on the target: the output follows the top-k-warped product of conditionals."""
     target, _ = toys
     ids, _ = sample_jacobi(
-        target, COND, generator=torch.Generator().manual_seed(5), window=3, top_k=2, temperature=0.8
+        target,
+        COND,
+        generator=torch.Generator().manual_seed(5),
+        use_cache=False,
+        window=3,
+        top_k=2,
+        temperature=0.8,
     )
     warped = ToyAR(0, zero_frac=0.3)
     for t in range(T):
@@ -127,13 +138,20 @@ def test_jacobi_under_warpers_matches_warped_target(toys):
 def test_gsd_group_one_equals_jacobi_draw_for_draw(toys):
     target, _ = toys
     emb = torch.randn(V, 4, generator=torch.Generator().manual_seed(0))
-    ids_j, st_j = sample_jacobi(target, COND[:5000], generator=torch.Generator().manual_seed(7), window=3)
+    ids_j, st_j = sample_jacobi(
+        target, COND[:5000], generator=torch.Generator().manual_seed(7), use_cache=False, window=3
+    )
 
     def one(p, q, x):
         return gsd_ratio(p, q, x, group=1, delta=0.15, dist=0.5, emb_VD=emb)
 
     ids_g, st_g = sample_jacobi(
-        target, COND[:5000], generator=torch.Generator().manual_seed(7), window=3, ratio_fn=one
+        target,
+        COND[:5000],
+        generator=torch.Generator().manual_seed(7),
+        use_cache=False,
+        window=3,
+        ratio_fn=one,
     )
     assert torch.equal(ids_j, ids_g) and st_j["accepted"] == st_g["accepted"]
 
@@ -145,9 +163,11 @@ def test_gsd_emits_only_supported_tokens_and_is_lossy(toys):
         return gsd_ratio(p, q, x, group=V, delta=1.0, dist=0.0)
 
     ids, stats = sample_jacobi(
-        target, COND, generator=torch.Generator().manual_seed(3), window=3, ratio_fn=wide
+        target, COND, generator=torch.Generator().manual_seed(3), use_cache=False, window=3, ratio_fn=wide
     )
-    _, stats_sjd = sample_jacobi(target, COND, generator=torch.Generator().manual_seed(3), window=3)
+    _, stats_sjd = sample_jacobi(
+        target, COND, generator=torch.Generator().manual_seed(3), use_cache=False, window=3
+    )
     code = ids[:, 0] * V**2 + ids[:, 1] * V + ids[:, 2]
     emp = torch.bincount(code, minlength=V**T).double() / SAMPLES
     joint = target.joint()
@@ -194,3 +214,43 @@ def test_group_acceptance_grows_with_nested_partitions():
     for a, b in zip(accs, accs[1:]):
         assert (b >= a - 1e-6).all()
     assert (accs[-1] > accs[0] + 0.05).all()
+
+
+def group_pvalue(ids_BN, target, group):
+    """Pooled chi-square of each emitted token's group (rank blocks of the target's p at that
+    prefix) against P'(. | prefix), over every prefix seen at least 500 times."""
+    stat, dof = 0.0, 0
+    prefix = torch.zeros(ids_BN.shape[0], dtype=torch.long)
+    for t in range(T):
+        p_tab = torch.softmax(target.tables[t].double(), -1)  # (V**t, V)
+        part = rank_partition(p_tab, group)  # (V**t, V) group ids < V + 1
+        P = torch.zeros(V**t, V + 1, dtype=torch.float64).scatter_add_(1, part, p_tab)
+        counts = torch.zeros_like(P).index_put_(
+            (prefix, part[prefix, ids_BN[:, t]]),
+            torch.ones(len(prefix), dtype=torch.float64),
+            accumulate=True,
+        )
+        assert counts[P == 0].sum() == 0  # a group of target mass 0 is never emitted
+        n = counts.sum(1, keepdim=True)
+        keep = (n >= 500) & (P > 0)
+        E = n * P
+        stat += ((counts - E).pow(2) / E)[keep].sum().item()
+        dof += int(keep.sum() - keep.any(1).sum())  # K - 1 per prefix
+        prefix = prefix * V + ids_BN[:, t]
+    return chi2.sf(stat, dof)
+
+
+def test_gsd_exact_groups_is_exact_at_group_level(toys):
+    """Spec 2(a) group-exact variant: the emitted group follows P' given the prefix; with the
+    same group test but the token-level residual (plain GSD) it visibly does not."""
+    target, _ = toys
+    ratio, residual = exact_group_fns(2)
+    kw = {"cond_B": COND, "window": 3, "use_cache": False, "ratio_fn": ratio}
+    ids, stats = sample_jacobi(target, generator=torch.Generator().manual_seed(4), residual_fn=residual, **kw)
+    assert group_pvalue(ids, target, 2) > 1e-3
+    ids_plain, _ = sample_jacobi(target, generator=torch.Generator().manual_seed(4), **kw)
+    assert group_pvalue(ids_plain, target, 2) < 1e-6
+    _, stats_sjd = sample_jacobi(
+        target, COND, generator=torch.Generator().manual_seed(4), use_cache=False, window=3
+    )
+    assert stats["acceptance"] > stats_sjd["acceptance"]  # Theorem 1: grouping accepts more

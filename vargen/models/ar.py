@@ -8,6 +8,8 @@ labels are replaced by the null class with probability ``class_dropout``.
 
 The model never samples: samplers call :meth:`forward_step` with a :class:`KVCache`
 (or :meth:`logits` for a full recompute) and draw tokens with their own generator.
+Speculative samplers, whose rows commit different numbers of tokens per call, use
+:meth:`forward_window` with a :class:`RaggedKVCache` (one length per row).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vargen.models.blocks import Block, KVCache, RMSNorm, rope_2d_table
+from vargen.models.blocks import Block, KVCache, RaggedKVCache, RMSNorm, rope_2d_table
 from vargen.registry import MODELS
 
 
@@ -110,6 +112,37 @@ class ARTransformer(nn.Module):
         c = self.cfg
         return KVCache(
             c.depth, batch, c.heads, self.num_tokens, c.dim // c.heads, device or p.device, dtype or p.dtype
+        )
+
+    def forward_window(self, ids_BW: torch.Tensor, cond_B: torch.Tensor, cache: RaggedKVCache):
+        """Cached forward of W new inputs per row at that row's positions L_b .. L_b+W-1, where
+        L_b = ``cache.length_B[b]``; returns logits (B, W, V) and advances every length by W.
+
+        ``ids_BW[b, j]`` is the input at position L_b + j, i.e. image token L_b + j - 1; at
+        position 0 the class embedding of ``cond_B`` is used instead (its id is ignored). Output
+        j predicts image token L_b + j, as :meth:`logits` does at that position. Positions past
+        the sequence get the last position's rotary angle: their outputs are meaningless, and
+        no in-sequence query ever attends to them.
+        """
+        B, W = ids_BW.shape
+        pos_BW = cache.length_B[:, None] + torch.arange(W, device=ids_BW.device)  # (B, W)
+        x_BWC = torch.where(
+            (pos_BW == 0)[..., None], self.cls_emb(cond_B)[:, None], self.tok_emb(ids_BW)
+        )  # (B, W, C)
+        mask_B1WS = cache.begin(W)
+        rope = pos_BW.clamp(max=self.rope_cos.shape[0] - 1)
+        cos, sin = self.rope_cos[rope][:, None], self.rope_sin[rope][:, None]  # (B, 1, W, d/2)
+        for i, blk in enumerate(self.blocks):
+            x_BWC = blk(x_BWC, cos, sin, cache, i, mask_B1WS)
+        cache.advance(W)
+        return self.head(self.norm(x_BWC))  # (B, W, V)
+
+    def new_ragged_cache(self, batch: int, window: int) -> RaggedKVCache:
+        """An empty :class:`RaggedKVCache` for windows of up to ``window`` positions."""
+        p = self.tok_emb.weight
+        c = self.cfg
+        return RaggedKVCache(
+            c.depth, batch, c.heads, self.num_tokens + window, c.dim // c.heads, p.device, p.dtype
         )
 
     def forward(self, ids_BN, cond_B):

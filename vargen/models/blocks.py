@@ -34,7 +34,8 @@ def _xformers_ops():
 
 
 def attention(q_BHTd, k_BHSd, v_BHSd, mask_TS: torch.Tensor | None = None, causal: bool = False):
-    """Softmax attention. ``mask_TS`` is a boolean "may attend" mask broadcast over (B, H).
+    """Softmax attention. ``mask_TS`` is a boolean "may attend" mask broadcast over (B, H):
+    (T, S), or (B, 1, T, S) for a per-row mask (the ragged cache's).
 
     ``causal`` aligns the causal mask to the bottom-right (query t sees keys <= S - T + t),
     which is what cached decoding needs; it is ignored when ``mask_TS`` is given.
@@ -152,6 +153,54 @@ class KVCache:
         return out
 
 
+class RaggedKVCache:
+    """Preallocated keys/values per layer, (B, H, T_max, d), where row b has its own length L_b.
+
+    For speculative decoding with ragged rows: :meth:`begin` opens a window of W new positions
+    L_b .. L_b+W-1 per row, whose keys/values :meth:`append` scatters into those slots; query i
+    of row b may attend to slots <= L_b + i (its committed prefix and its own causal window).
+    :meth:`rollback` then sets each row's length to its committed length; slots past it are
+    stale, masked in every later window and overwritten when the row gets there. Allocate
+    T_max = sequence length + the widest window, so a finished row's window stays in bounds.
+    """
+
+    def __init__(self, depth, batch, heads, max_len, head_dim, device, dtype):
+        shape = (batch, heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
+        self.length_B = torch.zeros(batch, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self._slots_BW = None
+        self._used = 0
+
+    def begin(self, width: int) -> torch.Tensor:
+        """Open a window of ``width`` positions after each row's length; returns the per-row
+        "may attend" mask (B, 1, W, S) over the first S slots any row uses."""
+        w = torch.arange(width, device=self.length_B.device)
+        self._slots_BW = self.length_B[:, None] + w  # (B, W) slot = sequence position
+        self._used = int(self.length_B.max()) + width  # one host sync per forward
+        if self._used > self.max_len:
+            raise ValueError(f"KV cache overflow: {self._used} > {self.max_len}")
+        s = torch.arange(self._used, device=w.device)
+        return (s[None, None, :] <= self._slots_BW[:, :, None])[:, None]  # (B, 1, W, S)
+
+    def append(self, layer: int, k_BHWd, v_BHWd):
+        """Scatter the window's keys/values into its slots; return K, V (B, H, S, d)."""
+        B, H, W, d = k_BHWd.shape
+        idx = self._slots_BW[:, None, :, None].expand(B, H, W, d)
+        self.k[layer].scatter_(2, idx, k_BHWd)
+        self.v[layer].scatter_(2, idx, v_BHWd)
+        return self.k[layer][:, :, : self._used], self.v[layer][:, :, : self._used]
+
+    def advance(self, width: int):
+        """Count the window as written: every row's length grows by ``width``."""
+        self.length_B = self.length_B + width
+
+    def rollback(self, length_B: torch.Tensor):
+        """Keep at most ``length_B`` positions per row (a row keeps fewer if it has fewer)."""
+        self.length_B = torch.minimum(self.length_B, length_B)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float = 0.0):
         super().__init__()
@@ -162,7 +211,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x_BTC, cos, sin, cache: KVCache | None = None, layer: int = 0, mask_TS=None):
+    def forward(self, x_BTC, cos, sin, cache: KVCache | RaggedKVCache | None = None, layer=0, mask_TS=None):
         B, T, C = x_BTC.shape
         q, k, v = (
             self.qkv(x_BTC).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)

@@ -18,8 +18,13 @@ by design (it emits the draft token itself on group acceptance). Defects of the 
 - tokens outside top-k tie at -inf, so a draft token with p(x) = 0 could be accepted through its
   window; we restrict C to supp(p) and give a draft with p(x) = 0 ratio 0 (never emitted).
 
-Optional ``group_exact``: on rejection the group is resampled from norm(max(0, P' - Q')) and a
-token from p(. | C), the spec's exact-at-group-level suggestion -- not implemented (see README).
+Optional ``exact_groups`` (the spec's exact-at-group-level variant, section 2(a), not in the
+paper): the groups are a partition fixed by the target alone -- blocks of G consecutive ranks of
+supp(p), plus one group for the tokens with p = 0 -- so Theorem 1 applies; the draft is accepted
+with min(1, P(C(x))/Q(C(x))) and on rejection a group K is drawn from norm(max(0, P' - Q')) and
+a token from p(. | K). The emitted token's group then follows P' exactly (the section 1 proof on
+the group distributions), while within a group an accepted token still follows the draft.
+The delta / dist filters would break the partition and are not used in this mode.
 The reference's batch handling commits min_b n_b for all rows; rows here are ragged (each row
 commits its own n_b + 1), which is exact and wastes nothing.
 """
@@ -35,11 +40,13 @@ import torch.nn.functional as F
 from vargen.registry import SAMPLERS
 from vargen.sampling.ar_decode import new_stats
 from vargen.sampling.speculative import (
+    RESIDUAL_EPS,
+    WindowScorer,
     accept_and_correct,
     finish_stats,
     token_ratio,
+    token_residual,
     warp_kwargs,
-    window_probs,
     write_at,
 )
 
@@ -68,21 +75,73 @@ def gsd_ratio(p_BgV, q_BgV, x_Bg, group: int, delta: float, dist: float, emb_VD=
     return torch.where(px[..., 0] > 0, P / Q, torch.zeros_like(P))
 
 
+def group_masses(p_XV, q_XV, part_XV):
+    """Group masses P, Q (..., K) of a partition given as a group id per token (..., V)."""
+    K = p_XV.shape[-1] + 1  # ids are < V + 1 (rank_partition); a caller's ids are < V
+    idx = part_XV.expand_as(p_XV)
+    P = torch.zeros(*p_XV.shape[:-1], K, dtype=p_XV.dtype, device=p_XV.device).scatter_add_(-1, idx, p_XV)
+    Q = torch.zeros_like(P).scatter_add_(-1, idx, q_XV.to(p_XV.dtype))
+    return P, Q, idx
+
+
 def partition_ratio(p_BgV, q_BgV, x_Bg, part_V):
-    """P(C(x))/Q(C(x)) for a fixed partition ``part_V`` (group id per token): Theorem 1's setting."""
-    K = int(part_V.max()) + 1
-    idx = part_V.expand_as(p_BgV)
-    P = torch.zeros(*p_BgV.shape[:-1], K, dtype=p_BgV.dtype, device=p_BgV.device).scatter_add_(2, idx, p_BgV)
-    Q = torch.zeros_like(P).scatter_add_(2, idx, q_BgV)
-    cx = part_V[x_Bg][..., None]
+    """P(C(x))/Q(C(x)) for a partition ``part_V`` (group id per token, (V,) or per position
+    (B, g, V)): Theorem 1's setting."""
+    P, Q, idx = group_masses(p_BgV, q_BgV, part_V)
+    cx = idx.gather(2, x_Bg[..., None])  # (B, g, 1) the draft's group
     px = p_BgV.gather(2, x_Bg[..., None])[..., 0]
     return torch.where(px > 0, P.gather(2, cx)[..., 0] / Q.gather(2, cx)[..., 0], torch.zeros_like(px))
 
 
+def rank_partition(p_XV, group: int):
+    """Group ids (..., V) fixed by the target alone: blocks of ``group`` consecutive ranks of p's
+    support (rank // G), and id V for every token with p = 0 (a group of mass 0, never emitted)."""
+    V = p_XV.shape[-1]
+    rank = p_XV.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
+    return torch.where(p_XV > 0, rank // min(group, V), torch.full_like(rank, V))
+
+
+def group_residual(p_BV, q_BV, part_BV):
+    """Group-level residual as a token distribution (B, V): a group K ~ norm(max(0, P - Q)),
+    then a token ~ p(. | K); P itself when the residual mass vanishes (as 1(a).5)."""
+    P, Q, idx = group_masses(p_BV, q_BV, part_BV)  # (B, K)
+    r = (P - Q).clamp(min=0)
+    mass = r.sum(-1, keepdim=True)
+    r = torch.where(mass > RESIDUAL_EPS, r / mass.clamp(min=RESIDUAL_EPS), P)
+    within = p_BV / P.gather(1, idx).clamp(min=torch.finfo(P.dtype).tiny)  # p(z | K(z))
+    return r.gather(1, idx) * within
+
+
+def exact_group_fns(group: int):
+    """(ratio_fn, residual_fn) of GSD's group-exact variant with rank blocks of size ``group``."""
+
+    def ratio(p_BgV, q_BgV, x_Bg):
+        return partition_ratio(p_BgV, q_BgV, x_Bg, rank_partition(p_BgV, group))
+
+    def residual(p_BV, q_BV):
+        return group_residual(p_BV, q_BV, rank_partition(p_BV, group))
+
+    return ratio, residual
+
+
 @torch.no_grad()
-def sample_jacobi(model, cond_B, *, generator, window=16, ratio_fn=token_ratio, **warp):
+def sample_jacobi(
+    model,
+    cond_B,
+    *,
+    generator,
+    window=16,
+    ratio_fn=token_ratio,
+    residual_fn=token_residual,
+    use_cache=True,
+    **warp,
+):
     """SJD with window L = ``window`` (L-1 drafts + 1); ``ratio_fn(p, q, x)`` is the acceptance
-    ratio (token-level for SJD, a GSD group ratio for GSD). Returns (ids_BN, stats)."""
+    ratio (token-level for SJD, a GSD group ratio for GSD), ``residual_fn(p, q)`` what a
+    rejection resamples from (token-level, or GSD's group-exact one). ``use_cache``: KV-cached
+    windows on a ragged cache rolled back to each row's committed length (1b(a).5 "delete the
+    rejected KV entries"), else full prefix recompute; both draw the same tokens.
+    Returns (ids_BN, stats)."""
     t0 = time.perf_counter()
     if window < 1:
         raise ValueError(f"sampler.window must be >= 1, got {window}")
@@ -93,24 +152,27 @@ def sample_jacobi(model, cond_B, *, generator, window=16, ratio_fn=token_ratio, 
     rand_ids = lambda: torch.randint(V, (B, g), generator=generator, device=generator.device).to(device)  # noqa: E731
     ids_BN = torch.zeros(B, N, dtype=torch.long, device=device)
     len_B = torch.zeros(B, dtype=torch.long, device=device)
-    win = torch.arange(window, device=device)
     draft_Bg = rand_ids()  # random initial tokens with one-hot q (1b(a) state)
     q_BgV = F.one_hot(draft_Bg, V).float()
     stats = new_stats()
+    scorer = WindowScorer(model, cond_B, warp, stats, use_cache, window)
     while True:
         active_B = len_B < N
         if not bool(active_B.any()):
             break
         for j in range(g):  # place drafts at positions len + j (a loop over window slots)
             write_at(ids_BN, len_B + j, draft_Bg[:, j], active_B & (len_B + j < N))
-        p_BWV = window_probs(model, ids_BN, cond_B, (len_B[:, None] + win).clamp(max=N - 1), warp)
+        p_BWV = scorer.window(ids_BN, len_B, window)  # inputs: last committed token + drafts
         stats["target_forwards"] += 1
         ratio_Bg = ratio_fn(p_BWV[:, :g], q_BgV, draft_Bg)
-        n_B, z_B, y_BW, cap_B = accept_and_correct(p_BWV, q_BgV, draft_Bg, ratio_Bg, N - len_B, generator)
+        n_B, z_B, y_BW, cap_B = accept_and_correct(
+            p_BWV, q_BgV, draft_Bg, ratio_Bg, N - len_B, generator, residual_fn
+        )
         write_at(ids_BN, len_B + n_B, z_B, active_B)
         stats["accepted"] += int((n_B * active_B).sum())
         stats["proposed"] += int((cap_B * active_B).sum())
         len_B = len_B + (n_B + 1) * active_B
+        scorer.commit(len_B)
         # Jacobi update (1b(a).5): slot j of the next window is window position n + 1 + j
         src_Bg = n_B[:, None] + 1 + torch.arange(g, device=device)
         has_Bg = src_Bg < window
@@ -126,6 +188,7 @@ def sample_jacobi(model, cond_B, *, generator, window=16, ratio_fn=token_ratio, 
 class SJDConfig:
     name: str = "sjd"
     window: int = 16  # L (reference max_num_new_tokens)
+    use_cache: bool = True  # False: recompute the whole prefix every call (baseline)
     cfg_scale: float = 1.0
     temperature: float = 1.0
     top_k: int = 0
@@ -139,6 +202,8 @@ class GSDConfig:
     group: int = 14  # G: ranking window around the draft (reference: sorted[r-7:r+7])
     delta: float = 0.15  # probability-gap filter (reference)
     dist: float = 0.5  # squared-L2 input-embedding filter (reference); <= 0 disables it
+    exact_groups: bool = False  # group-exact variant: rank-block partition, group-level residual
+    use_cache: bool = True
     cfg_scale: float = 1.0
     temperature: float = 1.0
     top_k: int = 0
@@ -157,7 +222,14 @@ def build_sjd(cfg):
 
     def run(model, cond_B, generator, progress=False):
         cond_B = cond_B.to(model.tok_emb.weight.device)
-        return sample_jacobi(model, cond_B, generator=generator, window=cfg["window"], **warp_kwargs(cfg))
+        return sample_jacobi(
+            model,
+            cond_B,
+            generator=generator,
+            window=cfg["window"],
+            use_cache=cfg["use_cache"],
+            **warp_kwargs(cfg),
+        )
 
     return run
 
@@ -176,8 +248,18 @@ def build_gsd(cfg):
         def ratio(p, q, x):
             return gsd_ratio(p, q, x, cfg["group"], cfg["delta"], cfg["dist"], emb)
 
+        ratio_fn, residual_fn = (
+            exact_group_fns(cfg["group"]) if cfg["exact_groups"] else (ratio, token_residual)
+        )
         return sample_jacobi(
-            model, cond_B, generator=generator, window=cfg["window"], ratio_fn=ratio, **warp_kwargs(cfg)
+            model,
+            cond_B,
+            generator=generator,
+            window=cfg["window"],
+            ratio_fn=ratio_fn,
+            residual_fn=residual_fn,
+            use_cache=cfg["use_cache"],
+            **warp_kwargs(cfg),
         )
 
     return run

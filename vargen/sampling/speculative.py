@@ -7,10 +7,13 @@ with probability min(1, p(x_i)/q(x_i)) (eq. in section 1(a).3) and the first rej
 replaced by a sample of norm(max(0, p - q)) (1(a).4), so every row emits n_b + 1 tokens and the
 output is distributed exactly as the target's (proof in section 1).
 
-Both models are driven through ``model.logits(ids_Bn, cond_B) -> (B, n+1, V)`` (full recompute
-of the prefix), which lets every row keep its own committed length: rows are ragged and each
-row's window starts at its own position, without a Python loop over rows or positions. The
-same warpers (CFG, temperature, top-k, top-p) are applied to draft and target logits through
+Rows are ragged: each row keeps its own committed length and its window starts at its own
+position, without a Python loop over rows or positions. Both models are driven through a
+:class:`WindowScorer`: by default KV-cached (:meth:`ARTransformer.forward_window` on a
+:class:`RaggedKVCache`, whose per-row lengths are rolled back to the committed lengths after
+each verification), or with ``use_cache=False`` by full recompute of the prefix through
+``model.logits``; both draw the same tokens from the same generator. The same warpers (CFG,
+temperature, top-k, top-p) are applied to draft and target logits through
 :func:`vargen_kernels.logits_warper.warped_probs`, since the test needs the warped p and q.
 Near the end of the sequence a row may have less room than gamma: acceptance is capped there,
 and the capped position is drawn from p directly (a truncation that does not depend on the
@@ -57,13 +60,81 @@ def window_probs(model, ids_BN, cond_B, pos_BW, warp: dict) -> torch.Tensor:
     return warped_probs(c, u, **warp).view(B, W, V)  # (B, W, V)
 
 
-def accept_and_correct(p_BWV, q_BgV, x_Bg, ratio_Bg, room_B, generator):
+def window_inputs(ids_BN, start_B, width: int) -> torch.Tensor:
+    """Model inputs (B, W) at positions start_b .. start_b+W-1: image token position - 1 (the
+    class token stands at position 0, so index -1 is a placeholder), clamped to the sequence."""
+    N = ids_BN.shape[1]
+    idx = start_B[:, None] - 1 + torch.arange(width, device=ids_BN.device)  # (B, W)
+    return ids_BN.gather(1, idx.clamp(0, N - 1))
+
+
+class WindowScorer:
+    """Warped next-token distributions of one model over per-row windows, KV-cached or not.
+
+    With ``use_cache`` the model runs :meth:`forward_window` on a :class:`RaggedKVCache` of the
+    (CFG-doubled) batch; callers keep the cache at each row's committed length with
+    :meth:`commit`. Without it every call recomputes the whole prefix (:func:`window_probs`).
+    ``stats["positions_computed"]`` counts the sequence positions pushed through the model.
+    """
+
+    def __init__(self, model, cond_B, warp: dict, stats: dict, use_cache: bool, window: int):
+        self.model, self.cond_B, self.warp, self.stats = model, cond_B, warp, stats
+        self.guided = warp["cfg_scale"] != 1.0
+        null_B = torch.full_like(cond_B, model.null_class)
+        self.cond_in = torch.cat([cond_B, null_B]) if self.guided else cond_B  # (R,) R = B or 2B
+        self.cache = model.new_ragged_cache(len(self.cond_in), window) if use_cache else None
+
+    def window(self, ids_BN, start_B, width: int) -> torch.Tensor:
+        """(B, W, V) at positions start_b .. start_b+W-1 (cached: start_B must be the cache's
+        length; positions past the sequence are meaningless, the caller never uses them)."""
+        N = ids_BN.shape[1]
+        R = len(self.cond_in)
+        if self.cache is None:
+            pos_BW = (start_B[:, None] + torch.arange(width, device=ids_BN.device)).clamp(max=N - 1)
+            self.stats["positions_computed"] += R * N
+            return window_probs(self.model, ids_BN, self.cond_B, pos_BW, self.warp)
+        inputs_RW = window_inputs(ids_BN, start_B, width).repeat(R // len(start_B), 1)
+        logits_RWV = self.model.forward_window(inputs_RW, self.cond_in, self.cache)
+        self.stats["positions_computed"] += R * width
+        B, V = len(start_B), logits_RWV.shape[-1]
+        c = logits_RWV[:B].reshape(B * width, V)
+        u = logits_RWV[B:].reshape(B * width, V) if self.guided else None
+        return warped_probs(c, u, **self.warp).view(B, width, V)  # (B, W, V)
+
+    def next_probs(self, ids_BN, pos_B) -> torch.Tensor:
+        """(B, V) at position ``pos_B`` (the draft's autoregressive step). Cached, a row whose
+        cache lags behind pos_b (the draft never ran on its last accepted token) catches up in
+        the same call; afterwards the cache holds pos_b + 1 positions."""
+        if self.cache is None:
+            return self.window(ids_BN, pos_B, 1)[:, 0]
+        B = len(pos_B)
+        start_B = self.cache.length_B[:B]
+        lag_B = pos_B - start_B  # >= 0: the cache never runs ahead of the committed tokens
+        probs_BWV = self.window(ids_BN, start_B, 1 + int(lag_B.max()))
+        self.commit(pos_B + 1)
+        return probs_BWV.gather(1, lag_B[:, None, None].expand(B, 1, probs_BWV.shape[-1]))[:, 0]
+
+    def commit(self, len_B):
+        """Roll each row's cache back to (at most) its committed length ``len_B``."""
+        if self.cache is not None:
+            self.cache.rollback(len_B.repeat(len(self.cond_in) // len(len_B)))
+
+
+def token_residual(p_BV, q_BV):
+    """norm(max(0, p - q)) (1(a).4); p itself when the residual mass vanishes (1(a).5)."""
+    res = (p_BV - q_BV).clamp(min=0)
+    mass = res.sum(-1, keepdim=True)
+    return torch.where(mass > RESIDUAL_EPS, res / mass.clamp(min=RESIDUAL_EPS), p_BV)
+
+
+def accept_and_correct(p_BWV, q_BgV, x_Bg, ratio_Bg, room_B, generator, residual_fn=token_residual):
     """The verification step shared by SD, SJD and GSD, vectorised over batch and window.
 
     ``p_BWV`` holds the target at the g = W-1 draft positions plus the bonus one, ``ratio_Bg``
     the acceptance ratio of each draft (p(x)/q(x) for the exact samplers), ``room_B`` the tokens
-    a row still has to emit. Returns (n_B accepted drafts, z_B the token emitted after them,
-    y_BW one target sample per window position, cap_B drafts the row was allowed to accept).
+    a row still has to emit, ``residual_fn(p_BV, q_BV)`` the distribution a rejection resamples
+    from. Returns (n_B accepted drafts, z_B the token emitted after them, y_BW one target sample
+    per window position, cap_B drafts the row was allowed to accept).
     """
     B, W, V = p_BWV.shape
     g = W - 1
@@ -77,9 +148,7 @@ def accept_and_correct(p_BWV, q_BgV, x_Bg, ratio_Bg, room_B, generator):
     p_n = p_BWV.gather(1, n_B[:, None, None].expand(B, 1, V))[:, 0]  # (B, V)
     if g > 0:
         q_n = q_BgV.gather(1, n_B.clamp(max=g - 1)[:, None, None].expand(B, 1, V))[:, 0]  # (B, V)
-        res = (p_n - q_n).clamp(min=0)  # norm(max(0, p - q)), 1(a).4
-        mass = res.sum(-1, keepdim=True)
-        res = torch.where(mass > RESIDUAL_EPS, res / mass.clamp(min=RESIDUAL_EPS), p_n)
+        res = residual_fn(p_n, q_n)
     else:
         res = p_n
     z_res = sample_probs(res, generator)
@@ -107,6 +176,7 @@ class SpeculativeConfig:
     name: str = "speculative"
     draft_ckpt: str = ""  # run dir of a smaller llamagen trained on the same tokenizer
     gamma: int = 4  # draft tokens per target call
+    use_cache: bool = True  # False: both models recompute the whole prefix every call (baseline)
     cfg_scale: float = 1.0
     temperature: float = 1.0
     top_k: int = 0
@@ -114,7 +184,7 @@ class SpeculativeConfig:
 
 
 @torch.no_grad()
-def sample_speculative(target, draft, cond_B, *, generator, gamma=4, **warp):
+def sample_speculative(target, draft, cond_B, *, generator, gamma=4, use_cache=True, **warp):
     """Draw ids (B, N) from ``target`` with ``draft`` proposals; returns (ids_BN, stats)."""
     t0 = time.perf_counter()
     if gamma < 1:
@@ -125,20 +195,22 @@ def sample_speculative(target, draft, cond_B, *, generator, gamma=4, **warp):
     ids_BN = torch.zeros(B, N, dtype=torch.long, device=device)
     len_B = torch.zeros(B, dtype=torch.long, device=device)
     stats = new_stats()
-    win = torch.arange(gamma + 1, device=device)
+    draft_stats = new_stats()
+    p_model = WindowScorer(target, cond_B, warp, stats, use_cache, gamma + 1)
+    q_model = WindowScorer(draft, cond_B, warp, draft_stats, use_cache, gamma + 1)
     while bool((len_B < N).any()):
         active_B = len_B < N
         qs, xs = [], []
         for j in range(gamma):  # autoregressive drafting: a loop over draft steps, not rows
             pos_B = len_B + j
-            q_BV = window_probs(draft, ids_BN, cond_B, pos_B.clamp(max=N - 1)[:, None], warp)[:, 0]
+            q_BV = q_model.next_probs(ids_BN, pos_B)
             x_B = sample_probs(q_BV, generator)
             write_at(ids_BN, pos_B, x_B, pos_B < N)
             qs.append(q_BV)
             xs.append(x_B)
             stats["draft_forwards"] += 1
         q_BgV, x_Bg = torch.stack(qs, 1), torch.stack(xs, 1)
-        p_BWV = window_probs(target, ids_BN, cond_B, (len_B[:, None] + win).clamp(max=N - 1), warp)
+        p_BWV = p_model.window(ids_BN, len_B, gamma + 1)
         stats["target_forwards"] += 1
         ratio_Bg = (
             p_BWV[:, :gamma].gather(2, x_Bg[..., None])[..., 0] / q_BgV.gather(2, x_Bg[..., None])[..., 0]
@@ -148,6 +220,9 @@ def sample_speculative(target, draft, cond_B, *, generator, gamma=4, **warp):
         stats["accepted"] += int((n_B * active_B).sum())
         stats["proposed"] += int((cap_B * active_B).sum())
         len_B = len_B + (n_B + 1) * active_B
+        p_model.commit(len_B)
+        q_model.commit(len_B)
+    stats["draft_positions_computed"] = draft_stats["positions_computed"]
     return ids_BN, finish_stats(stats, B, B * N, t0)
 
 
@@ -184,7 +259,13 @@ def build_speculative(cfg):
             loaded["draft"] = draft.eval()
         cond_B = cond_B.to(model.tok_emb.weight.device)
         return sample_speculative(
-            model, loaded["draft"], cond_B, generator=generator, gamma=cfg["gamma"], **warp_kwargs(cfg)
+            model,
+            loaded["draft"],
+            cond_B,
+            generator=generator,
+            gamma=cfg["gamma"],
+            use_cache=cfg["use_cache"],
+            **warp_kwargs(cfg),
         )
 
     return run
