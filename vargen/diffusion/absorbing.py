@@ -52,9 +52,20 @@ def times_from_fractions(frac_K: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.cat([one, inner, end])
 
 
+MIN_FRACTION = 1e-4  # each step covers at least this share of (1 - eps) / n: times strictly decrease
+
+
+def step_fractions(logits_K: torch.Tensor) -> torch.Tensor:
+    """Step fractions (K,) > 0 summing to 1: a softmax mixed with a small uniform floor, so that
+    no step underflows to zero length (LSD+'s parameterisation; zeros give the uniform grid)."""
+    K = logits_K.shape[0]
+    return (1 - MIN_FRACTION) * torch.softmax(logits_K, 0) + MIN_FRACTION / K
+
+
 def uniform_times(steps: int, eps: float) -> torch.Tensor:
-    """The base sampler's uniform grid from 1 to eps, (steps+1,)."""
-    return times_from_fractions(torch.full((steps,), 1.0 / steps), eps)
+    """The base sampler's uniform grid from 1 to eps, (steps+1,): the LSD+ times at zero logits,
+    bit for bit, so an untrained student is the base sampler."""
+    return times_from_fractions(step_fractions(torch.zeros(steps)), eps)
 
 
 def transition_probs(logp0_BLV, x_BL, t, t_next, eps: float, coef=1.0, last: bool = False):
@@ -134,6 +145,7 @@ __all__ = [
     "sample_chain",
     "sigma",
     "sigma_bar",
+    "step_fractions",
     "times_from_fractions",
     "transition_probs",
     "uniform_times",

@@ -3,7 +3,8 @@ the student's times and the distillation loss, as pure functions (spec sampling-
 
 Student: n Euler steps (vargen/diffusion/absorbing.py) from the same all-mask x_T as the teacher,
 with a coefficient c_i per step on the model's log-output (s -> s^{c_i}; c_i = 1 is the base
-sampler). LSD+ also learns the step sizes: t_i = 1 - (1 - eps) sum_{k<i} softmax(logits)_k, so
+sampler). LSD+ also learns the step sizes: t_i = 1 - (1 - eps) sum_{k<i} softmax(logits)_k (with a
+1e-4 uniform floor), so
 the times are strictly decreasing from 1 and end at eps (:func:`student_times`).
 
 Teacher: the same network with N uniform steps (N >> n); its states x_{tau_k} on its grid are
@@ -28,12 +29,13 @@ from __future__ import annotations
 
 import torch
 
-from vargen.diffusion.absorbing import times_from_fractions, transition_probs
+from vargen.diffusion.absorbing import step_fractions, times_from_fractions, transition_probs
 
 
 def student_times(step_logits_n: torch.Tensor, eps: float) -> torch.Tensor:
-    """LSD+ times (n+1,): 1 = t_0 > ... > t_n = eps, steps (1 - eps) softmax(logits) (zeros: uniform)."""
-    return times_from_fractions(torch.softmax(step_logits_n, 0), eps)
+    """LSD+ times (n+1,): 1 = t_0 > ... > t_n = eps, step i of size (1 - eps) frac_i with frac the
+    softmax of the logits (floored, :func:`~vargen.diffusion.absorbing.step_fractions`; zeros: uniform)."""
+    return times_from_fractions(step_fractions(step_logits_n), eps)
 
 
 def aligned_indices(teacher_times: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
