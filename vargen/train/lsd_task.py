@@ -65,16 +65,16 @@ def _batch(step: int, seed: int, batch: int, num_classes: int, device):
     return labels, g
 
 
-def _loss(student, labels, g, cfg, teacher_times):
-    """Teacher trajectories for ``labels`` (no gradient) and the student's LSD loss on them."""
-    net = student.base
+def _loss(net, times, coefs, labels, g, cfg, teacher_times):
+    """Teacher trajectories for ``labels`` (no gradient) and the LSD loss of a student with
+    ``times`` / ``coefs`` on them; returns (loss, per-step losses)."""
 
     def logp0(x_BN):
         return net.log_p0(x_BN, labels, cfg.cfg_scale, cfg.temperature)
 
     x_T = all_mask(labels.shape[0], net.num_tokens, net.vocab_size, labels.device)
     _, states = sample_chain(logp0, x_T, teacher_times, net.eps, g, record=True)
-    return distill_loss(logp0, states, teacher_times, student.times(), student.coef, net.eps)
+    return distill_loss(logp0, states, teacher_times, times, coefs, net.eps)
 
 
 @TASKS.register("lsd", LSDRun)
@@ -120,28 +120,25 @@ def run_lsd(cfg, log=print):
     teacher_times = uniform_times(cfg.teacher_steps, student.eps).to(device)
     eval_labels, _ = _batch(EVAL_STEP, cfg.seed, cfg.eval_batch, student.num_classes, device)
 
-    def eval_loss():
+    def eval_loss(times, coefs):
         with torch.no_grad():
             _, g = _batch(EVAL_STEP, cfg.seed, cfg.eval_batch, student.num_classes, device)
-            return _loss(student, eval_labels, g, cfg, teacher_times)[0].item()
+            return _loss(student.base, times, coefs, eval_labels, g, cfg, teacher_times)[0].item()
 
     log(
         f"[lsd] student {cfg.model.student_steps} steps ({'LSD+' if cfg.model.learn_steps else 'LSD'}) "
         f"from a {cfg.teacher_steps}-step teacher, {len(params)} parameter tensors"
     )
-    with torch.no_grad():  # the base sampler's loss: c = 1, uniform steps
-        init = {"coef": student.coef.clone(), "step_logits": student.step_logits.clone()}
-        student.coef.fill_(1.0)
-        student.step_logits.zero_()
-        loss_init = eval_loss()
-        student.coef.copy_(init["coef"])
-        student.step_logits.copy_(init["step_logits"])
+    n = cfg.model.student_steps
+    loss_init = eval_loss(
+        uniform_times(n, student.eps).to(device), torch.ones(n, device=device)
+    )  # base sampler
     t0, log_path = time.perf_counter(), os.path.join(cfg.out_dir, "log.jsonl")
     if start == 0 and os.path.exists(log_path):
         os.remove(log_path)
     for step in range(start, tc.steps):
         labels, g = _batch(step, cfg.seed, tc.batch_size, student.num_classes, device)
-        loss, per_step = _loss(student, labels, g, cfg, teacher_times)
+        loss, per_step = _loss(student.base, student.times(), student.coef, labels, g, cfg, teacher_times)
         if not torch.isfinite(loss):
             raise TrainingError(f"lsd loss is {loss.item()} at step {step}: lower train.lr")
         opt.zero_grad(set_to_none=True)
@@ -150,6 +147,7 @@ def run_lsd(cfg, log=print):
         done = step + 1
         if done % tc.log_every == 0 or done == tc.steps:
             row = {"step": done, "loss": loss.item(), "elapsed_s": round(time.perf_counter() - t0, 3)}
+            row["per_step"] = per_step.tolist()
             row["coef"] = student.coef.tolist()
             row["times"] = student.times().tolist()
             with open(log_path, "a") as f:
@@ -162,5 +160,7 @@ def run_lsd(cfg, log=print):
         save_checkpoint(cfg.out_dir, student, {"optimizer": opt.state_dict()}, config, 0, cfg.task)
     with open(os.path.join(cfg.out_dir, "lsd_schedule.json"), "w") as f:
         json.dump({"coef": student.coef.tolist(), "times": student.times().tolist()}, f, indent=2)
-    _write_eval(cfg, {"eval_loss_base": loss_init, "eval_loss": eval_loss()}, log)
+    _write_eval(
+        cfg, {"eval_loss_base": loss_init, "eval_loss": eval_loss(student.times(), student.coef)}, log
+    )
     return student.eval()
