@@ -55,8 +55,10 @@ DEFAULT_SAMPLER = {
     "token_shuffle": "token_shuffle",
     "ctf": "ctf",
     "xar": "xar",
+    "mdm": "mdm",
+    "lsd_student": "lsd",
 }
-GENERATOR_TASKS = ("generator", "pixel_generator")
+GENERATOR_TASKS = ("generator", "pixel_generator", "lsd")
 
 
 def generate(model, tokenizer, labels_B: torch.Tensor, sampler, generator, batch_size: int, progress=False):
@@ -103,7 +105,7 @@ def run_sampling(ckpt: str, cfg, log=print) -> dict:
     model, gen_cfg = load_component(ckpt, device)
     if gen_cfg.task not in GENERATOR_TASKS:
         raise ValueError(f"{ckpt} holds a '{gen_cfg.task}' checkpoint; sample.py needs a generator")
-    tokenizer = load_tokenizer_for(gen_cfg, device) if gen_cfg.task == "generator" else None
+    tokenizer = load_tokenizer_for(gen_cfg, device) if "tokenizer_ckpt" in gen_cfg else None
     if tokenizer is not None and hasattr(model, "attach_tokenizer"):
         model.attach_tokenizer(tokenizer)
     sampler = SAMPLERS.build(cfg.sampler)
