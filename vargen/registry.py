@@ -25,6 +25,7 @@ _COMPONENT_MODULES = (
     "vargen.eval",
     "vargen.diffusion",
     "vargen.train.tasks",
+    "vargen.train.minority_task",
 )
 
 
