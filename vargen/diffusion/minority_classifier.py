@@ -2,8 +2,9 @@
 
 Spec 3a.3: cross-entropy on (q_sample(x0, t), c) with t uniform on the denoiser's grid. The
 reference freezes ADM's ImageNet noisy-classifier encoder and trains a small attention-pool head;
-at 16x16 a small conv net trained from scratch does the job: conv stages (3x3 conv, GroupNorm,
-time-FiLM, SiLU, 2x down) to <= 4x4, global mean pool, linear logits over the L levels.
+at 16x16 a small conv net trained from scratch does the job: conv stages (3x3 conv, time-FiLM,
+SiLU, 2x down) to <= 4x4, global mean pool, linear logits over the L levels. No normalisation: a
+per-sample GroupNorm would remove the image's mean intensity, which a level often depends on.
 
 The classifier carries what a sampler needs to check it against a denoiser, as buffers in its
 weights file: ``abar`` (T,) float64, the VP grid it was trained on (copied from the denoiser), and
@@ -34,17 +35,16 @@ class NoisyClassifierConfig:
 
 
 class _Stage(nn.Module):
-    """3x3 conv -> GroupNorm -> FiLM by the time embedding -> SiLU -> 2x average pool."""
+    """3x3 conv -> FiLM by the time embedding -> SiLU -> 2x average pool."""
 
     def __init__(self, c_in: int, width: int, time_dim: int):
         super().__init__()
         self.conv = nn.Conv2d(c_in, width, 3, padding=1)
-        self.norm = nn.GroupNorm(min(8, width), width)
         self.film = nn.Linear(time_dim, 2 * width)
 
     def forward(self, x_BCHW: torch.Tensor, temb_BD: torch.Tensor) -> torch.Tensor:
         scale, shift = self.film(temb_BD)[:, :, None, None].chunk(2, dim=1)  # (B, W, 1, 1) each
-        h = self.norm(self.conv(x_BCHW)) * (1 + scale) + shift  # (B, W, H, W)
+        h = self.conv(x_BCHW) * (1 + scale) + shift  # (B, W, H, W)
         return F.avg_pool2d(F.silu(h), 2)  # (B, W, H/2, W/2)
 
 

@@ -6,6 +6,7 @@ from vargen.sampling import (  # noqa: F401  (register)
     cspd_sampler,
     ctf_decode,
     jacobi,
+    minority_sampling,
     speculative,
     tarflow_sampling,
     token_shuffle_decode,
