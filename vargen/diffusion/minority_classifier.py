@@ -3,8 +3,10 @@
 Spec 3a.3: cross-entropy on (q_sample(x0, t), c) with t uniform on the denoiser's grid. The
 reference freezes ADM's ImageNet noisy-classifier encoder and trains a small attention-pool head;
 at 16x16 a small conv net trained from scratch does the job: conv stages (3x3 conv, time-FiLM,
-SiLU, 2x down) to <= 4x4, global mean pool, linear logits over the L levels. No normalisation: a
-per-sample GroupNorm would remove the image's mean intensity, which a level often depends on.
+SiLU, 2x down) to <= 4x4, then linear logits over the L levels from the flattened map. Not a
+global pool: on digits the minority score depends on *where* the ink is (a linear model of the
+pixels predicts the level well above chance; a translation-invariant pooled net reached chance).
+No normalisation: a per-sample GroupNorm would remove the image's mean intensity.
 
 The classifier carries what a sampler needs to check it against a denoiser, as buffers in its
 weights file: ``abar`` (T,) float64, the VP grid it was trained on (copied from the denoiser), and
@@ -71,14 +73,14 @@ class NoisyLevelClassifier(nn.Module):
             stages.append(_Stage(c, cfg.width, cfg.time_dim))
             c, side = cfg.width, side // 2
         self.stages = nn.ModuleList(stages)
-        self.out = nn.Linear(c, cfg.num_levels)
+        self.out = nn.Linear(c * side * side, cfg.num_levels)
 
     def forward(self, x_t: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
         temb = self.time_mlp(timestep_embedding(t_B, self.cfg.time_dim))  # (B, D)
         h = x_t
         for stage in self.stages:
             h = stage(h, temb)
-        return self.out(h.mean(dim=(2, 3)))  # (B, L)
+        return self.out(h.flatten(1))  # (B, L)
 
     def q_sample(self, x0: torch.Tensor, t_B: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         a = self.abar[t_B].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))  # (B, 1, 1, 1)
