@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Minority guidance (Um et al., ICLR'24) on the digits DDPM: unguided vs guided samples.
 
-    python benchmarks/diffusion_minority.py [--quick] [--w 2.0]
+    python benchmarks/diffusion_minority.py [--quick] [--w 3.0]
 
 Trains (or resumes) the class-conditional DDPM (configs/digits_ddpm.yaml) and its noisy minority
 level classifier (configs/digits_minority.yaml) into runs/bench_minority_{quick,full}, then
@@ -30,7 +30,7 @@ from common import ROOT, meta, print_table, train, write_results  # noqa: E402
 SEEDS = (0, 1, 2)
 
 
-def run(quick: bool, root: str, ddpm_ckpt: str, w: float = 2.0) -> dict:
+def run(quick: bool, root: str, ddpm_ckpt: str, w: float = 3.0) -> dict:
     """Train the classifier for ``ddpm_ckpt`` under ``root`` and measure; returns the flat results."""
     from vargen.data import build_dataset
     from vargen.diffusion.minority import minority_scores
@@ -39,7 +39,9 @@ def run(quick: bool, root: str, ddpm_ckpt: str, w: float = 2.0) -> dict:
     from vargen.sampling.minority_sampling import sample_minority
     from vargen.train.tasks import load_component
 
-    clf_dir = train("digits_minority", os.path.join(root, "minority"), quick, [f"denoiser_ckpt={ddpm_ckpt}"], 600)
+    clf_dir = train(
+        "digits_minority", os.path.join(root, "minority"), quick, [f"denoiser_ckpt={ddpm_ckpt}"], 600
+    )
     den, den_cfg = load_component(ddpm_ckpt)
     clf, clf_cfg = load_component(clf_dir)
     clf.requires_grad_(False)
@@ -88,7 +90,7 @@ def run(quick: bool, root: str, ddpm_ckpt: str, w: float = 2.0) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short training, 200 samples x 50 steps per seed")
-    p.add_argument("--w", type=float, default=2.0, help="minority guidance scale of the guided run")
+    p.add_argument("--w", type=float, default=3.0, help="minority guidance scale of the guided run")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     root = os.path.join(ROOT, "runs", f"bench_minority_{'quick' if args.quick else 'full'}")
@@ -103,9 +105,12 @@ def main(argv=None):
         for k, w in (("unguided", 0.0), ("guided", args.w))
     ]
     print_table(rows, ["sampler", "minority score", "fid"])
-    print(f"held-out data score {flat['minority.score_heldout_data']:.2f}, classifier held-out acc "
-          f"{flat['minority.classifier_heldout_acc']:.3f} (t=0: {flat['minority.classifier_heldout_acc_t0']:.3f}, "
-          f"chance {flat['minority.classifier_chance_acc']:.3f})")
+    print(
+        f"held-out data score {flat['minority.score_heldout_data']:.2f}, classifier held-out acc "
+        f"{flat['minority.classifier_heldout_acc']:.3f} "
+        f"(t=0: {flat['minority.classifier_heldout_acc_t0']:.3f}, "
+        f"chance {flat['minority.classifier_chance_acc']:.3f})"
+    )
     print("wrote", write_results("diffusion_minority", flat, meta(args.quick, SEEDS)))
 
 

@@ -45,7 +45,9 @@ def test_single_gaussian_l2_score_is_analytic_and_ranks_like_minus_log_p():
 def test_image_scores_equal_the_library_score_draw_for_draw_and_perceptual_of_identity_is_l2():
     g = torch.Generator().manual_seed(1)
     x0 = _gmm_images(12, g).clamp(-1, 1)
-    ref = minority_score(x0, lambda x, t: _x0_hat(x, t).clamp(-1, 1), ABAR, 605, torch.Generator().manual_seed(5))
+    ref = minority_score(
+        x0, lambda x, t: _x0_hat(x, t).clamp(-1, 1), ABAR, 605, torch.Generator().manual_seed(5)
+    )
     s = minority_scores((x0 + 1) / 2, GMM, torch.Generator().manual_seed(5), batch_size=12)
     assert torch.allclose(s, ref)
     # batching draws the noise per batch: a different but equally valid estimate, same size
@@ -87,7 +89,9 @@ def test_levels_of_gmm_images_rise_with_the_minor_component():
 
 def _classifier(L=4, width=16):
     clf = NoisyLevelClassifier(
-        NoisyClassifierConfig(channels=1, resolution=8, num_levels=L, num_steps=1000, width=width, time_dim=32)
+        NoisyClassifierConfig(
+            channels=1, resolution=8, num_levels=L, num_steps=1000, width=width, time_dim=32
+        )
     )
     clf.abar.copy_(ABAR)
     return clf
@@ -127,7 +131,9 @@ def test_sampler_rejects_a_classifier_of_another_grid_and_bad_levels():
 
 def test_w0_is_plain_ddpm_draw_for_draw():
     cond = torch.zeros(16, dtype=torch.long)
-    x, st = sample_minority(GMM, _classifier(), cond, torch.Generator().manual_seed(6), w=0.0, steps=20, shape=SHAPE)
+    x, st = sample_minority(
+        GMM, _classifier(), cond, torch.Generator().manual_seed(6), w=0.0, steps=20, shape=SHAPE
+    )
     ref, _ = ddim_sample(
         lambda x, t: GMM(x, t), (16, *SHAPE), 20, torch.Generator().manual_seed(6), abar=ABAR, eta=1.0
     )
@@ -158,7 +164,7 @@ def test_trained_classifier_guidance_raises_the_target_level_fraction(one_thread
         s = minority_scores((xs + 1) / 2, GMM, torch.Generator().manual_seed(9), clip=False)
         fracs.append((assign_levels(s, q) == 3).double().mean().item())
         assert st["classifier_forwards"] == (0 if w == 0 else 40)
-    # 300 samples: binomial std <= 0.03; the unguided 40-step chain gives ~0.1 
+    # 300 samples: binomial std <= 0.03; the unguided 40-step chain gives ~0.1
     assert fracs[1] > fracs[0] + 0.2 and fracs[2] > fracs[1] + 0.1
 
 
@@ -170,15 +176,18 @@ def test_trained_classifier_guidance_raises_the_target_level_fraction(one_thread
 @pytest.fixture(scope="module")
 def minority_runs(tmp_path_factory):
     """A tiny DDPM and its level classifier, trained through train.py's tasks (shared)."""
-    from .conftest import task_config
-
     from vargen.train.tasks import run
+
+    from .conftest import task_config
 
     root = tmp_path_factory.mktemp("minority")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     ddpm = {"name": "ddpm_unet", "block_out_channels": [16, 32], "norm_groups": 8}
-    run(task_config("pixel_generator", root / "ddpm", dict(steps=150, batch_size=32, lr=3e-3), model=ddpm), log=print)
+    run(
+        task_config("pixel_generator", root / "ddpm", dict(steps=150, batch_size=32, lr=3e-3), model=ddpm),
+        log=print,
+    )
     clf = {"name": "noisy_classifier", "width": 32, "time_dim": 32}
     cfg = task_config(
         "minority_classifier",
@@ -204,7 +213,9 @@ def test_classifier_task_records_grid_thresholds_and_denoiser_hash(minority_runs
     clf, cfg = load_component(str(minority_runs / "mino"))
     den, _ = load_component(str(minority_runs / "ddpm"))
     ev = json.loads((minority_runs / "mino" / "eval.json").read_text())
-    assert torch.equal(clf.abar, den.abar) and cfg.denoiser_sha256 == file_sha256(str(minority_runs / "ddpm" / "model.safetensors"))
+    assert torch.equal(clf.abar, den.abar) and cfg.denoiser_sha256 == file_sha256(
+        str(minority_runs / "ddpm" / "model.safetensors")
+    )
     assert torch.allclose(clf.thresholds, torch.tensor(ev["thresholds"], dtype=torch.float64))
     assert bool((clf.thresholds.diff() > 0).all()) and ev["score_step"] == 605
     assert 0.0 <= ev["heldout_acc"] <= 1.0 and ev["chance_acc"] == 0.2
@@ -227,7 +238,13 @@ def test_sample_py_minority_guidance_raises_the_mean_minority_score(minority_run
     scores = {}
     for w in (0.0, 5.0):
         out = minority_runs / f"samples_w{w}"
-        args = ["--ckpt", str(minority_runs / "ddpm"), "sampler.name=minority", f"sampler.w={w}", "sampler.steps=10"]
+        args = [
+            "--ckpt",
+            str(minority_runs / "ddpm"),
+            "sampler.name=minority",
+            f"sampler.w={w}",
+            "sampler.steps=10",
+        ]
         args += [f"sampler.classifier_ckpt={minority_runs / 'mino'}", "num_samples=100", "batch_size=100"]
         assert sample_cli.main([*args, f"out={out}", "progress=false"]) == 0
         images = torch.from_numpy(np.load(out / "samples.npz")["images"]).permute(0, 3, 1, 2).float() / 255
@@ -236,6 +253,11 @@ def test_sample_py_minority_guidance_raises_the_mean_minority_score(minority_run
         assert '"stats.classifier_forwards": ' + ("0" if w == 0 else "10") in metrics
     diff = scores[5.0] - scores[0.0]  # (100,) paired
     assert diff.mean() > 4 * diff.std() / 10
-    bad = ["--ckpt", str(minority_runs / "ddpm"), "sampler.name=minority", f"sampler.classifier_ckpt={minority_runs / 'ddpm'}"]
+    bad = [
+        "--ckpt",
+        str(minority_runs / "ddpm"),
+        "sampler.name=minority",
+        f"sampler.classifier_ckpt={minority_runs / 'ddpm'}",
+    ]
     assert sample_cli.main([*bad, "num_samples=2", f"out={minority_runs / 'bad'}"]) == 1
     assert "not a minority_classifier" in capsys.readouterr().err

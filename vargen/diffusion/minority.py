@@ -5,8 +5,9 @@ with d = squared L2 or a perceptual distance (any callable (B, ...) x2 -> (B,), 
 digits feature net). Levels are quantile bins (higher = more unique). Guidance toward level c*
 (score form): eps_tilde = eps - sqrt(1 - abar_t) w grad log p(c* | x_t, t) (a v-model is
 converted to eps first, see denoiser.py). ``minority_scores`` scores images (N, C, H, W) in [0, 1]
-under a trained image denoiser; the noisy level classifier is in minority_classifier.py. ``QuadratureOracle`` gives the exact classifier
-gradient for 1-D data by quadrature, for tests without training.
+under a trained image denoiser; the noisy level classifier is in minority_classifier.py.
+``QuadratureOracle`` gives the exact classifier gradient for 1-D data by quadrature, for tests
+without training.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def minority_scores(
     [0, 1], e.g. the dataset's FID feature net) or any callable (B, ...) x2 -> (B,) on model space.
     """
     if not 0 <= t < denoiser.abar.shape[0]:
-        raise ValueError(f"minority score step t={t} is outside the denoiser's grid [0, {denoiser.abar.shape[0]})")
+        raise ValueError(
+            f"minority score step t={t} is outside the denoiser's grid [0, {denoiser.abar.shape[0]})"
+        )
     if distance == "perceptual":
         if feature_net is None:
             raise ValueError("distance 'perceptual' needs a feature_net (e.g. vargen.eval.get_feature_net)")

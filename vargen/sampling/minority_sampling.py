@@ -101,7 +101,9 @@ def build_minority(cfg):
     """``(model, cond_B, generator) -> (images, stats)``; loads ``classifier_ckpt`` on first use."""
     cfg = {**asdict(MinorityConfig()), **dict(cfg)}
     if cfg["w"] != 0 and not cfg["classifier_ckpt"]:
-        raise ValueError("sampler.classifier_ckpt must name a trained minority_classifier run (or set sampler.w=0)")
+        raise ValueError(
+            "sampler.classifier_ckpt must name a trained minority_classifier run (or set sampler.w=0)"
+        )
     if cfg["steps"] < 1:
         raise ValueError(f"sampler.steps must be >= 1, got {cfg['steps']}")
     if not 0.0 <= cfg["eta"] <= 1.0:
@@ -120,6 +122,8 @@ def build_minority(cfg):
                 )
             loaded["classifier"] = clf.eval().requires_grad_(False)
         keys = ("level", "w", "steps", "eta", "cfg_scale")
-        return sample_minority(model, loaded.get("classifier"), cond_B, generator, **{k: cfg[k] for k in keys})
+        return sample_minority(
+            model, loaded.get("classifier"), cond_B, generator, **{k: cfg[k] for k in keys}
+        )
 
     return run

@@ -77,7 +77,9 @@ def run_minority_classifier(cfg, log=print):
     if cfg.distance not in DISTANCES:
         raise ValueError(f"config key 'distance' must be one of {DISTANCES}, got {cfg.distance!r}")
     if cfg.num_levels < 2 or cfg.n_iter < 1:
-        raise ValueError(f"config keys 'num_levels' (>= 2) and 'n_iter' (>= 1): got {cfg.num_levels}, {cfg.n_iter}")
+        raise ValueError(
+            f"config keys 'num_levels' (>= 2) and 'n_iter' (>= 1): got {cfg.num_levels}, {cfg.n_iter}"
+        )
     device = _device(cfg)
     torch.manual_seed(cfg.seed)
     cfg.denoiser_sha256 = file_sha256(resolve_weights_path(cfg.denoiser_ckpt))
@@ -111,7 +113,8 @@ def run_minority_classifier(cfg, log=print):
     model.thresholds.copy_(q)
     x_train, x_held = den.data_to_x(data.train_images), den.data_to_x(data.heldout_images)
     del den
-    log(f"[{cfg.task}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.num_levels} levels")
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[{cfg.task}] {n_params / 1e6:.2f}M parameters, {cfg.num_levels} levels")
     fit(model, x_train, levels, cfg, device, cfg.task, log, (x_held, held_levels))
 
     metrics = heldout_metrics(model, x_held, held_levels, device)
