@@ -1,6 +1,6 @@
 """Generator models: next-token AR transformer, next-scale (VAR) transformer, TarFlow."""
 
-from vargen.models import ar, ctf, tarflow, token_shuffle, tokenbridge_ar, var, xar  # noqa: F401  (register)
+from vargen.models import ar, ctf, diffusion_unet, tarflow, token_shuffle, tokenbridge_ar, var, xar  # noqa: F401  (register)
 from vargen.models.ar import ARConfig, ARTransformer
 from vargen.models.blocks import KVCache, attention
 from vargen.models.tarflow import TarFlow, TarFlowConfig

@@ -5,6 +5,7 @@ from vargen.sampling import (  # noqa: F401  (register)
     ar_decode,
     cspd_sampler,
     ctf_decode,
+    diffusion_sampling,
     jacobi,
     minority_sampling,
     speculative,

@@ -55,6 +55,7 @@ DEFAULT_SAMPLER = {
     "token_shuffle": "token_shuffle",
     "ctf": "ctf",
     "xar": "xar",
+    "ddpm_unet": "ddim",
 }
 GENERATOR_TASKS = ("generator", "pixel_generator")
 
