@@ -13,20 +13,23 @@ the one that also holds for DDIM. ``cfg_scale`` != 1 adds classifier-free guidan
 labels (one batched forward of both branches per step); the minority gradient is added on top.
 The classifier's ``abar`` must equal the denoiser's (same grid), else the sampler stops.
 
-Stats: ``target_forwards`` (denoiser forwards), ``classifier_forwards`` (classifier forward +
-backward passes, one per step when w != 0).
+Stats, as the ``ddim`` sampler counts them (diffusion_sampling.py): ``target_forwards`` (denoiser
+calls; a guided step's two branches are one batched call), ``net_evals`` (rows through the
+network), ``classifier_forwards`` (classifier forward + backward passes, one per step when
+w != 0), ``seconds``.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from vargen.diffusion.denoiser import predict_eps
-from vargen.diffusion.minority import guided_eps_fn
+from vargen.diffusion.minority import guided_eps_fn as minority_eps_fn
 from vargen.diffusion.time_shift import ddim_sample
 from vargen.registry import SAMPLERS
+from vargen.sampling.diffusion_sampling import guided_eps_fn as cfg_eps_fn
 
 
 @dataclass
@@ -54,46 +57,46 @@ def check_classifier(classifier, denoiser, level: int) -> int:
     return level % L
 
 
+@torch.no_grad()
 def sample_minority(
-    denoiser, classifier, cond_B, generator, *, level=-1, w=1.0, steps=250, eta=1.0, cfg_scale=1.0, shape=None
+    denoiser,
+    classifier,
+    cond_B,
+    generator,
+    *,
+    level=-1,
+    w=1.0,
+    steps=250,
+    eta=1.0,
+    cfg_scale=1.0,
+    shape=None,
 ):
     """Images (B, C, H, W) in [0, 1] drawn with minority guidance, and stats.
 
     ``shape`` (C, H, W) defaults to the denoiser's config; a denoiser without ``x_to_data`` (the
-    analytic ones) returns model-space samples. ``cond_B`` (B,) labels are passed to the denoiser.
+    analytic ones, whose state is float64) returns model-space samples. ``cond_B`` (B,) labels.
     """
-    level = check_classifier(classifier, denoiser, level) if classifier is not None else level
+    t0 = time.perf_counter()
     if classifier is None and w != 0:
         raise ValueError("sample_minority: w != 0 needs a classifier")
-    device = denoiser.abar.device
-    dtype = next(denoiser.parameters()).dtype if isinstance(denoiser, torch.nn.Module) else torch.float64
-    B = cond_B.shape[0]
-    cond = cond_B.to(device)
-    null = torch.full_like(cond, getattr(denoiser, "null_class", 0))
-    counts = {"classifier_forwards": 0}
-
-    @torch.no_grad()
-    def model_eps(x, t_B):  # x (B, ...) float64 on the CPU, the sampler's state
-        xb, tb = x.to(device, dtype), t_B.to(device)
-        if cfg_scale == 1.0:
-            e = predict_eps(denoiser, xb, tb, cond)
-        else:  # one forward of both branches: (2B, ...)
-            both = predict_eps(denoiser, torch.cat([xb, xb]), torch.cat([tb, tb]), torch.cat([cond, null]))
-            e_c, e_u = both.chunk(2)
-            e = e_u + cfg_scale * (e_c - e_u)
-        return e.to(x.device, x.dtype)
+    if classifier is not None:
+        level = check_classifier(classifier, denoiser, level)
+    is_net = isinstance(denoiser, torch.nn.Module)
+    dtype = next(denoiser.parameters()).dtype if is_net else torch.float64
+    if shape is None:
+        shape = (denoiser.cfg.channels, denoiser.cfg.resolution, denoiser.cfg.resolution)
+    stats = {"net_evals": 0, "classifier_forwards": 0}
+    model_eps = cfg_eps_fn(denoiser, cond_B, cfg_scale, stats)  # (x, t_B) -> eps, CFG in eps space
 
     def grad_fn(x, t: int, c: int):
-        counts["classifier_forwards"] += 1
-        t_B = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
-        return classifier.grad_log_prob(x.to(device), t_B, c).to(x.device, x.dtype)
+        stats["classifier_forwards"] += 1
+        t_B = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        return classifier.grad_log_prob(x, t_B, c)  # (B, C, H, W)
 
-    abar = denoiser.abar.cpu().double()
-    eps_fn = guided_eps_fn(model_eps, "eps", grad_fn, level, w, abar)
-    shape = (B, *(shape or (denoiser.cfg.channels, denoiser.cfg.resolution, denoiser.cfg.resolution)))
-    x0, st = ddim_sample(eps_fn, shape, steps, generator, abar=abar, eta=eta)
-    images = denoiser.x_to_data(x0.to(device, dtype)) if hasattr(denoiser, "x_to_data") else x0
-    return images, {"target_forwards": st["target_forwards"], **counts}
+    eps_fn = minority_eps_fn(model_eps, "eps", grad_fn, level, w, denoiser.abar)
+    x0, st = ddim_sample(eps_fn, (cond_B.shape[0], *shape), steps, generator, denoiser.abar, eta, dtype=dtype)
+    stats.update(target_forwards=st["target_forwards"], seconds=time.perf_counter() - t0)
+    return (denoiser.x_to_data(x0) if hasattr(denoiser, "x_to_data") else x0), stats
 
 
 @SAMPLERS.register("minority", MinorityConfig)
