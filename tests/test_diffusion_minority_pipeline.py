@@ -261,3 +261,17 @@ def test_sample_py_minority_guidance_raises_the_mean_minority_score(minority_run
     ]
     assert sample_cli.main([*bad, "num_samples=2", f"out={minority_runs / 'bad'}"]) == 1
     assert "not a minority_classifier" in capsys.readouterr().err
+
+
+def test_classifier_task_fails_before_work_on_bad_distance_or_missing_denoiser(tmp_path):
+    from vargen.train.checkpoint import CheckpointError
+    from vargen.train.tasks import run
+
+    from .conftest import task_config
+
+    base = dict(denoiser_ckpt=str(tmp_path / "nothing"), model={"name": "noisy_classifier"})
+    with pytest.raises(ValueError, match="'distance'"):
+        run(task_config("minority_classifier", tmp_path / "a", {}, distance="lpips", **base))
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        run(task_config("minority_classifier", tmp_path / "b", {}, **base))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
