@@ -29,7 +29,11 @@ def ddpm(tmp_path_factory):
         "pixel_generator",
         out,
         dict(steps=200, batch_size=32, lr=3e-3),
-        model={"name": "ddpm_unet", "block_out_channels": [16, 16], "prediction": "v"},  # v: FID ~67 at 200 steps, eps ~800
+        model={
+            "name": "ddpm_unet",
+            "block_out_channels": [16, 16],
+            "prediction": "v",
+        },  # v: FID ~67 at 200 steps, eps ~800
     )
     run(cfg, log=lambda m: None)
     model, _ = load_component(str(out))
@@ -49,11 +53,19 @@ def test_trained_ddpm_scores_far_below_untrained(ddpm, tmp_path):
     common = ["batch_size=200", "fid=true", "fid_split=train"]
     m_ddim, _ = _sample_py(ckpt, tmp_path / "ddim", *common, "num_samples=200", "sampler.steps=10")
     m_fkc, _ = _sample_py(
-        ckpt, tmp_path / "fkc", *common, "num_samples=100", "sampler.name=fkc_cfg", "sampler.steps=6",
-        "sampler.particles=2", "sampler.cfg_scale=1.5",
+        ckpt,
+        tmp_path / "fkc",
+        *common,
+        "num_samples=100",
+        "sampler.name=fkc_cfg",
+        "sampler.steps=6",
+        "sampler.particles=2",
+        "sampler.cfg_scale=1.5",
     )
     untrained = DiffusionUNet(model.cfg).eval()
-    noise, _ = sample_ddim(untrained, class_labels(200, 10, []), generator=torch.Generator().manual_seed(0), steps=10)
+    noise, _ = sample_ddim(
+        untrained, class_labels(200, 10, []), generator=torch.Generator().manual_seed(0), steps=10
+    )
     fid_untrained = FIDEvaluator.for_dataset(DIGITS, split="train").score(noise)
     assert m_ddim["stats.target_forwards"] == 10 and m_ddim["stats.net_evals"] == 200 * 10
     assert m_fkc["stats.net_evals"] == 100 * 2 * 2 * 6 and m_fkc["stats.particles"] == 2
@@ -78,11 +90,18 @@ def test_time_shift_window_zero_is_the_base_sampler_bit_for_bit(ddpm):
     kw = dict(steps=10, eta=1.0, cfg_scale=1.5)
     base, _ = sample_ddim(model, labels, generator=torch.Generator().manual_seed(2), **kw)
     off, st = sample_ddim(
-        model, labels, generator=torch.Generator().manual_seed(2), time_shift=ExposureBiasTimeShift(window=0), **kw
+        model,
+        labels,
+        generator=torch.Generator().manual_seed(2),
+        time_shift=ExposureBiasTimeShift(window=0),
+        **kw,
     )
     on, st_on = sample_ddim(
-        model, labels, generator=torch.Generator().manual_seed(2),
-        time_shift=ExposureBiasTimeShift(window=80, cutoff=300), **kw,
+        model,
+        labels,
+        generator=torch.Generator().manual_seed(2),
+        time_shift=ExposureBiasTimeShift(window=80, cutoff=300),
+        **kw,
     )
     assert torch.equal(base, off) and st["shifted_steps"] == 0
     assert st_on["shifted_steps"] > 0 and not torch.equal(base, on)

@@ -35,10 +35,16 @@ def test_ddim_equals_diffusers_ddim_scheduler_step_by_step(tiny_unet, one_thread
         return model(x, t_B, labels)
 
     with torch.no_grad():
-        ours, st = ddim_sample(eps, (4, 1, 16, 16), 10, torch.Generator().manual_seed(3), ABAR, dtype=torch.float32)
+        ours, st = ddim_sample(
+            eps, (4, 1, 16, 16), 10, torch.Generator().manual_seed(3), ABAR, dtype=torch.float32
+        )
         sched = DDIMScheduler(
-            num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-            clip_sample=False, set_alpha_to_one=True,
+            num_train_timesteps=1000,
+            beta_schedule="linear",
+            beta_start=1e-4,
+            beta_end=0.02,
+            clip_sample=False,
+            set_alpha_to_one=True,
         )
         sched.set_timesteps(9)
         sched.timesteps = torch.linspace(999, 0, 10).round().long()
@@ -71,8 +77,15 @@ def test_fkc_cfg_recovers_the_geometric_average_where_plain_cfg_does_not(one_thr
         ms, vs = [], []
         for seed in range(2):
             x, st = fkc_cfg_ddpm(
-                pair, (4000, 1), 4000, ABAR, 1000, w, torch.Generator().manual_seed(seed),
-                weighted=weighted, keep_all=True,
+                pair,
+                (4000, 1),
+                4000,
+                ABAR,
+                1000,
+                w,
+                torch.Generator().manual_seed(seed),
+                weighted=weighted,
+                keep_all=True,
             )
             ms.append(x.mean().item())
             vs.append(x.var().item())
@@ -114,8 +127,12 @@ def test_fkc_groups_share_their_label_and_are_reproducible(one_thread):
         e_c = (1 - a).sqrt() * (x - a.sqrt() * means) / (a * 0.25 + 1 - a)
         return e_c, (1 - a).sqrt() * x
 
-    x1, _ = fkc_cfg_ddpm(pair, (1500, 1), 500, ABAR, 200, 1.5, torch.Generator().manual_seed(1), keep_all=True)
-    x2, _ = fkc_cfg_ddpm(pair, (1500, 1), 500, ABAR, 200, 1.5, torch.Generator().manual_seed(1), keep_all=True)
+    x1, _ = fkc_cfg_ddpm(
+        pair, (1500, 1), 500, ABAR, 200, 1.5, torch.Generator().manual_seed(1), keep_all=True
+    )
+    x2, _ = fkc_cfg_ddpm(
+        pair, (1500, 1), 500, ABAR, 200, 1.5, torch.Generator().manual_seed(1), keep_all=True
+    )
     assert torch.equal(x1, x2)
     # target N(m', v'): precision 1.5 / 0.25 - 0.5 = 5.5, mean 1.5 m / 0.25 / 5.5
     for g, m in enumerate((-2.0, 0.0, 3.0)):
@@ -135,7 +152,9 @@ def test_rectified_flow_schedule_fkc_annealing(one_thread):
     var = {}
     for weighted in (True, False):
         vs = [
-            fkc_sample([g.score], [2.0], sch, 4000, 1, 200, torch.Generator().manual_seed(s), weighted=weighted)[0]
+            fkc_sample(
+                [g.score], [2.0], sch, 4000, 1, 200, torch.Generator().manual_seed(s), weighted=weighted
+            )[0]
             .var()
             .item()
             for s in range(3)
