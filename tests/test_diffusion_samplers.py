@@ -162,3 +162,13 @@ def test_rectified_flow_schedule_fkc_annealing(one_thread):
         var[weighted] = sum(vs) / 3
     assert abs(var[True] / 0.25 - 1) < 0.1, var
     assert abs(var[False] / 0.25 - 1) > 0.2, var
+
+
+def test_ess_threshold_controls_resampling():
+    pair, shape, gen = _exact_pair(), (400, 2), lambda: torch.Generator().manual_seed(5)
+    _, every = fkc_cfg_ddpm(pair, shape, 8, ABAR, 30, 3.0, gen())
+    _, some = fkc_cfg_ddpm(pair, shape, 8, ABAR, 30, 3.0, gen(), ess_threshold=0.5, resampler="multinomial")
+    _, never = fkc_cfg_ddpm(pair, shape, 8, ABAR, 30, 3.0, gen(), ess_threshold=0.0)
+    assert every["resamples"] == 50 * 29  # every group, every step but the last
+    assert 0 < some["resamples"] < every["resamples"] and never["resamples"] == 0
+    assert 1.0 <= never["min_ess"] < some["min_ess"]
