@@ -35,10 +35,16 @@ def test_ddim_equals_diffusers_ddim_scheduler_step_by_step(tiny_unet, one_thread
         return model(x, t_B, labels)
 
     with torch.no_grad():
-        ours, st = ddim_sample(eps, (4, 1, 16, 16), 10, torch.Generator().manual_seed(3), ABAR, dtype=torch.float32)
+        ours, st = ddim_sample(
+            eps, (4, 1, 16, 16), 10, torch.Generator().manual_seed(3), ABAR, dtype=torch.float32
+        )
         sched = DDIMScheduler(
-            num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-            clip_sample=False, set_alpha_to_one=True,
+            num_train_timesteps=1000,
+            beta_schedule="linear",
+            beta_start=1e-4,
+            beta_end=0.02,
+            clip_sample=False,
+            set_alpha_to_one=True,
         )
         sched.set_timesteps(9)
         sched.timesteps = torch.linspace(999, 0, 10).round().long()
@@ -59,8 +65,9 @@ def _exact_pair(mu_c=1.0, var_c=0.5, mu_u=0.0, var_u=1.0):
 
 
 def test_fkc_cfg_recovers_the_geometric_average_where_plain_cfg_does_not(one_thread):
-    """p(x|c) = N(1, 0.5), p(x) = N(0, 1), w = 2: p_c^2 p_u^-1 = N(4/3, 1/3). Measured (3 seeds,
-    4000 particles, 1000 steps): FKC 1.345 / 0.332, plain CFG 1.509 / 0.289."""
+    """p(x|c) = N(1, 0.5), p(x) = N(0, 1), w = 2: p_c^2 p_u^-1 = N(4/3, 1/3). Measured (seeds 0-2,
+    4000 particles, 1000 steps): FKC 1.345 / 0.332, plain CFG 1.509 / 0.289; per-seed FKC var
+    0.333, 0.339, 0.324."""
     w = 2.0
     prec = w / 0.5 + (1 - w) / 1.0
     mu, var = (w * 1.0 / 0.5) / prec, 1.0 / prec
@@ -68,14 +75,21 @@ def test_fkc_cfg_recovers_the_geometric_average_where_plain_cfg_does_not(one_thr
     got = {}
     for weighted in (True, False):
         ms, vs = [], []
-        for seed in range(3):
+        for seed in range(2):
             x, st = fkc_cfg_ddpm(
-                pair, (4000, 1), 4000, ABAR, 1000, w, torch.Generator().manual_seed(seed),
-                weighted=weighted, keep_all=True,
+                pair,
+                (4000, 1),
+                4000,
+                ABAR,
+                1000,
+                w,
+                torch.Generator().manual_seed(seed),
+                weighted=weighted,
+                keep_all=True,
             )
             ms.append(x.mean().item())
             vs.append(x.var().item())
-        got[weighted] = (sum(ms) / 3, sum(vs) / 3)
+        got[weighted] = (sum(ms) / 2, sum(vs) / 2)
     m_fkc, v_fkc = got[True]
     m_plain, v_plain = got[False]
     assert abs(m_fkc - mu) < 0.05 and abs(v_fkc / var - 1) < 0.07, got
@@ -113,9 +127,48 @@ def test_fkc_groups_share_their_label_and_are_reproducible(one_thread):
         e_c = (1 - a).sqrt() * (x - a.sqrt() * means) / (a * 0.25 + 1 - a)
         return e_c, (1 - a).sqrt() * x
 
-    x1, _ = fkc_cfg_ddpm(pair, (1500, 1), 500, ABAR, 200, 1.5, torch.Generator().manual_seed(1), keep_all=True)
-    x2, _ = fkc_cfg_ddpm(pair, (1500, 1), 500, ABAR, 200, 1.5, torch.Generator().manual_seed(1), keep_all=True)
+    x1, _ = fkc_cfg_ddpm(
+        pair, (1500, 1), 500, ABAR, 200, 1.5, torch.Generator().manual_seed(1), keep_all=True
+    )
+    x2, _ = fkc_cfg_ddpm(
+        pair, (1500, 1), 500, ABAR, 200, 1.5, torch.Generator().manual_seed(1), keep_all=True
+    )
     assert torch.equal(x1, x2)
     # target N(m', v'): precision 1.5 / 0.25 - 0.5 = 5.5, mean 1.5 m / 0.25 / 5.5
     for g, m in enumerate((-2.0, 0.0, 3.0)):
         assert abs(x1[g * 500 : (g + 1) * 500].mean().item() - 6 * m / 5.5) < 0.1
+
+
+def test_rectified_flow_schedule_fkc_annealing(one_thread):
+    """Annealing N(1, 0.5) to beta = 2 (target var 0.25) under rectified flow in sigma-time.
+    Measured (3 seeds, 4000 particles, 200 steps): FKC 0.245, unweighted 0.168."""
+    from vargen.diffusion.analytic import GaussianMixture1D
+    from vargen.diffusion.fkc import fkc_sample
+    from vargen.diffusion.schedules import RectifiedFlowSchedule
+
+    sch = RectifiedFlowSchedule()
+    assert sch.alpha(1.0) + sch.sigma(1.0) == pytest.approx(1.0) and sch.sigma(1.0) < 1
+    g = GaussianMixture1D([1.0], [1.0], [0.5], sch)
+    var = {}
+    for weighted in (True, False):
+        vs = [
+            fkc_sample(
+                [g.score], [2.0], sch, 4000, 1, 200, torch.Generator().manual_seed(s), weighted=weighted
+            )[0]
+            .var()
+            .item()
+            for s in range(3)
+        ]
+        var[weighted] = sum(vs) / 3
+    assert abs(var[True] / 0.25 - 1) < 0.1, var
+    assert abs(var[False] / 0.25 - 1) > 0.2, var
+
+
+def test_ess_threshold_controls_resampling():
+    pair, shape, gen = _exact_pair(), (400, 2), lambda: torch.Generator().manual_seed(5)
+    _, every = fkc_cfg_ddpm(pair, shape, 8, ABAR, 30, 3.0, gen())
+    _, some = fkc_cfg_ddpm(pair, shape, 8, ABAR, 30, 3.0, gen(), ess_threshold=0.5, resampler="multinomial")
+    _, never = fkc_cfg_ddpm(pair, shape, 8, ABAR, 30, 3.0, gen(), ess_threshold=0.0)
+    assert every["resamples"] == 50 * 29  # every group, every step but the last
+    assert 0 < some["resamples"] < every["resamples"] and never["resamples"] == 0
+    assert 1.0 <= never["min_ess"] < some["min_ess"]

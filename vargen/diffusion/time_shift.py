@@ -27,7 +27,7 @@ def linear_alphas_cumprod(T: int = 1000, beta_start: float = 1e-4, beta_end: flo
 
 
 def cosine_alphas_cumprod(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
-    """abar_t of the cosine schedule (Nichol & Dhariwal 2021, eq. 17), betas clipped at max_beta, float64 (T,)."""
+    """abar_t of the cosine schedule (Nichol & Dhariwal 2021, eq. 17), betas capped at max_beta."""
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * torch.pi / 2) ** 2
     betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
     return torch.cumprod(1 - betas, 0)

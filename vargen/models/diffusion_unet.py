@@ -54,9 +54,13 @@ class DiffusionUNet(nn.Module):
         if cfg.prediction not in TARGETS:
             raise ValueError(f"model.prediction must be one of {TARGETS}, got {cfg.prediction!r}")
         if cfg.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"model.beta_schedule must be one of {sorted(BETA_SCHEDULES)}, got {cfg.beta_schedule!r}")
+            raise ValueError(
+                f"model.beta_schedule must be one of {sorted(BETA_SCHEDULES)}, got {cfg.beta_schedule!r}"
+            )
         if any(c % cfg.norm_groups for c in cfg.block_out_channels):
-            raise ValueError(f"model.block_out_channels {cfg.block_out_channels} must be divisible by norm_groups")
+            raise ValueError(
+                f"model.block_out_channels {cfg.block_out_channels} must be divisible by norm_groups"
+            )
         from diffusers import UNet2DModel
 
         self.cfg = cfg
@@ -93,7 +97,9 @@ class DiffusionUNet(nn.Module):
         return ((x + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------ the denoiser
-    def forward(self, x_t: torch.Tensor, t_B: torch.Tensor, cond_B: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x_t: torch.Tensor, t_B: torch.Tensor, cond_B: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The declared prediction (B, C, H, W) at per-sample steps t_B (B,); cond None = null class."""
         if cond_B is None:
             cond_B = torch.full((x_t.shape[0],), self.null_class, dtype=torch.long, device=x_t.device)

@@ -81,7 +81,9 @@ def _pair(model, x, t_B, cond_B, stats):
 
 
 @torch.no_grad()
-def sample_ddim(model, cond_B, *, generator, steps=50, eta=0.0, cfg_scale=1.0, time_shift=None, progress=False):
+def sample_ddim(
+    model, cond_B, *, generator, steps=50, eta=0.0, cfg_scale=1.0, time_shift=None, progress=False
+):
     """Images (B, C, H, W) in [0, 1] and stats; ``time_shift`` an ExposureBiasTimeShift or None."""
     t0 = time.perf_counter()
     cfg = model.cfg
@@ -122,7 +124,15 @@ def sample_fkc_cfg(
 
     shape = (cond_N.shape[0], cfg.channels, cfg.resolution, cfg.resolution)
     x, st = fkc_cfg_ddpm(
-        pair, shape, particles, model.abar, steps, cfg_scale, generator, resampler, ess_threshold,
+        pair,
+        shape,
+        particles,
+        model.abar,
+        steps,
+        cfg_scale,
+        generator,
+        resampler,
+        ess_threshold,
         dtype=_model_dtype(model),
     )
     stats.update(st, seconds=time.perf_counter() - t0)
