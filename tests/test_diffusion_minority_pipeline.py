@@ -275,3 +275,20 @@ def test_classifier_task_fails_before_work_on_bad_distance_or_missing_denoiser(t
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         run(task_config("minority_classifier", tmp_path / "b", {}, **base))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_w0_equals_the_ddim_sampler_with_cfg_draw_for_draw(minority_runs):
+    """At w = 0 the minority sampler is the ``ddim`` sampler (same grid, eta, CFG, noise draws)."""
+    from vargen.sampling.diffusion_sampling import sample_ddim
+    from vargen.train.tasks import load_component
+
+    den, _ = load_component(str(minority_runs / "ddpm"))
+    clf, _ = load_component(str(minority_runs / "mino"))
+    cond = torch.arange(8) % 10
+    kw = dict(steps=8, eta=1.0, cfg_scale=2.0)
+    x, st = sample_minority(den, clf, cond, torch.Generator().manual_seed(3), w=0.0, **kw)
+    ref, st_ref = sample_ddim(den, cond, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(x, ref)
+    assert st["target_forwards"] == st_ref["target_forwards"] == 8 and st["net_evals"] == st_ref["net_evals"]
+    g, _ = sample_minority(den, clf, cond, torch.Generator().manual_seed(3), w=2.0, **kw)
+    assert not torch.allclose(g, ref)
