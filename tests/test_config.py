@@ -20,7 +20,15 @@ def test_shipped_configs_validate():
     for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
         if name.endswith(".yaml"):
             cfg = load_run_config(cfg_path(name))
-            assert cfg.task in ("tokenizer", "generator", "pixel_generator", "feature_net", "tokenbridge", "lsd")
+            assert cfg.task in (
+                "tokenizer",
+                "generator",
+                "pixel_generator",
+                "feature_net",
+                "tokenbridge",
+                "lsd",
+                "minority_classifier",
+            )
 
 
 def test_defaults_compose_and_overrides_win():

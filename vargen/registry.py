@@ -26,6 +26,7 @@ _COMPONENT_MODULES = (
     "vargen.diffusion",
     "vargen.train.tasks",
     "vargen.train.lsd_task",
+    "vargen.train.minority_task",
 )
 
 

@@ -24,24 +24,24 @@ ScoreFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 
 def ess(log_w: torch.Tensor) -> torch.Tensor:
-    """Effective sample size (sum w)^2 / sum w^2, in [1, K]; invariant to shifting log_w."""
-    w = torch.exp(log_w - log_w.max())
-    return w.sum() ** 2 / (w * w).sum()
+    """Effective sample size (sum w)^2 / sum w^2 over the last axis, in [1, K]; shift invariant."""
+    w = torch.exp(log_w - log_w.max(-1, keepdim=True).values)
+    return w.sum(-1) ** 2 / (w * w).sum(-1)
 
 
 def systematic_resample(log_w: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Sorted ancestor indices (K,): one uniform u, positions (u + k) / K, inverse CDF."""
-    K = log_w.shape[0]
-    cdf = torch.cumsum(torch.softmax(log_w.double(), 0), 0)  # (K,)
-    u = torch.rand((), generator=generator, dtype=torch.float64)
-    pos = (u + torch.arange(K, dtype=torch.float64)) / K
+    """Sorted ancestor indices (..., K): one uniform u per row, positions (u + k) / K, inverse CDF."""
+    K = log_w.shape[-1]
+    cdf = torch.cumsum(torch.softmax(log_w.double(), -1), -1)  # (..., K)
+    u = torch.rand(log_w.shape[:-1], generator=generator, dtype=torch.float64)  # (...,)
+    pos = (u[..., None] + torch.arange(K, dtype=torch.float64)) / K  # (..., K)
     return torch.searchsorted(cdf, pos, right=True).clamp(max=K - 1)
 
 
 def multinomial_resample(log_w: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """K iid ancestor indices from softmax(log_w), sorted."""
-    p = torch.softmax(log_w.double(), 0)
-    return torch.multinomial(p, log_w.shape[0], replacement=True, generator=generator).sort().values
+    """K iid ancestor indices per row from softmax(log_w) over the last axis, sorted."""
+    p = torch.softmax(log_w.double(), -1)
+    return torch.multinomial(p, log_w.shape[-1], replacement=True, generator=generator).sort(-1).values
 
 
 RESAMPLERS = {"systematic": systematic_resample, "multinomial": multinomial_resample}
@@ -106,3 +106,118 @@ def fkc_sample(
     if weighted and final_resample:
         x, log_w = x[RESAMPLERS[resampler](log_w, generator)], torch.zeros_like(log_w)
     return x, log_w, stats
+
+
+# --------------------------------------------------------------------------------------
+# FKC-CFG on discrete DDPM ancestral steps (spec sections 2a and 5)
+# --------------------------------------------------------------------------------------
+
+
+def cfg_ancestral_increment(eps_c, eps_u, w: float, a_t: float, a_n: float) -> torch.Tensor:
+    """Log-weight increment (N,) of one VP ancestral step abar_t -> abar_n under CFG scale w.
+
+    Derivation from the unified rule (module docstring) with betas (w, 1 - w): sum beta = 1, so
+    the div f term vanishes, and |S|^2 - sum_i beta_i |s_i|^2 = w (w - 1) |s_c - s_u|^2, giving
+    the rate w (w - 1) / 2 g^2 |s_c - s_u|^2. On the discrete VP grid s = -eps / sigma_t with
+    sigma_t^2 = 1 - abar_t, so |s_c - s_u|^2 = |eps_c - eps_u|^2 / (1 - abar_t). The VP SDE with
+    the same abar has g^2 = beta(tau) = -d log abar / d tau, so over the step (scores frozen at
+    the pre-step x, Euler as in the module) the rate integrates to
+
+        dlog w = w (w - 1) / 2 * log(abar_n / abar_t) * |eps_c - eps_u|^2 / (1 - abar_t),
+
+    with log(abar_n / abar_t) = -log(1 - beta_tilde_t), beta_tilde_t = 1 - abar_t / abar_n; to
+    first order this is spec section 5's 0.5 w (w-1) beta_tilde_t |eps_c - eps_u|^2 / (1 - abar_t).
+    b = 1 makes the drift the usual CFG reverse SDE, whose discretisation is the DDPM ancestral
+    step on the guided eps, so only weights and resampling are added.
+    """
+    g2_dt = math.log(a_n / a_t)
+    diff2 = (eps_c.double() - eps_u.double()).pow(2).flatten(1).sum(1)  # (N,)
+    return 0.5 * w * (w - 1) * g2_dt * diff2 / (1 - a_t)
+
+
+def resample_groups(log_w_GK: torch.Tensor, generator: torch.Generator, resampler: str, mask_G=None):
+    """Ancestor indices (G, K) into the flat (G K) particle axis, resampling within each group.
+
+    Every group draws; groups with ``mask_G`` False keep their particles (identity indices).
+    """
+    G, K = log_w_GK.shape
+    base = torch.arange(G * K).view(G, K)
+    out = base[:, :1] + RESAMPLERS[resampler](log_w_GK, generator)  # (G, K)
+    return out if mask_G is None else torch.where(mask_G[:, None], out, base)
+
+
+def fkc_cfg_ddpm(
+    eps_pair_fn,
+    shape: tuple,
+    particles: int,
+    abar: torch.Tensor,
+    steps: int,
+    w: float,
+    generator: torch.Generator,
+    resampler: str = "systematic",
+    ess_threshold: float = 1.0,
+    weighted: bool = True,
+    dtype: torch.dtype = torch.float64,
+    keep_all: bool = False,
+):
+    """FKC-corrected classifier-free guidance on DDPM ancestral steps (Skreta et al. 2025).
+
+    ``shape`` = (G K, ...): G groups of K = ``particles`` consecutive particles, each group one
+    condition. ``eps_pair_fn(x, t_B) -> (eps_c, eps_u)``. Per step on the grid of
+    :func:`vargen.diffusion.time_shift.ddim_sample` (linspace(T-1, 0, steps) rounded):
+    accumulate :func:`cfg_ancestral_increment` at the pre-step x, take the ancestral step
+    (eta = 1) on eps_u + w (eps_c - eps_u), then resample every group whose ESS < kappa K
+    (kappa = ``ess_threshold`` >= 1: every step), log-weights reset to 0; never after the last
+    step. The final step (t = 0) returns the x0-estimate. Output: one particle per group,
+    (G, ...): the group is resampled once more and a uniformly random position is kept. (The
+    reference keeps position 0; with sorted systematic indices position 0 is always the
+    ancestor of the lowest CDF stratum [0, 1/K), which is not a draw from the weights once
+    earlier resampling has ordered the particles; a uniform position is exactly one draw.)
+    ``weighted=False`` runs the same chain without weights (plain CFG, first particle kept).
+    ``keep_all=True`` returns every particle (G K, ...) after that final resampling (analytic tests).
+    """
+    from vargen.diffusion.time_shift import ddim_step
+
+    if resampler not in RESAMPLERS:
+        raise ValueError(f"resampler must be one of {sorted(RESAMPLERS)}, got {resampler!r}")
+    K = particles
+    N = shape[0]
+    if N % K:
+        raise ValueError(f"{N} particles are not a whole number of groups of {K}")
+    G, T = N // K, abar.shape[0]
+    grid = torch.linspace(T - 1, 0, steps).round().long().tolist()
+    bshape = (N,) + (1,) * (len(shape) - 1)
+    x = torch.randn(shape, generator=generator, dtype=dtype)  # p_T ~ N(0, 1): sum beta = 1
+    log_w = torch.zeros(G, K, dtype=torch.float64)
+    stats = {"target_forwards": 0, "resamples": 0, "min_ess": float(K), "particles": K}
+    for i, t in enumerate(grid):
+        t_next = grid[i + 1] if i + 1 < len(grid) else -1
+        a_t = float(abar[t])
+        a_n = float(abar[t_next]) if t_next >= 0 else 1.0
+        eps_c, eps_u = eps_pair_fn(x, torch.full((N,), t, dtype=torch.long))
+        stats["target_forwards"] += 1
+        if weighted and w != 1.0:
+            log_w = log_w + cfg_ancestral_increment(eps_c, eps_u, w, a_t, a_n).view(G, K)
+        eps = eps_u + w * (eps_c - eps_u)
+        at = torch.full(bshape, a_t, dtype=dtype)
+        an = torch.full(bshape, a_n, dtype=dtype)
+        if t_next < 0:
+            x = ddim_step(x, eps, at, an, 0.0)  # a_n = 1: the x0-estimate
+            break
+        x = ddim_step(x, eps, at, an, 1.0, torch.randn(shape, generator=generator, dtype=dtype))
+        if weighted:
+            ess_G = ess(log_w)  # (G,)
+            stats["min_ess"] = min(stats["min_ess"], float(ess_G.min()))
+            mask = ess_G < ess_threshold * K if ess_threshold < 1.0 else torch.ones(G, dtype=torch.bool)
+            if mask.any():
+                idx = resample_groups(log_w, generator, resampler, mask).flatten()
+                x = x[idx]
+                log_w = torch.where(mask[:, None], torch.zeros_like(log_w), log_w)
+                stats["resamples"] += int(mask.sum())
+    if not weighted:
+        return (x if keep_all else x.view(G, K, *shape[1:])[:, 0]), stats
+    idx = resample_groups(log_w, generator, resampler)  # (G, K)
+    if keep_all:
+        return x[idx.flatten()], stats
+    pos = torch.randint(K, (G,), generator=generator)
+    return x[idx[torch.arange(G), pos]], stats

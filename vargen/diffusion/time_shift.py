@@ -26,6 +26,13 @@ def linear_alphas_cumprod(T: int = 1000, beta_start: float = 1e-4, beta_end: flo
     return torch.cumprod(1 - torch.linspace(beta_start, beta_end, T, dtype=torch.float64), 0)
 
 
+def cosine_alphas_cumprod(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """abar_t of the cosine schedule (Nichol & Dhariwal 2021, eq. 17), betas capped at max_beta."""
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * torch.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+    return torch.cumprod(1 - betas, 0)
+
+
 @dataclass
 class ExposureBiasTimeShift:
     window: int = 0  # on the full training grid; 0 disables
@@ -63,15 +70,18 @@ def ddim_sample(
     abar: torch.Tensor | None = None,
     eta: float = 0.0,
     time_shift: ExposureBiasTimeShift | None = None,
+    dtype: torch.dtype = torch.float64,
 ):
     """DDIM (eta=0) / DDPM-like (eta=1) sampling on an evenly respaced grid (Song et al. 2021, eq. 12).
 
-    Returns x0 (shape) and stats {"target_forwards", "shifted_steps"} (steps where any sample shifted).
+    The state (and the noise) is kept in ``dtype``: float64 for analytic denoisers, the model's
+    dtype for a network. Returns x0 (shape) and stats {"target_forwards", "shifted_steps"}
+    (steps where any sample shifted).
     """
     abar = linear_alphas_cumprod() if abar is None else abar
     T = abar.shape[0]
     grid = torch.linspace(T - 1, 0, steps).round().long().tolist()
-    x = torch.randn(shape, generator=generator, dtype=torch.float64)
+    x = torch.randn(shape, generator=generator, dtype=dtype)
     B = shape[0]
     bshape = (B,) + (1,) * (len(shape) - 1)
     stats = {"target_forwards": 0, "shifted_steps": 0}
@@ -87,14 +97,24 @@ def ddim_sample(
         stats["shifted_steps"] += int((t_coef != t).any() or (t_next >= 0 and (a_next != abar[t_next]).any()))
         eps = eps_fn(x, t_net)
         stats["target_forwards"] += 1
-        a_t = abar[t_coef].view(bshape)
-        a_n = a_next.view(bshape)
-        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        a_t = abar[t_coef].view(bshape).to(dtype)
+        a_n = a_next.view(bshape).to(dtype)
         if t_next < 0:
-            x = x0
+            x = ddim_step(x, eps, a_t, a_n, 0.0)  # a_n = 1: x = x0-estimate
             break
-        sig = eta * ((1 - a_n) / (1 - a_t)).sqrt() * (1 - a_t / a_n).clamp_min(0).sqrt()
-        x = a_n.sqrt() * x0 + (1 - a_n - sig**2).clamp_min(0).sqrt() * eps
-        if eta > 0:
-            x = x + sig * torch.randn(shape, generator=generator, dtype=torch.float64)
+        noise = torch.randn(shape, generator=generator, dtype=dtype) if eta > 0 else None
+        x = ddim_step(x, eps, a_t, a_n, eta, noise)
     return x, stats
+
+
+def ddim_step(x, eps, a_t, a_n, eta: float, noise=None):
+    """One DDIM transfer abar_t -> abar_n (Song et al. 2021, eq. 12); a_t, a_n broadcast with x.
+
+    x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t), x' = sqrt(a_n) x0 + sqrt(1 - a_n - s^2) eps + s z with
+    s = eta sqrt((1 - a_n) / (1 - a_t)) sqrt(1 - a_t / a_n); eta = 1 is the DDPM ancestral step
+    on the respaced grid (posterior variance beta_tilde (1 - a_n) / (1 - a_t)).
+    """
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    sig = eta * ((1 - a_n) / (1 - a_t)).sqrt() * (1 - a_t / a_n).clamp_min(0).sqrt()
+    x = a_n.sqrt() * x0 + (1 - a_n - sig**2).clamp_min(0).sqrt() * eps
+    return x if noise is None else x + sig * noise

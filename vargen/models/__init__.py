@@ -1,6 +1,17 @@
 """Generator models: next-token AR transformer, next-scale (VAR) transformer, TarFlow."""
 
-from vargen.models import ar, ctf, lsd_student, mdm, tarflow, token_shuffle, tokenbridge_ar, var, xar  # noqa: F401  (register)
+from vargen.models import (  # noqa: F401  (register)
+    ar,
+    ctf,
+    diffusion_unet,
+    lsd_student,
+    mdm,
+    tarflow,
+    token_shuffle,
+    tokenbridge_ar,
+    var,
+    xar,
+)
 from vargen.models.ar import ARConfig, ARTransformer
 from vargen.models.blocks import KVCache, attention
 from vargen.models.tarflow import TarFlow, TarFlowConfig

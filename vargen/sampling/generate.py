@@ -57,6 +57,7 @@ DEFAULT_SAMPLER = {
     "xar": "xar",
     "mdm": "mdm",
     "lsd_student": "lsd",
+    "ddpm_unet": "ddim",
 }
 GENERATOR_TASKS = ("generator", "pixel_generator", "lsd")
 

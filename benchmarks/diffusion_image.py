@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Diffusion samplers on the digits DDPM: exposure-bias time shift, and FKC-CFG vs plain CFG.
+
+    python benchmarks/diffusion_image.py [--quick]
+
+Trains (or resumes) configs/digits_ddpm.yaml into <root>/bench_ddpm (quick and full train the
+same 800 steps: a shorter eps-model samples noise) and compares, side by side, FID (mean and
+std over 3 sampling seeds, vs the held-out split, class-balanced labels):
+
+- ``ts.*``: DDIM with 10 steps, unguided, without / with the TS-DPM time shift
+  (window 80, cutoff 300, paper variance, canonical mode: the spec's ADM DDIM-5 values).
+- ``cfg.*`` vs ``fkc.*`` at EQUAL network evaluations per image (NFE = rows pushed through the
+  UNet per output image; a guided step costs 2): FKC-CFG with K particles and S ancestral steps
+  (2 K S) against plain CFG on DDPM ancestral steps (eta = 1, the same chain FKC weights) with
+  K S steps (2 K S). Same guidance scale for both.
+
+``*.nfe`` entries are the measured NFE per image. :func:`run` returns the flat dict (the lead's
+benchmarks/diffusion.py calls it); ``main`` prints a table and writes
+benchmarks/results/diffusion_image.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, meta, print_table, train, write_results  # noqa: E402
+
+SEEDS = (0, 1, 2)
+TS = {"window": 80, "cutoff": 300}  # spec section 1b, ADM CIFAR-10 DDIM-5
+CFG_SCALE = 1.5
+
+
+def _settings(quick: bool) -> dict:
+    return {"n": 200 if quick else 1000, "fkc_steps": 8 if quick else 25, "particles": 4}
+
+
+def run(quick: bool, root: str) -> dict:
+    torch.set_num_threads(1)
+    from vargen.diffusion.time_shift import ExposureBiasTimeShift
+    from vargen.eval import FIDEvaluator
+    from vargen.sampling.diffusion_sampling import sample_ddim, sample_fkc_cfg
+    from vargen.sampling.generate import class_labels, generate
+    from vargen.train.tasks import load_component
+
+    ckpt = train("digits_ddpm", os.path.join(root, "bench_ddpm"), quick, quick_steps=800)
+    model, cfg = load_component(ckpt)
+    evaluator = FIDEvaluator.for_dataset(dict(cfg.data), split="heldout")
+    s = _settings(quick)
+    K, S = s["particles"], s["fkc_steps"]
+    labels = class_labels(s["n"], model.num_classes, [])
+    shift = ExposureBiasTimeShift(**TS)
+    methods = {
+        "ts.ddim10": (200, lambda m, c, g: sample_ddim(m, c, generator=g, steps=10)),
+        "ts.ddim10_shifted": (
+            200,
+            lambda m, c, g: sample_ddim(m, c, generator=g, steps=10, time_shift=shift),
+        ),
+        "cfg": (
+            100,
+            lambda m, c, g: sample_ddim(m, c, generator=g, steps=K * S, eta=1.0, cfg_scale=CFG_SCALE),
+        ),
+        "fkc": (
+            50,
+            lambda m, c, g: sample_fkc_cfg(m, c, generator=g, steps=S, cfg_scale=CFG_SCALE, particles=K),
+        ),
+    }
+    res = {k: {"fid": [], "evals": 0, "sec": 0.0, "resamples": 0, "shifted": 0} for k in methods}
+    for seed in SEEDS:
+        for name, (batch, fn) in methods.items():
+            t0 = time.perf_counter()
+            images, _, st = generate(model, None, labels, fn, torch.Generator().manual_seed(seed), batch)
+            r = res[name]
+            r["sec"] += time.perf_counter() - t0
+            r["fid"].append(evaluator.score(images))
+            r["evals"] += st["net_evals"]
+            r["resamples"] += st.get("resamples", 0)
+            r["shifted"] += st.get("shifted_steps", 0)
+    total = len(SEEDS) * s["n"]
+    keys = {  # method -> (FID key, prefix of its nfe / seconds keys)
+        "ts.ddim10": ("ts.fid_ddim10", "ts.ddim10_"),
+        "ts.ddim10_shifted": ("ts.fid_ddim10_shifted", "ts.ddim10_shifted_"),
+        "cfg": ("cfg.fid", "cfg."),
+        "fkc": ("fkc.fid", "fkc."),
+    }
+    flat = {}
+    for name, (fid_key, prefix) in keys.items():
+        r = res[name]
+        flat[fid_key] = statistics.mean(r["fid"])
+        flat[f"{fid_key}_std"] = statistics.stdev(r["fid"])
+        flat[f"{prefix}nfe"] = r["evals"] / total
+        flat[f"{prefix}seconds"] = r["sec"]
+    flat.update(
+        {
+            "ts.window": TS["window"],
+            "ts.cutoff": TS["cutoff"],
+            "ts.shifted_steps_per_batch": res["ts.ddim10_shifted"]["shifted"]
+            / (len(SEEDS) * -(-s["n"] // 200)),
+            "cfg.scale": CFG_SCALE,
+            "cfg.steps": K * S,
+            "fkc.steps": S,
+            "fkc.particles": K,
+            "fkc.resamples": res["fkc"]["resamples"],
+            "samples_per_seed": s["n"],
+        }
+    )
+    return flat
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="200 samples per seed, FKC 8 steps x 4 particles")
+    args = p.parse_args(argv)
+    root = os.path.join(ROOT, "runs", f"bench_diffusion_image_{'quick' if args.quick else 'full'}")
+    flat = run(args.quick, root)
+    rows = [
+        {
+            "method": "ddim10",
+            "fid": flat["ts.fid_ddim10"],
+            "std": flat["ts.fid_ddim10_std"],
+            "nfe": flat["ts.ddim10_nfe"],
+        },
+        {
+            "method": f"ddim10 + time shift (w={TS['window']}, t_c={TS['cutoff']})",
+            "fid": flat["ts.fid_ddim10_shifted"],
+            "std": flat["ts.fid_ddim10_shifted_std"],
+            "nfe": flat["ts.ddim10_shifted_nfe"],
+        },
+        {
+            "method": f"cfg {flat['cfg.steps']} ancestral steps",
+            "fid": flat["cfg.fid"],
+            "std": flat["cfg.fid_std"],
+            "nfe": flat["cfg.nfe"],
+        },
+        {
+            "method": f"fkc_cfg {flat['fkc.steps']} steps x {flat['fkc.particles']} particles",
+            "fid": flat["fkc.fid"],
+            "std": flat["fkc.fid_std"],
+            "nfe": flat["fkc.nfe"],
+        },
+    ]
+    print_table(rows, ["method", "fid", "std", "nfe"])
+    print("wrote", write_results("diffusion_image", flat, meta(args.quick, SEEDS)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Sampling a diffusion denoiser (:mod:`vargen.models.diffusion_unet`): DDIM / DDPM and FKC-CFG.
+
+- ``ddim``: DDIM (eta = 0, Song et al. 2021 eq. 12) to DDPM ancestral (eta = 1) on the evenly
+  respaced grid linspace(T-1, 0, steps), with classifier-free guidance in eps space,
+  eps_u + cfg_scale (eps_c - eps_u) (Ho & Salimans 2022; 1 = off), and the TS-DPM
+  exposure-bias time shift (``time_shift.window`` > 0; see :mod:`vargen.diffusion.time_shift`).
+- ``fkc_cfg``: Feynman-Kac corrected CFG (Skreta et al. 2025) on DDPM ancestral steps: K
+  particles per label share the label, carry log-weights and are resampled within their
+  group; one particle per label is returned (:func:`vargen.diffusion.fkc.fkc_cfg_ddpm`).
+
+Counting (stats): the conditional and null-class rows of a guided step run as ONE batched
+call, which counts as one ``target_forwards`` (the project's convention); ``net_evals`` counts
+the rows pushed through the network (2 per sample per guided step, K particles each), so
+``net_evals / images`` is the per-image network-evaluation count (NFE) that budgets compare.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from vargen.diffusion.denoiser import predict_eps
+from vargen.diffusion.fkc import RESAMPLERS, fkc_cfg_ddpm
+from vargen.diffusion.time_shift import ExposureBiasTimeShift, ddim_sample
+from vargen.registry import SAMPLERS
+
+
+@dataclass
+class TimeShiftConfig:
+    window: int = 0  # TS-DPM window on the full training grid; 0 = off (the base sampler, bit for bit)
+    cutoff: int = 300  # shift only at steps t > cutoff
+    variance: str = "paper"  # paper (1 - abar) | corrected (abar data_var + 1 - abar)
+    data_var: float = 1.0  # per-entry Var(x0) in model space, for variance=corrected
+    mode: str = "canonical"  # canonical | pndm_target
+
+
+@dataclass
+class DDIMSamplerConfig:
+    name: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0  # 0 = DDIM, 1 = DDPM ancestral
+    cfg_scale: float = 1.0  # eps-space guidance with the null class; 1 = off
+    time_shift: TimeShiftConfig = field(default_factory=TimeShiftConfig)
+
+
+@dataclass
+class FKCCFGSamplerConfig:
+    name: str = "fkc_cfg"
+    steps: int = 50
+    cfg_scale: float = 2.0  # w of the target p(x|c)^w p(x)^(1-w)
+    particles: int = 4  # K per label
+    resampler: str = "systematic"  # systematic | multinomial
+    ess_threshold: float = 1.0  # resample a group when ESS < threshold K; >= 1: every step
+
+
+def _model_dtype(model):
+    return next(model.parameters()).dtype
+
+
+def guided_eps_fn(model, cond_B: torch.Tensor, cfg_scale: float, stats: dict):
+    """(x (B, ...), t_B) -> guided eps; both branches in one batched call when guided."""
+
+    def eps(x, t_B):
+        if cfg_scale == 1.0:
+            stats["net_evals"] += x.shape[0]
+            return predict_eps(model, x, t_B, cond_B)
+        e_c, e_u = _pair(model, x, t_B, cond_B, stats)
+        return e_u + cfg_scale * (e_c - e_u)
+
+    return eps
+
+
+def _pair(model, x, t_B, cond_B, stats):
+    """(eps_c, eps_u) from one call on 2B rows (rows B.. carry the null class)."""
+    null = torch.full_like(cond_B, model.null_class)
+    e = predict_eps(model, torch.cat([x, x]), torch.cat([t_B, t_B]), torch.cat([cond_B, null]))
+    stats["net_evals"] += 2 * x.shape[0]
+    return e.chunk(2)
+
+
+@torch.no_grad()
+def sample_ddim(
+    model, cond_B, *, generator, steps=50, eta=0.0, cfg_scale=1.0, time_shift=None, progress=False
+):
+    """Images (B, C, H, W) in [0, 1] and stats; ``time_shift`` an ExposureBiasTimeShift or None."""
+    t0 = time.perf_counter()
+    cfg = model.cfg
+    shape = (cond_B.shape[0], cfg.channels, cfg.resolution, cfg.resolution)
+    stats = {"net_evals": 0}
+    eps = guided_eps_fn(model, cond_B, cfg_scale, stats)
+    ts = time_shift if time_shift is not None and time_shift.window > 0 else None
+    x, st = ddim_sample(eps, shape, steps, generator, model.abar, eta, ts, dtype=_model_dtype(model))
+    stats.update(st, seconds=time.perf_counter() - t0)
+    return model.x_to_data(x), stats
+
+
+@torch.no_grad()
+def sample_fkc_cfg(
+    model,
+    cond_B,
+    *,
+    generator,
+    steps=50,
+    cfg_scale=2.0,
+    particles=4,
+    resampler="systematic",
+    ess_threshold=1.0,
+    progress=False,
+):
+    """One FKC-CFG image per label (B, C, H, W) in [0, 1] from B groups of ``particles``."""
+    t0 = time.perf_counter()
+    cfg = model.cfg
+    cond_N = cond_B.repeat_interleave(particles)  # (B K,): group b = rows b K .. b K + K - 1
+    stats = {"net_evals": 0}
+
+    def pair(x, t_B):
+        if cfg_scale == 1.0:  # w = 1: the weights vanish, no null branch is needed
+            stats["net_evals"] += x.shape[0]
+            e = predict_eps(model, x, t_B, cond_N)
+            return e, e
+        return _pair(model, x, t_B, cond_N, stats)
+
+    shape = (cond_N.shape[0], cfg.channels, cfg.resolution, cfg.resolution)
+    x, st = fkc_cfg_ddpm(
+        pair,
+        shape,
+        particles,
+        model.abar,
+        steps,
+        cfg_scale,
+        generator,
+        resampler,
+        ess_threshold,
+        dtype=_model_dtype(model),
+    )
+    stats.update(st, seconds=time.perf_counter() - t0)
+    return model.x_to_data(x), stats
+
+
+def _check_steps(steps: int):
+    if steps < 1:
+        raise ValueError(f"sampler.steps must be >= 1, got {steps}")
+
+
+@SAMPLERS.register("ddim", DDIMSamplerConfig)
+def build_ddim_sampler(cfg):
+    _check_steps(cfg.steps)
+    ts = ExposureBiasTimeShift(**dict(cfg.time_shift))  # validates variance / mode / window
+    kw = dict(steps=cfg.steps, eta=cfg.eta, cfg_scale=cfg.cfg_scale, time_shift=ts)
+
+    def run(model, cond_B, generator, progress=False):
+        return sample_ddim(model, cond_B, generator=generator, **kw)
+
+    return run
+
+
+@SAMPLERS.register("fkc_cfg", FKCCFGSamplerConfig)
+def build_fkc_cfg_sampler(cfg):
+    _check_steps(cfg.steps)
+    if cfg.resampler not in RESAMPLERS:
+        raise ValueError(f"sampler.resampler must be one of {sorted(RESAMPLERS)}, got {cfg.resampler!r}")
+    if cfg.particles < 1:
+        raise ValueError(f"sampler.particles must be >= 1, got {cfg.particles}")
+    kw = {k: v for k, v in dict(cfg).items() if k != "name"}
+
+    def run(model, cond_B, generator, progress=False):
+        return sample_fkc_cfg(model, cond_B, generator=generator, **kw)
+
+    return run
+
+
+__all__ = ["sample_ddim", "sample_fkc_cfg"]
