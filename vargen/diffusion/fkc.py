@@ -175,6 +175,7 @@ def fkc_cfg_ddpm(
     ordered the particles; a uniform position is exactly one draw from softmax(log_w).)
     ``weighted=False`` runs the same chain without weights (plain CFG, first particle kept).
     ``keep_all=True`` returns every particle (G K, ...) after that final resampling (analytic tests).
+    Stats: ``particles`` = G K simulated, ``resamples`` = group resampling events, ``min_ess``.
     """
     from vargen.diffusion.time_shift import ddim_step
 
@@ -189,7 +190,7 @@ def fkc_cfg_ddpm(
     bshape = (N,) + (1,) * (len(shape) - 1)
     x = torch.randn(shape, generator=generator, dtype=dtype)  # p_T ~ N(0, 1): sum beta = 1
     log_w = torch.zeros(G, K, dtype=torch.float64)
-    stats = {"target_forwards": 0, "resamples": 0, "min_ess": float(K), "particles": K}
+    stats = {"target_forwards": 0, "resamples": 0, "min_ess": float(K), "particles": N}
     for i, t in enumerate(grid):
         t_next = grid[i + 1] if i + 1 < len(grid) else -1
         a_t = float(abar[t])
