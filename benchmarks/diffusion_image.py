@@ -8,11 +8,14 @@ same 800 steps: a shorter eps-model samples noise) and compares, side by side, F
 std over 3 sampling seeds, vs the held-out split, class-balanced labels):
 
 - ``ts.*``: DDIM with 10 steps, unguided, without / with the TS-DPM time shift
-  (window 80, cutoff 300, paper variance, canonical mode: the spec's ADM DDIM-5 values).
+  (window 80, cutoff 300, paper variance, canonical mode: the spec's ADM DDIM-5 values), and
+  the same window with the data-corrected variance target (``ts.fid_ddim10_shifted_corrected``,
+  data_var = mean per-image variance of the training images in model space).
 - ``cfg.*`` vs ``fkc.*`` at EQUAL network evaluations per image (NFE = rows pushed through the
   UNet per output image; a guided step costs 2): FKC-CFG with K particles and S ancestral steps
   (2 K S) against plain CFG on DDPM ancestral steps (eta = 1, the same chain FKC weights) with
-  K S steps (2 K S). Same guidance scale for both.
+  K S steps (2 K S). Same guidance scale for both. ``cfg_same_steps.*``: plain CFG with FKC's
+  S steps (1/K of the budget): FKC's own proposal chain without weights, for reference.
 
 ``*.nfe`` entries are the measured NFE per image. :func:`run` returns the flat dict (the lead's
 benchmarks/diffusion.py calls it); ``main`` prints a table and writes
@@ -43,6 +46,7 @@ def _settings(quick: bool) -> dict:
 
 def run(quick: bool, root: str) -> dict:
     torch.set_num_threads(1)
+    from vargen.data import build_dataset
     from vargen.diffusion.time_shift import ExposureBiasTimeShift
     from vargen.eval import FIDEvaluator
     from vargen.sampling.diffusion_sampling import sample_ddim, sample_fkc_cfg
@@ -56,11 +60,22 @@ def run(quick: bool, root: str) -> dict:
     K, S = s["particles"], s["fkc_steps"]
     labels = class_labels(s["n"], model.num_classes, [])
     shift = ExposureBiasTimeShift(**TS)
+    x0 = model.data_to_x(build_dataset(cfg.data).train_images)  # (N, C, H, W)
+    data_var = float(x0.flatten(1).var(dim=1).mean())
+    shift_c = ExposureBiasTimeShift(**TS, variance="corrected", data_var=data_var)
     methods = {
         "ts.ddim10": (200, lambda m, c, g: sample_ddim(m, c, generator=g, steps=10)),
         "ts.ddim10_shifted": (
             200,
             lambda m, c, g: sample_ddim(m, c, generator=g, steps=10, time_shift=shift),
+        ),
+        "ts.ddim10_shifted_corrected": (
+            200,
+            lambda m, c, g: sample_ddim(m, c, generator=g, steps=10, time_shift=shift_c),
+        ),
+        "cfg_same_steps": (
+            100,
+            lambda m, c, g: sample_ddim(m, c, generator=g, steps=S, eta=1.0, cfg_scale=CFG_SCALE),
         ),
         "cfg": (
             100,
@@ -86,6 +101,8 @@ def run(quick: bool, root: str) -> dict:
     keys = {  # method -> (FID key, prefix of its nfe / seconds keys)
         "ts.ddim10": ("ts.fid_ddim10", "ts.ddim10_"),
         "ts.ddim10_shifted": ("ts.fid_ddim10_shifted", "ts.ddim10_shifted_"),
+        "ts.ddim10_shifted_corrected": ("ts.fid_ddim10_shifted_corrected", "ts.ddim10_shifted_corrected_"),
+        "cfg_same_steps": ("cfg_same_steps.fid", "cfg_same_steps."),
         "cfg": ("cfg.fid", "cfg."),
         "fkc": ("fkc.fid", "fkc."),
     }
@@ -100,6 +117,7 @@ def run(quick: bool, root: str) -> dict:
         {
             "ts.window": TS["window"],
             "ts.cutoff": TS["cutoff"],
+            "ts.data_var": data_var,
             "ts.shifted_steps_per_batch": res["ts.ddim10_shifted"]["shifted"]
             / (len(SEEDS) * -(-s["n"] // 200)),
             "cfg.scale": CFG_SCALE,
@@ -131,6 +149,18 @@ def main(argv=None):
             "fid": flat["ts.fid_ddim10_shifted"],
             "std": flat["ts.fid_ddim10_shifted_std"],
             "nfe": flat["ts.ddim10_shifted_nfe"],
+        },
+        {
+            "method": f"ddim10 + time shift, corrected variance (data_var={flat['ts.data_var']:.3f})",
+            "fid": flat["ts.fid_ddim10_shifted_corrected"],
+            "std": flat["ts.fid_ddim10_shifted_corrected_std"],
+            "nfe": flat["ts.ddim10_shifted_corrected_nfe"],
+        },
+        {
+            "method": f"cfg {flat['fkc.steps']} ancestral steps (reference, 1/K budget)",
+            "fid": flat["cfg_same_steps.fid"],
+            "std": flat["cfg_same_steps.fid_std"],
+            "nfe": flat["cfg_same_steps.nfe"],
         },
         {
             "method": f"cfg {flat['cfg.steps']} ancestral steps",

@@ -50,9 +50,11 @@ def _sample_py(ckpt, out, *over):
 
 def test_trained_ddpm_scores_far_below_untrained(ddpm, tmp_path):
     ckpt, model = ddpm
-    common = ["batch_size=200", "fid=true", "fid_split=train"]
-    m_ddim, _ = _sample_py(ckpt, tmp_path / "ddim", *common, "num_samples=200", "sampler.steps=10")
-    m_fkc, _ = _sample_py(
+    common = ["fid=true", "fid_split=train"]
+    m_ddim, _ = _sample_py(
+        ckpt, tmp_path / "ddim", *common, "num_samples=200", "batch_size=200", "sampler.steps=10"
+    )
+    m_fkc, _ = _sample_py(  # batch_size 64: two batches, the counts add up
         ckpt,
         tmp_path / "fkc",
         *common,
@@ -68,7 +70,8 @@ def test_trained_ddpm_scores_far_below_untrained(ddpm, tmp_path):
     )
     fid_untrained = FIDEvaluator.for_dataset(DIGITS, split="train").score(noise)
     assert m_ddim["stats.target_forwards"] == 10 and m_ddim["stats.net_evals"] == 200 * 10
-    assert m_fkc["stats.net_evals"] == 100 * 2 * 2 * 6 and m_fkc["stats.particles"] == 2
+    assert m_fkc["stats.net_evals"] == 100 * 2 * 2 * 6 and m_fkc["stats.particles"] == 100 * 2
+    assert len(m_fkc["stats.min_ess"]) == 2 and all(1 <= e <= 2 for e in m_fkc["stats.min_ess"])
     assert m_ddim["fid"] * 2 < fid_untrained, (m_ddim["fid"], fid_untrained)
     assert m_fkc["fid"] * 2 < fid_untrained, (m_fkc["fid"], fid_untrained)
 

@@ -169,12 +169,13 @@ def fkc_cfg_ddpm(
     (eta = 1) on eps_u + w (eps_c - eps_u), then resample every group whose ESS < kappa K
     (kappa = ``ess_threshold`` >= 1: every step), log-weights reset to 0; never after the last
     step. The final step (t = 0) returns the x0-estimate. Output: one particle per group,
-    (G, ...): the group is resampled once more and a uniformly random position is kept. (The
-    reference keeps position 0; with sorted systematic indices position 0 is always the
-    ancestor of the lowest CDF stratum [0, 1/K), which is not a draw from the weights once
-    earlier resampling has ordered the particles; a uniform position is exactly one draw.)
+    (G, ...): the group is resampled once more and a uniformly random position is kept. (Keeping
+    position 0 would be biased: with sorted systematic indices it is always the ancestor of the
+    lowest CDF stratum [0, 1/K), not a draw from the weights once earlier resampling has
+    ordered the particles; a uniform position is exactly one draw from softmax(log_w).)
     ``weighted=False`` runs the same chain without weights (plain CFG, first particle kept).
     ``keep_all=True`` returns every particle (G K, ...) after that final resampling (analytic tests).
+    Stats: ``particles`` = G K simulated, ``resamples`` = group resampling events, ``min_ess``.
     """
     from vargen.diffusion.time_shift import ddim_step
 
@@ -189,7 +190,7 @@ def fkc_cfg_ddpm(
     bshape = (N,) + (1,) * (len(shape) - 1)
     x = torch.randn(shape, generator=generator, dtype=dtype)  # p_T ~ N(0, 1): sum beta = 1
     log_w = torch.zeros(G, K, dtype=torch.float64)
-    stats = {"target_forwards": 0, "resamples": 0, "min_ess": float(K), "particles": K}
+    stats = {"target_forwards": 0, "resamples": 0, "min_ess": float(K), "particles": N}
     for i, t in enumerate(grid):
         t_next = grid[i + 1] if i + 1 < len(grid) else -1
         a_t = float(abar[t])

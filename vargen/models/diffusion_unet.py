@@ -103,7 +103,7 @@ class DiffusionUNet(nn.Module):
         """The declared prediction (B, C, H, W) at per-sample steps t_B (B,); cond None = null class."""
         if cond_B is None:
             cond_B = torch.full((x_t.shape[0],), self.null_class, dtype=torch.long, device=x_t.device)
-        return self.unet(x_t, t_B, class_labels=cond_B).sample
+        return self.unet(x_t, t_B.to(x_t.device), class_labels=cond_B.to(x_t.device)).sample
 
     def noise(self, x0: torch.Tensor, t_B: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (DDPM eq. 4)."""

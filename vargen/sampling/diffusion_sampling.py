@@ -12,6 +12,9 @@ Counting (stats): the conditional and null-class rows of a guided step run as ON
 call, which counts as one ``target_forwards`` (the project's convention); ``net_evals`` counts
 the rows pushed through the network (2 per sample per guided step, K particles each), so
 ``net_evals / images`` is the per-image network-evaluation count (NFE) that budgets compare.
+``fkc_cfg`` adds ``particles`` (particles simulated, K per label), ``resamples`` (group
+resampling events) and ``min_ess`` (a list, the smallest group ESS of each batch). All counts
+add up over the batches of :func:`vargen.sampling.generate.generate`.
 """
 
 from __future__ import annotations
@@ -135,7 +138,7 @@ def sample_fkc_cfg(
         ess_threshold,
         dtype=_model_dtype(model),
     )
-    stats.update(st, seconds=time.perf_counter() - t0)
+    stats.update(st, min_ess=[st["min_ess"]], seconds=time.perf_counter() - t0)  # a list: one per batch
     return model.x_to_data(x), stats
 
 
