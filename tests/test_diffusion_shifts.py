@@ -21,23 +21,41 @@ def _gauss_eps(v0):
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-@pytest.mark.parametrize(
-    "ts", [ExposureBiasTimeShift(window=0), ExposureBiasTimeShift(window=40, cutoff=1000)]
-)
-def test_disabled_time_shift_is_bit_exact(eta, ts):
+@pytest.mark.parametrize("mode", ["canonical", "pndm_target", "adm_target"])
+@pytest.mark.parametrize("window,cutoff", [(0, 300), (40, 1000)])
+def test_disabled_time_shift_is_bit_exact(eta, mode, window, cutoff):
+    ts = ExposureBiasTimeShift(window=window, cutoff=cutoff, mode=mode)
     eps = _gauss_eps(0.5)
     base, _ = ddim_sample(eps, (8, 16), 10, torch.Generator().manual_seed(0), eta=eta)
     off, st = ddim_sample(eps, (8, 16), 10, torch.Generator().manual_seed(0), eta=eta, time_shift=ts)
     assert torch.equal(base, off) and st["shifted_steps"] == 0
 
 
-def test_enabled_time_shift_changes_output():
+@pytest.mark.parametrize("mode", ["canonical", "pndm_target", "adm_target"])
+def test_enabled_time_shift_changes_output(mode):
     eps = _gauss_eps(0.5)
     base, _ = ddim_sample(eps, (8, 16), 10, torch.Generator().manual_seed(0))
-    on, st = ddim_sample(
-        eps, (8, 16), 10, torch.Generator().manual_seed(0), time_shift=ExposureBiasTimeShift(40)
-    )
+    ts = ExposureBiasTimeShift(40, mode=mode)
+    on, st = ddim_sample(eps, (8, 16), 10, torch.Generator().manual_seed(0), time_shift=ts)
     assert st["shifted_steps"] > 0 and not torch.equal(base, on)
+
+
+def test_adm_target_transfers_to_the_shifted_step_minus_stride():
+    """adm_target: the network sees the scheduled t; the transfer goes abar_t -> abar_{t_s - stride}."""
+    ts = ExposureBiasTimeShift(window=40, cutoff=0, mode="adm_target")
+    seen_x, seen_t = [], []
+
+    def eps(x, t_B):  # eps = 0 makes one DDIM step x -> sqrt(abar_target / abar_t) x
+        seen_x.append(x.clone())
+        seen_t.append(t_B.clone())
+        return torch.zeros_like(x)
+
+    ddim_sample(eps, (64, 16), 3, torch.Generator().manual_seed(0), time_shift=ts)  # grid 999, 500, 0
+    assert [int(t.unique()) for t in seen_t] == [999, 500, 0]  # never a shifted network time
+    target = (ts.shifted(seen_x[1], 500, ABAR) - 500).clamp(min=0)  # (B,) the stride is 500
+    want = (ABAR[target] / ABAR[500]).sqrt()[:, None] * seen_x[1]
+    torch.testing.assert_close(seen_x[2], want, rtol=1e-12, atol=0)
+    assert (target > 0).any()  # some rows really moved off the scheduled target 0
 
 
 def test_window_and_cutoff():

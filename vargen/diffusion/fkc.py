@@ -33,8 +33,8 @@ def systematic_resample(log_w: torch.Tensor, generator: torch.Generator) -> torc
     """Sorted ancestor indices (..., K): one uniform u per row, positions (u + k) / K, inverse CDF."""
     K = log_w.shape[-1]
     cdf = torch.cumsum(torch.softmax(log_w.double(), -1), -1)  # (..., K)
-    u = torch.rand(log_w.shape[:-1], generator=generator, dtype=torch.float64)  # (...,)
-    pos = (u[..., None] + torch.arange(K, dtype=torch.float64)) / K  # (..., K)
+    u = torch.rand(log_w.shape[:-1], generator=generator, dtype=torch.float64, device=generator.device)
+    pos = (u.to(log_w.device)[..., None] + torch.arange(K, dtype=torch.float64, device=log_w.device)) / K
     return torch.searchsorted(cdf, pos, right=True).clamp(max=K - 1)
 
 
@@ -141,7 +141,7 @@ def resample_groups(log_w_GK: torch.Tensor, generator: torch.Generator, resample
     Every group draws; groups with ``mask_G`` False keep their particles (identity indices).
     """
     G, K = log_w_GK.shape
-    base = torch.arange(G * K).view(G, K)
+    base = torch.arange(G * K, device=log_w_GK.device).view(G, K)
     out = base[:, :1] + RESAMPLERS[resampler](log_w_GK, generator)  # (G, K)
     return out if mask_G is None else torch.where(mask_G[:, None], out, base)
 
@@ -188,28 +188,32 @@ def fkc_cfg_ddpm(
     G, T = N // K, abar.shape[0]
     grid = torch.linspace(T - 1, 0, steps).round().long().tolist()
     bshape = (N,) + (1,) * (len(shape) - 1)
-    x = torch.randn(shape, generator=generator, dtype=dtype)  # p_T ~ N(0, 1): sum beta = 1
-    log_w = torch.zeros(G, K, dtype=torch.float64)
+    device = generator.device
+    x = torch.randn(shape, generator=generator, dtype=dtype, device=device)  # p_T ~ N(0, 1): sum beta = 1
+    log_w = torch.zeros(G, K, dtype=torch.float64, device=device)
     stats = {"target_forwards": 0, "resamples": 0, "min_ess": float(K), "particles": N}
     for i, t in enumerate(grid):
         t_next = grid[i + 1] if i + 1 < len(grid) else -1
         a_t = float(abar[t])
         a_n = float(abar[t_next]) if t_next >= 0 else 1.0
-        eps_c, eps_u = eps_pair_fn(x, torch.full((N,), t, dtype=torch.long))
+        eps_c, eps_u = eps_pair_fn(x, torch.full((N,), t, dtype=torch.long, device=device))
         stats["target_forwards"] += 1
         if weighted and w != 1.0:
             log_w = log_w + cfg_ancestral_increment(eps_c, eps_u, w, a_t, a_n).view(G, K)
         eps = eps_u + w * (eps_c - eps_u)
-        at = torch.full(bshape, a_t, dtype=dtype)
-        an = torch.full(bshape, a_n, dtype=dtype)
+        at = torch.full(bshape, a_t, dtype=dtype, device=device)
+        an = torch.full(bshape, a_n, dtype=dtype, device=device)
         if t_next < 0:
             x = ddim_step(x, eps, at, an, 0.0)  # a_n = 1: the x0-estimate
             break
-        x = ddim_step(x, eps, at, an, 1.0, torch.randn(shape, generator=generator, dtype=dtype))
+        x = ddim_step(
+            x, eps, at, an, 1.0, torch.randn(shape, generator=generator, dtype=dtype, device=device)
+        )
         if weighted:
             ess_G = ess(log_w)  # (G,)
             stats["min_ess"] = min(stats["min_ess"], float(ess_G.min()))
-            mask = ess_G < ess_threshold * K if ess_threshold < 1.0 else torch.ones(G, dtype=torch.bool)
+            every = torch.ones(G, dtype=torch.bool, device=device)
+            mask = ess_G < ess_threshold * K if ess_threshold < 1.0 else every
             if mask.any():
                 idx = resample_groups(log_w, generator, resampler, mask).flatten()
                 x = x[idx]
@@ -220,5 +224,5 @@ def fkc_cfg_ddpm(
     idx = resample_groups(log_w, generator, resampler)  # (G, K)
     if keep_all:
         return x[idx.flatten()], stats
-    pos = torch.randint(K, (G,), generator=generator)
-    return x[idx[torch.arange(G), pos]], stats
+    pos = torch.randint(K, (G,), generator=generator, device=device)
+    return x[idx[torch.arange(G, device=device), pos]], stats

@@ -9,6 +9,11 @@ which is a no-op on exact samples (the correct version we add).
 ``mode="canonical"``: network, x0-estimate and DDIM coefficients use t_s (paper Fig. 1).
 ``mode="pndm_target"``: the pnm_solver.py variant: the network sees the scheduled t, the
 window is centred on the next step and the shifted step becomes the transfer target.
+``mode="adm_target"``: the ADM repo's ``ddim_sample`` variant: the network and the x0-estimate
+use the scheduled t, t_s is searched around the *current* step and the transfer goes to
+t_s - stride (stride = t - t_next, clipped at 0). The reference compares the variance with the
+flipped abar array, which approximates 1 - abar only for the cosine schedule; we compare with
+the variance model above (1 - abar_tau, or its corrected form), the quantity it approximates.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+MODES = ("canonical", "pndm_target", "adm_target")
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, ...), t (B,) long) -> eps
 
 
@@ -39,13 +45,13 @@ class ExposureBiasTimeShift:
     cutoff: int = 300  # shift only where t > cutoff
     variance: str = "paper"  # paper | corrected
     data_var: float = 1.0  # Var(x0) per entry, used by variance="corrected"
-    mode: str = "canonical"  # canonical | pndm_target
+    mode: str = "canonical"  # canonical | pndm_target | adm_target
 
     def __post_init__(self):
         if self.variance not in ("paper", "corrected"):
             raise ValueError(f"time_shift.variance must be paper|corrected, got {self.variance!r}")
-        if self.mode not in ("canonical", "pndm_target"):
-            raise ValueError(f"time_shift.mode must be canonical|pndm_target, got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"time_shift.mode must be {'|'.join(MODES)}, got {self.mode!r}")
         if self.window < 0:
             raise ValueError(f"time_shift.window must be >= 0, got {self.window}")
 
@@ -56,7 +62,7 @@ class ExposureBiasTimeShift:
         if h == 0 or t <= self.cutoff:
             return t_B
         v_B = x.reshape(B, -1).double().var(dim=1)  # per-sample statistic (spec 1a.1)
-        taus = torch.arange(max(t - h, 0), min(t + h, T - 1) + 1)  # (W,)
+        taus = torch.arange(max(t - h, 0), min(t + h, T - 1) + 1, device=abar.device)  # (W,)
         a = abar[taus]
         target_W = 1 - a if self.variance == "paper" else a * self.data_var + 1 - a
         return taus[(v_B[:, None] - target_W[None]).abs().argmin(1)]  # (B,)
@@ -75,25 +81,28 @@ def ddim_sample(
     """DDIM (eta=0) / DDPM-like (eta=1) sampling on an evenly respaced grid (Song et al. 2021, eq. 12).
 
     The state (and the noise) is kept in ``dtype``: float64 for analytic denoisers, the model's
-    dtype for a network. Returns x0 (shape) and stats {"target_forwards", "shifted_steps"}
-    (steps where any sample shifted).
+    dtype for a network, on the generator's device. Returns x0 (shape) and stats
+    {"target_forwards", "shifted_steps"} (steps where any sample shifted).
     """
-    abar = linear_alphas_cumprod() if abar is None else abar
+    device = generator.device
+    abar = (linear_alphas_cumprod() if abar is None else abar).to(device)
     T = abar.shape[0]
     grid = torch.linspace(T - 1, 0, steps).round().long().tolist()
-    x = torch.randn(shape, generator=generator, dtype=dtype)
+    x = torch.randn(shape, generator=generator, dtype=dtype, device=device)
     B = shape[0]
     bshape = (B,) + (1,) * (len(shape) - 1)
     stats = {"target_forwards": 0, "shifted_steps": 0}
     for i, t in enumerate(grid):
         t_next = grid[i + 1] if i + 1 < len(grid) else -1
-        t_net = torch.full((B,), t, dtype=torch.long)
+        t_net = torch.full((B,), t, dtype=torch.long, device=device)
         t_coef = t_net
-        a_next = abar[t_next].expand(B) if t_next >= 0 else torch.ones(B, dtype=torch.float64)
+        a_next = abar[t_next].expand(B) if t_next >= 0 else torch.ones(B, dtype=abar.dtype, device=device)
         if time_shift is not None and time_shift.mode == "canonical":
             t_net = t_coef = time_shift.shifted(x, t, abar)
-        elif time_shift is not None and t_next >= 0:  # pndm_target: shift the transfer target
-            a_next = abar[time_shift.shifted(x, t_next, abar)]
+        elif time_shift is not None and t_next >= 0 and time_shift.mode == "pndm_target":
+            a_next = abar[time_shift.shifted(x, t_next, abar)]  # the shifted next step is the target
+        elif time_shift is not None and t_next >= 0:  # adm_target: t_s - stride is the target
+            a_next = abar[(time_shift.shifted(x, t, abar) - (t - t_next)).clamp(min=0)]
         stats["shifted_steps"] += int((t_coef != t).any() or (t_next >= 0 and (a_next != abar[t_next]).any()))
         eps = eps_fn(x, t_net)
         stats["target_forwards"] += 1
@@ -102,7 +111,7 @@ def ddim_sample(
         if t_next < 0:
             x = ddim_step(x, eps, a_t, a_n, 0.0)  # a_n = 1: x = x0-estimate
             break
-        noise = torch.randn(shape, generator=generator, dtype=dtype) if eta > 0 else None
+        noise = torch.randn(shape, generator=generator, dtype=dtype, device=device) if eta > 0 else None
         x = ddim_step(x, eps, a_t, a_n, eta, noise)
     return x, stats
 

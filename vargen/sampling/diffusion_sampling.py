@@ -36,7 +36,7 @@ class TimeShiftConfig:
     cutoff: int = 300  # shift only at steps t > cutoff
     variance: str = "paper"  # paper (1 - abar) | corrected (abar data_var + 1 - abar)
     data_var: float = 1.0  # per-entry Var(x0) in model space, for variance=corrected
-    mode: str = "canonical"  # canonical | pndm_target
+    mode: str = "canonical"  # canonical | pndm_target | adm_target
 
 
 @dataclass
