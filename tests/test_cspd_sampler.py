@@ -76,6 +76,15 @@ def test_identical_draft_accepts_everything(target, cfg_scale):
     assert st["positions_computed"] == (2 if cfg_scale != 1.0 else 1) * 4 * 3  # a CFG pair: one call
 
 
+def test_full_prefill_is_plain_target_sampling(target):
+    """prefill = 1: every token is drawn by the target alone, one call per token, no drafts."""
+    y = torch.tensor([0, 1, 1])
+    g = torch.Generator().manual_seed(0)
+    out, st = sample_cspd(target, _draft_near(target, 1e-3), y, generator=g, prefill=1.0, cfg_scale=2.0)
+    assert st["draft_forwards"] == 0 and st["proposed"] == 0 and st["target_forwards"] == 3
+    assert torch.isfinite(out).all() and out.shape == (3, 3, 1)
+
+
 def test_seeded_and_every_row_filled(target):
     draft = _draft_near(target, 1e-3)
     y = torch.tensor([0, 1, 0, 1, 1])
@@ -85,14 +94,16 @@ def test_seeded_and_every_row_filled(target):
     assert 0 < st["acceptance"] < 1 and st["tokens"] == 15
 
 
-@pytest.mark.parametrize("gamma", [1, 3])
-def test_cspd_matches_the_target_sampler_in_distribution(target, gamma):
-    """Two-sample KS on every token: CSpD with a different draft vs the target's own sampler."""
+@pytest.mark.parametrize("gamma,prefill", [(1, 0.0), (3, 0.0), (2, 0.34)])
+def test_cspd_matches_the_target_sampler_in_distribution(target, gamma, prefill):
+    """Two-sample KS on every token: CSpD with a different draft vs the target's own sampler
+    (with token pre-filling: the first of the 3 tokens drawn by the target alone)."""
     draft = _draft_near(target, 1e-3)
     n = 4000
     y = torch.zeros(n, dtype=torch.long)
     ref, _ = sample_xar(target, y, generator=torch.Generator().manual_seed(10))
-    out, st = sample_cspd(target, draft, y, generator=torch.Generator().manual_seed(11), gamma=gamma)
+    g = torch.Generator().manual_seed(11)
+    out, st = sample_cspd(target, draft, y, generator=g, gamma=gamma, prefill=prefill)
     assert 0.3 < st["acceptance"] < 0.9  # the draft really differs; the residual is exercised
     for i in range(3):
         assert sps.ks_2samp(out[:, i, 0].numpy(), ref[:, i, 0].numpy()).pvalue > 1e-3

@@ -54,6 +54,7 @@ class CSpDConfig:
     mode: str = "exact"  # exact (Sigma = 1) or paper (biased variance factor, opt-in)
     proposals: int = 16  # K proposals per row and round in the residual sampler
     cfg_scale: float = 1.0  # guidance at the last token; xAR's ramp from 1 at the first
+    prefill: float = 0.05  # fraction of the tokens the target draws alone first (spec 3a.1; demo 0.05)
 
 
 def _check_pair(model, draft):
@@ -96,9 +97,12 @@ def sample_cspd(
     mode="exact",
     K=16,
     cfg_scale=1.0,
+    prefill=0.05,
 ):
     """Draw tokens (B, N, C) distributed as the target's own ``xar`` sampler with the same
-    ``cfg_scale`` (exact mode)."""
+    ``cfg_scale`` (exact mode). The first round(prefill N) tokens are drawn by the target alone
+    (token pre-filling), one target call each, so draft and target prefixes agree before
+    speculation starts."""
     t0 = time.perf_counter()
     device = model.start_1nC.device
     cond_B = cond_B.to(device)
@@ -109,9 +113,18 @@ def sample_cspd(
     ramp_N = torch.tensor([cfg_ramp(i, N, cfg_scale) for i in range(N)], device=device)  # (N,)
     rows = torch.arange(B, device=device)
     tokens = torch.zeros(B, N, C, device=device)  # committed prefix, then drafts
-    len_B = torch.zeros(B, dtype=torch.long, device=device)
     stats = new_stats()
     stats.update(ar_tries=0.0, ar_unfilled=0)
+    n_pre = min(N, round(prefill * N))
+    for k in range(n_pre):  # token pre-filling: plain target sampling of the first tokens
+        z_c, z_u = _conditions(model, tokens, cond_in, B)
+        stats["target_forwards"] += 1
+        stats["positions_computed"] += cond_in.shape[0] * N
+        w_B = ramp_N[k].expand(B)
+        tokens[:, k] = model.head.sample(
+            z_c[:, k], generator, S, temperature, w_B, None if z_u is None else z_u[:, k]
+        )
+    len_B = torch.full((B,), n_pre, dtype=torch.long, device=device)
     kw = {"generator": generator, "device": generator.device}
     while bool((len_B < N).any()):
         g = int(min(gamma, int((N - len_B).max())))
@@ -187,6 +200,7 @@ def build_cspd(cfg):
             mode=cfg["mode"],
             K=cfg["proposals"],
             cfg_scale=cfg["cfg_scale"],
+            prefill=cfg["prefill"],
         )
 
     return run
