@@ -14,14 +14,13 @@ Speculative samplers, whose rows commit different numbers of tokens per call, us
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vargen.models.blocks import Block, KVCache, RaggedKVCache, RMSNorm, rope_2d_table
+from vargen.models.blocks import Block, KVCache, RaggedKVCache, RMSNorm, gpt2_init_, rope_2d_table
 from vargen.registry import MODELS
 
 
@@ -62,15 +61,7 @@ class ARTransformer(nn.Module):
         cos, sin = rope_2d_table(cfg.grid[0], cfg.grid[1], cfg.dim // cfg.heads, 1, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # (1 + N, d/2)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init)
-        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
-            if name.endswith(("proj.weight", "w2.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.depth))
-
-    @staticmethod
-    def _init(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
+        gpt2_init_(self, cfg.depth)
 
     # ------------------------------------------------------------------ forward passes
     def _run(self, x_BTC, start: int, cache: KVCache | None):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import math
 
 import torch
 import torch.nn as nn
@@ -235,3 +236,14 @@ class Block(nn.Module):
     def forward(self, x_BTC, cos, sin, cache=None, layer=0, mask_TS=None):
         x_BTC = x_BTC + self.attn(self.norm1(x_BTC), cos, sin, cache, layer, mask_TS)
         return x_BTC + self.mlp(self.norm2(x_BTC))
+
+
+def gpt2_init_(model: nn.Module, depth: int) -> None:
+    """GPT-2 initialisation: N(0, 0.02) for Linear and Embedding weights, and residual output
+    projections (``proj`` / ``w2``) scaled by 1 / sqrt(2 depth) (Radford et al. 2019)."""
+    model.apply(
+        lambda m: nn.init.normal_(m.weight, std=0.02) if isinstance(m, (nn.Linear, nn.Embedding)) else None
+    )
+    for name, p in model.named_parameters():
+        if name.endswith(("proj.weight", "w2.weight")):
+            nn.init.normal_(p, std=0.02 / math.sqrt(2 * depth))

@@ -20,14 +20,13 @@ divided by N (nats per token).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vargen.models.blocks import Block, RMSNorm, rope_2d_table
+from vargen.models.blocks import Block, RMSNorm, gpt2_init_, rope_2d_table
 from vargen.registry import MODELS
 
 
@@ -74,15 +73,7 @@ class MaskedDiffusionTransformer(nn.Module):
         cos, sin = rope_2d_table(cfg.grid[0], cfg.grid[1], cfg.dim // cfg.heads, 1, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # (1 + N, d/2)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init)
-        for name, p in self.named_parameters():
-            if name.endswith(("proj.weight", "w2.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.depth))
-
-    @staticmethod
-    def _init(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
+        gpt2_init_(self, cfg.depth)
 
     def logits(self, x_BN: torch.Tensor, cond_B: torch.Tensor) -> torch.Tensor:
         """Logits (B, N, V) of p0 at every position; ``x_BN`` holds ids in [0, V] (V = mask)."""

@@ -38,7 +38,7 @@ from vargen.train.checkpoint import (
     save_checkpoint,
 )
 from vargen.train.loop import TrainingError
-from vargen.train.tasks import _device, _write_eval, load_component
+from vargen.train.tasks import _device, _write_eval, load_checked
 
 
 @dataclass
@@ -83,11 +83,8 @@ def run_lsd(cfg, log=print):
     torch.manual_seed(cfg.seed)
     tc = cfg.train
     wpath = resolve_weights_path(cfg.teacher_ckpt)
-    sha = file_sha256(wpath)
-    if cfg.teacher_sha256 and cfg.teacher_sha256 != sha:
-        raise CheckpointError(f"teacher {wpath} changed (sha256 differs from {cfg.teacher_sha256[:12]}...)")
-    cfg.teacher_sha256 = sha
-    teacher, tcfg = load_component(wpath, device)
+    teacher, tcfg = load_checked(wpath, cfg.teacher_sha256, "teacher", "student", device)
+    cfg.teacher_sha256 = file_sha256(wpath)
     if tcfg.model.name != "mdm":
         raise ValueError(f"teacher_ckpt {wpath} holds a '{tcfg.model.name}' model; lsd distils an mdm model")
     cfg.tokenizer_ckpt, cfg.tokenizer_sha256 = tcfg.tokenizer_ckpt, tcfg.tokenizer_sha256

@@ -27,9 +27,9 @@ from vargen.data import build_dataset
 from vargen.diffusion.minority import assign_levels, minority_scores, quantile_levels
 from vargen.registry import TASKS
 from vargen.train import distributed as D
-from vargen.train.checkpoint import CheckpointError, file_sha256, resolve_weights_path
+from vargen.train.checkpoint import file_sha256, resolve_weights_path
 from vargen.train.loop import fit, heldout_metrics
-from vargen.train.tasks import _device, _model_registry, load_component
+from vargen.train.tasks import _device, _model_registry, load_checked
 
 DISTANCES = ("l2", "perceptual")
 
@@ -49,14 +49,8 @@ class MinorityClassifierRun(RunConfig):
 
 def load_denoiser_for(cls_cfg, device="cpu"):
     """The denoiser a classifier was trained with, verified against the recorded hash."""
-    path = resolve_weights_path(cls_cfg.denoiser_ckpt)
-    want = cls_cfg.denoiser_sha256
-    if want and file_sha256(path) != want:
-        raise CheckpointError(
-            f"denoiser {path} changed since the classifier was trained (sha256 differs from "
-            f"{want[:12]}...); retrain the classifier or restore that denoiser"
-        )
-    den, den_cfg = load_component(path, device)
+    path = cls_cfg.denoiser_ckpt
+    den, den_cfg = load_checked(path, cls_cfg.denoiser_sha256, "denoiser", "classifier", device)
     if not hasattr(den, "abar") or not hasattr(den, "prediction"):
         raise ValueError(f"denoiser_ckpt {path} holds a '{den_cfg.model.name}', not a diffusion denoiser")
     return den, den_cfg

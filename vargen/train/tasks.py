@@ -81,16 +81,23 @@ def load_component(path: str, device="cpu"):
     return module.to(device).eval(), cfg
 
 
+def load_checked(path: str, want_sha256: str, what: str, user: str, device="cpu"):
+    """``load_component`` of a run another run was built on, verified against its recorded hash.
+
+    ``what`` names the loaded component and ``user`` the run that depends on it, for the message.
+    """
+    path = resolve_weights_path(path)
+    if want_sha256 and file_sha256(path) != want_sha256:
+        raise CheckpointError(
+            f"{what} {path} changed since the {user} was trained (sha256 differs from "
+            f"{want_sha256[:12]}...); retrain the {user} or restore that {what}"
+        )
+    return load_component(path, device)
+
+
 def load_tokenizer_for(gen_cfg, device="cpu"):
     """The tokenizer a generator was trained on, verified against the recorded hash."""
-    path = resolve_weights_path(gen_cfg.tokenizer_ckpt)
-    want = gen_cfg.tokenizer_sha256
-    if want and file_sha256(path) != want:
-        raise CheckpointError(
-            f"tokenizer {path} changed since the generator was trained (sha256 differs from "
-            f"{want[:12]}...); retrain the generator or restore that tokenizer"
-        )
-    tok, _ = load_component(path, device)
+    tok, _ = load_checked(gen_cfg.tokenizer_ckpt, gen_cfg.tokenizer_sha256, "tokenizer", "generator", device)
     return tok
 
 
