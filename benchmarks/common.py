@@ -29,9 +29,32 @@ def train(config: str, out: str, quick: bool, extra=(), quick_steps: int = 300) 
     return out
 
 
+def commit() -> str:
+    """The checked-out commit (with "+dirty" when the tree has uncommitted changes), or "unknown"."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def meta(quick: bool, seeds, device: str = "cpu") -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": device
         if device != "cpu"

@@ -1,0 +1,431 @@
+#!/usr/bin/env python
+"""Every accelerated sampler against its own plain baseline on the 256-token photos workload.
+
+    python -m benchmarks.acceleration [--quick] [--methods sd sjd ...] [--batches 1 16]
+
+The models come from the zoo (``benchmarks/zoo.py``; trained on first use). Pairs (method ->
+its baseline, the same trained model unless named):
+
+| method | what | baseline |
+|---|---|---|
+| sd | speculative sampling with the photos_ar_draft model, gamma 4 | ar: KV-cached next-token decode |
+| sjd | speculative Jacobi decoding, window 16 | ar |
+| gsd | grouped speculative decoding, window 16 | ar |
+| gsd_exact | GSD's group-exact variant | ar |
+| var | next-scale VAR on the VAT ids (5 scales) | ar (next-token on the VQ ids, same 16x16 grid) |
+| cspd | continuous speculative decoding, photos_xar_draft, gamma 4 | xar: the target's own sampler |
+| tarflow_jacobi | TarFlow, Jacobi on every block | tarflow_seq: the KV-cached sequential inverse |
+| tarflow_gs_jacobi | TarFlow, GS-Jacobi (8 segments) on every block | tarflow_seq |
+
+Per method and batch size b (1: latency; 16: throughput), interleaved with its baseline in the
+same run (baseline, method, baseline, method, ... best of ``--reps``), on the same labels and seed:
+
+- ``<m>.b<b>.nfe``: target forwards per image (a call serving k rows counts k times; a CFG pair is
+  one call), and ``nfe_ratio`` = baseline nfe / method nfe;
+- ``<m>.b<b>.token_rows``: sequence positions pushed through the target per image (CFG rows count);
+- ``<m>.b<b>.wall_ratio``: baseline seconds / method seconds (best of reps each), and both seconds;
+- ``<m>.b<b>.acceptance`` (accepted / proposed drafts) and ``alpha`` (first-draft acceptance) where
+  the method has them.
+
+FID (``<m>.fid_mean`` / ``fid_std`` beside ``<m>.baseline_fid_mean`` / ``_std``) is measured on
+``--fid-samples`` images per seed against the held-out photos, in the classifier feature space of
+``vargen.eval`` (a proxy, not Inception FID). ``workload.tokens``, ``workload.params.<model>`` and
+``meta`` (commit, machine, threads) complete ``benchmarks/results/acceleration.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import meta, print_table, write_results  # noqa: E402
+
+BATCHES = (1, 16)
+
+
+@dataclass
+class Workload:
+    """The models of one workload (any may be None: its methods are skipped) and the FID evaluator."""
+
+    ar: object = None  # next-token target (llamagen on VQ ids)
+    draft: object = None  # smaller llamagen on the same ids
+    vq: object = None  # tokenizer of ar / draft
+    var: object = None  # next-scale model (tokenizer attached)
+    vat: object = None
+    xar: object = None  # xAR + MAR head, entity token (CSpD target)
+    xar_draft: object = None
+    kl: object = None
+    tarflow: object = None
+    num_classes: int = 1
+    evaluator: object = None  # FIDEvaluator against the held-out split, or None (no FID)
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    """``draw(w, cond_N, generator, slots, opts) -> (tokens or images, stats)``; ``decode(w, out)``."""
+
+    model: str  # Workload field the method needs (and its baseline's)
+    baseline: str
+    draw: object
+    decode: object
+    needs: tuple = ()  # further Workload fields it needs
+
+
+def _chunked(fn, cond_N, slots):
+    """Run ``fn(cond_b)`` on chunks of ``slots`` rows; concatenate outputs and sum stats."""
+    outs, total = [], {}
+    for i in range(0, len(cond_N), slots):
+        out, stats = fn(cond_N[i : i + slots])
+        outs.append(out)
+        for k, v in stats.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                total[k] = total.get(k, 0) + v
+        total["rows_per_call"] = slots
+    if isinstance(outs[0], list):  # multi-scale ids: one list entry per scale
+        return [torch.cat(parts) for parts in zip(*outs)], total
+    return torch.cat(outs), total
+
+
+def _warp(o):
+    return {"cfg_scale": o["cfg_scale"], "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
+def draw_ar(w, cond, g, slots, o):
+    from vargen.sampling.ar_decode import sample_ar
+
+    return _chunked(lambda c: sample_ar(w.ar, c, generator=g, **_warp(o)), cond, slots)
+
+
+def draw_sd(w, cond, g, slots, o):
+    from vargen.sampling.speculative import sample_speculative
+
+    return _chunked(
+        lambda c: sample_speculative(w.ar, w.draft, c, generator=g, gamma=o["gamma"], **_warp(o)), cond, slots
+    )
+
+
+def _jacobi(w, cond, g, slots, o, name, **extra):
+    from vargen.registry import SAMPLERS
+
+    run = SAMPLERS.build({"name": name, "window": o["window"], **_warp(o), **extra})
+    return _chunked(lambda c: run(w.ar, c, g), cond, slots)
+
+
+def draw_sjd(w, cond, g, slots, o):
+    return _jacobi(w, cond, g, slots, o, "sjd")
+
+
+def draw_gsd(w, cond, g, slots, o):
+    return _jacobi(w, cond, g, slots, o, "gsd")
+
+
+def draw_gsd_exact(w, cond, g, slots, o):
+    return _jacobi(w, cond, g, slots, o, "gsd", exact_groups=True)
+
+
+def draw_var(w, cond, g, slots, o):
+    from vargen.sampling.var_decode import sample_var
+
+    return _chunked(lambda c: sample_var(w.var, c, generator=g, **_warp(o)), cond, slots)
+
+
+def draw_xar(w, cond, g, slots, o):
+    from vargen.sampling.xar_sampling import sample_xar
+
+    return _chunked(lambda c: sample_xar(w.xar, c, generator=g, cfg_scale=o["cfg_scale"]), cond, slots)
+
+
+def draw_cspd(w, cond, g, slots, o):
+    from vargen.sampling.cspd_sampler import sample_cspd
+
+    fn = lambda c: sample_cspd(w.xar, w.xar_draft, c, generator=g, gamma=o["gamma"], cfg_scale=o["cfg_scale"])  # noqa: E731
+    return _chunked(fn, cond, slots)
+
+
+def _tarflow(method):
+    def draw(w, cond, g, slots, o):
+        from vargen.sampling.tarflow_sampling import sample_tarflow
+
+        fn = lambda c: sample_tarflow(w.tarflow, c, generator=g, method=method, cfg_scale=o["cfg_scale"])  # noqa: E731
+        return _chunked(fn, cond, slots)
+
+    return draw
+
+
+def decode_vq(w, ids):
+    return w.vq.decode(ids)
+
+
+def decode_vat(w, ids):
+    return w.vat.decode(ids)
+
+
+def decode_kl(w, z):
+    return w.kl.decode(z)
+
+
+def decode_pixels(w, images):
+    return images
+
+
+BASELINES = {
+    "ar": Method("ar", "ar", draw_ar, decode_vq, ("vq",)),
+    "xar": Method("xar", "xar", draw_xar, decode_kl, ("kl",)),
+    "tarflow_seq": Method("tarflow", "tarflow_seq", _tarflow("sequential"), decode_pixels),
+}
+METHODS = {
+    "sd": Method("ar", "ar", draw_sd, decode_vq, ("draft", "vq")),
+    "sjd": Method("ar", "ar", draw_sjd, decode_vq, ("vq",)),
+    "gsd": Method("ar", "ar", draw_gsd, decode_vq, ("vq",)),
+    "gsd_exact": Method("ar", "ar", draw_gsd_exact, decode_vq, ("vq",)),
+    "var": Method("var", "ar", draw_var, decode_vat, ("ar", "vat", "vq")),
+    "cspd": Method("xar", "xar", draw_cspd, decode_kl, ("xar_draft", "kl")),
+    "tarflow_jacobi": Method("tarflow", "tarflow_seq", _tarflow("jacobi"), decode_pixels),
+    "tarflow_gs_jacobi": Method("tarflow", "tarflow_seq", _tarflow("gs_jacobi"), decode_pixels),
+}
+DEFAULTS = {"cfg_scale": 1.5, "gamma": 4, "window": 16}
+
+
+def labels(n: int, num_classes: int) -> torch.Tensor:
+    return torch.arange(n) % num_classes
+
+
+def per_image(stats: dict, n: int) -> dict:
+    """NFE (row-calls) and token-rows per image from a sampler's summed stats."""
+    rows = stats.get("row_target_forwards", stats.get("target_forwards", 0) * stats.get("rows_per_call", 1))
+    out = {"nfe": rows / n, "token_rows": stats.get("positions_computed", 0) / n}
+    if "acceptance" in stats:  # a ratio: recomputed from the summed counts
+        out["acceptance"] = stats["accepted"] / max(1, stats["proposed"])
+    for k in ("alpha", "mean_accepted_length"):
+        if k in stats:
+            out[k] = stats[k]
+    return out
+
+
+def timed(method: Method, w: Workload, cond, seed: int, slots: int, opts: dict):
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    _, stats = method.draw(w, cond, g, slots, opts)
+    return time.perf_counter() - t0, stats
+
+
+def measure_speed(name: str, w: Workload, batch: int, n: int, reps: int, opts: dict) -> dict:
+    """Interleaved baseline/method timings and per-image counts at ``batch`` concurrent rows."""
+    method, base = METHODS[name], BASELINES[METHODS[name].baseline]
+    cond = labels(n, w.num_classes)
+    best = {"method": float("inf"), "baseline": float("inf")}
+    counts = {}
+    for _ in range(reps):
+        for role, m in (("baseline", base), ("method", method)):
+            secs, stats = timed(m, w, cond, 0, batch, opts)
+            best[role] = min(best[role], secs)
+            counts[role] = per_image(stats, n)
+    out = {f"{k}": v for k, v in counts["method"].items()}
+    out["baseline_nfe"] = counts["baseline"]["nfe"]
+    out["baseline_token_rows"] = counts["baseline"]["token_rows"]
+    out["nfe_ratio"] = counts["baseline"]["nfe"] / max(1e-9, counts["method"]["nfe"])
+    out["seconds"], out["baseline_seconds"] = best["method"] / n, best["baseline"] / n
+    out["wall_ratio"] = best["baseline"] / best["method"]
+    return out
+
+
+def fid_of(method: Method, w: Workload, samples: int, seeds, batch: int, opts: dict) -> tuple[float, float]:
+    scores = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        out, _ = method.draw(w, labels(samples, w.num_classes), g, batch, opts)
+        with torch.no_grad():
+            images = torch.cat(
+                [method.decode(w, _rows(out, i, batch)).cpu() for i in range(0, samples, batch)]
+            )
+        scores.append(w.evaluator.score(images.clamp(0, 1)))
+    t = torch.tensor(scores)
+    return float(t.mean()), float(t.std()) if len(scores) > 1 else 0.0
+
+
+def _rows(out, i, n):
+    return [o[i : i + n] for o in out] if isinstance(out, list) else out[i : i + n]
+
+
+def available(name: str, w: Workload) -> bool:
+    m = METHODS[name]
+    need = (m.model, BASELINES[m.baseline].model, *m.needs, *BASELINES[m.baseline].needs)
+    return all(getattr(w, f) is not None for f in need)
+
+
+def run(
+    w: Workload,
+    methods,
+    batches=BATCHES,
+    reps: int = 3,
+    n_latency: int = 4,
+    n_throughput: int = 32,
+    fid_samples: int = 0,
+    seeds=(0, 1, 2),
+    fid_batch: int = 100,
+    opts: dict | None = None,
+    log=print,
+) -> dict:
+    """Measure ``methods`` on workload ``w``; flat result keys (see the module docstring)."""
+    opts = {**DEFAULTS, **(opts or {})}
+    flat: dict = {"workload.tokens": w.ar.num_tokens if w.ar is not None else None}
+    flat.update({f"workload.params.{k}": v for k, v in w.params.items()})
+    flat.update({f"options.{k}": v for k, v in opts.items()})
+    base_fid: dict = {}
+    for name in methods:
+        if not available(name, w):
+            log(f"skip {name}: its models are not in the workload")
+            continue
+        for b in batches:
+            n = n_latency if b == 1 else max(b, n_throughput)
+            log(f"{name} vs {METHODS[name].baseline} at batch {b} ({n} images, best of {reps})")
+            for k, v in measure_speed(name, w, b, n, reps, opts).items():
+                flat[f"{name}.b{b}.{k}"] = v
+        if fid_samples and w.evaluator is not None:
+            bname = METHODS[name].baseline
+            if bname not in base_fid:
+                base_fid[bname] = fid_of(BASELINES[bname], w, fid_samples, seeds, fid_batch, opts)
+            flat[f"{name}.fid_mean"], flat[f"{name}.fid_std"] = fid_of(
+                METHODS[name], w, fid_samples, seeds, fid_batch, opts
+            )
+            flat[f"{name}.baseline_fid_mean"], flat[f"{name}.baseline_fid_std"] = base_fid[bname]
+            log(f"{name}: FID {flat[f'{name}.fid_mean']:.1f} (baseline {bname} {base_fid[bname][0]:.1f})")
+    return flat
+
+
+def zoo_workload(zoo, fid: bool = True, device: str = "cpu") -> Workload:
+    """The photos workload from the zoo (trains what is missing)."""
+    from vargen.eval.fid import FIDEvaluator
+    from vargen.train.tasks import load_component, load_tokenizer_for
+
+    paths = zoo.ensure(
+        ["photos_ar", "photos_ar_draft", "photos_var", "photos_xar", "photos_xar_draft", "photos_tarflow"]
+    )
+    loaded = {
+        n: load_component(p, device)
+        for n, p in paths.items()
+        if n
+        in ("photos_ar", "photos_ar_draft", "photos_var", "photos_xar", "photos_xar_draft", "photos_tarflow")
+    }
+    (ar, cfg), (var, var_cfg), (xar, xar_cfg) = (
+        loaded["photos_ar"],
+        loaded["photos_var"],
+        loaded["photos_xar"],
+    )
+    vat = load_tokenizer_for(var_cfg, device)
+    var.attach_tokenizer(vat)
+    w = Workload(
+        ar=ar,
+        draft=loaded["photos_ar_draft"][0],
+        vq=load_tokenizer_for(cfg, device),
+        var=var,
+        vat=vat,
+        xar=xar,
+        xar_draft=loaded["photos_xar_draft"][0],
+        kl=load_tokenizer_for(xar_cfg, device),
+        tarflow=loaded["photos_tarflow"][0],
+        num_classes=ar.num_classes,
+        evaluator=FIDEvaluator.for_dataset(dict(cfg.data), split="heldout") if fid else None,
+    )
+    w.params = {
+        n.removeprefix("photos_"): sum(p.numel() for p in m.parameters()) for n, (m, _) in loaded.items()
+    }
+    return w
+
+
+def table(flat: dict, methods, batches) -> list[dict]:
+    rows = []
+    for name in methods:
+        for b in batches:
+            k = f"{name}.b{b}."
+            if k + "nfe" not in flat:
+                continue
+            rows.append(
+                {
+                    "method": name,
+                    "vs": METHODS[name].baseline,
+                    "batch": b,
+                    "nfe": flat[k + "nfe"],
+                    "nfe_ratio": flat[k + "nfe_ratio"],
+                    "token_rows": flat[k + "token_rows"],
+                    "base_token_rows": flat[k + "baseline_token_rows"],
+                    "wall_ratio": flat[k + "wall_ratio"],
+                    "acceptance": flat.get(k + "acceptance"),
+                    "alpha": flat.get(k + "alpha"),
+                    "fid": _pm(flat, f"{name}.fid") if b == batches[-1] else None,
+                    "base_fid": _pm(flat, f"{name}.baseline_fid") if b == batches[-1] else None,
+                }
+            )
+    return rows
+
+
+def _pm(flat, key):
+    if f"{key}_mean" not in flat:
+        return None
+    return f"{flat[key + '_mean']:.1f} ± {flat[key + '_std']:.1f}"
+
+
+def main(argv=None):
+    from benchmarks.zoo import Zoo, quick_overrides
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--quick", action="store_true", help="fewer images, 1 rep... minutes, not for final numbers"
+    )
+    ap.add_argument("--quick-zoo", action="store_true", help="use the quick zoo (150-step models)")
+    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--batches", nargs="*", type=int, default=list(BATCHES))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--fid-samples", type=int, default=None, help="images per seed for FID (0 = no FID)")
+    ap.add_argument("--cfg-scale", type=float, default=DEFAULTS["cfg_scale"])
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fid_samples = args.fid_samples if args.fid_samples is not None else (200 if args.quick else 1000)
+    seeds = (0, 1) if args.quick else (0, 1, 2)
+    zoo = Zoo(quick_overrides() if args.quick_zoo else [])
+    w = zoo_workload(zoo, fid=fid_samples > 0)
+    flat = run(
+        w,
+        args.methods,
+        tuple(args.batches),
+        reps=1 if args.quick else 3,
+        n_latency=2 if args.quick else 4,
+        n_throughput=16 if args.quick else 32,
+        fid_samples=fid_samples,
+        seeds=seeds,
+        opts={"cfg_scale": args.cfg_scale},
+    )
+    print_table(
+        table(flat, args.methods, tuple(args.batches)),
+        [
+            "method",
+            "vs",
+            "batch",
+            "nfe",
+            "nfe_ratio",
+            "token_rows",
+            "base_token_rows",
+            "wall_ratio",
+            "acceptance",
+            "alpha",
+            "fid",
+            "base_fid",
+        ],
+    )
+    print(
+        "wrote", write_results("acceleration", flat, {**meta(args.quick, seeds), "zoo_quick": args.quick_zoo})
+    )
+
+
+if __name__ == "__main__":
+    main()
