@@ -1,4 +1,5 @@
-"""Datasets: embedded digits (16x16 gray), shapes (32x32 RGB), photos (64x64 crops of scikit-image's photos), and user image folders."""
+"""Datasets: embedded digits (16x16 gray), shapes (32x32 RGB), photos (64x64 crops of the photos
+shipped in scikit-image), and user image folders."""
 
 from vargen.data import digits, imagefolder, photos, shapes  # noqa: F401  (register)
 from vargen.data.base import DataError, ImageSplits, check_images, seeded_split
