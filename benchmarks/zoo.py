@@ -172,9 +172,8 @@ class Zoo:
             f"train.progress={str(show).lower()}",
         ]
         cfg = load_run_config(config_path(self.zoo[name].config), over)
-        t0 = time.perf_counter()
         model = run(cfg, log=self.log)
-        seconds = time.perf_counter() - t0
+        seconds = logged_seconds(out)
         params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else None
         record = {
             "name": name,
@@ -192,6 +191,21 @@ class Zoo:
     def record(self, name: str) -> dict:
         with open(os.path.join(self.path(name), DONE)) as f:
             return json.load(f)
+
+
+def logged_seconds(run_dir: str) -> float:
+    """Training wall time summed over every process that trained the run (log.jsonl's
+    ``elapsed_s`` restarts at each resume)."""
+    from vargen.train.loop import read_log
+
+    total = last = 0.0
+    for row in read_log(run_dir):
+        if "elapsed_s" not in row:
+            continue
+        if row["elapsed_s"] < last:  # a new process resumed the run
+            total += last
+        last = row["elapsed_s"]
+    return total + last
 
 
 def _mins(seconds: float) -> str:
@@ -214,7 +228,9 @@ def main(argv=None):
         zoo.ensure(names)
     rows, flat = [], {}
     for n in order(names, zoo.zoo):
-        rec = zoo.record(n) if zoo.is_trained(n) else {}
+        rec = {}
+        if zoo.is_trained(n):
+            rec = {**zoo.record(n), "train_seconds": round(logged_seconds(zoo.path(n)), 1)}
         rows.append(
             {
                 "entry": n,

@@ -108,3 +108,17 @@ def test_switching_a_component_drops_the_old_components_fields():
     cfg = load_run_config(cfg_path("shapes_vq.yaml"), ["data.name=imagefolder", "data.root=/x"])
     assert cfg.data.name == "imagefolder" and cfg.data.root == "/x" and "num_images" not in cfg.data
     assert cfg.data.resolution == 32  # the imagefolder schema's default, not the shapes file's
+
+
+def test_registry_build_validates_like_the_cli():
+    """From Python, a builder gets its defaults filled and a mistyped key fails at build time,
+    naming the key as the command line does."""
+    from vargen.config import ConfigError
+    from vargen.registry import SAMPLERS
+
+    assert callable(SAMPLERS.build({"name": "ddim"}))  # was: AttributeError (no defaults)
+    assert callable(SAMPLERS.build({"name": "tarflow"}))  # was: KeyError
+    with pytest.raises(ConfigError, match=r"unknown config key 'sampler.top_kk' \(did you mean 'sampler.top_k'"):
+        SAMPLERS.build({"name": "ar", "top_kk": 3})
+    with pytest.raises(ConfigError, match="sampler.top_k"):
+        SAMPLERS.build({"name": "ar", "top_k": "many"})

@@ -158,6 +158,14 @@ def validate(schema: type, raw: dict, path: str = "") -> dict:
     return out
 
 
+def validated_section(schema: type, cfg, key: str = "") -> DictConfig:
+    """A component section (a dict or DictConfig) validated against ``schema``: defaults filled,
+    unknown or mistyped keys refused with a ``ConfigError`` naming ``key.<field>``."""
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+    raw = OmegaConf.to_container(node, resolve=True)
+    return OmegaConf.create(validate(schema, raw, f"{key}." if key else ""))
+
+
 def _validate_component(registry_name: str, section, path: str) -> dict:
     registry = REGISTRIES[registry_name]
     if not isinstance(section, dict) or "name" not in section:

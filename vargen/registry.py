@@ -50,10 +50,15 @@ class Entry:
 
 
 class Registry:
-    """Maps a short name to a schema dataclass and a builder ``builder(cfg, **kw)``."""
+    """Maps a short name to a schema dataclass and a builder ``builder(cfg, **kw)``.
 
-    def __init__(self, kind: str):
+    ``key`` is where a section of this kind sits in a run config (``sampler``, ``model``, ...): the
+    path that validation errors name, so :meth:`build` fails with the message the CLI gives.
+    """
+
+    def __init__(self, kind: str, key: str = ""):
         self.kind = kind
+        self.key = key
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str, schema: type) -> Callable:
@@ -75,7 +80,16 @@ class Registry:
         return self._entries[name]
 
     def build(self, cfg, **kwargs):
-        return self.get(cfg["name"]).builder(cfg, **kwargs)
+        """Validate ``cfg`` against the entry's schema, then build it.
+
+        The builder receives the section with every default filled in (an OmegaConf DictConfig:
+        attribute and item access); an unknown or mistyped key raises ``ConfigError`` naming it,
+        before any work, from Python as from the command line.
+        """
+        from vargen.config import validated_section  # deferred: vargen.config imports this module
+
+        entry = self.get(cfg["name"])
+        return entry.builder(validated_section(entry.schema, cfg, self.key), **kwargs)
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -84,12 +98,12 @@ class Registry:
         return name in self._entries
 
 
-DATASETS = Registry("dataset")
-TOKENIZERS = Registry("tokenizer")
-MODELS = Registry("model")
-HEADS = Registry("head")
-SAMPLERS = Registry("sampler")
-FEATURE_NETS = Registry("feature_net")
+DATASETS = Registry("dataset", "data")
+TOKENIZERS = Registry("tokenizer", "model")
+MODELS = Registry("model", "model")
+HEADS = Registry("head", "model.head")
+SAMPLERS = Registry("sampler", "sampler")
+FEATURE_NETS = Registry("feature_net", "model")
 TASKS = Registry("task")
 
 REGISTRIES = {
