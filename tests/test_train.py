@@ -13,7 +13,7 @@ from vargen.train.checkpoint import CheckpointError, latest_checkpoint, read_tra
 from vargen.train.loop import TrainingError, fit, read_log
 from vargen.train.tasks import load_component, run
 
-from .conftest import ROOT, task_config
+from .conftest import ROOT, task_config, vq_cfg
 
 
 def ar_run_cfg(out_dir, tok_dir, steps, **train):
@@ -24,19 +24,6 @@ def ar_run_cfg(out_dir, tok_dir, steps, **train):
         tokenizer_ckpt=str(tok_dir),
         model={"name": "llamagen", "dim": 32, "depth": 1, "heads": 2, "dropout": 0.1},
     )
-
-
-@pytest.fixture(scope="module")
-def tiny_vq(tmp_path_factory):
-    out = tmp_path_factory.mktemp("vq")
-    cfg = task_config(
-        "tokenizer",
-        out,
-        dict(steps=20, batch_size=32),
-        model={"name": "vq", "hidden": [8, 16], "codebook_size": 16, "code_dim": 4},
-    )
-    run(cfg, log=lambda m: None)
-    return out
 
 
 def test_resume_continues_exactly(tmp_path, tiny_vq):
@@ -212,3 +199,61 @@ def test_tokenizer_task_trains_a_multiscale_vat(tmp_path):
     tok, _ = load_component(str(tmp_path))
     ids = tok.encode(torch.rand(2, 1, 16, 16))
     assert [t.shape for t in ids] == [(2, 1), (2, 4), (2, 16)]
+
+
+def _weights_equal(a, b) -> bool:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def straight_vq(tmp_path_factory):
+    """10 uninterrupted steps of a tiny tokenizer: what every recovered run must reproduce."""
+    out = tmp_path_factory.mktemp("straight")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run(vq_cfg(out, 10), log=lambda m: None)
+    torch.set_num_threads(before)
+    return out
+
+
+def test_resume_without_latest_scans_for_checkpoints(tmp_path, straight_vq, one_thread):
+    """Deleting ``latest`` loses nothing: recovery scans the step_* directories."""
+    run(vq_cfg(tmp_path, 6, ckpt_every=2, keep_last=3), log=lambda m: None)
+    os.remove(tmp_path / "latest")
+    msgs = []
+    run(vq_cfg(tmp_path, 10, ckpt_every=2, keep_last=3, resume=True), log=msgs.append)
+    assert any("resumed from" in m and "step_0000006" in m for m in msgs), msgs
+    assert [r["step"] for r in read_log(tmp_path)] == list(range(1, 11))
+    assert _weights_equal(tmp_path, straight_vq)
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, straight_vq, one_thread):
+    run(vq_cfg(tmp_path, 6, ckpt_every=2, keep_last=3), log=lambda m: None)
+    weights = tmp_path / "checkpoints" / "step_0000006" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert os.path.basename(latest_checkpoint(str(tmp_path))) == "step_0000004"
+    msgs = []
+    run(vq_cfg(tmp_path, 10, ckpt_every=2, keep_last=3, resume=True), log=msgs.append)
+    assert any("step_0000006" in m and "damaged" in m for m in msgs), msgs
+    assert (tmp_path / "checkpoints" / "damaged_step_0000006").is_dir()  # kept for inspection
+    assert [r["step"] for r in read_log(tmp_path)] == list(range(1, 11))
+    assert _weights_equal(tmp_path, straight_vq)
+
+
+def test_fresh_start_over_checkpoints_is_refused_without_latest(tmp_path, one_thread):
+    run(vq_cfg(tmp_path, 4, ckpt_every=2), log=lambda m: None)
+    os.remove(tmp_path / "latest")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(TrainingError, match="resume=true.*delete .*checkpoints to start over"):
+        run(vq_cfg(tmp_path, 4, ckpt_every=2), log=lambda m: None)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_resume_refuses_when_every_checkpoint_is_damaged(tmp_path, one_thread):
+    run(vq_cfg(tmp_path, 2, ckpt_every=2), log=lambda m: None)
+    state = tmp_path / "checkpoints" / "step_0000002" / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="no checkpoint .* is usable.*train_state.pt.*delete"):
+        run(vq_cfg(tmp_path, 4, ckpt_every=2, resume=True), log=lambda m: None)
+    assert (tmp_path / "checkpoints" / "step_0000002").is_dir()

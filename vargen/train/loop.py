@@ -23,11 +23,16 @@ from vargen.train import distributed as D
 from vargen.train.checkpoint import (
     WEIGHTS,
     CheckpointError,
+    checkpoint_dirs,
+    find_checkpoint,
     latest_checkpoint,
     load_state_into,
+    point_to,
     read_train_state,
     read_weights,
+    remove_abandoned_writes,
     save_checkpoint,
+    set_aside,
 )
 
 
@@ -118,6 +123,72 @@ def heldout_metrics(model, x: torch.Tensor, y: torch.Tensor, device, batch: int 
     return {f"heldout_{k}": v / n for k, v in sums.items()}
 
 
+def _resume(model, opt, config: dict, out_dir: str, resume: bool, rank: int, log) -> int:
+    """Restore the newest usable checkpoint when ``resume``; returns the step to start from.
+
+    Refuses to start from step 0 over existing checkpoints, and to resume when every
+    checkpoint is damaged, so no good checkpoint is ever overwritten.
+    """
+    present = checkpoint_dirs(out_dir)
+    ckpt_root = os.path.join(out_dir, "checkpoints")
+    if not resume:
+        if present:
+            raise TrainingError(
+                f"{out_dir} already holds checkpoints ({', '.join(present[-3:])}); pass train.resume=true to "
+                f"continue from the newest usable one, choose another out_dir, or delete {ckpt_root} to "
+                "start over (nothing was overwritten)"
+            )
+        if rank == 0:
+            remove_abandoned_writes(out_dir)
+            if os.path.exists(_log_path(out_dir)):
+                os.remove(_log_path(out_dir))
+        return 0
+    existing, damaged = find_checkpoint(out_dir)
+    if existing is None and damaged:
+        reasons = "; ".join(f"{path}: {why}" for path, why in damaged)
+        raise CheckpointError(
+            f"train.resume=true but no checkpoint in {ckpt_root} is usable ({reasons}); restore one, "
+            f"or delete {ckpt_root} to start over, or choose another out_dir (nothing was overwritten)"
+        )
+    if rank == 0:
+        for path in remove_abandoned_writes(out_dir):
+            log(f"removed {path}, left by an interrupted checkpoint write")
+    if existing is None:
+        log(f"train.resume=true but {out_dir} has no checkpoint yet: starting from step 0")
+        if rank == 0 and os.path.exists(_log_path(out_dir)):
+            os.remove(_log_path(out_dir))
+        return 0
+    state, meta = read_weights(os.path.join(existing, WEIGHTS))
+    if meta["config"].get("model") != config.get("model"):
+        raise CheckpointError(
+            f"cannot resume from {existing}: its model config {meta['config'].get('model')} differs "
+            f"from this run's {config.get('model')}"
+        )
+    load_state_into(model, state, os.path.join(existing, WEIGHTS))
+    ts = read_train_state(existing)
+    try:
+        opt.load_state_dict(ts["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state in {existing} does not match the model: {e}") from None
+    _set_rng_state(ts)
+    start = int(ts["step"])
+    if rank == 0:
+        for path, why in damaged:
+            log(f"checkpoint {path} is damaged ({why}); moved to {set_aside(path)}")
+        if damaged or os.path.basename(existing) != _read_latest(out_dir):
+            point_to(out_dir, existing)
+        _truncate_log(out_dir, start)
+    if D.world()[1] > 1:  # rank 0 has repointed 'latest' before anyone saves
+        torch.distributed.barrier()
+    log(f"resumed from {existing} at step {start}")
+    return start
+
+
+def _read_latest(out_dir: str) -> str | None:
+    path = os.path.join(out_dir, "latest")
+    return open(path).read().strip() if os.path.isfile(path) else None
+
+
 def fit(model, x_all: torch.Tensor, y_all: torch.Tensor, run_cfg, device, task: str, log=print, heldout=None):
     """Train ``model`` on (x_all, y_all) as configured in ``run_cfg.train``; returns the model.
 
@@ -138,36 +209,7 @@ def fit(model, x_all: torch.Tensor, y_all: torch.Tensor, run_cfg, device, task: 
         betas=tuple(tc.betas),
     )
 
-    start = 0
-    existing = latest_checkpoint(out_dir)
-    if tc.resume and existing:
-        state, meta = read_weights(os.path.join(existing, WEIGHTS))
-        if meta["config"].get("model") != config.get("model"):
-            raise CheckpointError(
-                f"cannot resume from {existing}: its model config {meta['config'].get('model')} differs "
-                f"from this run's {config.get('model')}"
-            )
-        load_state_into(model, state, os.path.join(existing, WEIGHTS))
-        ts = read_train_state(existing)
-        try:
-            opt.load_state_dict(ts["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"optimizer state in {existing} does not match the model: {e}") from None
-        _set_rng_state(ts)
-        start = int(ts["step"])
-        if rank == 0:
-            _truncate_log(out_dir, start)
-        log(f"resumed from {existing} at step {start}")
-    elif tc.resume:
-        log(f"train.resume=true but {out_dir} has no checkpoint yet: starting from step 0")
-    elif existing:
-        raise TrainingError(
-            f"{out_dir} already holds a checkpoint ({existing}); pass train.resume=true to continue it, "
-            "or choose another out_dir (nothing was overwritten)"
-        )
-    elif rank == 0 and os.path.exists(_log_path(out_dir)):
-        os.remove(_log_path(out_dir))
-
+    start = _resume(model, opt, config, out_dir, tc.resume, rank, log)
     runner = _LossModule(model)
     if tc.compile:
         if device.type == "cuda":
