@@ -79,7 +79,9 @@ TINY_VQ = {"name": "vq", "hidden": [8, 16], "codebook_size": 16, "code_dim": 4}
 
 def vq_cfg(out_dir, steps: int, **train):
     """A tiny VQ tokenizer run on digits (milliseconds a step): the cheapest real training."""
-    return task_config("tokenizer", out_dir, dict(steps=steps, batch_size=32, log_every=1, **train), model=TINY_VQ)
+    return task_config(
+        "tokenizer", out_dir, dict(steps=steps, batch_size=32, log_every=1, **train), model=TINY_VQ
+    )
 
 
 @pytest.fixture(scope="session")

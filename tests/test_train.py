@@ -65,7 +65,9 @@ class _Blowup(torch.nn.Module):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    cfg = task_config("feature_net", tmp_path, dict(steps=10, batch_size=4, ckpt_every=2))
+    cfg = task_config(
+        "feature_net", tmp_path, dict(steps=10, batch_size=4, ckpt_every=2, max_nonfinite_steps=1)
+    )
     model = _Blowup()
     x, y = torch.rand(40, 3), torch.zeros(40, dtype=torch.long)
     with pytest.raises(TrainingError, match="nan at step 4.*step_0000004"):
@@ -257,3 +259,77 @@ def test_resume_refuses_when_every_checkpoint_is_damaged(tmp_path, one_thread):
     with pytest.raises(CheckpointError, match="no checkpoint .* is usable.*train_state.pt.*delete"):
         run(vq_cfg(tmp_path, 4, ckpt_every=2, resume=True), log=lambda m: None)
     assert (tmp_path / "checkpoints" / "step_0000002").is_dir()
+
+
+class _Faulty(torch.nn.Module):
+    """Loss NaN on the calls in ``nan_loss``, finite loss with NaN gradients on ``nan_grad``."""
+
+    def __init__(self, nan_loss=(), nan_grad=()):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.calls, self.nan_loss, self.nan_grad = 0, set(nan_loss), set(nan_grad)
+
+    def loss(self, x, y):
+        self.calls += 1
+        val = (self.w * x.mean()).sum()
+        if self.calls in self.nan_loss:
+            val = val * float("nan")
+        if self.calls in self.nan_grad:  # d sqrt(u)/du at u = 0 is inf; times 0 gives NaN
+            val = val + 0 * (self.w - self.w.detach()).sqrt().sum()
+        return {"loss": val}
+
+
+def test_nonfinite_steps_are_skipped_counted_and_never_saved(tmp_path):
+    cfg = task_config("feature_net", tmp_path, dict(steps=10, batch_size=4, ckpt_every=2, log_every=1))
+    model, msgs = _Faulty(nan_loss={3}, nan_grad={6}), []
+    x, y = torch.rand(40, 3), torch.zeros(40, dtype=torch.long)
+    fit(model, x, y, cfg, torch.device("cpu"), "feature_net", log=msgs.append)
+    rows = read_log(tmp_path)
+    assert [r["skipped_nonfinite"] for r in rows] == [0, 0, 1, 1, 1, 2, 2, 2, 2, 2]
+    assert sum("loss is nan; update skipped" in m for m in msgs) == 1
+    assert sum("gradient norm is nan; update skipped" in m for m in msgs) == 1
+    assert torch.isfinite(model.w).all()
+    state = read_train_state(latest_checkpoint(str(tmp_path)))
+    assert state["skipped_nonfinite"] == 2
+    assert all(int(s["step"]) == 8 for s in state["optimizer"]["state"].values())  # 10 steps, 2 skipped
+
+
+def test_nonfinite_limit_stops_training_with_a_message(tmp_path):
+    cfg = task_config(
+        "feature_net", tmp_path, dict(steps=20, batch_size=4, ckpt_every=2, max_nonfinite_steps=3)
+    )
+    model = _Faulty(nan_loss=set(range(5, 100)))
+    x, y = torch.rand(40, 3), torch.zeros(40, dtype=torch.long)
+    with pytest.raises(
+        TrainingError, match=r"nan at step 6, 3 steps in a row \(train.max_nonfinite_steps=3\).*resume"
+    ):
+        fit(model, x, y, cfg, torch.device("cpu"), "feature_net", log=lambda m: None)
+    for d in (tmp_path / "checkpoints").iterdir():
+        assert all(torch.isfinite(v).all() for v in load_file(d / "model.safetensors").values())
+
+
+def test_diverging_run_never_saves_nonfinite_weights(tmp_path, one_thread):
+    """The issue's lr=1e6: whatever happens, no checkpoint holds a NaN/inf."""
+    msgs = []
+    with pytest.raises(TrainingError, match="3 steps in a row.*resume=true"):
+        run(vq_cfg(tmp_path, 12, ckpt_every=3, lr=1e6, max_nonfinite_steps=3), log=msgs.append)
+    assert any("update skipped" in m for m in msgs)
+    assert (tmp_path / "checkpoints" / "step_0000003").is_dir()
+    for d in (tmp_path / "checkpoints").iterdir():
+        assert all(torch.isfinite(v).all() for v in load_file(d / "model.safetensors").values()), d
+    if (tmp_path / "model.safetensors").exists():
+        load_component(str(tmp_path))
+
+
+def test_nonfinite_weights_refused_at_load(tmp_path, tiny_vq):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    w = load_file(tiny_vq / "model.safetensors")
+    with safe_open(str(tiny_vq / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    k = sorted(w)[0]
+    w[k] = w[k] * float("nan")
+    save_file(w, str(tmp_path / "model.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match="non-finite weights.*earlier checkpoint"):
+        load_component(str(tmp_path))

@@ -48,6 +48,9 @@ class TrainLoopConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0  # 0 disables clipping
+    max_nonfinite_steps: int = (
+        10  # a NaN/inf loss or gradient skips the update; this many in a row stop training
+    )
     log_every: int = 50
     eval_every: int = 0  # held-out loss every N steps (0 = only the task's final evaluation)
     ckpt_every: int = 500  # also written at the end of training

@@ -109,7 +109,9 @@ def point_to(out_dir: str, ckpt_dir: str) -> None:
     """Make ``latest`` and ``out_dir/model.safetensors`` name checkpoint ``ckpt_dir``."""
     name = os.path.basename(ckpt_dir)
     _atomic_write(os.path.join(out_dir, "latest"), lambda p: open(p, "w").write(name + "\n"))
-    _atomic_write(os.path.join(out_dir, WEIGHTS), lambda p: shutil.copyfile(os.path.join(ckpt_dir, WEIGHTS), p))
+    _atomic_write(
+        os.path.join(out_dir, WEIGHTS), lambda p: shutil.copyfile(os.path.join(ckpt_dir, WEIGHTS), p)
+    )
 
 
 def _prune(ckpt_root: str, keep_last: int, keep: str) -> None:
@@ -124,7 +126,9 @@ def checkpoint_dirs(out_dir: str) -> list[str]:
     root = os.path.join(out_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
-    return sorted(d for d in os.listdir(root) if d.startswith("step_") and os.path.isdir(os.path.join(root, d)))
+    return sorted(
+        d for d in os.listdir(root) if d.startswith("step_") and os.path.isdir(os.path.join(root, d))
+    )
 
 
 def checkpoint_problem(ckpt_dir: str) -> str | None:

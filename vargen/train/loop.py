@@ -123,8 +123,25 @@ def heldout_metrics(model, x: torch.Tensor, y: torch.Tensor, device, batch: int 
     return {f"heldout_{k}": v / n for k, v in sums.items()}
 
 
-def _resume(model, opt, config: dict, out_dir: str, resume: bool, rank: int, log) -> int:
-    """Restore the newest usable checkpoint when ``resume``; returns the step to start from.
+def _float_buffers(model) -> dict:
+    """Copies of the floating-point buffers (EMA codebooks, running stats) before a step."""
+    return {k: b.detach().clone() for k, b in model.named_buffers() if b.is_floating_point()}
+
+
+def _check_finite_weights(model, step: int) -> None:
+    """Refuse to save weights holding NaN/inf (a checkpoint must always be a good one)."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise TrainingError(
+            f"at step {step} the weights hold non-finite values ({len(bad)} tensors, e.g. {bad[:3]}); this "
+            "checkpoint was not written. Lower train.lr or set train.grad_clip, then rerun with "
+            "train.resume=true"
+        )
+
+
+def _resume(model, opt, config: dict, out_dir: str, resume: bool, rank: int, log) -> tuple[int, dict]:
+    """Restore the newest usable checkpoint when ``resume``; returns (step to start from,
+    the restored training state or {}).
 
     Refuses to start from step 0 over existing checkpoints, and to resume when every
     checkpoint is damaged, so no good checkpoint is ever overwritten.
@@ -142,7 +159,7 @@ def _resume(model, opt, config: dict, out_dir: str, resume: bool, rank: int, log
             remove_abandoned_writes(out_dir)
             if os.path.exists(_log_path(out_dir)):
                 os.remove(_log_path(out_dir))
-        return 0
+        return 0, {}
     existing, damaged = find_checkpoint(out_dir)
     if existing is None and damaged:
         reasons = "; ".join(f"{path}: {why}" for path, why in damaged)
@@ -157,7 +174,7 @@ def _resume(model, opt, config: dict, out_dir: str, resume: bool, rank: int, log
         log(f"train.resume=true but {out_dir} has no checkpoint yet: starting from step 0")
         if rank == 0 and os.path.exists(_log_path(out_dir)):
             os.remove(_log_path(out_dir))
-        return 0
+        return 0, {}
     state, meta = read_weights(os.path.join(existing, WEIGHTS))
     if meta["config"].get("model") != config.get("model"):
         raise CheckpointError(
@@ -181,7 +198,7 @@ def _resume(model, opt, config: dict, out_dir: str, resume: bool, rank: int, log
     if D.world()[1] > 1:  # rank 0 has repointed 'latest' before anyone saves
         torch.distributed.barrier()
     log(f"resumed from {existing} at step {start}")
-    return start
+    return start, ts
 
 
 def _read_latest(out_dir: str) -> str | None:
@@ -209,7 +226,8 @@ def fit(model, x_all: torch.Tensor, y_all: torch.Tensor, run_cfg, device, task: 
         betas=tuple(tc.betas),
     )
 
-    start = _resume(model, opt, config, out_dir, tc.resume, rank, log)
+    start, resumed = _resume(model, opt, config, out_dir, tc.resume, rank, log)
+    skipped, consecutive = int(resumed.get("skipped_nonfinite", 0)), 0
     runner = _LossModule(model)
     if tc.compile:
         if device.type == "cuda":
@@ -239,27 +257,55 @@ def fit(model, x_all: torch.Tensor, y_all: torch.Tensor, run_cfg, device, task: 
         lr = lr_at(step, tc)
         for group in opt.param_groups:
             group["lr"] = lr
+        buffers = _float_buffers(model)  # forward may update them (codebook EMA): undone on a skip
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = runner(x, y)
         loss = out["loss"]
-        if not D.all_true(bool(torch.isfinite(loss).item()), device):
-            latest = latest_checkpoint(out_dir)
-            raise TrainingError(
-                f"loss is {loss.item()} at step {step}: training stopped before the update; the last good "
-                f"checkpoint ({latest or 'none yet'}) is untouched. Lower train.lr or set train.grad_clip, "
-                "then rerun with train.resume=true"
-            )
+        # A non-finite loss or gradient skips the update (every rank agrees: DDP's gradients
+        # are already averaged), so no NaN/inf ever reaches the weights or a checkpoint.
+        finite = D.all_true(bool(torch.isfinite(loss).item()), device)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30
-        )
-        opt.step()
+        grad_norm = torch.tensor(float("nan"))
+        if finite:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30
+            )
+            finite = D.all_true(bool(torch.isfinite(grad_norm).item()), device)
+        if finite:
+            opt.step()
+            consecutive = 0
+        else:
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    if name in buffers:
+                        b.copy_(buffers[name])
+            skipped, consecutive = skipped + 1, consecutive + 1
+            what = (
+                f"loss is {loss.item()}"
+                if not torch.isfinite(loss)
+                else f"gradient norm is {float(grad_norm)}"
+            )
+            if consecutive >= tc.max_nonfinite_steps:
+                latest = latest_checkpoint(out_dir)
+                raise TrainingError(
+                    f"{what} at step {step}, {consecutive} steps in a row (train.max_nonfinite_steps="
+                    f"{tc.max_nonfinite_steps}): training stopped; no non-finite update was applied and "
+                    f"the last good checkpoint ({latest or 'none yet'}) is untouched. Lower train.lr or set "
+                    "train.grad_clip, then rerun with train.resume=true"
+                )
+            log(
+                f"[{task}] step {step + 1}/{tc.steps}: {what}; update skipped ({skipped} so far, "
+                f"{consecutive} in a row; training stops at train.max_nonfinite_steps="
+                f"{tc.max_nonfinite_steps} in a row)"
+            )
 
         done = step + 1
         evaluate = heldout is not None and tc.eval_every > 0 and done % tc.eval_every == 0
         if rank == 0 and (done % tc.log_every == 0 or done == tc.steps or evaluate):
             row = {"step": done, **_scalars(out), "lr": lr, "grad_norm": float(grad_norm)}
+            row["skipped_nonfinite"] = skipped
             if evaluate:
                 row.update(heldout_metrics(model, *heldout, device))
             row["elapsed_s"] = round(time.perf_counter() - t0, 3)
@@ -272,7 +318,8 @@ def fit(model, x_all: torch.Tensor, y_all: torch.Tensor, run_cfg, device, task: 
                 bar.set_postfix_str(msg)
         if done % tc.ckpt_every == 0 or done == tc.steps:
             if rank == 0:
-                train_state = {"optimizer": opt.state_dict(), **_rng_state()}
+                _check_finite_weights(model, done)
+                train_state = {"optimizer": opt.state_dict(), "skipped_nonfinite": skipped, **_rng_state()}
                 save_checkpoint(out_dir, model, train_state, config, done, task, tc.keep_last)
             if world_size > 1:
                 torch.distributed.barrier()

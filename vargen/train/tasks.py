@@ -76,6 +76,13 @@ def load_component(path: str, device="cpu"):
         cfg = from_dict(meta["config"])
     except ValueError as e:
         raise CheckpointError(f"checkpoint {wpath}: its stored config is not valid here: {e}") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {wpath} holds non-finite weights ({len(bad)} tensors, e.g. {bad[:3]}): its "
+            "training diverged; use an earlier checkpoint (out_dir/checkpoints/step_*) or retrain with a "
+            "lower train.lr"
+        )
     module = _model_registry(TASKS.get(cfg.task).schema).build(cfg.model)
     load_state_into(module, state, wpath)
     return module.to(device).eval(), cfg
