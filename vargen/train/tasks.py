@@ -144,6 +144,8 @@ def _train_on_images(cfg, schema: type, log, fill_classes: bool):
     device = _device(cfg)
     torch.manual_seed(cfg.seed)
     data = build_dataset(cfg.data)
+    if data.report:
+        log(f"[{cfg.task}] data: {data.report}")
     cfg.model.channels, cfg.model.resolution = data.channels, data.resolution
     if fill_classes:
         cfg.model.num_classes = data.num_classes
@@ -193,6 +195,8 @@ def run_generator(cfg, log=print):
     cfg.tokenizer_sha256 = file_sha256(path)
     tok = load_tokenizer_for(cfg, device)
     data = build_dataset(cfg.data)
+    if data.report:
+        log(f"[generator] data: {data.report}")
     spec = tok.tokens_spec
     ids = encode_all(tok, data.train_images, device)
     _fill_from_tokenizer(cfg.model, spec, data.num_classes)
