@@ -24,7 +24,7 @@ def main(argv=None) -> int:
 
     from omegaconf import OmegaConf
 
-    from vargen.config import ConfigError, load_run_config
+    from vargen.config import ConfigError, load_run_config, resolve_paths
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    resolve_paths(cfg)
     if args.print_config:
         print(OmegaConf.to_yaml(cfg))
         return 0

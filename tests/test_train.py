@@ -219,7 +219,7 @@ def straight_vq(tmp_path_factory):
     return out
 
 
-def test_resume_without_latest_scans_for_checkpoints(tmp_path, straight_vq, one_thread):
+def test_resume_without_latest_scans_for_checkpoints(one_thread, tmp_path, straight_vq):
     """Deleting ``latest`` loses nothing: recovery scans the step_* directories."""
     run(vq_cfg(tmp_path, 6, ckpt_every=2, keep_last=3), log=lambda m: None)
     os.remove(tmp_path / "latest")
@@ -230,7 +230,7 @@ def test_resume_without_latest_scans_for_checkpoints(tmp_path, straight_vq, one_
     assert _weights_equal(tmp_path, straight_vq)
 
 
-def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, straight_vq, one_thread):
+def test_resume_skips_a_damaged_newest_checkpoint(one_thread, tmp_path, straight_vq):
     run(vq_cfg(tmp_path, 6, ckpt_every=2, keep_last=3), log=lambda m: None)
     weights = tmp_path / "checkpoints" / "step_0000006" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
@@ -333,3 +333,32 @@ def test_nonfinite_weights_refused_at_load(tmp_path, tiny_vq):
     save_file(w, str(tmp_path / "model.safetensors"), metadata=meta)
     with pytest.raises(CheckpointError, match="non-finite weights.*earlier checkpoint"):
         load_component(str(tmp_path))
+
+
+def test_generator_run_samples_from_anywhere_and_after_moving(one_thread, tmp_path, tiny_vq, monkeypatch):
+    """Paths are stored absolute; a moved tree is found relative to the generator, and
+    ``tokenizer_ckpt=`` points sample.py at a tokenizer moved elsewhere (hash still checked)."""
+    import shutil
+
+    import sample
+
+    shutil.copytree(tiny_vq, tmp_path / "runs" / "vq")
+    monkeypatch.chdir(tmp_path)
+    run(ar_run_cfg("runs/gen", "runs/vq", 2), log=lambda m: None)
+    _, gen_cfg = load_component(str(tmp_path / "runs" / "gen"))
+    assert gen_cfg.tokenizer_ckpt == str(tmp_path / "runs" / "vq") and gen_cfg.out_dir == str(
+        tmp_path / "runs" / "gen"
+    )
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    args = ["num_samples=2", "batch_size=2", "progress=false"]
+    assert sample.main(["--ckpt", str(tmp_path / "runs" / "gen"), f"out={tmp_path / 's1'}", *args]) == 0
+    shutil.move(tmp_path / "runs", tmp_path / "moved")
+    assert sample.main(["--ckpt", str(tmp_path / "moved" / "gen"), f"out={tmp_path / 's2'}", *args]) == 0
+    shutil.move(tmp_path / "moved" / "vq", tmp_path / "tok")
+    assert sample.main(["--ckpt", str(tmp_path / "moved" / "gen"), f"out={tmp_path / 's3'}", *args]) == 1
+    over = f"tokenizer_ckpt={tmp_path / 'tok'}"
+    assert (
+        sample.main(["--ckpt", str(tmp_path / "moved" / "gen"), f"out={tmp_path / 's3'}", over, *args]) == 0
+    )
+    assert (tmp_path / "s3" / "samples.npz").is_file()

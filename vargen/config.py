@@ -221,6 +221,22 @@ def load_config(schema: type, path: str | None, overrides: list[str] = (), base:
     return from_dict(_merge_overrides(raw, overrides), schema)
 
 
+def resolve_paths(cfg) -> None:
+    """Make a run config's paths absolute in place (``out_dir``, every ``*_ckpt`` and
+    ``data.root``), so the config stored with the run still names the same files when it
+    is read from another working directory."""
+
+    def absolute(path: str) -> str:
+        return os.path.abspath(os.path.expanduser(path)) if path and path != "???" else path
+
+    for key in list(cfg.keys()):
+        if key == "out_dir" or (key.endswith("_ckpt") and isinstance(cfg[key], str)):
+            cfg[key] = absolute(cfg[key])
+    data = cfg.get("data")
+    if data is not None and isinstance(data.get("root"), str):
+        data.root = absolute(data.root)
+
+
 def to_plain(cfg) -> dict:
     """A resolved config as plain JSON-serialisable data."""
     if isinstance(cfg, DictConfig):

@@ -24,6 +24,7 @@ from vargen.registry import SAMPLERS
 @dataclass
 class SampleConfig:
     out: str = ""  # output directory; default: <run dir>/samples
+    tokenizer_ckpt: str = ""  # the generator's tokenizer at another path (still checked by sha256)
     num_samples: int = 64
     batch_size: int = 64
     seed: int = 0
@@ -94,6 +95,29 @@ def default_sampler(ckpt: str) -> str:
     return DEFAULT_SAMPLER.get(meta["config"].get("model", {}).get("name"), "ar")
 
 
+def _find_tokenizer(ckpt: str, gen_cfg, override: str, log) -> str:
+    """Where the generator's tokenizer is now: ``override`` when given, else the stored path,
+    else the same path relative to the generator when the runs were moved together."""
+    from vargen.train.checkpoint import CheckpointError, resolve_weights_path
+
+    if override:
+        return override
+    stored = gen_cfg.tokenizer_ckpt
+    if os.path.exists(stored):
+        return stored
+    here = os.path.dirname(os.path.abspath(resolve_weights_path(ckpt)))
+    rel = os.path.relpath(stored, gen_cfg.out_dir) if os.path.isabs(stored) else None
+    for base in (here, os.path.dirname(os.path.dirname(here))):  # run dir, or run/checkpoints/step_*
+        if rel and os.path.exists(os.path.join(base, rel)):
+            moved = os.path.normpath(os.path.join(base, rel))
+            log(f"tokenizer not at its stored path {stored}; using {moved} (same place relative to the run)")
+            return moved
+    raise CheckpointError(
+        f"the generator's tokenizer {stored} does not exist (moved or deleted?); pass "
+        "tokenizer_ckpt=<weights file or run dir of that tokenizer> (its sha256 is still checked)"
+    )
+
+
 def run_sampling(ckpt: str, cfg, log=print) -> dict:
     import sys
 
@@ -106,7 +130,10 @@ def run_sampling(ckpt: str, cfg, log=print) -> dict:
     model, gen_cfg = load_component(ckpt, device)
     if gen_cfg.task not in GENERATOR_TASKS:
         raise ValueError(f"{ckpt} holds a '{gen_cfg.task}' checkpoint; sample.py needs a generator")
-    tokenizer = load_tokenizer_for(gen_cfg, device) if "tokenizer_ckpt" in gen_cfg else None
+    tokenizer = None
+    if "tokenizer_ckpt" in gen_cfg:
+        gen_cfg.tokenizer_ckpt = _find_tokenizer(ckpt, gen_cfg, cfg.tokenizer_ckpt, log)
+        tokenizer = load_tokenizer_for(gen_cfg, device)
     if tokenizer is not None and hasattr(model, "attach_tokenizer"):
         model.attach_tokenizer(tokenizer)
     sampler = SAMPLERS.build(cfg.sampler)

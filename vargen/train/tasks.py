@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vargen.config import RunConfig, component, from_dict
+from vargen.config import RunConfig, component, from_dict, resolve_paths
 from vargen.data import build_dataset
 from vargen.registry import REGISTRIES, TASKS
 from vargen.train import distributed as D
@@ -236,7 +236,8 @@ def run_feature_net(cfg, log=print):
 
 
 def run(cfg, log=print):
-    """Run the task a validated config names."""
+    """Run the task a validated config names (its paths made absolute first)."""
+    resolve_paths(cfg)
     try:
         return TASKS.get(cfg.task).builder(cfg, log=log)
     finally:
