@@ -362,3 +362,22 @@ def test_generator_run_samples_from_anywhere_and_after_moving(one_thread, tmp_pa
         sample.main(["--ckpt", str(tmp_path / "moved" / "gen"), f"out={tmp_path / 's3'}", over, *args]) == 0
     )
     assert (tmp_path / "s3" / "samples.npz").is_file()
+
+
+def test_resume_enforces_the_tokenizer_hash(one_thread, tmp_path, tiny_vq):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tok = tmp_path / "tok"
+    shutil.copytree(tiny_vq, tok)
+    run(ar_run_cfg(tmp_path / "gen", tok, 2, ckpt_every=2), log=lambda m: None)
+    w = load_file(tok / "model.safetensors")
+    with safe_open(str(tok / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    w["codebook"] = w["codebook"].flip(0)  # another tokenizer: the same ids now mean other codes
+    save_file(w, str(tok / "model.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match="tokenizer .*changed since that checkpoint was written"):
+        run(ar_run_cfg(tmp_path / "gen", tok, 4, ckpt_every=2, resume=True), log=lambda m: None)
+    assert len(read_log(tmp_path / "gen")) == 2

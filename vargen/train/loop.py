@@ -181,6 +181,15 @@ def _resume(model, opt, config: dict, out_dir: str, resume: bool, rank: int, log
             f"cannot resume from {existing}: its model config {meta['config'].get('model')} differs "
             f"from this run's {config.get('model')}"
         )
+    for key, recorded in meta["config"].items():  # runs this one was built on (tokenizer, teacher)
+        now = config.get(key)
+        if key.endswith("_sha256") and recorded and now and now != recorded:
+            what = key[: -len("_sha256")]
+            raise CheckpointError(
+                f"cannot resume from {existing}: the {what} {config.get(what + '_ckpt', '')} changed since "
+                f"that checkpoint was written (sha256 {now[:12]}... vs {recorded[:12]}... recorded); "
+                f"restore the {what} it was trained on, or train into a new out_dir"
+            )
     load_state_into(model, state, os.path.join(existing, WEIGHTS))
     ts = read_train_state(existing)
     try:
