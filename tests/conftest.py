@@ -90,8 +90,31 @@ def tiny_vq(tmp_path_factory):
     from vargen.train.tasks import run
 
     out = tmp_path_factory.mktemp("vq")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     cfg = task_config("tokenizer", out, dict(steps=20, batch_size=32), model=TINY_VQ)
     run(cfg, log=lambda m: None)
+    torch.set_num_threads(before)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gen(tiny_vq, tmp_path_factory):
+    """A tiny next-token model on ``tiny_vq``'s ids, 4 steps (for sample.py plumbing, not quality)."""
+    from vargen.train.tasks import run
+
+    out = tmp_path_factory.mktemp("gen")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = task_config(
+        "generator",
+        out,
+        dict(steps=4, batch_size=32),
+        tokenizer_ckpt=str(tiny_vq),
+        model={"name": "llamagen", "dim": 32, "depth": 1, "heads": 2},
+    )
+    run(cfg, log=lambda m: None)
+    torch.set_num_threads(before)
     return out
 
 

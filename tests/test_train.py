@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -381,3 +382,51 @@ def test_resume_enforces_the_tokenizer_hash(one_thread, tmp_path, tiny_vq):
     with pytest.raises(CheckpointError, match="tokenizer .*changed since that checkpoint was written"):
         run(ar_run_cfg(tmp_path / "gen", tok, 4, ckpt_every=2, resume=True), log=lambda m: None)
     assert len(read_log(tmp_path / "gen")) == 2
+
+
+def test_run_lock_refuses_a_second_training_and_takes_over_stale_locks(one_thread, tmp_path):
+    from vargen.train.checkpoint import run_lock
+
+    run(vq_cfg(tmp_path, 2, ckpt_every=2), log=lambda m: None)
+    record = (tmp_path / "config.yaml").read_bytes()
+    with run_lock(str(tmp_path)):  # a live training holds the folder
+        with pytest.raises(
+            CheckpointError, match=f"another training .pid {os.getpid()}.*nothing was changed"
+        ):
+            run(vq_cfg(tmp_path, 4, ckpt_every=2, resume=True), log=lambda m: None)
+    assert len(read_log(tmp_path)) == 2
+    # a refused command (fresh start over checkpoints) leaves the run's record alone
+    with pytest.raises(TrainingError, match="resume=true"):
+        run(vq_cfg(tmp_path, 4, ckpt_every=2, lr=0.5), log=lambda m: None)
+    assert (tmp_path / "config.yaml").read_bytes() == record
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "train.lock").write_text(f"{dead.pid}\n")  # left by a killed run
+    msgs = []
+    run(vq_cfg(tmp_path, 4, ckpt_every=2, resume=True), log=msgs.append)
+    assert any(f"left by pid {dead.pid}" in m for m in msgs) and len(read_log(tmp_path)) == 4
+    assert not (tmp_path / "train.lock").exists()
+
+
+def test_sample_cli_keeps_every_call_with_its_record(one_thread, tiny_gen, tmp_path):
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    import sample
+
+    gen = tmp_path / "ar"
+    shutil.copytree(tiny_gen, gen)
+    args = ["num_samples=4", "batch_size=4", "progress=false"]
+    assert sample.main(["--ckpt", str(gen), "seed=1", "sampler.top_k=5", *args]) == 0
+    assert sample.main(["--ckpt", str(gen), "seed=2", *args]) == 0
+    first, second = gen / "samples" / "001", gen / "samples" / "002"
+    a, b = np.load(first / "samples.npz"), np.load(second / "samples.npz")
+    assert not np.array_equal(a["ids"], b["ids"])  # the second call did not overwrite the first
+    rec = OmegaConf.load(first / "sample_config.yaml")
+    assert rec.seed == 1 and rec.sampler.name == "ar" and rec.sampler.top_k == 5
+    assert rec.run.ckpt == str(gen / "model.safetensors") and len(rec.run.ckpt_sha256) == 64
+    assert json.load(open(second / "metrics.json"))["seed"] == 2
+    before = (first / "samples.npz").read_bytes()
+    assert sample.main(["--ckpt", str(gen), f"out={first}", *args]) == 1  # refuses to overwrite
+    assert (first / "samples.npz").read_bytes() == before

@@ -23,7 +23,7 @@ from vargen.registry import SAMPLERS
 
 @dataclass
 class SampleConfig:
-    out: str = ""  # output directory; default: <run dir>/samples
+    out: str = ""  # output directory (refused if it holds samples); default: a new <run dir>/samples/NNN
     tokenizer_ckpt: str = ""  # the generator's tokenizer at another path (still checked by sha256)
     num_samples: int = 64
     batch_size: int = 64
@@ -119,10 +119,53 @@ def _find_tokenizer(ckpt: str, gen_cfg, override: str, log) -> str:
 
 
 def run_sampling(ckpt: str, cfg, log=print) -> dict:
+    """Sample as ``cfg`` says into a new folder; returns the metrics written there."""
+    from vargen.train.checkpoint import resolve_weights_path
+
+    created = []
+    out = _output_dir(cfg.out, os.path.join(os.path.dirname(resolve_weights_path(ckpt)), "samples"), created)
+    try:
+        return _sample_into(out, ckpt, cfg, log)
+    except BaseException:
+        for d in reversed(created):  # nothing written: leave no empty folder behind
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+        raise
+
+
+def _output_dir(out: str, samples_root: str, created: list) -> str:
+    """``out`` (refused when it already holds samples), else a new numbered folder under
+    ``samples_root``: each call keeps its own images and record. Appends the folders it
+    makes to ``created``."""
+    if out:
+        if any(os.path.exists(os.path.join(out, f)) for f in ("samples.npz", "metrics.json")):
+            raise ValueError(f"{out} already holds samples; choose another out=... or delete that folder")
+        if not os.path.isdir(out):
+            os.makedirs(out)
+            created.append(out)
+        return out
+    if not os.path.isdir(samples_root):
+        os.makedirs(samples_root, exist_ok=True)
+        created.append(samples_root)
+    taken = [int(d) for d in os.listdir(samples_root) if d.isdigit()]
+    k = max(taken, default=0) + 1
+    while True:
+        path = os.path.join(samples_root, f"{k:03d}")
+        try:
+            os.mkdir(path)  # atomic: two concurrent calls never share a folder
+            created.append(path)
+            return path
+        except FileExistsError:
+            k += 1
+
+
+def _sample_into(out: str, ckpt: str, cfg, log) -> dict:
     import sys
 
+    from omegaconf import OmegaConf
+
     from vargen.io import save_grid, to_uint8
-    from vargen.train.checkpoint import resolve_weights_path
+    from vargen.train.checkpoint import file_sha256, resolve_weights_path
     from vargen.train.distributed import setup
     from vargen.train.tasks import load_component, load_tokenizer_for
 
@@ -145,8 +188,6 @@ def run_sampling(ckpt: str, cfg, log=print) -> dict:
         data = build_dataset(gen_cfg.data)
         pick = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(0))[:256]
         sampler.prepare(model, data.train_images[pick].to(device), data.train_labels[pick].to(device))
-    out = cfg.out or os.path.join(os.path.dirname(resolve_weights_path(ckpt)), "samples")
-    os.makedirs(out, exist_ok=True)
 
     labels = class_labels(cfg.num_samples, model.num_classes, list(cfg.classes))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -163,6 +204,8 @@ def run_sampling(ckpt: str, cfg, log=print) -> dict:
     np.savez_compressed(os.path.join(out, "samples.npz"), **arrays)
     metrics = {
         "num_samples": cfg.num_samples,
+        "seed": cfg.seed,
+        "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
         "seconds": round(elapsed, 3),
         "forwards_per_image": stats["target_forwards"] * cfg.batch_size / max(1, cfg.num_samples),
         **{f"stats.{k}": v for k, v in stats.items()},
@@ -185,4 +228,12 @@ def run_sampling(ckpt: str, cfg, log=print) -> dict:
         )
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
+    record = OmegaConf.to_container(cfg, resolve=True)
+    record["out"] = os.path.abspath(out)
+    weights = resolve_weights_path(ckpt)
+    run = {"ckpt": os.path.abspath(weights), "ckpt_sha256": file_sha256(weights)}
+    if tokenizer is not None:
+        run["tokenizer_ckpt"] = os.path.abspath(gen_cfg.tokenizer_ckpt)
+    OmegaConf.save(OmegaConf.create({**record, "run": run}), os.path.join(out, "sample_config.yaml"))
+    log(f"wrote {os.path.join(out, 'sample_config.yaml')} (seed {cfg.seed}, sampler {cfg.sampler.name})")
     return metrics

@@ -23,6 +23,7 @@ most the damaged checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -275,3 +276,50 @@ def read_train_state(ckpt_dir: str) -> dict:
             f"training state {path} cannot be loaded ({type(e).__name__}: {e}); "
             "delete that checkpoint directory to resume from the one before it"
         ) from None
+
+
+LOCK = "train.lock"
+
+
+class RunLocked(CheckpointError):
+    """Another live process is training into the same out_dir."""
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: str, log=print):
+    """Hold ``out_dir/train.lock`` (an exclusive ``flock``, the file names the pid) while a
+    run writes into ``out_dir``. A second run into the same folder is refused while the
+    first is alive; the kernel drops the lock when its holder dies, so the lock file a
+    killed run left behind is taken over (Linux/macOS file locks)."""
+    import fcntl
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, LOCK)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunLocked(
+                f"another training (pid {holder}) is writing into {out_dir}; wait for it to finish or choose "
+                f"another out_dir (nothing was changed). If no such process runs, delete {path}"
+            ) from None
+        try:  # the file we locked may have been removed by a finishing holder: lock the new one
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
+    if previous:
+        log(f"took over {path} left by pid {previous}, which no longer holds it")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        yield path
+    finally:
+        os.remove(path)
+        os.close(fd)

@@ -123,6 +123,16 @@ def heldout_metrics(model, x: torch.Tensor, y: torch.Tensor, device, batch: int 
     return {f"heldout_{k}": v / n for k, v in sums.items()}
 
 
+def write_run_config(out_dir: str, config: dict) -> None:
+    """``out_dir/config.yaml``: the resolved config of the run (shapes filled in)."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(out_dir, "config.yaml")
+    tmp = path + ".tmp"
+    OmegaConf.save(OmegaConf.create(config), tmp)
+    os.replace(tmp, path)
+
+
 def _float_buffers(model) -> dict:
     """Copies of the floating-point buffers (EMA codebooks, running stats) before a step."""
     return {k: b.detach().clone() for k, b in model.named_buffers() if b.is_floating_point()}
@@ -236,6 +246,8 @@ def fit(model, x_all: torch.Tensor, y_all: torch.Tensor, run_cfg, device, task: 
     )
 
     start, resumed = _resume(model, opt, config, out_dir, tc.resume, rank, log)
+    if rank == 0:  # only now that the run is accepted: a refused command leaves the record alone
+        write_run_config(out_dir, config)
     skipped, consecutive = int(resumed.get("skipped_nonfinite", 0)), 0
     runner = _LossModule(model)
     if tc.compile:

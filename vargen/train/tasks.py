@@ -10,6 +10,7 @@ registry its ``model`` section names) and a ``run(cfg)`` function.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,8 +28,9 @@ from vargen.train.checkpoint import (
     load_state_into,
     read_weights,
     resolve_weights_path,
+    run_lock,
 )
-from vargen.train.loop import fit, heldout_metrics
+from vargen.train.loop import fit, heldout_metrics, write_run_config
 
 
 @dataclass
@@ -238,8 +240,10 @@ def run_feature_net(cfg, log=print):
 def run(cfg, log=print):
     """Run the task a validated config names (its paths made absolute first)."""
     resolve_paths(cfg)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
-        return TASKS.get(cfg.task).builder(cfg, log=log)
+        with run_lock(cfg.out_dir, log) if rank0 else contextlib.nullcontext():
+            return TASKS.get(cfg.task).builder(cfg, log=log)
     finally:
         D.teardown()
 
@@ -260,6 +264,7 @@ def run_tokenbridge(cfg, log=print):
     cfg.model.channels, cfg.model.resolution = data.channels, data.resolution
     tok = _model_registry(TokenBridgeRun).build(cfg.model)
     os.makedirs(cfg.out_dir, exist_ok=True)
+    write_run_config(cfg.out_dir, to_plain(cfg))
     save_weights(os.path.join(cfg.out_dir, WEIGHTS), tok, to_plain(cfg), 0, cfg.task)
     _write_eval(cfg, _tokenizer_eval(tok, data.heldout_images, _device(cfg)), log)
     return tok
