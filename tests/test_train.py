@@ -430,3 +430,14 @@ def test_sample_cli_keeps_every_call_with_its_record(one_thread, tiny_gen, tmp_p
     before = (first / "samples.npz").read_bytes()
     assert sample.main(["--ckpt", str(gen), f"out={first}", *args]) == 1  # refuses to overwrite
     assert (first / "samples.npz").read_bytes() == before
+
+
+def test_forwards_per_image_with_a_short_last_batch(one_thread, tiny_gen, tmp_path):
+    """5 samples in batches of 4 and 1: every row costs num_tokens forwards (16), not 32 * 4 / 5."""
+    import sample
+
+    args = ["num_samples=5", "batch_size=4", "progress=false", f"out={tmp_path / 's'}"]
+    assert sample.main(["--ckpt", str(tiny_gen), *args]) == 0
+    metrics = json.load(open(tmp_path / "s" / "metrics.json"))
+    assert metrics["stats.target_forwards"] == 2 * 16
+    assert metrics["forwards_per_image"] == 16

@@ -193,7 +193,14 @@ def _sample_into(out: str, ckpt: str, cfg, log) -> dict:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
     show = cfg.progress and sys.stderr.isatty()
-    images, tokens, stats = generate(model, tokenizer, labels, sampler, generator, cfg.batch_size, show)
+    per_batch = []  # (model forwards, rows) of every batch: batches may be ragged
+
+    def counted(m, labels_B, g):
+        out_B, batch_stats = sampler(m, labels_B, g)
+        per_batch.append((batch_stats.get("target_forwards", 0), labels_B.shape[0]))
+        return out_B, batch_stats
+
+    images, tokens, stats = generate(model, tokenizer, labels, counted, generator, cfg.batch_size, show)
     elapsed = time.perf_counter() - t0
 
     nrow = cfg.nrow or (len(cfg.classes) or model.num_classes)
@@ -207,7 +214,8 @@ def _sample_into(out: str, ckpt: str, cfg, log) -> dict:
         "seed": cfg.seed,
         "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
         "seconds": round(elapsed, 3),
-        "forwards_per_image": stats["target_forwards"] * cfg.batch_size / max(1, cfg.num_samples),
+        # a batch's forwards serve each of its rows: weight by rows (the last batch may be short)
+        "forwards_per_image": sum(f * rows for f, rows in per_batch) / max(1, cfg.num_samples),
         **{f"stats.{k}": v for k, v in stats.items()},
     }
     log(
