@@ -441,3 +441,72 @@ def test_forwards_per_image_with_a_short_last_batch(one_thread, tiny_gen, tmp_pa
     metrics = json.load(open(tmp_path / "s" / "metrics.json"))
     assert metrics["stats.target_forwards"] == 2 * 16
     assert metrics["forwards_per_image"] == 16
+
+
+def test_sampler_that_does_not_fit_the_model_is_a_clear_error(one_thread, tiny_gen, tmp_path, capsys):
+    import sample
+
+    for name in ["var", "tarflow", "ddim", "xar"]:
+        code = sample.main(["--ckpt", str(tiny_gen), f"sampler.name={name}", f"out={tmp_path / name}"])
+        assert code == 1
+        err = capsys.readouterr().err
+        assert f"sampler '{name}'" in err and "'llamagen' model: use sampler.name=ar" in err
+        assert not (tmp_path / name).exists()
+
+
+def test_cuda_requested_without_cuda_is_an_error(monkeypatch):
+    from vargen.train import distributed as D
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device=cuda but CUDA is not available.*device=cpu"):
+        D.setup("cuda")
+    assert D.setup("auto") == torch.device("cpu")
+
+
+def test_abandoned_temporary_checkpoint_folders_are_removed(one_thread, tmp_path):
+    run(vq_cfg(tmp_path, 2, ckpt_every=2), log=lambda m: None)
+    (tmp_path / "checkpoints" / ".step_0000004-x1y2").mkdir()  # what a kill -9 mid-write leaves
+    (tmp_path / "checkpoints" / ".step_0000004-x1y2" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".tmp-abc").write_bytes(b"half a latest file")
+    msgs = []
+    run(vq_cfg(tmp_path, 4, ckpt_every=2, resume=True), log=msgs.append)
+    assert not [p for p in tmp_path.rglob(".*") if p.name != ".lock"]
+    assert sum("left by an interrupted checkpoint write" in m for m in msgs) == 2
+
+
+def test_full_disk_during_a_checkpoint_says_what_to_do(one_thread, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    import vargen.train.checkpoint as C
+
+    calls, real = [], C.save_file
+
+    def disk_full_on_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(C, "save_file", disk_full_on_second)
+    with pytest.raises(
+        CheckpointError, match="cannot write .*step_0000004.*free disk space.*resume=true.*step_0000002"
+    ):
+        run(vq_cfg(tmp_path, 6, ckpt_every=2), log=lambda m: None)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_0000002"]  # no half-written folder
+
+
+def test_fid_against_a_small_reference_set_warns(one_thread, tiny_gen, tmp_path, monkeypatch, capsys):
+    import sample
+    from vargen.eval import fid
+
+    class Tiny:
+        num_real = 12
+
+        def score(self, images):
+            return 1.0
+
+    monkeypatch.setattr(fid.FIDEvaluator, "for_dataset", classmethod(lambda cls, *a, **kw: Tiny()))
+    argv = ["--ckpt", str(tiny_gen), "num_samples=4", "batch_size=4", "fid=true", f"out={tmp_path / 's'}"]
+    assert sample.main(argv) == 0
+    assert "warning: only 12 reference images" in capsys.readouterr().out
+    assert "only 12 reference images" in json.load(open(tmp_path / "s" / "metrics.json"))["fid_warning"]

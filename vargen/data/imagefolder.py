@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vargen.config import ranged
 from vargen.data.base import DataError, ImageSplits, seeded_split
 from vargen.registry import DATASETS
 
@@ -32,11 +33,11 @@ _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 class ImageFolderConfig:
     name: str = "imagefolder"
     root: str = "???"  # required: path to the folder
-    resolution: int = 32
-    channels: int = 3  # 3 for RGB, 1 for grayscale
-    heldout_fraction: float = 0.1
+    resolution: int = ranged(32, ge=1)
+    channels: int = ranged(3, choices=(1, 3))  # 3 for RGB, 1 for grayscale
+    heldout_fraction: float = ranged(0.1, gt=0, lt=1)
     split_seed: int = 0
-    max_images: int = 0  # 0 = all; otherwise split across classes in proportion to their sizes
+    max_images: int = ranged(0, ge=0)  # 0 = all; otherwise split across classes in proportion to their sizes
 
 
 def _scan(folder: str) -> tuple[list[str], list[str], list[str]]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vargen.config import component
+from vargen.config import DEVICE, component, ranged
 from vargen.registry import SAMPLERS
 
 
@@ -25,17 +25,17 @@ from vargen.registry import SAMPLERS
 class SampleConfig:
     out: str = ""  # output directory (refused if it holds samples); default: a new <run dir>/samples/NNN
     tokenizer_ckpt: str = ""  # the generator's tokenizer at another path (still checked by sha256)
-    num_samples: int = 64
-    batch_size: int = 64
+    num_samples: int = ranged(64, ge=1)
+    batch_size: int = ranged(64, ge=1)
     seed: int = 0
     classes: list[int] = field(default_factory=list)  # labels to cycle through; empty = every class
-    nrow: int = 0  # images per grid row; 0 = number of classes (one class per column)
-    grid_max: int = 100  # at most this many images in the PNG grid
+    nrow: int = ranged(0, ge=0)  # images per grid row; 0 = number of classes (one class per column)
+    grid_max: int = ranged(100, ge=0)  # at most this many images in the PNG grid
     sampler: dict = component("SAMPLERS", {"name": "ar"})  # sample.py defaults it from the checkpoint
     fid: bool = False  # score the samples against a split of the training dataset
-    fid_split: str = "heldout"  # heldout | train
+    fid_split: str = ranged("heldout", choices=("heldout", "train"))  # heldout | train
     inception_weights: str = ""  # local Inception weights file: real Inception FID instead of the proxy
-    device: str = "auto"
+    device: str = ranged("auto", pattern=DEVICE)
     progress: bool = True
 
 
@@ -60,7 +60,43 @@ DEFAULT_SAMPLER = {
     "lsd_student": "lsd",
     "ddpm_unet": "ddim",
 }
+FID_MIN_REAL = 300  # fewer reference images than this: the FID printed comes with a warning
 GENERATOR_TASKS = ("generator", "pixel_generator", "lsd")
+
+# The models each sampler can draw from (the one place this is declared; run_sampling checks it
+# before any work, so a mismatch is a message instead of an AttributeError mid-sampling).
+SAMPLER_MODELS = {
+    "ar": ("llamagen",),
+    "speculative": ("llamagen",),
+    "sjd": ("llamagen",),
+    "gsd": ("llamagen",),
+    "cspd": ("xar",),
+    "xar": ("xar",),
+    "var": ("var",),
+    "tts_var": ("var",),
+    "best_of_n": ("var",),
+    "tarflow": ("tarflow",),
+    "tokenbridge": ("tokenbridge_ar",),
+    "token_shuffle": ("token_shuffle",),
+    "ctf": ("ctf",),
+    "mdm": ("mdm",),
+    "lsd": ("lsd_student",),
+    "ddim": ("ddpm_unet",),
+    "fkc_cfg": ("ddpm_unet",),
+    "minority": ("ddpm_unet",),
+}
+
+
+def check_sampler_fits(sampler: str, model: str) -> None:
+    """Raise ValueError naming the samplers that fit when ``sampler`` cannot draw from ``model``."""
+    fits = SAMPLER_MODELS.get(sampler)
+    if fits is not None and model not in fits:
+        ok = sorted(k for k, v in SAMPLER_MODELS.items() if model in v)
+        raise ValueError(
+            f"sampler '{sampler}' draws from {', '.join(fits)} models; this checkpoint holds a '{model}' "
+            f"model: use sampler.name={DEFAULT_SAMPLER.get(model, ok[0] if ok else '?')} "
+            f"(samplers for {model}: {ok})"
+        )
 
 
 def generate(model, tokenizer, labels_B: torch.Tensor, sampler, generator, batch_size: int, progress=False):
@@ -171,6 +207,7 @@ def _sample_into(out: str, ckpt: str, cfg, log) -> dict:
 
     device = setup(cfg.device)
     model, gen_cfg = load_component(ckpt, device)
+    check_sampler_fits(cfg.sampler.name, gen_cfg.model.name)
     if gen_cfg.task not in GENERATOR_TASKS:
         raise ValueError(f"{ckpt} holds a '{gen_cfg.task}' checkpoint; sample.py needs a generator")
     tokenizer = None
@@ -227,6 +264,12 @@ def _sample_into(out: str, ckpt: str, cfg, log) -> dict:
         evaluator = FIDEvaluator.for_dataset(
             dict(gen_cfg.data), split=cfg.fid_split, inception_weights=cfg.inception_weights or None
         )
+        if evaluator.num_real < FID_MIN_REAL:
+            metrics["fid_warning"] = (
+                f"only {evaluator.num_real} reference images in the {cfg.fid_split} split: FID is biased and "
+                f"noisy below a few hundred; compare FIDs only at equal sizes, or use fid_split=train"
+            )
+            log(f"warning: {metrics['fid_warning']}")
         metrics["fid"] = evaluator.score(images)
         metrics["fid_split"] = cfg.fid_split
         metrics["fid_features"] = "inception" if cfg.inception_weights else "classifier"

@@ -98,6 +98,13 @@ def save_checkpoint(
         if os.path.exists(final):  # same step written again (e.g. end == ckpt_every)
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except (OSError, SafetensorError, RuntimeError) as e:  # a full disk, a quota, a lost mount
+        kept = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step_"))
+        raise CheckpointError(
+            f"cannot write checkpoint {final} ({type(e).__name__}: {e}); free disk space (or fix the folder) "
+            f"and rerun with train.resume=true; the previous checkpoint ({kept[-1] if kept else 'none yet'}) "
+            "is intact"
+        ) from None
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
