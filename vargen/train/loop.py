@@ -24,6 +24,7 @@ from vargen.train.checkpoint import (
     WEIGHTS,
     CheckpointError,
     checkpoint_dirs,
+    file_sha256,
     find_checkpoint,
     latest_checkpoint,
     load_state_into,
@@ -92,8 +93,14 @@ def read_log(out_dir: str) -> list[dict]:
     path = _log_path(out_dir)
     if not os.path.isfile(path):
         return []
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a kill mid-append: dropped on resume
+                continue
+    return rows
 
 
 def _truncate_log(out_dir: str, upto_step: int) -> None:
@@ -211,8 +218,11 @@ def _resume(model, opt, config: dict, out_dir: str, resume: bool, rank: int, log
     if rank == 0:
         for path, why in damaged:
             log(f"checkpoint {path} is damaged ({why}); moved to {set_aside(path)}")
-        if damaged or os.path.basename(existing) != _read_latest(out_dir):
-            point_to(out_dir, existing)
+        top = os.path.join(out_dir, WEIGHTS)
+        want = file_sha256(os.path.join(existing, WEIGHTS))
+        stale_top = not os.path.isfile(top) or file_sha256(top) != want
+        if damaged or stale_top or os.path.basename(existing) != _read_latest(out_dir):
+            point_to(out_dir, existing)  # what sample.py reads matches what training continues from
         _truncate_log(out_dir, start)
     if D.world()[1] > 1:  # rank 0 has repointed 'latest' before anyone saves
         torch.distributed.barrier()
