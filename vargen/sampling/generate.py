@@ -159,9 +159,9 @@ def run_sampling(ckpt: str, cfg, log=print) -> dict:
     from vargen.train.checkpoint import resolve_weights_path
 
     created = []
-    out = _output_dir(cfg.out, os.path.join(os.path.dirname(resolve_weights_path(ckpt)), "samples"), created)
-    try:
-        return _sample_into(out, ckpt, cfg, log)
+    root = os.path.join(os.path.dirname(resolve_weights_path(ckpt)), "samples")
+    try:  # the output folder is claimed once model and sampler are known to work
+        return _sample_into(lambda: _output_dir(cfg.out, root, created), ckpt, cfg, log)
     except BaseException:
         for d in reversed(created):  # nothing written: leave no empty folder behind
             if os.path.isdir(d) and not os.listdir(d):
@@ -195,7 +195,7 @@ def _output_dir(out: str, samples_root: str, created: list) -> str:
             k += 1
 
 
-def _sample_into(out: str, ckpt: str, cfg, log) -> dict:
+def _sample_into(claim_out, ckpt: str, cfg, log) -> dict:
     import sys
 
     from omegaconf import OmegaConf
@@ -227,6 +227,7 @@ def _sample_into(out: str, ckpt: str, cfg, log) -> dict:
         sampler.prepare(model, data.train_images[pick].to(device), data.train_labels[pick].to(device))
 
     labels = class_labels(cfg.num_samples, model.num_classes, list(cfg.classes))
+    out = claim_out()
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
     show = cfg.progress and sys.stderr.isatty()
