@@ -3,18 +3,18 @@ full disk. After each fault, training resumes from the newest intact checkpoint 
 bit for bit where an uninterrupted run ends (nothing good is lost), and every message
 says what to do.
 
-The kills run ``train.py``'s code in a subprocess that SIGKILLs itself at an exact point
-of the checkpoint write (deterministic), plus one ``kill -9`` from outside at a random
-moment while checkpoints are written every step.
+The kills run the training in a forked child that SIGKILLs itself at an exact point of
+the checkpoint write (deterministic), plus ``kill -9`` from outside at random moments
+while checkpoints are written every step.
 """
 
+import functools
+import multiprocessing
 import os
 import random
 import resource
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -25,7 +25,7 @@ from vargen.train.checkpoint import CheckpointError
 from vargen.train.loop import read_log
 from vargen.train.tasks import run
 
-from .conftest import ROOT, vq_cfg
+from .conftest import vq_cfg
 
 STEPS, EVERY, KEEP = 8, 2, 4
 
@@ -82,57 +82,58 @@ def resume_and_check(out, reference, expect_from: str, steps=STEPS, **over) -> l
 # kill -9
 # ---------------------------------------------------------------------------------------
 
-KILLER = r"""
-import os, signal, sys
-sys.path.insert(0, {root!r})
-import torch
-torch.set_num_threads(1)
-import vargen.train.checkpoint as C
-from tests.test_faults import cfg
-from vargen.train.tasks import run
 
-point, name = {point!r}, "step_{step:07d}"
+def _in_child(target, *args) -> int:
+    """Run ``target(*args)`` in a forked child (torch and the dataset already loaded, so it
+    starts at once, as a DataLoader worker does); returns its exit code (-9: SIGKILL)."""
+    p = multiprocessing.get_context("fork").Process(target=target, args=args)
+    p.start()
+    p.join()
+    return p.exitcode
 
-def die():
+
+def _die():
     os.kill(os.getpid(), signal.SIGKILL)
 
-real_save_file, real_torch_save = C.save_file, C.torch.save
-real_point_to, real_atomic = C.point_to, C._atomic_write
 
-def save_file(tensors, path, metadata=None):  # half a weights file, then killed
-    real_save_file(tensors, path, metadata=metadata)
-    if point == "weights" and ("." + name) in path:
-        os.truncate(path, os.path.getsize(path) // 2); die()
+def _train_and_die_at(out, point: str, step: int) -> None:
+    """Train ``cfg(out)`` in this (child) process and SIGKILL it at ``point`` of the write of
+    checkpoint ``step``, leaving the files exactly as a kill there leaves them."""
+    import vargen.train.checkpoint as C
 
-def torch_save(obj, path, *a, **kw):  # half a training state, then killed
-    real_torch_save(obj, path, *a, **kw)
-    if point == "state" and ("." + name) in str(path):
-        os.truncate(path, os.path.getsize(path) // 2); die()
+    torch.set_num_threads(1)
+    name = f"step_{step:07d}"
+    real_save_file, real_torch_save = C.save_file, C.torch.save
+    real_point_to, real_atomic = C.point_to, C._atomic_write
 
-def point_to(out_dir, ckpt_dir):  # the step folder is in place, 'latest' not yet
-    if point == "pointer" and ckpt_dir.endswith(name):
-        die()
-    real_point_to(out_dir, ckpt_dir)
+    def save_file(tensors, path, metadata=None):  # half a weights file, then killed
+        real_save_file(tensors, path, metadata=metadata)
+        if point == "weights" and ("." + name) in path:
+            os.truncate(path, os.path.getsize(path) // 2)
+            _die()
 
-def atomic(path, fn):  # 'latest' written, model.safetensors half copied
-    latest = os.path.join(os.path.dirname(path), "latest")
-    if point == "copy" and path.endswith("model.safetensors") and open(latest).read().strip() == name:
-        d = os.path.dirname(path); tmp = os.path.join(d, ".tmp-killed")
-        fn(tmp); os.truncate(tmp, os.path.getsize(tmp) // 2); die()
-    real_atomic(path, fn)
+    def torch_save(obj, path, *a, **kw):  # half a training state, then killed
+        real_torch_save(obj, path, *a, **kw)
+        if point == "state" and ("." + name) in str(path):
+            os.truncate(path, os.path.getsize(path) // 2)
+            _die()
 
-C.save_file, C.torch.save, C.point_to, C._atomic_write = save_file, torch_save, point_to, atomic
-run(cfg(sys.argv[1]), log=lambda m: None)
-"""
+    def point_to(out_dir, ckpt_dir):  # the step folder is in place, 'latest' not yet
+        if point == "pointer" and ckpt_dir.endswith(name):
+            _die()
+        real_point_to(out_dir, ckpt_dir)
 
+    def atomic(path, fn):  # 'latest' written, model.safetensors half copied
+        latest = os.path.join(os.path.dirname(path), "latest")
+        if point == "copy" and path.endswith("model.safetensors") and open(latest).read().strip() == name:
+            tmp = os.path.join(os.path.dirname(path), ".tmp-killed")
+            fn(tmp)
+            os.truncate(tmp, os.path.getsize(tmp) // 2)
+            _die()
+        real_atomic(path, fn)
 
-def killed_run(out, point: str, step: int):
-    code = KILLER.format(root=ROOT, point=point, step=step)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, cwd=ROOT
-    )
-    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    C.save_file, C.torch.save, C.point_to, C._atomic_write = save_file, torch_save, point_to, atomic
+    run(cfg(out), log=lambda m: None)
 
 
 @pytest.mark.parametrize(
@@ -145,7 +146,7 @@ def killed_run(out, point: str, step: int):
     ],
 )
 def test_kill_during_a_checkpoint_write_loses_nothing(tmp_path, reference, point, resumes_from):
-    killed_run(tmp_path, point, 6)
+    assert _in_child(_train_and_die_at, tmp_path, point, 6) == -signal.SIGKILL
     msgs = resume_and_check(tmp_path, reference, resumes_from)
     if point in ("weights", "state", "copy"):
         assert any("left by an interrupted checkpoint write" in m for m in msgs)
@@ -154,26 +155,23 @@ def test_kill_during_a_checkpoint_write_loses_nothing(tmp_path, reference, point
 def test_kill_at_a_random_moment_while_checkpointing_every_step(tmp_path, tmp_path_factory):
     """A real ``kill -9`` from outside, twice, at random moments of a run that writes a
     checkpoint every step (so most of its time is spent writing them)."""
-    steps = 30
+    steps = 16
     ref = tmp_path_factory.mktemp("ref_every_step")
     run(cfg(ref, steps, ckpt_every=1, keep_last=2), log=lambda m: None)
     rng = random.Random(0)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train = functools.partial(_train, tmp_path, steps, ckpt_every=1, keep_last=2, resume=True)
     for _ in range(2):
-        code = (
-            f"import sys; sys.path.insert(0, {ROOT!r}); import torch; torch.set_num_threads(1)\n"
-            "from tests.test_faults import cfg; from vargen.train.tasks import run\n"
-            f"run(cfg(sys.argv[1], {steps}, ckpt_every=1, keep_last=2, resume=True), log=lambda m: None)"
-        )
-        p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, cwd=ROOT)
+        p = multiprocessing.get_context("fork").Process(target=train)
         first = len(read_log(tmp_path))
+        p.start()
         deadline = time.time() + 120
-        while len(read_log(tmp_path)) < first + 3 and p.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
+        while len(read_log(tmp_path)) < first + 3 and p.is_alive() and time.time() < deadline:
+            time.sleep(0.005)
         time.sleep(rng.uniform(0, 0.05))
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        assert len(read_log(tmp_path)) < steps, "the run finished before the kill: slow the kill loop down"
+        os.kill(p.pid, signal.SIGKILL)
+        p.join()
+        assert p.exitcode == -signal.SIGKILL
+        assert len(read_log(tmp_path)) < steps, "the run finished before the kill"
     msgs = []
     run(cfg(tmp_path, steps, ckpt_every=1, keep_last=2, resume=True), log=msgs.append)
     assert any("resumed from" in m for m in msgs)
@@ -185,6 +183,11 @@ def test_kill_at_a_random_moment_while_checkpointing_every_step(tmp_path, tmp_pa
 # ---------------------------------------------------------------------------------------
 # damaged files
 # ---------------------------------------------------------------------------------------
+
+
+def _train(out, steps, **over):
+    torch.set_num_threads(1)
+    run(cfg(out, steps, **over), log=lambda m: None)
 
 
 def _flip_bit(path, offset_from_end=64):
@@ -253,20 +256,16 @@ def test_every_checkpoint_damaged_refuses_and_says_what_to_do(tmp_path, six_step
 # ---------------------------------------------------------------------------------------
 
 
-FULL_DISK = r"""
-import sys
-sys.path.insert(0, {root!r})
-import torch
-torch.set_num_threads(1)
-from tests.test_faults import cfg
-from vargen.train.checkpoint import CheckpointError
-from vargen.train.tasks import run
-try:
-    run(cfg(sys.argv[1], resume=True), log=lambda m: None)
-except CheckpointError as e:
-    print(e, file=sys.stderr)
-    sys.exit(1)
-"""
+def _train_on_a_small_disk(out, limit: int) -> None:
+    """Resume ``cfg(out)`` with every file capped at ``limit`` bytes; the error goes to ``out/error.txt``."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    torch.set_num_threads(1)
+    try:
+        run(cfg(out, resume=True), log=lambda m: None)
+    except CheckpointError as e:
+        (out.parent / "error.txt").write_text(str(e)[: limit // 2])
+        os._exit(1)
 
 
 @pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="needs RLIMIT_FSIZE")
@@ -280,22 +279,9 @@ def test_full_disk_keeps_the_last_checkpoint_and_says_what_to_do(tmp_path, six_s
     assert s > w
     limit = (w + s) // 2
 
-    def small_disk():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    code = FULL_DISK.format(root=ROOT)
-    r = subprocess.run(
-        [sys.executable, "-c", code, str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        preexec_fn=small_disk,
-        env=env,
-    )
-    assert r.returncode == 1, r.stderr[-2000:]
-    assert "cannot write checkpoint" in r.stderr and "free disk space" in r.stderr, r.stderr[-2000:]
-    assert "resume=true" in r.stderr and "step_0000006) is intact" in r.stderr
+    assert _in_child(_train_on_a_small_disk, out, limit) == 1
+    err = (tmp_path / "error.txt").read_text()
+    assert "cannot write checkpoint" in err and "free disk space" in err, err
+    assert "resume=true" in err and "step_0000006) is intact" in err
     assert sorted(os.listdir(out / "checkpoints")) == ["step_0000002", "step_0000004", "step_0000006"]
     resume_and_check(out, reference, "step_0000006")
