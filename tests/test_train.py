@@ -443,7 +443,9 @@ def test_forwards_per_image_with_a_short_last_batch(one_thread, tiny_gen, tmp_pa
     assert metrics["forwards_per_image"] == 16
 
 
-def test_sampler_that_does_not_fit_the_model_is_a_clear_error(one_thread, tiny_gen, tmp_path, capsys):
+def test_sampler_that_does_not_fit_the_model_is_a_clear_error(
+    one_thread, tiny_gen, tiny_vq, tmp_path, capsys
+):
     import sample
 
     for name in ["var", "tarflow", "ddim", "xar"]:
@@ -452,6 +454,8 @@ def test_sampler_that_does_not_fit_the_model_is_a_clear_error(one_thread, tiny_g
         err = capsys.readouterr().err
         assert f"sampler '{name}'" in err and "'llamagen' model: use sampler.name=ar" in err
         assert not (tmp_path / name).exists()
+    assert sample.main(["--ckpt", str(tiny_vq)]) == 1  # not a generator at all: says so first
+    assert "sample.py needs a generator" in capsys.readouterr().err
 
 
 def test_cuda_requested_without_cuda_is_an_error(monkeypatch):

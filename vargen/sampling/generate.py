@@ -207,9 +207,9 @@ def _sample_into(claim_out, ckpt: str, cfg, log) -> dict:
 
     device = setup(cfg.device)
     model, gen_cfg = load_component(ckpt, device)
-    check_sampler_fits(cfg.sampler.name, gen_cfg.model.name)
     if gen_cfg.task not in GENERATOR_TASKS:
         raise ValueError(f"{ckpt} holds a '{gen_cfg.task}' checkpoint; sample.py needs a generator")
+    check_sampler_fits(cfg.sampler.name, gen_cfg.model.name)
     tokenizer = None
     if "tokenizer_ckpt" in gen_cfg:
         gen_cfg.tokenizer_ckpt = _find_tokenizer(ckpt, gen_cfg, cfg.tokenizer_ckpt, log)
