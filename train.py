@@ -24,7 +24,7 @@ def main(argv=None) -> int:
 
     from omegaconf import OmegaConf
 
-    from vargen.config import ConfigError, load_run_config
+    from vargen.config import ConfigError, load_run_config, resolve_paths
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    resolve_paths(cfg)
     if args.print_config:
         print(OmegaConf.to_yaml(cfg))
         return 0
@@ -41,9 +42,7 @@ def main(argv=None) -> int:
     from vargen.train.loop import TrainingError
     from vargen.train.tasks import run
 
-    if rank0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        OmegaConf.save(cfg, os.path.join(cfg.out_dir, "config.yaml"))
+    if rank0:  # config.yaml is written by the run once it is accepted (not locked, not refused)
         print(f"[{cfg.task}] out_dir {cfg.out_dir}", flush=True)
     log = (lambda m: print(m, flush=True)) if rank0 else (lambda m: None)
     try:

@@ -74,6 +74,50 @@ def quiet_train(**over):
     return base
 
 
+TINY_VQ = {"name": "vq", "hidden": [8, 16], "codebook_size": 16, "code_dim": 4}
+
+
+def vq_cfg(out_dir, steps: int, **train):
+    """A tiny VQ tokenizer run on digits (milliseconds a step): the cheapest real training."""
+    return task_config(
+        "tokenizer", out_dir, dict(steps=steps, batch_size=32, log_every=1, **train), model=TINY_VQ
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_vq(tmp_path_factory):
+    """A tiny tokenizer trained for 20 steps (shared, read-only)."""
+    from vargen.train.tasks import run
+
+    out = tmp_path_factory.mktemp("vq")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = task_config("tokenizer", out, dict(steps=20, batch_size=32), model=TINY_VQ)
+    run(cfg, log=lambda m: None)
+    torch.set_num_threads(before)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gen(tiny_vq, tmp_path_factory):
+    """A tiny next-token model on ``tiny_vq``'s ids, 4 steps (for sample.py plumbing, not quality)."""
+    from vargen.train.tasks import run
+
+    out = tmp_path_factory.mktemp("gen")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = task_config(
+        "generator",
+        out,
+        dict(steps=4, batch_size=32),
+        tokenizer_ckpt=str(tiny_vq),
+        model={"name": "llamagen", "dim": 32, "depth": 1, "heads": 2},
+    )
+    run(cfg, log=lambda m: None)
+    torch.set_num_threads(before)
+    return out
+
+
 @pytest.fixture(scope="session")
 def trained_pipeline(tmp_path_factory):
     """A tiny VQ tokenizer and next-token model trained on digits through the real tasks.

@@ -122,3 +122,31 @@ def test_registry_build_validates_like_the_cli():
         SAMPLERS.build({"name": "ar", "top_kk": 3})
     with pytest.raises(ConfigError, match="sampler.top_k"):
         SAMPLERS.build({"name": "ar", "top_k": "many"})
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.ckpt_every=0", "train.ckpt_every"),
+        ("train.log_every=0", "train.log_every"),
+        ("train.steps=-5", "train.steps"),
+        ("train.lr=0", "train.lr"),
+        ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps"),
+        ("train.device=gpu", "train.device"),
+    ],
+)
+def test_numeric_fields_are_range_checked_before_any_work(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + "' must"):
+        load_run_config(cfg_path("digits_ar.yaml"), [override])
+
+
+@pytest.mark.parametrize("override", ["num_samples=0", "batch_size=0", "fid_split=val", "device=tpu"])
+def test_sample_config_ranges(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0] + "' must"):
+        load_config(SampleConfig, None, [override])
+
+
+def test_imagefolder_config_ranges():
+    with pytest.raises(ConfigError, match="data.channels' must be one of"):
+        from_dict({"task": "tokenizer", "data": {"name": "imagefolder", "root": "/x", "channels": 2}})

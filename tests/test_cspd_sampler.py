@@ -159,6 +159,7 @@ def test_sample_py_runs_cspd_with_a_draft_checkpoint(tmp_path, capsys):
     metrics = json.load(open(out / "metrics.json"))
     assert 0 <= metrics["stats.acceptance"] <= 1 and metrics["stats.draft_forwards"] > 0
     guided = argv + ["sampler.name=cspd", f"sampler.draft_ckpt={tmp_path / 'draft'}", "sampler.cfg_scale=2.0"]
+    guided += [f"out={tmp_path / 's_guided'}"]  # a second call never overwrites the first's samples
     assert sample.main(guided) == 0  # guidance is accepted from the config
     assert sample.main(argv + ["sampler.name=cspd"]) != 0  # no draft: a clear error, no samples
     assert "sampler.draft_ckpt" in capsys.readouterr().err

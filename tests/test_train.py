@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,7 +14,7 @@ from vargen.train.checkpoint import CheckpointError, latest_checkpoint, read_tra
 from vargen.train.loop import TrainingError, fit, read_log
 from vargen.train.tasks import load_component, run
 
-from .conftest import ROOT, task_config
+from .conftest import ROOT, task_config, vq_cfg
 
 
 def ar_run_cfg(out_dir, tok_dir, steps, **train):
@@ -24,19 +25,6 @@ def ar_run_cfg(out_dir, tok_dir, steps, **train):
         tokenizer_ckpt=str(tok_dir),
         model={"name": "llamagen", "dim": 32, "depth": 1, "heads": 2, "dropout": 0.1},
     )
-
-
-@pytest.fixture(scope="module")
-def tiny_vq(tmp_path_factory):
-    out = tmp_path_factory.mktemp("vq")
-    cfg = task_config(
-        "tokenizer",
-        out,
-        dict(steps=20, batch_size=32),
-        model={"name": "vq", "hidden": [8, 16], "codebook_size": 16, "code_dim": 4},
-    )
-    run(cfg, log=lambda m: None)
-    return out
 
 
 def test_resume_continues_exactly(tmp_path, tiny_vq):
@@ -78,7 +66,9 @@ class _Blowup(torch.nn.Module):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    cfg = task_config("feature_net", tmp_path, dict(steps=10, batch_size=4, ckpt_every=2))
+    cfg = task_config(
+        "feature_net", tmp_path, dict(steps=10, batch_size=4, ckpt_every=2, max_nonfinite_steps=1)
+    )
     model = _Blowup()
     x, y = torch.rand(40, 3), torch.zeros(40, dtype=torch.long)
     with pytest.raises(TrainingError, match="nan at step 4.*step_0000004"):
@@ -212,3 +202,315 @@ def test_tokenizer_task_trains_a_multiscale_vat(tmp_path):
     tok, _ = load_component(str(tmp_path))
     ids = tok.encode(torch.rand(2, 1, 16, 16))
     assert [t.shape for t in ids] == [(2, 1), (2, 4), (2, 16)]
+
+
+def _weights_equal(a, b) -> bool:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def straight_vq(tmp_path_factory):
+    """10 uninterrupted steps of a tiny tokenizer: what every recovered run must reproduce."""
+    out = tmp_path_factory.mktemp("straight")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run(vq_cfg(out, 10), log=lambda m: None)
+    torch.set_num_threads(before)
+    return out
+
+
+def test_resume_without_latest_scans_for_checkpoints(one_thread, tmp_path, straight_vq):
+    """Deleting ``latest`` loses nothing: recovery scans the step_* directories."""
+    run(vq_cfg(tmp_path, 6, ckpt_every=2, keep_last=3), log=lambda m: None)
+    os.remove(tmp_path / "latest")
+    msgs = []
+    run(vq_cfg(tmp_path, 10, ckpt_every=2, keep_last=3, resume=True), log=msgs.append)
+    assert any("resumed from" in m and "step_0000006" in m for m in msgs), msgs
+    assert [r["step"] for r in read_log(tmp_path)] == list(range(1, 11))
+    assert _weights_equal(tmp_path, straight_vq)
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(one_thread, tmp_path, straight_vq):
+    run(vq_cfg(tmp_path, 6, ckpt_every=2, keep_last=3), log=lambda m: None)
+    weights = tmp_path / "checkpoints" / "step_0000006" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert os.path.basename(latest_checkpoint(str(tmp_path))) == "step_0000004"
+    msgs = []
+    run(vq_cfg(tmp_path, 10, ckpt_every=2, keep_last=3, resume=True), log=msgs.append)
+    assert any("step_0000006" in m and "damaged" in m for m in msgs), msgs
+    assert (tmp_path / "checkpoints" / "damaged_step_0000006").is_dir()  # kept for inspection
+    assert [r["step"] for r in read_log(tmp_path)] == list(range(1, 11))
+    assert _weights_equal(tmp_path, straight_vq)
+
+
+def test_fresh_start_over_checkpoints_is_refused_without_latest(tmp_path, one_thread):
+    run(vq_cfg(tmp_path, 4, ckpt_every=2), log=lambda m: None)
+    os.remove(tmp_path / "latest")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(TrainingError, match="resume=true.*delete .*checkpoints to start over"):
+        run(vq_cfg(tmp_path, 4, ckpt_every=2), log=lambda m: None)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_resume_refuses_when_every_checkpoint_is_damaged(tmp_path, one_thread):
+    run(vq_cfg(tmp_path, 2, ckpt_every=2), log=lambda m: None)
+    state = tmp_path / "checkpoints" / "step_0000002" / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="no checkpoint .* is usable.*train_state.pt.*delete"):
+        run(vq_cfg(tmp_path, 4, ckpt_every=2, resume=True), log=lambda m: None)
+    assert (tmp_path / "checkpoints" / "step_0000002").is_dir()
+
+
+class _Faulty(torch.nn.Module):
+    """Loss NaN on the calls in ``nan_loss``, finite loss with NaN gradients on ``nan_grad``."""
+
+    def __init__(self, nan_loss=(), nan_grad=()):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.calls, self.nan_loss, self.nan_grad = 0, set(nan_loss), set(nan_grad)
+
+    def loss(self, x, y):
+        self.calls += 1
+        val = (self.w * x.mean()).sum()
+        if self.calls in self.nan_loss:
+            val = val * float("nan")
+        if self.calls in self.nan_grad:  # d sqrt(u)/du at u = 0 is inf; times 0 gives NaN
+            val = val + 0 * (self.w - self.w.detach()).sqrt().sum()
+        return {"loss": val}
+
+
+def test_nonfinite_steps_are_skipped_counted_and_never_saved(tmp_path):
+    cfg = task_config("feature_net", tmp_path, dict(steps=10, batch_size=4, ckpt_every=2, log_every=1))
+    model, msgs = _Faulty(nan_loss={3}, nan_grad={6}), []
+    x, y = torch.rand(40, 3), torch.zeros(40, dtype=torch.long)
+    fit(model, x, y, cfg, torch.device("cpu"), "feature_net", log=msgs.append)
+    rows = read_log(tmp_path)
+    assert [r["skipped_nonfinite"] for r in rows] == [0, 0, 1, 1, 1, 2, 2, 2, 2, 2]
+    assert sum("loss is nan; update skipped" in m for m in msgs) == 1
+    assert sum("gradient norm is nan; update skipped" in m for m in msgs) == 1
+    assert torch.isfinite(model.w).all()
+    state = read_train_state(latest_checkpoint(str(tmp_path)))
+    assert state["skipped_nonfinite"] == 2
+    assert all(int(s["step"]) == 8 for s in state["optimizer"]["state"].values())  # 10 steps, 2 skipped
+
+
+def test_nonfinite_limit_stops_training_with_a_message(tmp_path):
+    cfg = task_config(
+        "feature_net", tmp_path, dict(steps=20, batch_size=4, ckpt_every=2, max_nonfinite_steps=3)
+    )
+    model = _Faulty(nan_loss=set(range(5, 100)))
+    x, y = torch.rand(40, 3), torch.zeros(40, dtype=torch.long)
+    with pytest.raises(
+        TrainingError, match=r"nan at step 6, 3 steps in a row \(train.max_nonfinite_steps=3\).*resume"
+    ):
+        fit(model, x, y, cfg, torch.device("cpu"), "feature_net", log=lambda m: None)
+    for d in (tmp_path / "checkpoints").iterdir():
+        assert all(torch.isfinite(v).all() for v in load_file(d / "model.safetensors").values())
+
+
+def test_diverging_run_never_saves_nonfinite_weights(tmp_path, one_thread):
+    """The issue's lr=1e6: whatever happens, no checkpoint holds a NaN/inf."""
+    msgs = []
+    with pytest.raises(TrainingError, match="3 steps in a row.*resume=true"):
+        run(vq_cfg(tmp_path, 12, ckpt_every=3, lr=1e6, max_nonfinite_steps=3), log=msgs.append)
+    assert any("update skipped" in m for m in msgs)
+    assert (tmp_path / "checkpoints" / "step_0000003").is_dir()
+    for d in (tmp_path / "checkpoints").iterdir():
+        assert all(torch.isfinite(v).all() for v in load_file(d / "model.safetensors").values()), d
+    if (tmp_path / "model.safetensors").exists():
+        load_component(str(tmp_path))
+
+
+def test_nonfinite_weights_refused_at_load(tmp_path, tiny_vq):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    w = load_file(tiny_vq / "model.safetensors")
+    with safe_open(str(tiny_vq / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    k = sorted(w)[0]
+    w[k] = w[k] * float("nan")
+    save_file(w, str(tmp_path / "model.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match="non-finite weights.*earlier checkpoint"):
+        load_component(str(tmp_path))
+
+
+def test_generator_run_samples_from_anywhere_and_after_moving(one_thread, tmp_path, tiny_vq, monkeypatch):
+    """Paths are stored absolute; a moved tree is found relative to the generator, and
+    ``tokenizer_ckpt=`` points sample.py at a tokenizer moved elsewhere (hash still checked)."""
+    import shutil
+
+    import sample
+
+    shutil.copytree(tiny_vq, tmp_path / "runs" / "vq")
+    monkeypatch.chdir(tmp_path)
+    run(ar_run_cfg("runs/gen", "runs/vq", 2), log=lambda m: None)
+    _, gen_cfg = load_component(str(tmp_path / "runs" / "gen"))
+    assert gen_cfg.tokenizer_ckpt == str(tmp_path / "runs" / "vq") and gen_cfg.out_dir == str(
+        tmp_path / "runs" / "gen"
+    )
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    args = ["num_samples=2", "batch_size=2", "progress=false"]
+    assert sample.main(["--ckpt", str(tmp_path / "runs" / "gen"), f"out={tmp_path / 's1'}", *args]) == 0
+    shutil.move(tmp_path / "runs", tmp_path / "moved")
+    assert sample.main(["--ckpt", str(tmp_path / "moved" / "gen"), f"out={tmp_path / 's2'}", *args]) == 0
+    shutil.move(tmp_path / "moved" / "vq", tmp_path / "tok")
+    assert sample.main(["--ckpt", str(tmp_path / "moved" / "gen"), f"out={tmp_path / 's3'}", *args]) == 1
+    over = f"tokenizer_ckpt={tmp_path / 'tok'}"
+    assert (
+        sample.main(["--ckpt", str(tmp_path / "moved" / "gen"), f"out={tmp_path / 's3'}", over, *args]) == 0
+    )
+    assert (tmp_path / "s3" / "samples.npz").is_file()
+
+
+def test_resume_enforces_the_tokenizer_hash(one_thread, tmp_path, tiny_vq):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tok = tmp_path / "tok"
+    shutil.copytree(tiny_vq, tok)
+    run(ar_run_cfg(tmp_path / "gen", tok, 2, ckpt_every=2), log=lambda m: None)
+    w = load_file(tok / "model.safetensors")
+    with safe_open(str(tok / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    w["codebook"] = w["codebook"].flip(0)  # another tokenizer: the same ids now mean other codes
+    save_file(w, str(tok / "model.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match="tokenizer .*changed since that checkpoint was written"):
+        run(ar_run_cfg(tmp_path / "gen", tok, 4, ckpt_every=2, resume=True), log=lambda m: None)
+    assert len(read_log(tmp_path / "gen")) == 2
+
+
+def test_run_lock_refuses_a_second_training_and_takes_over_stale_locks(one_thread, tmp_path):
+    from vargen.train.checkpoint import run_lock
+
+    run(vq_cfg(tmp_path, 2, ckpt_every=2), log=lambda m: None)
+    record = (tmp_path / "config.yaml").read_bytes()
+    with run_lock(str(tmp_path)):  # a live training holds the folder
+        with pytest.raises(
+            CheckpointError, match=f"another training .pid {os.getpid()}.*nothing was changed"
+        ):
+            run(vq_cfg(tmp_path, 4, ckpt_every=2, resume=True), log=lambda m: None)
+    assert len(read_log(tmp_path)) == 2
+    # a refused command (fresh start over checkpoints) leaves the run's record alone
+    with pytest.raises(TrainingError, match="resume=true"):
+        run(vq_cfg(tmp_path, 4, ckpt_every=2, lr=0.5), log=lambda m: None)
+    assert (tmp_path / "config.yaml").read_bytes() == record
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "train.lock").write_text(f"{dead.pid}\n")  # left by a killed run
+    msgs = []
+    run(vq_cfg(tmp_path, 4, ckpt_every=2, resume=True), log=msgs.append)
+    assert any(f"left by pid {dead.pid}" in m for m in msgs) and len(read_log(tmp_path)) == 4
+    assert not (tmp_path / "train.lock").exists()
+
+
+def test_sample_cli_keeps_every_call_with_its_record(one_thread, tiny_gen, tmp_path):
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    import sample
+
+    gen = tmp_path / "ar"
+    shutil.copytree(tiny_gen, gen)
+    args = ["num_samples=4", "batch_size=4", "progress=false"]
+    assert sample.main(["--ckpt", str(gen), "seed=1", "sampler.top_k=5", *args]) == 0
+    assert sample.main(["--ckpt", str(gen), "seed=2", *args]) == 0
+    first, second = gen / "samples" / "001", gen / "samples" / "002"
+    a, b = np.load(first / "samples.npz"), np.load(second / "samples.npz")
+    assert not np.array_equal(a["ids"], b["ids"])  # the second call did not overwrite the first
+    rec = OmegaConf.load(first / "sample_config.yaml")
+    assert rec.seed == 1 and rec.sampler.name == "ar" and rec.sampler.top_k == 5
+    assert rec.run.ckpt == str(gen / "model.safetensors") and len(rec.run.ckpt_sha256) == 64
+    assert json.load(open(second / "metrics.json"))["seed"] == 2
+    before = (first / "samples.npz").read_bytes()
+    assert sample.main(["--ckpt", str(gen), f"out={first}", *args]) == 1  # refuses to overwrite
+    assert (first / "samples.npz").read_bytes() == before
+
+
+def test_forwards_per_image_with_a_short_last_batch(one_thread, tiny_gen, tmp_path):
+    """5 samples in batches of 4 and 1: every row costs num_tokens forwards (16), not 32 * 4 / 5."""
+    import sample
+
+    args = ["num_samples=5", "batch_size=4", "progress=false", f"out={tmp_path / 's'}"]
+    assert sample.main(["--ckpt", str(tiny_gen), *args]) == 0
+    metrics = json.load(open(tmp_path / "s" / "metrics.json"))
+    assert metrics["stats.target_forwards"] == 2 * 16
+    assert metrics["forwards_per_image"] == 16
+
+
+def test_sampler_that_does_not_fit_the_model_is_a_clear_error(
+    one_thread, tiny_gen, tiny_vq, tmp_path, capsys
+):
+    import sample
+
+    for name in ["var", "tarflow", "ddim", "xar"]:
+        code = sample.main(["--ckpt", str(tiny_gen), f"sampler.name={name}", f"out={tmp_path / name}"])
+        assert code == 1
+        err = capsys.readouterr().err
+        assert f"sampler '{name}'" in err and "'llamagen' model: use sampler.name=ar" in err
+        assert not (tmp_path / name).exists()
+    assert sample.main(["--ckpt", str(tiny_vq)]) == 1  # not a generator at all: says so first
+    assert "sample.py needs a generator" in capsys.readouterr().err
+
+
+def test_cuda_requested_without_cuda_is_an_error(monkeypatch):
+    from vargen.train import distributed as D
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device=cuda but CUDA is not available.*device=cpu"):
+        D.setup("cuda")
+    assert D.setup("auto") == torch.device("cpu")
+
+
+def test_abandoned_temporary_checkpoint_folders_are_removed(one_thread, tmp_path):
+    run(vq_cfg(tmp_path, 2, ckpt_every=2), log=lambda m: None)
+    (tmp_path / "checkpoints" / ".step_0000004-x1y2").mkdir()  # what a kill -9 mid-write leaves
+    (tmp_path / "checkpoints" / ".step_0000004-x1y2" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".tmp-abc").write_bytes(b"half a latest file")
+    msgs = []
+    run(vq_cfg(tmp_path, 4, ckpt_every=2, resume=True), log=msgs.append)
+    assert not [p for p in tmp_path.rglob(".*") if p.name != ".lock"]
+    assert sum("left by an interrupted checkpoint write" in m for m in msgs) == 2
+
+
+def test_full_disk_during_a_checkpoint_says_what_to_do(one_thread, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    import vargen.train.checkpoint as C
+
+    calls, real = [], C.save_file
+
+    def disk_full_on_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(C, "save_file", disk_full_on_second)
+    with pytest.raises(
+        CheckpointError, match="cannot write .*step_0000004.*free disk space.*resume=true.*step_0000002"
+    ):
+        run(vq_cfg(tmp_path, 6, ckpt_every=2), log=lambda m: None)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_0000002"]  # no half-written folder
+
+
+def test_fid_against_a_small_reference_set_warns(one_thread, tiny_gen, tmp_path, monkeypatch, capsys):
+    import sample
+    from vargen.eval import fid
+
+    class Tiny:
+        num_real = 12
+
+        def score(self, images):
+            return 1.0
+
+    monkeypatch.setattr(fid.FIDEvaluator, "for_dataset", classmethod(lambda cls, *a, **kw: Tiny()))
+    argv = ["--ckpt", str(tiny_gen), "num_samples=4", "batch_size=4", "fid=true", f"out={tmp_path / 's'}"]
+    assert sample.main(argv) == 0
+    assert "warning: only 12 reference images" in capsys.readouterr().out
+    assert "only 12 reference images" in json.load(open(tmp_path / "s" / "metrics.json"))["fid_warning"]

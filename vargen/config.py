@@ -27,6 +27,34 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the offending key."""
 
 
+def ranged(default, *, ge=None, gt=None, le=None, lt=None, choices=None, pattern=None):
+    """A scalar config field whose value :func:`validate` checks before any work starts:
+    bounds (``ge``/``gt``/``le``/``lt``), a set of ``choices`` or a regex ``pattern``."""
+    rule = {
+        k: v
+        for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices, pattern=pattern).items()
+        if v is not None
+    }
+    return field(default=default, metadata={"rule": rule})
+
+
+def _check_rule(key: str, value, rule: dict) -> None:
+    import re
+
+    ops = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b)}
+    ops.update({"le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)})
+    for name, (sym, ok) in ops.items():
+        if name in rule and not ok(value, rule[name]):
+            raise ConfigError(f"config key '{key}' must be {sym} {rule[name]}, got {value}")
+    if "choices" in rule and value not in rule["choices"]:
+        raise ConfigError(f"config key '{key}' must be one of {list(rule['choices'])}, got {value!r}")
+    if "pattern" in rule and not re.fullmatch(rule["pattern"], str(value)):
+        raise ConfigError(f"config key '{key}' must match {rule['pattern']!r}, got {value!r}")
+
+
+DEVICE = r"auto|cpu|cuda(:\d+)?"  # config values a device field accepts
+
+
 def component(registry: str, default: dict | None = None, help: str = ""):
     """A config field holding a registered component section, validated by its schema."""
     default = dict(default or {})
@@ -40,23 +68,26 @@ def component(registry: str, default: dict | None = None, help: str = ""):
 
 @dataclass
 class TrainLoopConfig:
-    steps: int = 1000  # optimiser steps in total (resume continues up to this)
-    batch_size: int = 64  # global batch; split evenly across DDP processes
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
+    steps: int = ranged(1000, ge=1)  # optimiser steps in total (resume continues up to this)
+    batch_size: int = ranged(64, ge=1)  # global batch; split evenly across DDP processes
+    lr: float = ranged(1e-3, gt=0)
+    min_lr_ratio: float = ranged(0.1, ge=0, le=1)  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = ranged(50, ge=0)
+    weight_decay: float = ranged(0.0, ge=0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0  # 0 disables clipping
-    log_every: int = 50
-    eval_every: int = 0  # held-out loss every N steps (0 = only the task's final evaluation)
-    ckpt_every: int = 500  # also written at the end of training
-    keep_last: int = 2  # checkpoints kept on disk (older ones are pruned)
-    resume: bool = False  # continue from the newest checkpoint in out_dir
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    grad_clip: float = ranged(1.0, ge=0)  # 0 disables clipping
+    max_nonfinite_steps: int = ranged(
+        10, ge=1
+    )  # a NaN/inf loss or gradient skips the update; this many in a row stop
+    log_every: int = ranged(50, ge=1)
+    eval_every: int = ranged(0, ge=0)  # held-out loss every N steps (0 = only the task's final evaluation)
+    ckpt_every: int = ranged(500, ge=1)  # also written at the end of training
+    keep_last: int = ranged(2, ge=1)  # checkpoints kept on disk (older ones are pruned)
+    resume: bool = False  # continue from the newest usable checkpoint in out_dir
+    device: str = ranged("auto", pattern=DEVICE)  # auto | cpu | cuda | cuda:N
     amp: bool = False  # bf16 autocast; only takes effect on CUDA
     compile: bool = False  # torch.compile the model; only takes effect on CUDA
-    threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
+    threads: int = ranged(0, ge=0)  # torch.set_num_threads; 0 leaves torch's default
     progress: bool = True  # tqdm bar (silent when stderr is not a terminal)
 
 
@@ -151,6 +182,9 @@ def validate(schema: type, raw: dict, path: str = "") -> dict:
         key = getattr(e, "full_key", None) or "?"
         raise ConfigError(f"config key '{path}{key}': {str(e).splitlines()[0]}") from None
     out = OmegaConf.to_container(merged, resolve=True)
+    for name, f in fields.items():
+        if "rule" in f.metadata and name in out:
+            _check_rule(f"{path}{name}", out[name], f.metadata["rule"])
     out.update(components)
     missing = OmegaConf.missing_keys(merged)
     if missing:
@@ -224,6 +258,22 @@ def load_config(schema: type, path: str | None, overrides: list[str] = (), base:
     if path:
         raw = OmegaConf.merge(raw, _load_yaml_composed(path))
     return from_dict(_merge_overrides(raw, overrides), schema)
+
+
+def resolve_paths(cfg) -> None:
+    """Make a run config's paths absolute in place (``out_dir``, every ``*_ckpt`` and
+    ``data.root``), so the config stored with the run still names the same files when it
+    is read from another working directory."""
+
+    def absolute(path: str) -> str:
+        return os.path.abspath(os.path.expanduser(path)) if path and path != "???" else path
+
+    for key in list(cfg.keys()):
+        if key == "out_dir" or (key.endswith("_ckpt") and isinstance(cfg[key], str)):
+            cfg[key] = absolute(cfg[key])
+    data = cfg.get("data")
+    if data is not None and isinstance(data.get("root"), str):
+        data.root = absolute(data.root)
 
 
 def to_plain(cfg) -> dict:

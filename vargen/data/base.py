@@ -25,6 +25,7 @@ class ImageSplits:
     heldout_labels: torch.Tensor  # (M,)
     num_classes: int  # 1 for an unconditional set
     class_names: list[str]
+    report: str = ""  # what was loaded and skipped (image folders); tasks print it
 
     @property
     def channels(self) -> int:

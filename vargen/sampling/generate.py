@@ -17,24 +17,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vargen.config import component
+from vargen.config import DEVICE, component, ranged
 from vargen.registry import SAMPLERS
 
 
 @dataclass
 class SampleConfig:
-    out: str = ""  # output directory; default: <run dir>/samples
-    num_samples: int = 64
-    batch_size: int = 64
+    out: str = ""  # output directory (refused if it holds samples); default: a new <run dir>/samples/NNN
+    tokenizer_ckpt: str = ""  # the generator's tokenizer at another path (still checked by sha256)
+    num_samples: int = ranged(64, ge=1)
+    batch_size: int = ranged(64, ge=1)
     seed: int = 0
     classes: list[int] = field(default_factory=list)  # labels to cycle through; empty = every class
-    nrow: int = 0  # images per grid row; 0 = number of classes (one class per column)
-    grid_max: int = 100  # at most this many images in the PNG grid
+    nrow: int = ranged(0, ge=0)  # images per grid row; 0 = number of classes (one class per column)
+    grid_max: int = ranged(100, ge=0)  # at most this many images in the PNG grid
     sampler: dict = component("SAMPLERS", {"name": "ar"})  # sample.py defaults it from the checkpoint
     fid: bool = False  # score the samples against a split of the training dataset
-    fid_split: str = "heldout"  # heldout | train
+    fid_split: str = ranged("heldout", choices=("heldout", "train"))  # heldout | train
     inception_weights: str = ""  # local Inception weights file: real Inception FID instead of the proxy
-    device: str = "auto"
+    device: str = ranged("auto", pattern=DEVICE)
     progress: bool = True
 
 
@@ -59,7 +60,43 @@ DEFAULT_SAMPLER = {
     "lsd_student": "lsd",
     "ddpm_unet": "ddim",
 }
+FID_MIN_REAL = 300  # fewer reference images than this: the FID printed comes with a warning
 GENERATOR_TASKS = ("generator", "pixel_generator", "lsd")
+
+# The models each sampler can draw from (the one place this is declared; run_sampling checks it
+# before any work, so a mismatch is a message instead of an AttributeError mid-sampling).
+SAMPLER_MODELS = {
+    "ar": ("llamagen",),
+    "speculative": ("llamagen",),
+    "sjd": ("llamagen",),
+    "gsd": ("llamagen",),
+    "cspd": ("xar",),
+    "xar": ("xar",),
+    "var": ("var",),
+    "tts_var": ("var",),
+    "best_of_n": ("var",),
+    "tarflow": ("tarflow",),
+    "tokenbridge": ("tokenbridge_ar",),
+    "token_shuffle": ("token_shuffle",),
+    "ctf": ("ctf",),
+    "mdm": ("mdm",),
+    "lsd": ("lsd_student",),
+    "ddim": ("ddpm_unet",),
+    "fkc_cfg": ("ddpm_unet",),
+    "minority": ("ddpm_unet",),
+}
+
+
+def check_sampler_fits(sampler: str, model: str) -> None:
+    """Raise ValueError naming the samplers that fit when ``sampler`` cannot draw from ``model``."""
+    fits = SAMPLER_MODELS.get(sampler)
+    if fits is not None and model not in fits:
+        ok = sorted(k for k, v in SAMPLER_MODELS.items() if model in v)
+        raise ValueError(
+            f"sampler '{sampler}' draws from {', '.join(fits)} models; this checkpoint holds a '{model}' "
+            f"model: use sampler.name={DEFAULT_SAMPLER.get(model, ok[0] if ok else '?')} "
+            f"(samplers for {model}: {ok})"
+        )
 
 
 def generate(model, tokenizer, labels_B: torch.Tensor, sampler, generator, batch_size: int, progress=False):
@@ -94,11 +131,77 @@ def default_sampler(ckpt: str) -> str:
     return DEFAULT_SAMPLER.get(meta["config"].get("model", {}).get("name"), "ar")
 
 
+def _find_tokenizer(ckpt: str, gen_cfg, override: str, log) -> str:
+    """Where the generator's tokenizer is now: ``override`` when given, else the stored path,
+    else the same path relative to the generator when the runs were moved together."""
+    from vargen.train.checkpoint import CheckpointError, resolve_weights_path
+
+    if override:
+        return override
+    stored = gen_cfg.tokenizer_ckpt
+    if os.path.exists(stored):
+        return stored
+    here = os.path.dirname(os.path.abspath(resolve_weights_path(ckpt)))
+    rel = os.path.relpath(stored, gen_cfg.out_dir) if os.path.isabs(stored) else None
+    for base in (here, os.path.dirname(os.path.dirname(here))):  # run dir, or run/checkpoints/step_*
+        if rel and os.path.exists(os.path.join(base, rel)):
+            moved = os.path.normpath(os.path.join(base, rel))
+            log(f"tokenizer not at its stored path {stored}; using {moved} (same place relative to the run)")
+            return moved
+    raise CheckpointError(
+        f"the generator's tokenizer {stored} does not exist (moved or deleted?); pass "
+        "tokenizer_ckpt=<weights file or run dir of that tokenizer> (its sha256 is still checked)"
+    )
+
+
 def run_sampling(ckpt: str, cfg, log=print) -> dict:
+    """Sample as ``cfg`` says into a new folder; returns the metrics written there."""
+    from vargen.train.checkpoint import resolve_weights_path
+
+    created = []
+    root = os.path.join(os.path.dirname(resolve_weights_path(ckpt)), "samples")
+    try:  # the output folder is claimed once model and sampler are known to work
+        return _sample_into(lambda: _output_dir(cfg.out, root, created), ckpt, cfg, log)
+    except BaseException:
+        for d in reversed(created):  # nothing written: leave no empty folder behind
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+        raise
+
+
+def _output_dir(out: str, samples_root: str, created: list) -> str:
+    """``out`` (refused when it already holds samples), else a new numbered folder under
+    ``samples_root``: each call keeps its own images and record. Appends the folders it
+    makes to ``created``."""
+    if out:
+        if any(os.path.exists(os.path.join(out, f)) for f in ("samples.npz", "metrics.json")):
+            raise ValueError(f"{out} already holds samples; choose another out=... or delete that folder")
+        if not os.path.isdir(out):
+            os.makedirs(out)
+            created.append(out)
+        return out
+    if not os.path.isdir(samples_root):
+        os.makedirs(samples_root, exist_ok=True)
+        created.append(samples_root)
+    taken = [int(d) for d in os.listdir(samples_root) if d.isdigit()]
+    k = max(taken, default=0) + 1
+    while True:
+        path = os.path.join(samples_root, f"{k:03d}")
+        try:
+            os.mkdir(path)  # atomic: two concurrent calls never share a folder
+            created.append(path)
+            return path
+        except FileExistsError:
+            k += 1
+
+
+def _sample_into(claim_out, ckpt: str, cfg, log) -> dict:
     import sys
 
+    from omegaconf import OmegaConf
+
     from vargen.io import save_grid, to_uint8
-    from vargen.train.checkpoint import resolve_weights_path
+    from vargen.train.checkpoint import file_sha256, resolve_weights_path
     from vargen.train.distributed import setup
     from vargen.train.tasks import load_component, load_tokenizer_for
 
@@ -106,7 +209,11 @@ def run_sampling(ckpt: str, cfg, log=print) -> dict:
     model, gen_cfg = load_component(ckpt, device)
     if gen_cfg.task not in GENERATOR_TASKS:
         raise ValueError(f"{ckpt} holds a '{gen_cfg.task}' checkpoint; sample.py needs a generator")
-    tokenizer = load_tokenizer_for(gen_cfg, device) if "tokenizer_ckpt" in gen_cfg else None
+    check_sampler_fits(cfg.sampler.name, gen_cfg.model.name)
+    tokenizer = None
+    if "tokenizer_ckpt" in gen_cfg:
+        gen_cfg.tokenizer_ckpt = _find_tokenizer(ckpt, gen_cfg, cfg.tokenizer_ckpt, log)
+        tokenizer = load_tokenizer_for(gen_cfg, device)
     if tokenizer is not None and hasattr(model, "attach_tokenizer"):
         model.attach_tokenizer(tokenizer)
     sampler = SAMPLERS.build(cfg.sampler)
@@ -118,14 +225,20 @@ def run_sampling(ckpt: str, cfg, log=print) -> dict:
         data = build_dataset(gen_cfg.data)
         pick = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(0))[:256]
         sampler.prepare(model, data.train_images[pick].to(device), data.train_labels[pick].to(device))
-    out = cfg.out or os.path.join(os.path.dirname(resolve_weights_path(ckpt)), "samples")
-    os.makedirs(out, exist_ok=True)
 
     labels = class_labels(cfg.num_samples, model.num_classes, list(cfg.classes))
+    out = claim_out()
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
     show = cfg.progress and sys.stderr.isatty()
-    images, tokens, stats = generate(model, tokenizer, labels, sampler, generator, cfg.batch_size, show)
+    per_batch = []  # (model forwards, rows) of every batch: batches may be ragged
+
+    def counted(m, labels_B, g):
+        out_B, batch_stats = sampler(m, labels_B, g)
+        per_batch.append((batch_stats.get("target_forwards", 0), labels_B.shape[0]))
+        return out_B, batch_stats
+
+    images, tokens, stats = generate(model, tokenizer, labels, counted, generator, cfg.batch_size, show)
     elapsed = time.perf_counter() - t0
 
     nrow = cfg.nrow or (len(cfg.classes) or model.num_classes)
@@ -136,8 +249,11 @@ def run_sampling(ckpt: str, cfg, log=print) -> dict:
     np.savez_compressed(os.path.join(out, "samples.npz"), **arrays)
     metrics = {
         "num_samples": cfg.num_samples,
+        "seed": cfg.seed,
+        "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
         "seconds": round(elapsed, 3),
-        "forwards_per_image": stats["target_forwards"] * cfg.batch_size / max(1, cfg.num_samples),
+        # a batch's forwards serve each of its rows: weight by rows (the last batch may be short)
+        "forwards_per_image": sum(f * rows for f, rows in per_batch) / max(1, cfg.num_samples),
         **{f"stats.{k}": v for k, v in stats.items()},
     }
     log(
@@ -149,6 +265,12 @@ def run_sampling(ckpt: str, cfg, log=print) -> dict:
         evaluator = FIDEvaluator.for_dataset(
             dict(gen_cfg.data), split=cfg.fid_split, inception_weights=cfg.inception_weights or None
         )
+        if evaluator.num_real < FID_MIN_REAL:
+            metrics["fid_warning"] = (
+                f"only {evaluator.num_real} reference images in the {cfg.fid_split} split: FID is biased and "
+                f"noisy below a few hundred; compare FIDs only at equal sizes, or use fid_split=train"
+            )
+            log(f"warning: {metrics['fid_warning']}")
         metrics["fid"] = evaluator.score(images)
         metrics["fid_split"] = cfg.fid_split
         metrics["fid_features"] = "inception" if cfg.inception_weights else "classifier"
@@ -158,4 +280,12 @@ def run_sampling(ckpt: str, cfg, log=print) -> dict:
         )
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
+    record = OmegaConf.to_container(cfg, resolve=True)
+    record["out"] = os.path.abspath(out)
+    weights = resolve_weights_path(ckpt)
+    run = {"ckpt": os.path.abspath(weights), "ckpt_sha256": file_sha256(weights)}
+    if tokenizer is not None:
+        run["tokenizer_ckpt"] = os.path.abspath(gen_cfg.tokenizer_ckpt)
+    OmegaConf.save(OmegaConf.create({**record, "run": run}), os.path.join(out, "sample_config.yaml"))
+    log(f"wrote {os.path.join(out, 'sample_config.yaml')} (seed {cfg.seed}, sampler {cfg.sampler.name})")
     return metrics

@@ -20,6 +20,17 @@ def world() -> tuple[int, int]:
 
 def setup(device_pref: str = "auto") -> torch.device:
     """Initialise the process group when launched by torchrun; return this rank's device."""
+    if device_pref.startswith("cuda"):
+        index = int(device_pref.split(":")[1]) if ":" in device_pref else 0
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device_pref} but CUDA is not available here (torch.cuda.is_available() is False); "
+                "set device=cpu, or device=auto to use a GPU only when there is one"
+            )
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device_pref} but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     n = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = (
         torch.cuda.is_available() and device_pref in ("auto", "cuda") or device_pref.startswith("cuda:")

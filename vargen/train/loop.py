@@ -23,11 +23,17 @@ from vargen.train import distributed as D
 from vargen.train.checkpoint import (
     WEIGHTS,
     CheckpointError,
+    checkpoint_dirs,
+    file_sha256,
+    find_checkpoint,
     latest_checkpoint,
     load_state_into,
+    point_to,
     read_train_state,
     read_weights,
+    remove_abandoned_writes,
     save_checkpoint,
+    set_aside,
 )
 
 
@@ -87,8 +93,14 @@ def read_log(out_dir: str) -> list[dict]:
     path = _log_path(out_dir)
     if not os.path.isfile(path):
         return []
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a kill mid-append: dropped on resume
+                continue
+    return rows
 
 
 def _truncate_log(out_dir: str, upto_step: int) -> None:
@@ -118,6 +130,111 @@ def heldout_metrics(model, x: torch.Tensor, y: torch.Tensor, device, batch: int 
     return {f"heldout_{k}": v / n for k, v in sums.items()}
 
 
+def write_run_config(out_dir: str, config: dict) -> None:
+    """``out_dir/config.yaml``: the resolved config of the run (shapes filled in)."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(out_dir, "config.yaml")
+    tmp = path + ".tmp"
+    OmegaConf.save(OmegaConf.create(config), tmp)
+    os.replace(tmp, path)
+
+
+def _float_buffers(model) -> dict:
+    """Copies of the floating-point buffers (EMA codebooks, running stats) before a step."""
+    return {k: b.detach().clone() for k, b in model.named_buffers() if b.is_floating_point()}
+
+
+def _check_finite_weights(model, step: int) -> None:
+    """Refuse to save weights holding NaN/inf (a checkpoint must always be a good one)."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise TrainingError(
+            f"at step {step} the weights hold non-finite values ({len(bad)} tensors, e.g. {bad[:3]}); this "
+            "checkpoint was not written. Lower train.lr or set train.grad_clip, then rerun with "
+            "train.resume=true"
+        )
+
+
+def _resume(model, opt, config: dict, out_dir: str, resume: bool, rank: int, log) -> tuple[int, dict]:
+    """Restore the newest usable checkpoint when ``resume``; returns (step to start from,
+    the restored training state or {}).
+
+    Refuses to start from step 0 over existing checkpoints, and to resume when every
+    checkpoint is damaged, so no good checkpoint is ever overwritten.
+    """
+    present = checkpoint_dirs(out_dir)
+    ckpt_root = os.path.join(out_dir, "checkpoints")
+    if not resume:
+        if present:
+            raise TrainingError(
+                f"{out_dir} already holds checkpoints ({', '.join(present[-3:])}); pass train.resume=true to "
+                f"continue from the newest usable one, choose another out_dir, or delete {ckpt_root} to "
+                "start over (nothing was overwritten)"
+            )
+        if rank == 0:
+            remove_abandoned_writes(out_dir)
+            if os.path.exists(_log_path(out_dir)):
+                os.remove(_log_path(out_dir))
+        return 0, {}
+    existing, damaged = find_checkpoint(out_dir)
+    if existing is None and damaged:
+        reasons = "; ".join(f"{path}: {why}" for path, why in damaged)
+        raise CheckpointError(
+            f"train.resume=true but no checkpoint in {ckpt_root} is usable ({reasons}); restore one, "
+            f"or delete {ckpt_root} to start over, or choose another out_dir (nothing was overwritten)"
+        )
+    if rank == 0:
+        for path in remove_abandoned_writes(out_dir):
+            log(f"removed {path}, left by an interrupted checkpoint write")
+    if existing is None:
+        log(f"train.resume=true but {out_dir} has no checkpoint yet: starting from step 0")
+        if rank == 0 and os.path.exists(_log_path(out_dir)):
+            os.remove(_log_path(out_dir))
+        return 0, {}
+    state, meta = read_weights(os.path.join(existing, WEIGHTS))
+    if meta["config"].get("model") != config.get("model"):
+        raise CheckpointError(
+            f"cannot resume from {existing}: its model config {meta['config'].get('model')} differs "
+            f"from this run's {config.get('model')}"
+        )
+    for key, recorded in meta["config"].items():  # runs this one was built on (tokenizer, teacher)
+        now = config.get(key)
+        if key.endswith("_sha256") and recorded and now and now != recorded:
+            what = key[: -len("_sha256")]
+            raise CheckpointError(
+                f"cannot resume from {existing}: the {what} {config.get(what + '_ckpt', '')} changed since "
+                f"that checkpoint was written (sha256 {now[:12]}... vs {recorded[:12]}... recorded); "
+                f"restore the {what} it was trained on, or train into a new out_dir"
+            )
+    load_state_into(model, state, os.path.join(existing, WEIGHTS))
+    ts = read_train_state(existing)
+    try:
+        opt.load_state_dict(ts["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state in {existing} does not match the model: {e}") from None
+    _set_rng_state(ts)
+    start = int(ts["step"])
+    if rank == 0:
+        for path, why in damaged:
+            log(f"checkpoint {path} is damaged ({why}); moved to {set_aside(path)}")
+        top = os.path.join(out_dir, WEIGHTS)
+        want = file_sha256(os.path.join(existing, WEIGHTS))
+        stale_top = not os.path.isfile(top) or file_sha256(top) != want
+        if damaged or stale_top or os.path.basename(existing) != _read_latest(out_dir):
+            point_to(out_dir, existing)  # what sample.py reads matches what training continues from
+        _truncate_log(out_dir, start)
+    if D.world()[1] > 1:  # rank 0 has repointed 'latest' before anyone saves
+        torch.distributed.barrier()
+    log(f"resumed from {existing} at step {start}")
+    return start, ts
+
+
+def _read_latest(out_dir: str) -> str | None:
+    path = os.path.join(out_dir, "latest")
+    return open(path).read().strip() if os.path.isfile(path) else None
+
+
 def fit(model, x_all: torch.Tensor, y_all: torch.Tensor, run_cfg, device, task: str, log=print, heldout=None):
     """Train ``model`` on (x_all, y_all) as configured in ``run_cfg.train``; returns the model.
 
@@ -138,36 +255,10 @@ def fit(model, x_all: torch.Tensor, y_all: torch.Tensor, run_cfg, device, task: 
         betas=tuple(tc.betas),
     )
 
-    start = 0
-    existing = latest_checkpoint(out_dir)
-    if tc.resume and existing:
-        state, meta = read_weights(os.path.join(existing, WEIGHTS))
-        if meta["config"].get("model") != config.get("model"):
-            raise CheckpointError(
-                f"cannot resume from {existing}: its model config {meta['config'].get('model')} differs "
-                f"from this run's {config.get('model')}"
-            )
-        load_state_into(model, state, os.path.join(existing, WEIGHTS))
-        ts = read_train_state(existing)
-        try:
-            opt.load_state_dict(ts["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"optimizer state in {existing} does not match the model: {e}") from None
-        _set_rng_state(ts)
-        start = int(ts["step"])
-        if rank == 0:
-            _truncate_log(out_dir, start)
-        log(f"resumed from {existing} at step {start}")
-    elif tc.resume:
-        log(f"train.resume=true but {out_dir} has no checkpoint yet: starting from step 0")
-    elif existing:
-        raise TrainingError(
-            f"{out_dir} already holds a checkpoint ({existing}); pass train.resume=true to continue it, "
-            "or choose another out_dir (nothing was overwritten)"
-        )
-    elif rank == 0 and os.path.exists(_log_path(out_dir)):
-        os.remove(_log_path(out_dir))
-
+    start, resumed = _resume(model, opt, config, out_dir, tc.resume, rank, log)
+    if rank == 0:  # only now that the run is accepted: a refused command leaves the record alone
+        write_run_config(out_dir, config)
+    skipped, consecutive = int(resumed.get("skipped_nonfinite", 0)), 0
     runner = _LossModule(model)
     if tc.compile:
         if device.type == "cuda":
@@ -197,27 +288,55 @@ def fit(model, x_all: torch.Tensor, y_all: torch.Tensor, run_cfg, device, task: 
         lr = lr_at(step, tc)
         for group in opt.param_groups:
             group["lr"] = lr
+        buffers = _float_buffers(model)  # forward may update them (codebook EMA): undone on a skip
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = runner(x, y)
         loss = out["loss"]
-        if not D.all_true(bool(torch.isfinite(loss).item()), device):
-            latest = latest_checkpoint(out_dir)
-            raise TrainingError(
-                f"loss is {loss.item()} at step {step}: training stopped before the update; the last good "
-                f"checkpoint ({latest or 'none yet'}) is untouched. Lower train.lr or set train.grad_clip, "
-                "then rerun with train.resume=true"
-            )
+        # A non-finite loss or gradient skips the update (every rank agrees: DDP's gradients
+        # are already averaged), so no NaN/inf ever reaches the weights or a checkpoint.
+        finite = D.all_true(bool(torch.isfinite(loss).item()), device)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30
-        )
-        opt.step()
+        grad_norm = torch.tensor(float("nan"))
+        if finite:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30
+            )
+            finite = D.all_true(bool(torch.isfinite(grad_norm).item()), device)
+        if finite:
+            opt.step()
+            consecutive = 0
+        else:
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    if name in buffers:
+                        b.copy_(buffers[name])
+            skipped, consecutive = skipped + 1, consecutive + 1
+            what = (
+                f"loss is {loss.item()}"
+                if not torch.isfinite(loss)
+                else f"gradient norm is {float(grad_norm)}"
+            )
+            if consecutive >= tc.max_nonfinite_steps:
+                latest = latest_checkpoint(out_dir)
+                raise TrainingError(
+                    f"{what} at step {step}, {consecutive} steps in a row (train.max_nonfinite_steps="
+                    f"{tc.max_nonfinite_steps}): training stopped; no non-finite update was applied and "
+                    f"the last good checkpoint ({latest or 'none yet'}) is untouched. Lower train.lr or set "
+                    "train.grad_clip, then rerun with train.resume=true"
+                )
+            log(
+                f"[{task}] step {step + 1}/{tc.steps}: {what}; update skipped ({skipped} so far, "
+                f"{consecutive} in a row; training stops at train.max_nonfinite_steps="
+                f"{tc.max_nonfinite_steps} in a row)"
+            )
 
         done = step + 1
         evaluate = heldout is not None and tc.eval_every > 0 and done % tc.eval_every == 0
         if rank == 0 and (done % tc.log_every == 0 or done == tc.steps or evaluate):
             row = {"step": done, **_scalars(out), "lr": lr, "grad_norm": float(grad_norm)}
+            row["skipped_nonfinite"] = skipped
             if evaluate:
                 row.update(heldout_metrics(model, *heldout, device))
             row["elapsed_s"] = round(time.perf_counter() - t0, 3)
@@ -230,7 +349,8 @@ def fit(model, x_all: torch.Tensor, y_all: torch.Tensor, run_cfg, device, task: 
                 bar.set_postfix_str(msg)
         if done % tc.ckpt_every == 0 or done == tc.steps:
             if rank == 0:
-                train_state = {"optimizer": opt.state_dict(), **_rng_state()}
+                _check_finite_weights(model, done)
+                train_state = {"optimizer": opt.state_dict(), "skipped_nonfinite": skipped, **_rng_state()}
                 save_checkpoint(out_dir, model, train_state, config, done, task, tc.keep_last)
             if world_size > 1:
                 torch.distributed.barrier()

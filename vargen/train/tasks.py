@@ -10,6 +10,7 @@ registry its ``model`` section names) and a ``run(cfg)`` function.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vargen.config import RunConfig, component, from_dict
+from vargen.config import RunConfig, component, from_dict, resolve_paths
 from vargen.data import build_dataset
 from vargen.registry import REGISTRIES, TASKS
 from vargen.train import distributed as D
@@ -27,8 +28,9 @@ from vargen.train.checkpoint import (
     load_state_into,
     read_weights,
     resolve_weights_path,
+    run_lock,
 )
-from vargen.train.loop import fit, heldout_metrics
+from vargen.train.loop import fit, heldout_metrics, write_run_config
 
 
 @dataclass
@@ -76,6 +78,13 @@ def load_component(path: str, device="cpu"):
         cfg = from_dict(meta["config"])
     except ValueError as e:
         raise CheckpointError(f"checkpoint {wpath}: its stored config is not valid here: {e}") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {wpath} holds non-finite weights ({len(bad)} tensors, e.g. {bad[:3]}): its "
+            "training diverged; use an earlier checkpoint (out_dir/checkpoints/step_*) or retrain with a "
+            "lower train.lr"
+        )
     module = _model_registry(TASKS.get(cfg.task).schema).build(cfg.model)
     load_state_into(module, state, wpath)
     return module.to(device).eval(), cfg
@@ -137,6 +146,8 @@ def _train_on_images(cfg, schema: type, log, fill_classes: bool):
     device = _device(cfg)
     torch.manual_seed(cfg.seed)
     data = build_dataset(cfg.data)
+    if data.report:
+        log(f"[{cfg.task}] data: {data.report}")
     cfg.model.channels, cfg.model.resolution = data.channels, data.resolution
     if fill_classes:
         cfg.model.num_classes = data.num_classes
@@ -186,6 +197,8 @@ def run_generator(cfg, log=print):
     cfg.tokenizer_sha256 = file_sha256(path)
     tok = load_tokenizer_for(cfg, device)
     data = build_dataset(cfg.data)
+    if data.report:
+        log(f"[generator] data: {data.report}")
     spec = tok.tokens_spec
     ids = encode_all(tok, data.train_images, device)
     _fill_from_tokenizer(cfg.model, spec, data.num_classes)
@@ -225,9 +238,12 @@ def run_feature_net(cfg, log=print):
 
 
 def run(cfg, log=print):
-    """Run the task a validated config names."""
+    """Run the task a validated config names (its paths made absolute first)."""
+    resolve_paths(cfg)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
-        return TASKS.get(cfg.task).builder(cfg, log=log)
+        with run_lock(cfg.out_dir, log) if rank0 else contextlib.nullcontext():
+            return TASKS.get(cfg.task).builder(cfg, log=log)
     finally:
         D.teardown()
 
@@ -248,6 +264,7 @@ def run_tokenbridge(cfg, log=print):
     cfg.model.channels, cfg.model.resolution = data.channels, data.resolution
     tok = _model_registry(TokenBridgeRun).build(cfg.model)
     os.makedirs(cfg.out_dir, exist_ok=True)
+    write_run_config(cfg.out_dir, to_plain(cfg))
     save_weights(os.path.join(cfg.out_dir, WEIGHTS), tok, to_plain(cfg), 0, cfg.task)
     _write_eval(cfg, _tokenizer_eval(tok, data.heldout_images, _device(cfg)), log)
     return tok
