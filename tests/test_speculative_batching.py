@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from tests.test_speculative import T, V, ToyAR
+from tests.test_speculative import T, ToyAR, V
 from tests.test_speculative_cache import CLASSES, tiny_llamagen
 from vargen.models.ar import ARConfig, ARTransformer
 from vargen.sampling.ar_decode import sample_ar
@@ -182,7 +182,8 @@ PINNED = {
 def pinned_models():
     def llamagen(dim, depth, seed):
         torch.manual_seed(seed)  # weight init uses the global RNG (test data only)
-        return ARTransformer(ARConfig(vocab_size=64, grid=[4, 4], num_classes=5, dim=dim, depth=depth, heads=2))
+        cfg = ARConfig(vocab_size=64, grid=[4, 4], num_classes=5, dim=dim, depth=depth, heads=2)
+        return ARTransformer(cfg)
 
     models = llamagen(32, 2, 0), llamagen(16, 1, 1)
     for m in models:  # re-drawn after both inits, as the pinning script did
