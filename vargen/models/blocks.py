@@ -187,13 +187,17 @@ class RaggedKVCache:
 
     def begin(self, width: int) -> torch.Tensor:
         """Open a window of ``width`` positions after each row's length; returns the per-row
-        "may attend" mask (B, 1, W, S) over the first S slots any row may use."""
+        attention mask (B, 1, W, S) over the first S slots any row may use, additive (0 where
+        query i of row b may attend to a slot, -inf elsewhere): built once per forward, where a
+        boolean mask would be converted to this again in every layer's attention."""
         if width > self.max_len:
             raise ValueError(f"KV cache overflow: a window of {width} > {self.max_len}")
         self._slots_BW = self.positions(width)  # (B, W) slot = sequence position
         self._used = min(self.bound + width, self.max_len)
         s_S = self._slot_S[: self._used]
-        return (s_S[None, None, :] <= self._slots_BW[:, :, None])[:, None]  # (B, 1, W, S)
+        allowed_BWS = s_S[None, None, :] <= self._slots_BW[:, :, None]
+        mask_BWS = torch.zeros(allowed_BWS.shape, dtype=self.k[0].dtype, device=s_S.device)
+        return mask_BWS.masked_fill_(~allowed_BWS, float("-inf"))[:, None]  # (B, 1, W, S)
 
     def append(self, layer: int, k_BHWd, v_BHWd):
         """Scatter the window's keys/values into its slots; return K, V (B, H, S, d)."""

@@ -206,9 +206,8 @@ def sample_jacobi(
         has_Bg = src_Bg < window
         src_Bg = src_Bg.clamp(max=window - 1)
         fresh_Bg = rand_ids()
-        fresh_B = rows.refill()
         if rows.R < rows.N:  # a refilled row restarts from random drafts with its own class
-            has_Bg = has_Bg & ~fresh_B[:, None]
+            has_Bg = has_Bg & ~rows.refill()[:, None]
             scorer.set_cond(rows.cond_B)
         draft_Bg = torch.where(has_Bg, y_BW.gather(1, src_Bg), fresh_Bg)
         p_src = p_BWV.gather(1, src_Bg[..., None].expand(B, g, V))

@@ -191,11 +191,12 @@ class RowQueue:
         self.cond_B = cond_N[:R].clone()
         self.len_B = torch.zeros(R, dtype=torch.long, device=device)
         self.ids_BX = torch.zeros(R, T + pad, dtype=torch.long, device=device)
-        self.out_NT = torch.zeros(N + 1, T, dtype=torch.long, device=device)  # row N: a sink
+        self.out_NT = torch.zeros(N + 1 if R < N else 0, T, dtype=torch.long, device=device)  # row N: a sink
         self.next = torch.tensor(R, device=device)  # first pending sample
 
     def active(self) -> torch.Tensor:
-        return self.sample_B >= 0
+        """(B,) rows still drawing a sample (a row whose work ran out keeps len = T)."""
+        return self.len_B < self.T
 
     def refill(self) -> torch.Tensor:
         """Store the rows that completed their sample; give them the next pending samples in
@@ -212,7 +213,9 @@ class RowQueue:
         return fresh_B
 
     def ids(self) -> torch.Tensor:
-        return self.out_NT[: self.N]  # (N, T) in input order
+        """(N, T) in input order. With a row per sample nothing is ever refilled (callers then
+        skip :meth:`refill`): the rows are the samples."""
+        return self.ids_BX[:, : self.T] if self.R == self.N else self.out_NT[: self.N]
 
 
 def token_residual(p_BV, q_BV):
@@ -319,8 +322,8 @@ def sample_speculative(target, draft, cond_B, *, generator, gamma=4, use_cache=T
         ids_BX.scatter_(1, (len_B + n_B)[:, None], z_B[:, None])
         counts += verify_counts(n_B, cap_B, active_B, gamma)
         rows.len_B = len_B + (n_B + 1) * active_B
-        rows.refill()  # SD keeps no draft state across iterations: nothing else to restart
         if rows.R < rows.N:  # refills happen: new classes, caches of new rows back to 0
+            rows.refill()  # SD keeps no draft state across iterations: nothing else to restart
             p_model.set_cond(rows.cond_B)
             q_model.set_cond(rows.cond_B)
         p_model.commit(rows.len_B)
