@@ -18,6 +18,7 @@ from vargen.sampling.jacobi import (
     build_gsd,
     build_sjd,
     gsd_ratio,
+    rank_window,
     relative_embeddings,
     sample_jacobi,
 )
@@ -252,6 +253,25 @@ def test_gsd_distance_is_scale_free_and_keeps_neighbours():
     everyone = gsd_ratio(p, q, x, group=Vb, delta=1.0, dist=0.0)
     assert ((ref - alone).abs() > 1e-6).float().mean() > 0.9
     assert ((ref - everyone).abs() > 1e-6).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("G", [1, 2, 5, 20])
+def test_rank_window_equals_a_stable_argsort_window(G):
+    """The sort-free window holds the tokens of the reference's argsort slice, ties included
+    (quantised probabilities and a block of zeros, as top-k leaves)."""
+    g = seeded(G)
+    p = (torch.rand(6, 5, 20, generator=g) * 4).floor() / 16  # many ties
+    p[..., 12:] = 0.0
+    x = torch.randint(20, (6, 5), generator=g)
+    win, member = rank_window(p, x[..., None], G)
+    order = p.argsort(dim=-1, descending=True, stable=True)
+    rank = order.argsort(dim=-1, stable=True).gather(2, x[..., None])
+    start = (rank - G // 2).clamp(0, 20 - G)
+    want = order.gather(2, start + torch.arange(G))
+    for b in range(6):
+        for i in range(5):
+            got = sorted(win[b, i][member[b, i]].tolist())
+            assert got == sorted(want[b, i].tolist())
 
 
 def test_gsd_refuses_groups_covering_the_support(models):
