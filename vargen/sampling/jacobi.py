@@ -69,6 +69,34 @@ def relative_embeddings(emb_VD: torch.Tensor) -> torch.Tensor:
     return e_VD / mean_d2.clamp(min=torch.finfo(e_VD.dtype).tiny).sqrt()
 
 
+def rank_window(p_XV, x_X1, G: int):
+    """The G tokens at ranks start .. start+G-1 of p's stable descending order, start =
+    clamp(rank(x) - G//2, 0, V - G) (x among them), without sorting the vocabulary.
+
+    Each token gets a unique integer key that orders like that ranking (the float32 bit pattern
+    of p >= 0, then the smaller id first on ties); the window is x, the rank(x) - start tokens
+    just above it and the rest just below it, two top-(G-1) selections on either side of x's
+    key. Returns (win (..., 2G-1) ids in rank order, member (..., 2G-1) bool): the candidates,
+    x at index G-1, and which of them are in the window (a side with fewer than G-1 tokens pads
+    with ids that are not members).
+    """
+    V = p_XV.shape[-1]
+    bits = p_XV.float().view(torch.int32).long()  # non-negative floats order like their bits
+    key = bits * V + (V - 1 - torch.arange(V, device=p_XV.device))  # (..., V) unique, < 2^42
+    kx = key.gather(-1, x_X1)  # (..., 1)
+    rank = (key > kx).sum(-1, keepdim=True)  # (..., 1) x's rank, 0 = most likely
+    start = (rank - G // 2).clamp(0, V - G)
+    n_above = rank - start  # window tokens ranked before x; G - 1 - n_above after it
+    big = torch.iinfo(key.dtype).max
+    above = torch.where(key > kx, key, big).topk(G - 1, largest=False).indices.flip(-1)  # nearest last
+    below = torch.where(key < kx, key, -1).topk(G - 1).indices  # nearest first
+    j = torch.arange(G - 1, device=p_XV.device)
+    win = torch.cat([above, x_X1, below], -1)  # (..., 2G-1)
+    is_x = torch.ones_like(x_X1, dtype=torch.bool)
+    member = torch.cat([j.flip(0) < n_above, is_x, j < G - 1 - n_above], -1)  # (..., 2G-1)
+    return win, member
+
+
 def gsd_ratio(p_BgV, q_BgV, x_Bg, group: int, delta: float, dist: float, emb_VD=None):
     """GSD's P(C)/Q(C) with C built from p's ranking around x (section 2(a).1-4), vectorised.
 
@@ -80,17 +108,14 @@ def gsd_ratio(p_BgV, q_BgV, x_Bg, group: int, delta: float, dist: float, emb_VD=
     G = min(group, V)
     x = x_Bg[..., None]  # (B, g, 1)
     px = p_BgV.gather(2, x)  # (B, g, 1)
-    order = p_BgV.argsort(dim=-1, descending=True, stable=True)  # (B, g, V) ranking by target prob
-    v_V = torch.arange(V, device=x.device)
-    rank = (p_BgV > px).sum(-1, keepdim=True) + ((p_BgV == px) & (v_V < x)).sum(-1, keepdim=True)  # stable
-    start = (rank - G // 2).clamp(0, V - G)  # clipped window: never empty (reference NaN fixed)
-    win = order.gather(2, start + torch.arange(G, device=x.device))  # (B, g, G)
-    pw, qw = p_BgV.gather(2, win), q_BgV.gather(2, win)  # (B, g, G)
+    win, member = rank_window(p_BgV, x, G)  # (B, g, 2G-1) candidates, which of them form the window
+    pw, qw = p_BgV.gather(2, win), q_BgV.gather(2, win)  # (B, g, 2G-1)
     keep = ((pw - px).abs() < delta) & (pw > 0)  # restricted to tokens the target can emit
     if emb_VD is not None and dist > 0:
-        d2 = (emb_VD[win] - emb_VD[x_Bg][..., None, :]).pow(2).sum(-1)  # (B, g, G)
+        d2 = (emb_VD[win] - emb_VD[x_Bg][..., None, :]).pow(2).sum(-1)  # (B, g, 2G-1)
         keep &= d2 < dist
-    keep |= win == x  # x always in its group
+    keep[..., G - 1] = True  # x always in its group
+    keep &= member
     P, Q = (pw * keep).sum(-1), (qw * keep).sum(-1)  # (B, g)
     return torch.where(px[..., 0] > 0, P / Q, torch.zeros_like(P))
 
@@ -185,11 +210,8 @@ def sample_jacobi(
     counts = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
     scorer = WindowScorer(model, rows.cond_B, warp, stats, use_cache, window)
     ar_g = torch.arange(g, device=device)
-    while True:
+    for _ in rows.iterations(window, stats):
         active_B = rows.active()
-        stats["syncs"] += 1
-        if not bool(active_B.any()):
-            break
         len_B, ids_BX = rows.len_B, rows.ids_BX
         ids_BX.scatter_(1, len_B[:, None] + ar_g, draft_Bg)  # drafts at len .. len+g-1 (padded)
         p_BWV = scorer.window(ids_BX, len_B, window)  # inputs: last committed token + drafts
@@ -211,7 +233,8 @@ def sample_jacobi(
             scorer.set_cond(rows.cond_B)
         draft_Bg = torch.where(has_Bg, y_BW.gather(1, src_Bg), fresh_Bg)
         p_src = p_BWV.gather(1, src_Bg[..., None].expand(B, g, V))
-        q_BgV = torch.where(has_Bg[..., None], p_src, F.one_hot(fresh_Bg, V).float())
+        q_BgV = p_src.masked_fill(~has_Bg[..., None], 0.0)  # one-hot q for the random drafts:
+        q_BgV.scatter_add_(2, fresh_Bg[..., None], (~has_Bg[..., None]).to(q_BgV.dtype))
         scorer.commit(rows.len_B)
     return rows.ids(), finish_stats(stats, rows.N, rows.N * T, t0, counts)
 

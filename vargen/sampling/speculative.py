@@ -32,8 +32,10 @@ whatever rows are idle or refilled: the gamma draft samples (slots, V) in draft 
 :func:`accept_and_correct`'s (slots, W, V) target samples, (slots, g) uniforms and (slots, V)
 residual samples. Refilling draws nothing, so the same seed and ``slots`` give the same ids.
 
-Host synchronisations: one per iteration (is any row still working?) plus one at the end (the
-stats, accumulated on the device); ``stats["syncs"]`` counts them.
+Host synchronisations: the loop reads how many tokens the furthest-behind row still needs and
+runs the iterations that certainly remain before it reads again (:meth:`RowQueue.iterations`),
+plus one read of the stats (accumulated on the device) at the end; ``stats["syncs"]`` counts
+them. Nothing else in an iteration waits for the device.
 
 Stats (besides :func:`vargen.sampling.ar_decode.new_stats`'s): ``row_target_forwards`` (sum
 over target calls of the rows working in that call), ``target_calls_per_image`` (that / N),
@@ -194,6 +196,24 @@ class RowQueue:
         self.out_NT = torch.zeros(N + 1 if R < N else 0, T, dtype=torch.long, device=device)  # row N: a sink
         self.next = torch.tensor(R, device=device)  # first pending sample
 
+    def iterations(self, most: int, stats: dict):
+        """Yield once per sampler iteration until the work runs out, with a host sync only when
+        the last one's guarantee expires: after a sync that finds ``left`` tokens still to draw
+        in the furthest-behind row (T when a sample is pending), at least ceil(left / most)
+        more iterations are certain, since an iteration emits at most ``most`` tokens per row.
+        The iterations run are exactly those of a check before each one (same draws)."""
+        while True:
+            left_B = (self.T - self.len_B).max()
+            pending = self.N - self.next
+            left, pend = torch.stack([left_B, pending]).tolist()  # the one host sync
+            stats["syncs"] += 1
+            if pend > 0:
+                left = max(left, self.T)
+            if left <= 0:
+                return
+            for _ in range(-(-left // most)):
+                yield
+
     def active(self) -> torch.Tensor:
         """(B,) rows still drawing a sample (a row whose work ran out keeps len = T)."""
         return self.len_B < self.T
@@ -300,11 +320,8 @@ def sample_speculative(target, draft, cond_B, *, generator, gamma=4, use_cache=T
     counts = torch.zeros(len(COUNTERS), dtype=torch.long, device=cond_N.device)
     p_model = WindowScorer(target, rows.cond_B, warp, stats, use_cache, gamma + 1)
     q_model = WindowScorer(draft, rows.cond_B, warp, draft_stats, use_cache, gamma + 1)
-    while True:
+    for _ in rows.iterations(gamma + 1, stats):
         active_B = rows.active()
-        stats["syncs"] += 1
-        if not bool(active_B.any()):
-            break
         len_B, ids_BX = rows.len_B, rows.ids_BX
         qs, xs = [], []
         for j in range(gamma):  # autoregressive drafting: a loop over draft steps, not rows
