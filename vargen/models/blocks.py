@@ -165,9 +165,10 @@ class RaggedKVCache:
     T_max = sequence length + the widest window, so a finished row's window stays in bounds.
 
     No host synchronisation: the lengths stay on the device, and the attended width S comes
-    from a host-side upper bound on max_b L_b (grown by every window, never lowered by a
-    rollback, capped at T_max), not from reading the lengths. Slots past a row's length are
-    masked, so a wider S changes only the cost, not the result.
+    from a host-side upper bound on max_b L_b (grown by every window, not lowered by a
+    rollback, capped at T_max; a caller that reads the lengths anyway may lower it), not from
+    reading the lengths. Slots past a row's length are masked, so a wider S changes only the
+    cost, not the result.
     """
 
     def __init__(self, depth, batch, heads, max_len, head_dim, device, dtype):

@@ -210,7 +210,7 @@ def sample_jacobi(
     counts = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
     scorer = WindowScorer(model, rows.cond_B, warp, stats, use_cache, window)
     ar_g = torch.arange(g, device=device)
-    for _ in rows.iterations(window, stats):
+    for _ in rows.iterations(window, stats, (scorer,)):
         active_B = rows.active()
         len_B, ids_BX = rows.len_B, rows.ids_BX
         ids_BX.scatter_(1, len_B[:, None] + ar_g, draft_Bg)  # drafts at len .. len+g-1 (padded)

@@ -196,17 +196,23 @@ class RowQueue:
         self.out_NT = torch.zeros(N + 1 if R < N else 0, T, dtype=torch.long, device=device)  # row N: a sink
         self.next = torch.tensor(R, device=device)  # first pending sample
 
-    def iterations(self, most: int, stats: dict):
+    def iterations(self, most: int, stats: dict, scorers=()):
         """Yield once per sampler iteration until the work runs out, with a host sync only when
         the last one's guarantee expires: after a sync that finds ``left`` tokens still to draw
         in the furthest-behind row (T when a sample is pending), at least ceil(left / most)
         more iterations are certain, since an iteration emits at most ``most`` tokens per row.
-        The iterations run are exactly those of a check before each one (same draws)."""
+        The iterations run are exactly those of a check before each one (same draws). The same
+        read gives the longest working row, which tightens the attended width of the
+        ``scorers``' caches (committed at that point; idle rows' windows are never used)."""
         while True:
+            working_B = self.len_B < self.T
             left_B = (self.T - self.len_B).max()
-            pending = self.N - self.next
-            left, pend = torch.stack([left_B, pending]).tolist()  # the one host sync
+            longest_B = torch.where(working_B, self.len_B, 0).max()
+            left, pend, longest = torch.stack([left_B, self.N - self.next, longest_B]).tolist()  # one sync
             stats["syncs"] += 1
+            for scorer in scorers:
+                if scorer.cache is not None:
+                    scorer.cache.bound = min(scorer.cache.bound, longest)
             if pend > 0:
                 left = max(left, self.T)
             if left <= 0:
@@ -320,7 +326,7 @@ def sample_speculative(target, draft, cond_B, *, generator, gamma=4, use_cache=T
     counts = torch.zeros(len(COUNTERS), dtype=torch.long, device=cond_N.device)
     p_model = WindowScorer(target, rows.cond_B, warp, stats, use_cache, gamma + 1)
     q_model = WindowScorer(draft, rows.cond_B, warp, draft_stats, use_cache, gamma + 1)
-    for _ in rows.iterations(gamma + 1, stats):
+    for _ in rows.iterations(gamma + 1, stats, (p_model, q_model)):
         active_B = rows.active()
         len_B, ids_BX = rows.len_B, rows.ids_BX
         qs, xs = [], []
