@@ -176,7 +176,7 @@ class WindowScorer:
 class RowQueue:
     """Continuous batching over ``slots`` rows for N samples (see the module docstring).
 
-    Device-side bookkeeping, no host sync: ``sample_B`` is the sample each row works on (-1 when
+    Device-side bookkeeping (the only host sync is in :meth:`iterations`): ``sample_B`` is the sample each row works on (-1 when
     the work ran out), ``len_B`` its committed length, ``ids_BX`` its tokens (T = num_tokens
     plus ``pad`` columns that absorb window writes past the end, so no write is clamped or
     masked), ``cond_B`` its class. :meth:`refill` stores finished rows in ``out_NT`` and restarts
@@ -312,8 +312,8 @@ class SpeculativeConfig:
 
 @torch.no_grad()
 def sample_speculative(target, draft, cond_B, *, generator, gamma=4, use_cache=True, slots=0, **warp):
-    """Draw ids (N, T) from ``target`` with ``draft`` proposals, ``slots`` rows at a time
-    (continuous batching; 0 = all at once); returns (ids_NT, stats)."""
+    """Draw ids (N, T) for the N classes ``cond_B`` from ``target`` with ``draft`` proposals,
+    ``slots`` rows at a time (continuous batching; 0 = all at once); returns (ids_NT, stats)."""
     t0 = time.perf_counter()
     cond_N = cond_B  # every pending sample (the keyword keeps its historical name)
     if gamma < 1:
