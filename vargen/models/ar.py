@@ -116,7 +116,7 @@ class ARTransformer(nn.Module):
         no in-sequence query ever attends to them.
         """
         B, W = ids_BW.shape
-        pos_BW = cache.length_B[:, None] + torch.arange(W, device=ids_BW.device)  # (B, W)
+        pos_BW = cache.positions(W)  # (B, W)
         x_BWC = torch.where(
             (pos_BW == 0)[..., None], self.cls_emb(cond_B)[:, None], self.tok_emb(ids_BW)
         )  # (B, W, C)

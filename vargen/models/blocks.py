@@ -163,6 +163,12 @@ class RaggedKVCache:
     :meth:`rollback` then sets each row's length to its committed length; slots past it are
     stale, masked in every later window and overwritten when the row gets there. Allocate
     T_max = sequence length + the widest window, so a finished row's window stays in bounds.
+
+    No host synchronisation: the lengths stay on the device, and the attended width S comes
+    from a host-side upper bound on max_b L_b (grown by every window, not lowered by a
+    rollback, capped at T_max; a caller that reads the lengths anyway may lower it), not from
+    reading the lengths. Slots past a row's length are masked, so a wider S changes only the
+    cost, not the result.
     """
 
     def __init__(self, depth, batch, heads, max_len, head_dim, device, dtype):
@@ -171,19 +177,28 @@ class RaggedKVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
         self.length_B = torch.zeros(batch, dtype=torch.long, device=device)
         self.max_len = max_len
+        self.bound = 0  # host-side upper bound on max(length_B)
+        self._slot_S = torch.arange(max_len, device=device)  # (T_max,) reused by every window
         self._slots_BW = None
         self._used = 0
 
+    def positions(self, width: int) -> torch.Tensor:
+        """(B, W) sequence positions L_b .. L_b+W-1 of the next window (= its cache slots)."""
+        return self.length_B[:, None] + self._slot_S[:width]
+
     def begin(self, width: int) -> torch.Tensor:
         """Open a window of ``width`` positions after each row's length; returns the per-row
-        "may attend" mask (B, 1, W, S) over the first S slots any row uses."""
-        w = torch.arange(width, device=self.length_B.device)
-        self._slots_BW = self.length_B[:, None] + w  # (B, W) slot = sequence position
-        self._used = int(self.length_B.max()) + width  # one host sync per forward
-        if self._used > self.max_len:
-            raise ValueError(f"KV cache overflow: {self._used} > {self.max_len}")
-        s = torch.arange(self._used, device=w.device)
-        return (s[None, None, :] <= self._slots_BW[:, :, None])[:, None]  # (B, 1, W, S)
+        attention mask (B, 1, W, S) over the first S slots any row may use, additive (0 where
+        query i of row b may attend to a slot, -inf elsewhere): built once per forward, where a
+        boolean mask would be converted to this again in every layer's attention."""
+        if width > self.max_len:
+            raise ValueError(f"KV cache overflow: a window of {width} > {self.max_len}")
+        self._slots_BW = self.positions(width)  # (B, W) slot = sequence position
+        self._used = min(self.bound + width, self.max_len)
+        s_S = self._slot_S[: self._used]
+        allowed_BWS = s_S[None, None, :] <= self._slots_BW[:, :, None]
+        mask_BWS = torch.zeros(allowed_BWS.shape, dtype=self.k[0].dtype, device=s_S.device)
+        return mask_BWS.masked_fill_(~allowed_BWS, float("-inf"))[:, None]  # (B, 1, W, S)
 
     def append(self, layer: int, k_BHWd, v_BHWd):
         """Scatter the window's keys/values into its slots; return K, V (B, H, S, d)."""
@@ -196,6 +211,7 @@ class RaggedKVCache:
     def advance(self, width: int):
         """Count the window as written: every row's length grows by ``width``."""
         self.length_B = self.length_B + width
+        self.bound = min(self.bound + width, self.max_len)
 
     def rollback(self, length_B: torch.Tensor):
         """Keep at most ``length_B`` positions per row (a row keeps fewer if it has fewer)."""

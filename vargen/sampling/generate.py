@@ -99,16 +99,29 @@ def check_sampler_fits(sampler: str, model: str) -> None:
         )
 
 
+def batch_rows(out, i: int, n: int):
+    """Rows i .. i+n-1 of a sampler's output: a tensor, or a list of per-scale tensors."""
+    return [o[i : i + n] for o in out] if isinstance(out, list) else out[i : i + n]
+
+
 def generate(model, tokenizer, labels_B: torch.Tensor, sampler, generator, batch_size: int, progress=False):
     """Sample (and decode, when there is a tokenizer) in batches.
+
+    A sampler with the attribute ``continuous = True`` (continuous batching: it refills a
+    finished row with the next pending sample itself) gets every label at once, with
+    ``slots=batch_size`` rows at a time; its output is decoded in batches.
 
     Returns (images (N,C,H,W) in [0,1], tokens or None, summed stats). Stats are summed
     over batches except list-valued entries (per-block counts), which are concatenated.
     """
     images, tokens, total = [], [], {}
     chunks = range(0, labels_B.shape[0], batch_size)
-    for i in tqdm(chunks, desc="sample", disable=not progress, leave=False):
-        out, stats = sampler(model, labels_B[i : i + batch_size], generator)
+    if getattr(sampler, "continuous", False):
+        out_all, stats = sampler(model, labels_B, generator, progress, slots=batch_size)
+        results = [(batch_rows(out_all, i, batch_size), stats if i == 0 else {}) for i in chunks]
+    else:
+        results = (sampler(model, labels_B[i : i + batch_size], generator) for i in chunks)
+    for out, stats in tqdm(results, total=len(chunks), desc="sample", disable=not progress, leave=False):
         if tokenizer is None:
             images.append(out.cpu())
         else:
@@ -118,8 +131,9 @@ def generate(model, tokenizer, labels_B: torch.Tensor, sampler, generator, batch
         for k, v in stats.items():
             total[k] = total.get(k, [] if isinstance(v, list) else 0) + v
     if "acceptance" in total:  # ratios do not sum over batches: recompute (speculative samplers)
-        total["acceptance"] = total["accepted"] / max(1, total["proposed"])
-        total["tokens_per_target_call"] = total["tokens"] / max(1, total["row_target_forwards"])
+        from vargen.sampling.speculative import derived_stats
+
+        derived_stats(total, labels_B.shape[0])
     return torch.cat(images), (torch.cat(tokens) if tokens else None), total
 
 

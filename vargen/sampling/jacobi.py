@@ -9,14 +9,21 @@ positions, with q = that position's p, padded with fresh random tokens.
 
 GSD replaces the per-token ratio p(x)/q(x) by P(C)/Q(C) over a group C around the draft x
 (section 2(a)): the G tokens nearest x in the target's probability ranking, filtered by
-probability gap ``|p(y) - p(x)| < delta`` and squared embedding distance ``< dist``. GSD is lossy
-by design (it emits the draft token itself on group acceptance). Defects of the reference
+probability gap ``|p(y) - p(x)| < delta`` and embedding distance ``< dist``. GSD is lossy by
+design (it emits the draft token itself on group acceptance). Defects of the reference
 (``junhyukso/GSD``) fixed here:
 
 - its window slice ``sorted[r-7:r+7]`` is empty for ranks r < 7 (0/0 = NaN, always rejected);
   ours is clipped into the vocabulary, so it always holds G tokens with x among them;
 - tokens outside top-k tie at -inf, so a draft token with p(x) = 0 could be accepted through its
-  window; we restrict C to supp(p) and give a draft with p(x) = 0 ratio 0 (never emitted).
+  window; we restrict C to supp(p) and give a draft with p(x) = 0 ratio 0 (never emitted);
+- its ``dist`` is an absolute squared-L2 threshold on raw embeddings (0.5 for Chameleon's), which
+  on another model's embedding scale keeps no neighbour at all (GSD off) or every one. Ours is
+  scale-free: the squared L2 distance relative to the mean squared distance between two tokens
+  drawn uniformly from the vocabulary (:func:`relative_embeddings`), so ``dist = 1`` keeps the
+  neighbours closer to x than an average pair of tokens;
+- a group as large as the support (``group >= vocab``, or ``>= top_k`` with top-k on) accepts
+  nearly every draft, random initial tokens included: the builder refuses it.
 
 Optional ``exact_groups`` (the spec's exact-at-group-level variant, section 2(a), not in the
 paper): the groups are a partition fixed by the target alone -- blocks of G consecutive ranks of
@@ -40,37 +47,75 @@ import torch.nn.functional as F
 from vargen.registry import SAMPLERS
 from vargen.sampling.ar_decode import new_stats
 from vargen.sampling.speculative import (
+    COUNTERS,
     RESIDUAL_EPS,
+    RowQueue,
     WindowScorer,
     accept_and_correct,
     finish_stats,
     token_ratio,
     token_residual,
+    verify_counts,
     warp_kwargs,
-    write_at,
 )
+
+
+def relative_embeddings(emb_VD: torch.Tensor) -> torch.Tensor:
+    """Embeddings (V, D) rescaled so that squared L2 distances are relative to the mean squared
+    distance between two tokens drawn independently and uniformly, E||e_u - e_v||^2 =
+    2 (mean_v ||e_v||^2 - ||mean_v e_v||^2): GSD's ``dist`` is then scale-free."""
+    e_VD = emb_VD.float()
+    mean_d2 = 2 * (e_VD.pow(2).sum(-1).mean() - e_VD.mean(0).pow(2).sum())
+    return e_VD / mean_d2.clamp(min=torch.finfo(e_VD.dtype).tiny).sqrt()
+
+
+def rank_window(p_XV, x_X1, G: int):
+    """The G tokens at ranks start .. start+G-1 of p's stable descending order, start =
+    clamp(rank(x) - G//2, 0, V - G) (x among them), without sorting the vocabulary.
+
+    Each token gets a unique integer key that orders like that ranking (the float32 bit pattern
+    of p >= 0, then the smaller id first on ties); the window is x, the rank(x) - start tokens
+    just above it and the rest just below it, two top-(G-1) selections on either side of x's
+    key. Returns (win (..., 2G-1) ids in rank order, member (..., 2G-1) bool): the candidates,
+    x at index G-1, and which of them are in the window (a side with fewer than G-1 tokens pads
+    with ids that are not members).
+    """
+    V = p_XV.shape[-1]
+    bits = p_XV.float().view(torch.int32).long()  # non-negative floats order like their bits
+    key = bits * V + (V - 1 - torch.arange(V, device=p_XV.device))  # (..., V) unique, < 2^42
+    kx = key.gather(-1, x_X1)  # (..., 1)
+    rank = (key > kx).sum(-1, keepdim=True)  # (..., 1) x's rank, 0 = most likely
+    start = (rank - G // 2).clamp(0, V - G)
+    n_above = rank - start  # window tokens ranked before x; G - 1 - n_above after it
+    big = torch.iinfo(key.dtype).max
+    above = torch.where(key > kx, key, big).topk(G - 1, largest=False).indices.flip(-1)  # nearest last
+    below = torch.where(key < kx, key, -1).topk(G - 1).indices  # nearest first
+    j = torch.arange(G - 1, device=p_XV.device)
+    win = torch.cat([above, x_X1, below], -1)  # (..., 2G-1)
+    is_x = torch.ones_like(x_X1, dtype=torch.bool)
+    member = torch.cat([j.flip(0) < n_above, is_x, j < G - 1 - n_above], -1)  # (..., 2G-1)
+    return win, member
 
 
 def gsd_ratio(p_BgV, q_BgV, x_Bg, group: int, delta: float, dist: float, emb_VD=None):
     """GSD's P(C)/Q(C) with C built from p's ranking around x (section 2(a).1-4), vectorised.
 
     ``group`` = window size G (reference: 14, ``sorted[r-7:r+7]``), ``delta`` the probability gap,
-    ``dist`` the squared-L2 embedding threshold (skipped when ``emb_VD`` is None or dist <= 0).
+    ``dist`` the threshold on squared L2 distances between rows of ``emb_VD`` (skipped when
+    ``emb_VD`` is None or dist <= 0; the sampler passes :func:`relative_embeddings`).
     """
     V = p_BgV.shape[-1]
     G = min(group, V)
     x = x_Bg[..., None]  # (B, g, 1)
     px = p_BgV.gather(2, x)  # (B, g, 1)
-    order = p_BgV.argsort(dim=-1, descending=True, stable=True)  # (B, g, V) ranking by target prob
-    rank = order.argsort(dim=-1, stable=True).gather(2, x)  # (B, g, 1) rank of x
-    start = (rank - G // 2).clamp(0, V - G)  # clipped window: never empty (reference NaN fixed)
-    win = order.gather(2, start + torch.arange(G, device=x.device))  # (B, g, G)
-    pw, qw = p_BgV.gather(2, win), q_BgV.gather(2, win)  # (B, g, G)
+    win, member = rank_window(p_BgV, x, G)  # (B, g, 2G-1) candidates, which of them form the window
+    pw, qw = p_BgV.gather(2, win), q_BgV.gather(2, win)  # (B, g, 2G-1)
     keep = ((pw - px).abs() < delta) & (pw > 0)  # restricted to tokens the target can emit
     if emb_VD is not None and dist > 0:
-        d2 = (emb_VD[win] - emb_VD[x_Bg][..., None, :]).pow(2).sum(-1)  # (B, g, G)
+        d2 = (emb_VD[win] - emb_VD[x_Bg][..., None, :]).pow(2).sum(-1)  # (B, g, 2G-1)
         keep &= d2 < dist
-    keep |= win == x  # x always in its group
+    keep[..., G - 1] = True  # x always in its group
+    keep &= member
     P, Q = (pw * keep).sum(-1), (qw * keep).sum(-1)  # (B, g)
     return torch.where(px[..., 0] > 0, P / Q, torch.zeros_like(P))
 
@@ -134,6 +179,7 @@ def sample_jacobi(
     ratio_fn=token_ratio,
     residual_fn=token_residual,
     use_cache=True,
+    slots=0,
     **warp,
 ):
     """SJD with window L = ``window`` (L-1 drafts + 1); ``ratio_fn(p, q, x)`` is the acceptance
@@ -141,47 +187,56 @@ def sample_jacobi(
     rejection resamples from (token-level, or GSD's group-exact one). ``use_cache``: KV-cached
     windows on a ragged cache rolled back to each row's committed length (1b(a).5 "delete the
     rejected KV entries"), else full prefix recompute; both draw the same tokens.
-    Returns (ids_BN, stats)."""
+    ``slots``: rows run at a time (continuous batching as in :mod:`vargen.sampling.speculative`;
+    0 = every sample at once); a refilled row restarts from random drafts with one-hot q.
+
+    Random draws per iteration, all (slots, ...): :func:`accept_and_correct`'s, then (slots, g)
+    random ids that pad the Jacobi update and restart refilled rows; (slots, g) random initial
+    drafts before the first iteration. Returns (ids_NT in input order, stats)."""
     t0 = time.perf_counter()
+    cond_N = cond_B  # every pending sample (the keyword keeps its historical name)
     if window < 1:
         raise ValueError(f"sampler.window must be >= 1, got {window}")
     warp = {"cfg_scale": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, **warp}
-    B, N, V = cond_B.shape[0], model.num_tokens, model.vocab_size
-    device = cond_B.device
+    T, V = model.num_tokens, model.vocab_size
+    device = cond_N.device
     g = window - 1
+    rows = RowQueue(cond_N, slots, T, window)
+    B = rows.R
     rand_ids = lambda: torch.randint(V, (B, g), generator=generator, device=generator.device).to(device)  # noqa: E731
-    ids_BN = torch.zeros(B, N, dtype=torch.long, device=device)
-    len_B = torch.zeros(B, dtype=torch.long, device=device)
     draft_Bg = rand_ids()  # random initial tokens with one-hot q (1b(a) state)
     q_BgV = F.one_hot(draft_Bg, V).float()
-    stats = new_stats()
-    scorer = WindowScorer(model, cond_B, warp, stats, use_cache, window)
-    while True:
-        active_B = len_B < N
-        if not bool(active_B.any()):
-            break
-        for j in range(g):  # place drafts at positions len + j (a loop over window slots)
-            write_at(ids_BN, len_B + j, draft_Bg[:, j], active_B & (len_B + j < N))
-        p_BWV = scorer.window(ids_BN, len_B, window)  # inputs: last committed token + drafts
+    stats = {**new_stats(), "syncs": 0}
+    counts = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
+    scorer = WindowScorer(model, rows.cond_B, warp, stats, use_cache, window)
+    ar_g = torch.arange(g, device=device)
+    for _ in rows.iterations(window, stats, (scorer,)):
+        active_B = rows.active()
+        len_B, ids_BX = rows.len_B, rows.ids_BX
+        ids_BX.scatter_(1, len_B[:, None] + ar_g, draft_Bg)  # drafts at len .. len+g-1 (padded)
+        p_BWV = scorer.window(ids_BX, len_B, window)  # inputs: last committed token + drafts
         stats["target_forwards"] += 1
         ratio_Bg = ratio_fn(p_BWV[:, :g], q_BgV, draft_Bg)
         n_B, z_B, y_BW, cap_B = accept_and_correct(
-            p_BWV, q_BgV, draft_Bg, ratio_Bg, N - len_B, generator, residual_fn
+            p_BWV, q_BgV, draft_Bg, ratio_Bg, T - len_B, generator, residual_fn
         )
-        write_at(ids_BN, len_B + n_B, z_B, active_B)
-        stats["accepted"] += int((n_B * active_B).sum())
-        stats["proposed"] += int((cap_B * active_B).sum())
-        len_B = len_B + (n_B + 1) * active_B
-        scorer.commit(len_B)
+        ids_BX.scatter_(1, (len_B + n_B)[:, None], z_B[:, None])
+        counts += verify_counts(n_B, cap_B, active_B, 0)
+        rows.len_B = len_B + (n_B + 1) * active_B
         # Jacobi update (1b(a).5): slot j of the next window is window position n + 1 + j
-        src_Bg = n_B[:, None] + 1 + torch.arange(g, device=device)
+        src_Bg = n_B[:, None] + 1 + ar_g
         has_Bg = src_Bg < window
         src_Bg = src_Bg.clamp(max=window - 1)
         fresh_Bg = rand_ids()
+        if rows.R < rows.N:  # a refilled row restarts from random drafts with its own class
+            has_Bg = has_Bg & ~rows.refill()[:, None]
+            scorer.set_cond(rows.cond_B)
         draft_Bg = torch.where(has_Bg, y_BW.gather(1, src_Bg), fresh_Bg)
         p_src = p_BWV.gather(1, src_Bg[..., None].expand(B, g, V))
-        q_BgV = torch.where(has_Bg[..., None], p_src, F.one_hot(fresh_Bg, V).float())
-    return ids_BN, finish_stats(stats, B, B * N, t0)
+        q_BgV = p_src.masked_fill(~has_Bg[..., None], 0.0)  # one-hot q for the random drafts:
+        q_BgV.scatter_add_(2, fresh_Bg[..., None], (~has_Bg[..., None]).to(q_BgV.dtype))
+        scorer.commit(rows.len_B)
+    return rows.ids(), finish_stats(stats, rows.N, rows.N * T, t0, counts)
 
 
 @dataclass
@@ -201,7 +256,9 @@ class GSDConfig:
     window: int = 16
     group: int = 14  # G: ranking window around the draft (reference: sorted[r-7:r+7])
     delta: float = 0.15  # probability-gap filter (reference)
-    dist: float = 0.5  # squared-L2 input-embedding filter (reference); <= 0 disables it
+    # input-embedding filter: squared L2 relative to the mean over token pairs (1 = an average
+    # pair; the reference's 0.5 is absolute, on Chameleon's scale); <= 0 disables it
+    dist: float = 1.0
     exact_groups: bool = False  # group-exact variant: rank-block partition, group-level residual
     use_cache: bool = True
     cfg_scale: float = 1.0
@@ -220,7 +277,7 @@ def build_sjd(cfg):
     cfg = {**asdict(SJDConfig()), **dict(cfg)}
     _check_window(cfg)
 
-    def run(model, cond_B, generator, progress=False):
+    def run(model, cond_B, generator, progress=False, slots=0):
         cond_B = cond_B.to(model.tok_emb.weight.device)
         return sample_jacobi(
             model,
@@ -228,9 +285,11 @@ def build_sjd(cfg):
             generator=generator,
             window=cfg["window"],
             use_cache=cfg["use_cache"],
+            slots=slots,
             **warp_kwargs(cfg),
         )
 
+    run.continuous = True
     return run
 
 
@@ -240,9 +299,19 @@ def build_gsd(cfg):
     _check_window(cfg)
     if cfg["group"] < 1:
         raise ValueError(f"sampler.group must be >= 1, got {cfg['group']}")
+    if cfg["top_k"] > 0 and cfg["group"] >= cfg["top_k"]:
+        raise ValueError(
+            f"sampler.group = {cfg['group']} covers the whole top-k support (top_k = {cfg['top_k']}): "
+            "every draft would be accepted"
+        )
 
-    def run(model, cond_B, generator, progress=False):
-        emb = model.tok_emb.weight.detach().float()  # (V, D) input embeddings, as the reference
+    def run(model, cond_B, generator, progress=False, slots=0):
+        if cfg["group"] >= model.vocab_size:
+            raise ValueError(
+                f"sampler.group = {cfg['group']} covers the whole vocabulary ({model.vocab_size}): "
+                "every draft would be accepted"
+            )
+        emb = relative_embeddings(model.tok_emb.weight.detach())  # (V, D) input embeddings (reference)
         cond_B = cond_B.to(emb.device)
 
         def ratio(p, q, x):
@@ -259,7 +328,9 @@ def build_gsd(cfg):
             ratio_fn=ratio_fn,
             residual_fn=residual_fn,
             use_cache=cfg["use_cache"],
+            slots=slots,
             **warp_kwargs(cfg),
         )
 
+    run.continuous = True
     return run
