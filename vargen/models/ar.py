@@ -20,7 +20,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vargen.models.blocks import Block, KVCache, RaggedKVCache, RMSNorm, gpt2_init_, rope_2d_table
+from vargen.models.blocks import (
+    Block,
+    KVCache,
+    RaggedKVCache,
+    RMSNorm,
+    gpt2_init_,
+    rope_2d_table,
+    rope_pair_tables,
+)
 from vargen.registry import MODELS
 
 
@@ -61,6 +69,9 @@ class ARTransformer(nn.Module):
         cos, sin = rope_2d_table(cfg.grid[0], cfg.grid[1], cfg.dim // cfg.heads, 1, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # (1 + N, d/2)
         self.register_buffer("rope_sin", sin, persistent=False)
+        cos_pairs, sin_pairs = rope_pair_tables(cos, sin)  # (1 + N, d) each, for Block.forward_cached
+        self.register_buffer("rope_cos_pairs", cos_pairs, persistent=False)
+        self.register_buffer("rope_sin_pairs", sin_pairs, persistent=False)
         gpt2_init_(self, cfg.depth)
 
     # ------------------------------------------------------------------ forward passes
@@ -77,10 +88,10 @@ class ARTransformer(nn.Module):
         """Input embeddings for positions start..start+t (class token at position 0)."""
         parts = []
         if start == 0:
-            parts.append(self.cls_emb(cond_B)[:, None])  # (B, 1, C)
+            parts.append(F.embedding(cond_B, self.cls_emb.weight)[:, None])  # (B, 1, C)
         if ids_Bt is not None and ids_Bt.shape[1] > 0:
-            parts.append(self.tok_emb(ids_Bt))  # (B, t, C)
-        return torch.cat(parts, dim=1)
+            parts.append(F.embedding(ids_Bt, self.tok_emb.weight))  # (B, t, C)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def logits(self, ids_Bn: torch.Tensor, cond_B: torch.Tensor):
         """Full (uncached) forward: logits (B, n+1, V) for tokens 0..n given ids 0..n-1.
@@ -96,7 +107,29 @@ class ARTransformer(nn.Module):
         prefix of ids; afterwards pass only the new ids.
         """
         start = cache.length
-        return self._run(self.embed(ids_Bt, cond_B if start == 0 else None, start), start, cache)
+        x_BTC = self.embed(ids_Bt, cond_B if start == 0 else None, start)
+        if (self.training and self.cfg.dropout > 0) or x_BTC.dtype != torch.float32:
+            return self._run(x_BTC, start, cache)  # the module path: dropout, fp32 upcasts
+        # Block.forward_cached: the same math as _run with fewer ops (decoding is overhead-bound)
+        T = x_BTC.shape[1]
+        cos_Td, sin_Td = self.rope_cos_pairs[start : start + T], self.rope_sin_pairs[start : start + T]
+        *block_w, head_w = self.decode_weights()
+        for i, blk in enumerate(self.blocks):
+            x_BTC = blk.forward_cached(x_BTC, cos_Td, sin_Td, cache, i, block_w[i])
+        cache.advance(T)
+        return self.norm(x_BTC) @ head_w  # (B, T, V)
+
+    def decode_weights(self) -> list:
+        """Per block :meth:`Block.decode_weights`, then the head as an (in, out) matrix; kept
+        between calls and rebuilt when any parameter changed (an optimizer step, a load, a move
+        to another device), which is checked from the parameters' version counters."""
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if getattr(self, "_decode_w_key", None) != key:
+            head = self.head.weight
+            head_w = head.detach().t().contiguous() if head.device.type == "cpu" else head.t()
+            self._decode_w = [blk.decode_weights() for blk in self.blocks] + [head_w]
+            self._decode_w_key = key
+        return self._decode_w
 
     def new_cache(self, batch: int, device=None, dtype=None) -> KVCache:
         p = self.tok_emb.weight
