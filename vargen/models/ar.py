@@ -69,10 +69,12 @@ class ARTransformer(nn.Module):
         cos, sin = rope_2d_table(cfg.grid[0], cfg.grid[1], cfg.dim // cfg.heads, 1, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # (1 + N, d/2)
         self.register_buffer("rope_sin", sin, persistent=False)
-        cos_pairs, sin_pairs = rope_pair_tables(cos, sin)  # (1 + N, d) each, for Block.forward_cached
-        self.register_buffer("rope_cos_pairs", cos_pairs, persistent=False)
+        cos_pairs, sin_pairs, swap = rope_pair_tables(cos, sin)  # for Block.forward_cached
+        self.register_buffer("rope_cos_pairs", cos_pairs, persistent=False)  # (1 + N, d)
         self.register_buffer("rope_sin_pairs", sin_pairs, persistent=False)
+        self.register_buffer("rope_swap", swap, persistent=False)  # (d, d)
         gpt2_init_(self, cfg.depth)
+        self._compiled_step = None  # see compile_decode
 
     # ------------------------------------------------------------------ forward passes
     def _run(self, x_BTC, start: int, cache: KVCache | None):
@@ -112,24 +114,38 @@ class ARTransformer(nn.Module):
             return self._run(x_BTC, start, cache)  # the module path: dropout, fp32 upcasts
         # Block.forward_cached: the same math as _run with fewer ops (decoding is overhead-bound)
         T = x_BTC.shape[1]
-        cos_Td, sin_Td = self.rope_cos_pairs[start : start + T], self.rope_sin_pairs[start : start + T]
-        *block_w, head_w = self.decode_weights()
-        for i, blk in enumerate(self.blocks):
-            x_BTC = blk.forward_cached(x_BTC, cos_Td, sin_Td, cache, i, block_w[i])
+        rope = (self.rope_cos_pairs[start : start + T], self.rope_sin_pairs[start : start + T], self.rope_swap)
+        step = self._compiled_step or self._cached_blocks
+        if cache.weights is None:
+            cache.weights = self.decode_weights()
+        logits_BTV = step(x_BTC, rope, cache, cache.weights)
         cache.advance(T)
+        return logits_BTV
+
+    def _cached_blocks(self, x_BTC, rope, cache: KVCache, weights):
+        """Blocks and head of :meth:`forward_step` on embeddings (what :meth:`compile_decode` compiles)."""
+        *block_w, head_w = weights
+        for i, blk in enumerate(self.blocks):
+            x_BTC = blk.forward_cached(x_BTC, rope, cache, i, block_w[i])
         return self.norm(x_BTC) @ head_w  # (B, T, V)
 
+    def compile_decode(self, enable: bool = True) -> ARTransformer:
+        """Run :meth:`forward_step`'s blocks through ``torch.compile`` (dynamic shapes: the batch
+        and the cache length vary without recompiling). Off by default: on CPU it fuses the small
+        ops around the matrix products (measured 1.5x on a batch-1 step of width 256 x 6 layers)
+        but compiling takes a minute or more, which only a long sampling run repays."""
+        self._compiled_step = torch.compile(self._cached_blocks, dynamic=True) if enable else None
+        return self
+
     def decode_weights(self) -> list:
-        """Per block :meth:`Block.decode_weights`, then the head as an (in, out) matrix; kept
-        between calls and rebuilt when any parameter changed (an optimizer step, a load, a move
-        to another device), which is checked from the parameters' version counters."""
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
-        if getattr(self, "_decode_w_key", None) != key:
-            head = self.head.weight
-            head_w = head.detach().t().contiguous() if head.device.type == "cpu" else head.t()
-            self._decode_w = [blk.decode_weights() for blk in self.blocks] + [head_w]
-            self._decode_w_key = key
-        return self._decode_w
+        """Per block :meth:`Block.decode_weights`, then the head as an (in, out) matrix.
+
+        :meth:`forward_step` builds them once per cache (one sampling run; a copy of the weights
+        on CPU) and keeps them on it: the weights cannot change during a run without making its
+        cached keys and values stale too."""
+        head = self.head.weight
+        head_w = head.detach().t().contiguous() if head.device.type == "cpu" else head.t()
+        return [blk.decode_weights() for blk in self.blocks] + [head_w]
 
     def new_cache(self, batch: int, device=None, dtype=None) -> KVCache:
         p = self.tok_emb.weight

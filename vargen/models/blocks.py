@@ -118,24 +118,27 @@ def apply_rope(x_BHTd, cos_Td2, sin_Td2):
 
 
 def rope_pair_tables(cos_Td2: torch.Tensor, sin_Td2: torch.Tensor):
-    """Tables (T, d) for :func:`rotate_pairs` from :func:`apply_rope`'s (T, d/2) cos/sin:
-    each cos repeated for both members of its pair, and sin with signs (-, +)."""
-    cos_Td = cos_Td2.repeat_interleave(2, dim=-1)
-    sin_Td = torch.stack([-sin_Td2, sin_Td2], dim=-1).flatten(-2)
-    return cos_Td, sin_Td
+    """Tables for :func:`rotate_pairs` from :func:`apply_rope`'s (T, d/2) cos/sin: cos and sin
+    (T, d), each value repeated for both members of its pair, and the (d, d) matrix that maps
+    each pair (x0, x1) to (-x1, x0)."""
+    d = 2 * cos_Td2.shape[-1]
+    swap_dd = torch.zeros(d, d, dtype=cos_Td2.dtype, device=cos_Td2.device)
+    even = torch.arange(0, d, 2, device=cos_Td2.device)
+    swap_dd[even + 1, even] = -1.0  # out[2j] = -x[2j+1]
+    swap_dd[even, even + 1] = 1.0  # out[2j+1] = x[2j]
+    return cos_Td2.repeat_interleave(2, dim=-1), sin_Td2.repeat_interleave(2, dim=-1), swap_dd
 
 
-def rotate_pairs(x_Td: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor) -> torch.Tensor:
-    """:func:`apply_rope` in three arithmetic ops, on fp32 ``x`` of any leading shape whose last
-    dim is the head dim (tables from :func:`rope_pair_tables`, broadcast against ``x``).
+def rotate_pairs(x_Td: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor, swap_dd: torch.Tensor):
+    """:func:`apply_rope` in four ops, on fp32 ``x`` of any leading shape whose last dim is the
+    head dim (tables from :func:`rope_pair_tables`, cos/sin broadcast against ``x``).
 
-    ``x * cos + swap(x) * sin`` with ``swap(x0, x1) = (x1, x0)`` and signed sin gives
-    ``(x0 cos - x1 sin, x1 cos + x0 sin)``: bit-identical to :func:`apply_rope`, since negation
-    is exact and the sums are the same two rounded products (no fused multiply-add).
+    ``x * cos + (x @ swap) * sin`` is ``(x0 cos - x1 sin, x1 cos + x0 sin)`` per pair:
+    bit-identical to :func:`apply_rope`, since ``x @ swap`` only multiplies by +-1 and adds zeros
+    (exact), and the sums are the same two rounded products (no fused multiply-add).
     """
-    swapped = x_Td.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., d): (x1, x0) per pair
     out = x_Td * cos_Td
-    return out.add_(swapped.mul_(sin_Td))
+    return out.add_((x_Td @ swap_dd).mul_(sin_Td))
 
 
 class KVCache:
@@ -150,6 +153,7 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
         self.length = 0
         self.max_len = max_len
+        self.weights = None  # the model's prepared decode weights for this run (ARTransformer.forward_step)
 
     def append(self, layer: int, k_BHtd, v_BHtd):
         """Write new keys/values after the valid prefix; return the full valid K, V."""
@@ -271,9 +275,9 @@ class Block(nn.Module):
             return tuple(t.t() for t in w)
         return tuple(t.detach().t().contiguous() for t in w)
 
-    def forward_cached(self, x_BTC, cos_Td, sin_Td, cache: KVCache, layer: int, weights):
+    def forward_cached(self, x_BTC, rope, cache: KVCache, layer: int, weights):
         """:meth:`forward` for KV-cached decoding of fp32 activations in eval mode (dropout off),
-        with RoPE tables from :func:`rope_pair_tables` and ``weights`` from
+        with ``rope`` = (cos_Td, sin_Td, swap_dd) from :func:`rope_pair_tables` and ``weights`` from
         :meth:`decode_weights`: the same math in fewer, faster ops.
 
         Decoding one token at batch 1 is bound by per-op overhead, not arithmetic, so this
@@ -285,7 +289,8 @@ class Block(nn.Module):
         H, d = self.attn.heads, self.attn.head_dim
         w_qkv, w_proj, w_13, w_2 = weights
         qkv = (self.norm1(x_BTC) @ w_qkv).view(B, T, 3, H, d)  # (B, T, 3, H, d)
-        qk = rotate_pairs(qkv[:, :, :2], cos_Td[:, None, None], sin_Td[:, None, None])  # (B, T, 2, H, d)
+        cos_Td, sin_Td, swap_dd = rope
+        qk = rotate_pairs(qkv[:, :, :2], cos_Td[:, None, None], sin_Td[:, None, None], swap_dd)  # (B,T,2,H,d)
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         k, v = cache.append(layer, k, v)  # (B, H, S, d)
         y_BTC = attention(q, k, v, causal=True).transpose(1, 2).reshape(B, T, C)
