@@ -110,7 +110,11 @@ class ARTransformer(nn.Module):
         """
         start = cache.length
         x_BTC = self.embed(ids_Bt, cond_B if start == 0 else None, start)
-        if (self.training and self.cfg.dropout > 0) or x_BTC.dtype != torch.float32:
+        if (
+            (self.training and self.cfg.dropout > 0)
+            or x_BTC.dtype != torch.float32
+            or type(self)._run is not ARTransformer._run  # a subclass with its own output map
+        ):
             return self._run(x_BTC, start, cache)  # the module path: dropout, fp32 upcasts
         # Block.forward_cached: the same math as _run with fewer ops (decoding is overhead-bound)
         T = x_BTC.shape[1]
