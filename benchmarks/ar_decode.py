@@ -129,7 +129,9 @@ def peer_race(reps: int, configs, batches, lengths) -> dict:
                         ids_h = hf_generate(hf, b, n, 0)
                     t_h = min(t_h, time.perf_counter() - t0)
                 if ids_v.shape != (b, n) or ids_h.shape != (b, n):
-                    raise SystemExit(f"peer race: wrong output shapes {tuple(ids_v.shape)}, {tuple(ids_h.shape)}")
+                    raise SystemExit(
+                        f"peer race: wrong output shapes {tuple(ids_v.shape)}, {tuple(ids_h.shape)}"
+                    )
                 key = f"{cname}.b{b}.n{n}"
                 row = {
                     "peer": key,
@@ -141,8 +143,11 @@ def peer_race(reps: int, configs, batches, lengths) -> dict:
                 }
                 rows.append(row)
                 flat.update({f"peer.{key}.{k}": v for k, v in row.items() if k != "peer"})
-                print(f"  {key}: vargen {row['vargen_ms_per_token']:.3f} ms/token, "
-                      f"HF {row['hf_ms_per_token']:.3f} ms/token, ratio {row['ratio']:.2f}", flush=True)
+                print(
+                    f"  {key}: vargen {row['vargen_ms_per_token']:.3f} ms/token, "
+                    f"HF {row['hf_ms_per_token']:.3f} ms/token, ratio {row['ratio']:.2f}",
+                    flush=True,
+                )
     print(f"\nvargen sample_ar vs transformers {transformers.__version__} generate (ratio = HF / vargen):")
     print_table(rows, list(rows[0]))
     return flat

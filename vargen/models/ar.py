@@ -118,7 +118,11 @@ class ARTransformer(nn.Module):
             return self._run(x_BTC, start, cache)  # the module path: dropout, fp32 upcasts
         # Block.forward_cached: the same math as _run with fewer ops (decoding is overhead-bound)
         T = x_BTC.shape[1]
-        rope = (self.rope_cos_pairs[start : start + T], self.rope_sin_pairs[start : start + T], self.rope_swap)
+        rope = (
+            self.rope_cos_pairs[start : start + T],
+            self.rope_sin_pairs[start : start + T],
+            self.rope_swap,
+        )
         step = self._compiled_step or self._cached_blocks
         if cache.weights is None:
             cache.weights = self.decode_weights()
