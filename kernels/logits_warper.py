@@ -138,6 +138,15 @@ def warp_and_sample_reference(
     ``torch.argmax`` returns the first maximal index, the same tie rule as the kernel.
     """
     _check_args(logits_cond_BV, logits_uncond_BV, uniform_BV, temperature, top_k, top_p)
+    V = logits_cond_BV.shape[-1]
+    if not 0 < top_k < V and top_p == 1.0 and (logits_uncond_BV is None or cfg_scale == 1.0):
+        # Plain sampling (the common decode step): the same values in fewer ops and temporaries.
+        # l - log(-log u) equals l + (-log(-log u)) exactly (negation is exact), l / 1 is l.
+        neg_g_BV = uniform_BV.float().clamp(U_EPS, 1.0 - U_EPS).log_().neg_().log_()  # -Gumbel
+        l_BV = logits_cond_BV.float()
+        if temperature != 1.0:
+            l_BV = l_BV / temperature
+        return torch.sub(l_BV, neg_g_BV).argmax(dim=-1)
     warp = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
     l_BV = warp_logits_reference(logits_cond_BV, logits_uncond_BV, **warp)  # (B, V)
     return (l_BV + gumbel_from_uniform(uniform_BV)).argmax(dim=-1)

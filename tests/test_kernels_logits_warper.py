@@ -354,3 +354,22 @@ def test_auto_backend_without_interpreter_uses_reference(monkeypatch):
         warp_and_sample(cond_BV, uncond_BV, cfg_scale=2.0, top_p=0.7, uniform_BV=u_BV),
         warp_and_sample_reference(cond_BV, uncond_BV, cfg_scale=2.0, top_p=0.7, uniform_BV=u_BV),
     )
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reference_plain_sampling_shortcut_equals_the_general_formula(temperature, dtype):
+    """No top-k/top-p/guidance: the reference's shortcut draws argmax(warp_logits + Gumbel) and
+    leaves its inputs untouched."""
+    g = torch.Generator().manual_seed(0)
+    B, V = 256, 300
+    cond = (3 * torch.randn(B, V, generator=g)).to(dtype)
+    uncond = torch.randn(B, V, generator=g).to(dtype)
+    u = torch.rand(B, V, generator=g)
+    u[0, :7], u[1, :7] = 0.0, 1.0 - U_EPS  # clamped ends
+    u_copy, cond_copy = u.clone(), cond.clone()
+    general = (warp_logits(cond, temperature=temperature) + gumbel_from_uniform(u)).argmax(-1)  # (B,)
+    for unc in (None, uncond):  # cfg_scale 1 ignores the unconditional logits
+        ids = warp_and_sample_reference(cond, unc, cfg_scale=1.0, temperature=temperature, uniform_BV=u)
+        assert torch.equal(ids, general)
+    assert torch.equal(u, u_copy) and torch.equal(cond, cond_copy)

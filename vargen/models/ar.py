@@ -20,7 +20,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vargen.models.blocks import Block, KVCache, RaggedKVCache, RMSNorm, gpt2_init_, rope_2d_table
+from vargen.models.blocks import (
+    Block,
+    KVCache,
+    RaggedKVCache,
+    RMSNorm,
+    gpt2_init_,
+    rope_2d_table,
+    rope_pair_tables,
+)
 from vargen.registry import MODELS
 
 
@@ -61,7 +69,12 @@ class ARTransformer(nn.Module):
         cos, sin = rope_2d_table(cfg.grid[0], cfg.grid[1], cfg.dim // cfg.heads, 1, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # (1 + N, d/2)
         self.register_buffer("rope_sin", sin, persistent=False)
+        cos_pairs, sin_pairs, swap = rope_pair_tables(cos, sin)  # for Block.forward_cached
+        self.register_buffer("rope_cos_pairs", cos_pairs, persistent=False)  # (1 + N, d)
+        self.register_buffer("rope_sin_pairs", sin_pairs, persistent=False)
+        self.register_buffer("rope_swap", swap, persistent=False)  # (d, d)
         gpt2_init_(self, cfg.depth)
+        self._compiled_step = None  # see compile_decode
 
     # ------------------------------------------------------------------ forward passes
     def _run(self, x_BTC, start: int, cache: KVCache | None):
@@ -77,10 +90,10 @@ class ARTransformer(nn.Module):
         """Input embeddings for positions start..start+t (class token at position 0)."""
         parts = []
         if start == 0:
-            parts.append(self.cls_emb(cond_B)[:, None])  # (B, 1, C)
+            parts.append(F.embedding(cond_B, self.cls_emb.weight)[:, None])  # (B, 1, C)
         if ids_Bt is not None and ids_Bt.shape[1] > 0:
-            parts.append(self.tok_emb(ids_Bt))  # (B, t, C)
-        return torch.cat(parts, dim=1)
+            parts.append(F.embedding(ids_Bt, self.tok_emb.weight))  # (B, t, C)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def logits(self, ids_Bn: torch.Tensor, cond_B: torch.Tensor):
         """Full (uncached) forward: logits (B, n+1, V) for tokens 0..n given ids 0..n-1.
@@ -96,7 +109,53 @@ class ARTransformer(nn.Module):
         prefix of ids; afterwards pass only the new ids.
         """
         start = cache.length
-        return self._run(self.embed(ids_Bt, cond_B if start == 0 else None, start), start, cache)
+        x_BTC = self.embed(ids_Bt, cond_B if start == 0 else None, start)
+        if (
+            (self.training and self.cfg.dropout > 0)
+            or x_BTC.dtype != torch.float32
+            or type(self)._run is not ARTransformer._run  # a subclass with its own output map
+        ):
+            return self._run(x_BTC, start, cache)  # the module path: dropout, fp32 upcasts
+        # Block.forward_cached: the same math as _run with fewer ops (decoding is overhead-bound)
+        T = x_BTC.shape[1]
+        rope = (
+            self.rope_cos_pairs[start : start + T],
+            self.rope_sin_pairs[start : start + T],
+            self.rope_swap,
+        )
+        step = self._compiled_step or self._cached_blocks
+        if cache.weights is None:
+            cache.weights = self.decode_weights()
+        logits_BTV = step(x_BTC, rope, cache, cache.weights)
+        cache.advance(T)
+        return logits_BTV
+
+    def _cached_blocks(self, x_BTC, rope, cache: KVCache, weights):
+        """Blocks and head of :meth:`forward_step` on embeddings (what :meth:`compile_decode` compiles)."""
+        *block_w, head_w = weights
+        for i, blk in enumerate(self.blocks):
+            x_BTC = blk.forward_cached(x_BTC, rope, cache, i, block_w[i])
+        return self.norm(x_BTC) @ head_w  # (B, T, V)
+
+    def compile_decode(self, enable: bool = True) -> ARTransformer:
+        """Run :meth:`forward_step`'s blocks through ``torch.compile`` (dynamic shapes: the cache
+        length and batches > 1 vary without recompiling; batch 1 compiles on its own). Off by
+        default: on CPU it fuses the small ops around the matrix products, measured 1.35x at
+        batch 1 and 1.24x at batch 16 (one thread, width 256 x 6 layers, 256 tokens, the same
+        tokens as eager), but compiling took 3-4 minutes per batch shape on 2 busy cores, which
+        only a long sampling run repays."""
+        self._compiled_step = torch.compile(self._cached_blocks, dynamic=True) if enable else None
+        return self
+
+    def decode_weights(self) -> list:
+        """Per block :meth:`Block.decode_weights`, then the head as an (in, out) matrix.
+
+        :meth:`forward_step` builds them once per cache (one sampling run; a copy of the weights
+        on CPU) and keeps them on it: the weights cannot change during a run without making its
+        cached keys and values stale too."""
+        head = self.head.weight
+        head_w = head.detach().t().contiguous() if head.device.type == "cpu" else head.t()
+        return [blk.decode_weights() for blk in self.blocks] + [head_w]
 
     def new_cache(self, batch: int, device=None, dtype=None) -> KVCache:
         p = self.tok_emb.weight

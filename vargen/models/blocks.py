@@ -61,6 +61,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32:  # the same ops in one call (no casts), bit-identical in fp32
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
@@ -115,6 +117,30 @@ def apply_rope(x_BHTd, cos_Td2, sin_Td2):
     return out.flatten(-2).type_as(x_BHTd)
 
 
+def rope_pair_tables(cos_Td2: torch.Tensor, sin_Td2: torch.Tensor):
+    """Tables for :func:`rotate_pairs` from :func:`apply_rope`'s (T, d/2) cos/sin: cos and sin
+    (T, d), each value repeated for both members of its pair, and the (d, d) matrix that maps
+    each pair (x0, x1) to (-x1, x0)."""
+    d = 2 * cos_Td2.shape[-1]
+    swap_dd = torch.zeros(d, d, dtype=cos_Td2.dtype, device=cos_Td2.device)
+    even = torch.arange(0, d, 2, device=cos_Td2.device)
+    swap_dd[even + 1, even] = -1.0  # out[2j] = -x[2j+1]
+    swap_dd[even, even + 1] = 1.0  # out[2j+1] = x[2j]
+    return cos_Td2.repeat_interleave(2, dim=-1), sin_Td2.repeat_interleave(2, dim=-1), swap_dd
+
+
+def rotate_pairs(x_Td: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor, swap_dd: torch.Tensor):
+    """:func:`apply_rope` in four ops, on fp32 ``x`` of any leading shape whose last dim is the
+    head dim (tables from :func:`rope_pair_tables`, cos/sin broadcast against ``x``).
+
+    ``x * cos + (x @ swap) * sin`` is ``(x0 cos - x1 sin, x1 cos + x0 sin)`` per pair:
+    bit-identical to :func:`apply_rope`, since ``x @ swap`` only multiplies by +-1 and adds zeros
+    (exact), and the sums are the same two rounded products (no fused multiply-add).
+    """
+    out = x_Td * cos_Td
+    return out.add_((x_Td @ swap_dd).mul_(sin_Td))
+
+
 class KVCache:
     """Preallocated keys/values per layer, (B, H, T_max, d); ``length`` tokens are valid.
 
@@ -127,6 +153,7 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
         self.length = 0
         self.max_len = max_len
+        self.weights = None  # the model's prepared decode weights for this run (ARTransformer.forward_step)
 
     def append(self, layer: int, k_BHtd, v_BHtd):
         """Write new keys/values after the valid prefix; return the full valid K, V."""
@@ -252,6 +279,41 @@ class Block(nn.Module):
     def forward(self, x_BTC, cos, sin, cache=None, layer=0, mask_TS=None):
         x_BTC = x_BTC + self.attn(self.norm1(x_BTC), cos, sin, cache, layer, mask_TS)
         return x_BTC + self.mlp(self.norm2(x_BTC))
+
+    def decode_weights(self) -> tuple[torch.Tensor, ...]:
+        """The weights :meth:`forward_cached` multiplies by, as (in, out) matrices: qkv, proj,
+        w1 and w3 side by side, w2. On CPU they are contiguous copies: MKL multiplies a few
+        rows by a (in, out) matrix 1.5-2x faster than by the transpose of an nn.Linear weight
+        (measured at 1 and 16 rows); elsewhere they are transposed views, and only w1|w3 is a
+        copy (one product instead of two)."""
+        a, m = self.attn, self.mlp
+        w = (a.qkv.weight, a.proj.weight, torch.cat([m.w1.weight, m.w3.weight]), m.w2.weight)
+        if w[0].device.type != "cpu":
+            return tuple(t.t() for t in w)
+        return tuple(t.detach().t().contiguous() for t in w)
+
+    def forward_cached(self, x_BTC, rope, cache: KVCache, layer: int, weights):
+        """:meth:`forward` for KV-cached decoding of fp32 activations in eval mode (dropout off),
+        with ``rope`` = (cos_Td, sin_Td, swap_dd) from :func:`rope_pair_tables` and ``weights`` from
+        :meth:`decode_weights`: the same math in fewer, faster ops.
+
+        Decoding one token at batch 1 is bound by per-op overhead, not arithmetic, so this
+        multiplies by prepared weights (no module calls, w1 and w3 in one product), rotates q
+        and k in one :func:`rotate_pairs` on the qkv output, and adds into the residual in place.
+        Equal to :meth:`forward` up to float rounding (tested).
+        """
+        B, T, C = x_BTC.shape
+        H, d = self.attn.heads, self.attn.head_dim
+        w_qkv, w_proj, w_13, w_2 = weights
+        qkv = (self.norm1(x_BTC) @ w_qkv).view(B, T, 3, H, d)  # (B, T, 3, H, d)
+        cos_Td, sin_Td, swap_dd = rope
+        qk = rotate_pairs(qkv[:, :, :2], cos_Td[:, None, None], sin_Td[:, None, None], swap_dd)  # (B,T,2,H,d)
+        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        k, v = cache.append(layer, k, v)  # (B, H, S, d)
+        y_BTC = attention(q, k, v, causal=True).transpose(1, 2).reshape(B, T, C)
+        x_BTC = x_BTC + y_BTC @ w_proj
+        g1, g3 = (self.norm2(x_BTC) @ w_13).chunk(2, dim=-1)  # (B, T, hidden) x 2
+        return x_BTC.add_(F.silu(g1).mul_(g3) @ w_2)
 
 
 def gpt2_init_(model: nn.Module, depth: int) -> None:
