@@ -58,7 +58,10 @@ def main(argv=None):
     m = crm_igm(model, data.train_images[pick], data.train_labels[pick])
     calib = class_labels(32, model.num_classes, [])
     policy, _ = calibrate_policy(
-        model, calib, torch.Generator().manual_seed(0), window=args.window,
+        model,
+        calib,
+        torch.Generator().manual_seed(0),
+        window=args.window,
         guidance=None if args.cfg_scale == 1.0 else args.cfg_scale - 1.0,
     )
     evaluator = FIDEvaluator.for_dataset(dict(cfg.data), split="train")
@@ -94,7 +97,9 @@ def main(argv=None):
         "tarflow.passes_gsj": passes["gsj"] // len(seeds),
         "tarflow.token_rows_sequential": token_rows["seq"] / len(seeds),
         "tarflow.token_rows_gsj": token_rows["gsj"] / len(seeds),
-        "tarflow.policy": [f"{pl.method}:{pl.segments}x{pl.max_iters}:{pl.init}:w{pl.window}" for pl in policy],
+        "tarflow.policy": [
+            f"{pl.method}:{pl.segments}x{pl.max_iters}:{pl.init}:w{pl.window}" for pl in policy
+        ],
         "tarflow.crm": m["crm"].tolist(),
     }
     rows = [
@@ -117,7 +122,12 @@ def main(argv=None):
     path = write_results(
         "tarflow",
         flat,
-        {**meta(args.quick, seeds), "samples_per_seed": n, "cfg_scale": args.cfg_scale, "window": args.window},
+        {
+            **meta(args.quick, seeds),
+            "samples_per_seed": n,
+            "cfg_scale": args.cfg_scale,
+            "window": args.window,
+        },
     )
     print(
         f"\npolicy {flat['tarflow.policy']}; max |seq - gsj| = {max_diff:.2e}; "

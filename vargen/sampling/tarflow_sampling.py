@@ -6,22 +6,25 @@ in the block's permuted order (spec models.md 3b, 4). G is strictly causal, so:
 - **sequential** (TarFlow's sampler, the baseline): T-1 single-token passes with a KV
   cache, token i's pass giving (a, b) of token i+1;
 - **Jacobi** (GS-Jacobi paper, arXiv 2505.12849, num_GS = 1): repeat one parallel causal
-  pass over all tokens, u <- G(u). Token 0 is exact from the start and each iteration
-  makes one more token exact, so L inputs need at most L iterations from ANY initial guess;
-  we cap at that guarantee, so Jacobi never costs more passes than the sequential loop;
-- **GS-Jacobi**: contiguous segments of inputs solved one after another, Jacobi inside a
-  segment, attending to a K/V cache of the finished segments. Inputs [s, e) update tokens
-  [s+1, e+1). When a segment stops with keys/values computed from a stale iterate (the
-  tolerance or a cap stopped it while values still moved) they are recomputed from the
-  final values; the reference caches the stale ones.
+  pass, u <- G(u). Token 0 is exact from the start and each pass makes one more token
+  exact, so L inputs need at most L passes from ANY initial guess. Here the converged
+  prefix is frozen (issue 16): a pass runs a window of inputs after the committed prefix
+  against its K/V cache, then commits the input the guarantee made exact plus the following
+  run whose tokens moved by at most ``tol`` per element; committed positions are never
+  recomputed, so a pass costs its window, not the whole sequence (:func:`_solve_segment`);
+- **GS-Jacobi**: contiguous segments of inputs solved one after another, windowed Jacobi
+  inside a segment. Inputs [s, e) update tokens [s+1, e+1). A run committed by the cap
+  (values still moving) gets its keys/values recomputed from the final values when later
+  positions attend to it; the reference caches the stale ones.
 
 Guidance runs a second stream with the null class (mean class embedding) in the same
 batched pass and mixes a <- a + g_i (a - a_null), b likewise, annealed g_i = i/(T-1) w for
 token i (TarFlow). ``cfg_scale`` follows the project's convention (1 = off), w = cfg_scale-1.
 
-Counting (stats): every model pass of a block - one sequential single-token pass or one
-parallel Jacobi pass, a guided pair of streams counting once - is one target forward and
-one sequential pass, because the passes run one after another.
+Counting (stats): every model pass of a block - one sequential single-token pass, one
+windowed Jacobi pass or one K/V recompute, a guided pair of streams counting once - is one
+target forward and one sequential pass, because the passes run one after another.
+``token_rows`` counts the positions those passes push through the network per image.
 """
 
 from __future__ import annotations
@@ -218,8 +221,19 @@ def invert_block_gs_jacobi(
     for s in range(0, n_in, size):
         e = min(s + size, n_in)
         seg = _solve_segment(
-            block, z_BTC, u, cond_R, cache, s, e, window=window, cap=max_iters, tol=tol, clamp=clamp,
-            guidance=guidance, every=check_every,
+            block,
+            z_BTC,
+            u,
+            cond_R,
+            cache,
+            s,
+            e,
+            window=window,
+            cap=max_iters,
+            tol=tol,
+            clamp=clamp,
+            guidance=guidance,
+            every=check_every,
         )
         for key, v in seg.items():
             info[key] += v
@@ -437,8 +451,14 @@ def calibrate_policy(
             u, n = outs[plan.init], m[plan.init]["passes"]
         else:
             u, info = invert_block_gs_jacobi(
-                block, zp, cond_B, segments=plan.segments, window=window, max_iters=plan.max_iters,
-                init=plan.init, **kw,
+                block,
+                zp,
+                cond_B,
+                segments=plan.segments,
+                window=window,
+                max_iters=plan.max_iters,
+                init=plan.init,
+                **kw,
             )
             n = info["passes"]
         plans.append(plan)
