@@ -68,7 +68,8 @@ def main(argv=None):
                 diff = (x - ref).abs().max().item()
                 print(
                     f"{shape:6s} {B:5d} {name:16s} {str(st['passes_per_block']):21s} "
-                    f"{st['token_rows']:10.0f} {st['syncs'] / B:9.1f}  {diff:9.1e}  {seconds['sequential'] / best:9.2f}",
+                    f"{st['token_rows']:10.0f} {st['syncs'] / B:9.1f}  {diff:9.1e}  "
+                    f"{seconds['sequential'] / best:9.2f}",
                     flush=True,
                 )
 
