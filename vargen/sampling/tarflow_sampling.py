@@ -247,6 +247,117 @@ def invert_block_jacobi(block, z_BTC, cond_B, **kw):
 
 
 @torch.no_grad()
+def invert_block_continuous(
+    block,
+    z_NTC,
+    cond_N,
+    *,
+    slots: int,
+    window: int = 0,
+    tol: float = 1e-6,
+    init: str = "z",
+    clamp: float | None = None,
+    guidance: float | None = None,
+):
+    """Frozen-prefix Jacobi for N rows through ``slots`` batch rows with refilling (issue 16).
+
+    Each slot holds one row with its own committed length c_b in a
+    :class:`~vargen.models.blocks.RaggedKVCache`. A pass runs inputs c_b .. c_b+w-1 of
+    every slot, w = ``window`` (0 = T-1) or less when no row has that many inputs left
+    (positions past a row's sequence are padding, counted in ``token_rows``), and
+    commits per row as :func:`_solve_segment` does (input c_b, then the run of inputs whose
+    tokens moved by at most ``tol`` per element), on the device. A row whose inputs are all
+    committed hands its slot to the next pending row (rows in order), so the batch stays
+    full until the rows run out; then it shrinks. Rows never interact, so a row's result
+    does not depend on its slot or neighbours. Host reads per pass: two (the cache's widest
+    window and the finished rows). Returns (u_NTC, info); ``row_passes`` sums the occupied
+    slots over passes (model rows per image = row_passes / N).
+    """
+    N, T, C = z_NTC.shape
+    n_in = T - 1
+    W = n_in if window <= 0 else min(window, n_in)
+    S, R = min(slots, N), (1 if guidance is None else 2)
+    dev = z_NTC.device
+    out = initial_guess(z_NTC, init)  # (N, T, C): iterates of pending rows, results of done ones
+    pad = z_NTC.new_zeros(S, W, C)  # positions T .. T+W-1: padding of windows past the end
+    U = torch.cat([out[:S], pad], 1)  # (S, T+W, C) slot iterates
+    Z = torch.cat([z_NTC[:S], pad], 1)  # (S, T+W, C)
+    cond_S, rows = cond_N[:S].clone(), list(range(S))
+    c_S = torch.zeros(S, dtype=torch.long, device=dev)  # committed inputs per slot
+    cache = block.new_cache(R * S, window=W)
+    nxt, width = S, W
+
+    info = {"iterations": 0, "passes": 0, "token_rows": 0, "syncs": 0, "forced": 0, "row_passes": 0}
+    while rows:
+        S = len(rows)
+        cache.length_B = c_S.repeat(R)
+        pos_SW = c_S[:, None] + torch.arange(width, device=dev)  # input positions c_b .. c_b+width-1
+        x_SWC = U.gather(1, pos_SW[..., None].expand(S, width, C))
+        a, b = block.params(_stream_rows(x_SWC, guidance), _cond_rows(block, cond_S, guidance), cache)
+        if guidance is not None:  # annealed per output token, g_i = i/(T-1) w
+            g_SW1 = ((pos_SW + 1).to(a.dtype) * (guidance / (T - 1)))[..., None]
+            a = a[:S] + g_SW1 * (a[:S] - a[S:])
+            b = b[:S] + g_SW1 * (b[:S] - b[S:])
+        tok_SWC = (pos_SW + 1)[..., None].expand(S, width, C)  # output tokens c_b+1 .. c_b+width
+        old = U.gather(1, tok_SWC)
+        new = _affine(Z.gather(1, tok_SWC), a, b, clamp)  # (S, width, C)
+        U.scatter_(1, tok_SWC, new)
+        if tol >= 0:  # input c_b+i (i >= 1) commits if tokens c_b+1..c_b+i moved <= tol, c_b+i < T-1
+            ok_SW = (new - old).abs().amax(-1) <= tol
+            ok_SW = ok_SW[:, :-1] & (pos_SW[:, 1:] < n_in)  # (S, width-1)
+            c_S = c_S + 1 + ok_SW.long().cumprod(1).sum(1)
+        else:
+            c_S = c_S + 1
+        info["passes"] += 1
+        info["row_passes"] += S
+        info["token_rows"] += S * width
+        info["syncs"] += 2  # RaggedKVCache.begin's widest window, and this read
+        c_list = c_S.tolist()
+        keep = []
+        for slot, c in enumerate(c_list):
+            if c < n_in:
+                keep.append(slot)
+                continue
+            out[rows[slot]] = U[slot, :T]
+            if nxt < N:  # refill: the next pending row takes the slot, from its initial guess
+                U[slot, :T], Z[slot, :T], cond_S[slot] = out[nxt], z_NTC[nxt], cond_N[nxt]
+                c_S[slot], c_list[slot], rows[slot] = 0, 0, nxt
+                nxt += 1
+                keep.append(slot)
+        if len(keep) < S:  # the rows ran out: shrink the batch
+            k_S = torch.tensor(keep, dtype=torch.long, device=dev)
+            k_R = torch.cat([k_S + r * S for r in range(R)])
+            U, Z, cond_S, c_S = U[k_S], Z[k_S], cond_S[k_S], c_S[k_S]
+            rows = [rows[i] for i in keep]
+            cache.k = [t[k_R] for t in cache.k]
+            cache.v = [t[k_R] for t in cache.v]
+        if keep:  # no wider than the most remaining inputs of any row
+            width = min(W, n_in - min(c_list[i] for i in keep))
+    info["iterations"] = info["passes"]
+    info["token_rows"] /= N
+    return out, info
+
+
+def _invert_block(block, zp_BTC, cond_B, plan: BlockPlan, *, tol, clamp, guidance, check_every):
+    """One block by its plan, permuted order in and out: (u_BTC, info)."""
+    if plan.method == "sequential":
+        return invert_block_sequential(block, zp_BTC, cond_B, guidance=guidance)
+    return invert_block_gs_jacobi(
+        block,
+        zp_BTC,
+        cond_B,
+        segments=plan.segments if plan.method == "gs_jacobi" else 1,
+        window=plan.window,
+        max_iters=plan.max_iters,
+        tol=tol,
+        init=plan.init,
+        clamp=clamp,
+        guidance=guidance,
+        check_every=check_every,
+    )
+
+
+@torch.no_grad()
 def invert_tarflow(
     model,
     z_BTC,
@@ -265,23 +376,16 @@ def invert_tarflow(
     x, infos = z_BTC, []
     order = list(reversed(model.blocks))
     for block, plan in tqdm(list(zip(order, plans)), desc="blocks", disable=not progress, leave=False):
-        zp = block.permute(x)
-        if plan.method == "sequential":
-            u, info = invert_block_sequential(block, zp, cond_B, guidance=guidance)
-        else:
-            u, info = invert_block_gs_jacobi(
-                block,
-                zp,
-                cond_B,
-                segments=plan.segments if plan.method == "gs_jacobi" else 1,
-                window=plan.window,
-                max_iters=plan.max_iters,
-                tol=tol,
-                init=plan.init,
-                clamp=clamp,
-                guidance=guidance,
-                check_every=check_every,
-            )
+        u, info = _invert_block(
+            block,
+            block.permute(x),
+            cond_B,
+            plan,
+            tol=tol,
+            clamp=clamp,
+            guidance=guidance,
+            check_every=check_every,
+        )
         x = block.permute(u)
         infos.append(info)
     return x, infos
@@ -351,6 +455,109 @@ def sample_tarflow(
         syncs=sum(i["syncs"] for i in infos),
         forced_tokens=sum(i["forced"] for i in infos),
         images=B,
+    )
+    stats["seconds"] = time.perf_counter() - t0
+    return model.to_images(x), stats
+
+
+@torch.no_grad()
+def sample_tarflow_continuous(
+    model,
+    cond_N: torch.Tensor,
+    *,
+    generator: torch.Generator,
+    slots: int,
+    method: str = "jacobi",
+    cfg_scale: float = 1.0,
+    tol: float = 1e-6,
+    max_iters: int = 0,
+    segments: int = 8,
+    init: str = "z",
+    window: int = 0,
+    check_every: int = 0,
+    policy: list[BlockPlan] | None = None,
+    clamp: float | None = None,
+    denoise: bool = True,
+    progress: bool = False,
+):
+    """All N images through ``slots`` batch rows (continuous batching); returns (images, stats).
+
+    z ~ N(0, I) is drawn as one (N, T, C_p) tensor. The blocks run one after another (each
+    needs the previous block's output of a row); inside a block a plain Jacobi plan without
+    a cap runs :func:`invert_block_continuous`, where a row that finishes early frees its
+    slot for the next row; other plans (sequential, GS segments, a cap) run chunks of
+    ``slots`` rows, and so does the Tweedie step. Stats as :func:`sample_tarflow` over the
+    whole run, plus ``row_passes`` (rows over model calls) and ``target_calls_per_image``.
+    """
+    t0 = time.perf_counter()
+    p = next(model.parameters())
+    cond_N = cond_N.to(p.device)
+    N, T, C = cond_N.shape[0], model.num_tokens, model.token_dim
+    plans = policy or [BlockPlan(method, segments, max_iters, init, window)] * len(model.blocks)
+    guidance = None if cfg_scale == 1.0 else cfg_scale - 1.0
+    every = _check_every(check_every, p.device)
+    x = torch.randn(N, T, C, generator=generator, device=generator.device, dtype=p.dtype).to(p.device)
+    infos = []
+    for block, plan in tqdm(list(zip(reversed(model.blocks), plans)), disable=not progress, leave=False):
+        zp = block.permute(x)
+        if plan.method == "jacobi" and plan.max_iters == 0:
+            u, info = invert_block_continuous(
+                block,
+                zp,
+                cond_N,
+                slots=slots,
+                window=plan.window,
+                tol=tol,
+                init=plan.init,
+                clamp=clamp,
+                guidance=guidance,
+            )
+            info["token_rows"] *= N  # summed over rows below, then divided by N
+        else:
+            parts, info = [], {"passes": 0, "token_rows": 0, "syncs": 0, "forced": 0, "row_passes": 0}
+            for i in range(0, N, slots):
+                v, part = _invert_block(
+                    block,
+                    zp[i : i + slots],
+                    cond_N[i : i + slots],
+                    plan,
+                    tol=tol,
+                    clamp=clamp,
+                    guidance=guidance,
+                    check_every=every,
+                )
+                parts.append(v)
+                for key in ("passes", "syncs", "forced"):
+                    info[key] += part[key]
+                info["token_rows"] += v.shape[0] * part["token_rows"]
+                info["row_passes"] += v.shape[0] * part["passes"]
+            u = torch.cat(parts)
+        infos.append(info)
+        x = block.permute(u)
+    if denoise:
+        x = torch.cat([model.denoise(x[i : i + slots], cond_N[i : i + slots]) for i in range(0, N, slots)])
+    stats = new_stats()
+    passes = [i["passes"] for i in infos]
+    row_passes = sum(i["row_passes"] for i in infos)
+    stats.update(
+        target_forwards=sum(passes),
+        sequential_passes=sum(passes),
+        baseline_passes=len(infos) * (T - 1) * -(-N // slots),  # the sequential sampler's count
+        passes_per_block=passes,
+        denoise_forwards=len(model.blocks) * -(-N // slots) if denoise else 0,
+        tokens=N * T,
+        accepted=N * T,
+        proposed=N * T,
+        plans=[asdict(pl) for pl in plans],
+        positions_computed=round(sum(i["token_rows"] for i in infos)),
+        token_rows=sum(i["token_rows"] for i in infos) / N,
+        token_rows_per_block=[i["token_rows"] / N for i in infos],
+        syncs=sum(i["syncs"] for i in infos),
+        forced_tokens=sum(i["forced"] for i in infos),
+        images=N,
+        slots=slots,
+        row_passes=row_passes,
+        target_calls_per_image=row_passes / N,
     )
     stats["seconds"] = time.perf_counter() - t0
     return model.to_images(x), stats
@@ -505,7 +712,8 @@ def build_tarflow_sampler(cfg):
     block unless the cap ``max_iters`` forced tokens there, then GS-Jacobi. With the default
     cap 0 every block stays Jacobi (exact, at most T-1 passes). ``run.policy`` holds the
     plans, ``run.calibration`` the measurements; ``stats["plans"]`` and
-    ``stats["calibration_passes"]`` carry them into metrics.json.
+    ``stats["calibration_passes"]`` carry them into metrics.json. Jacobi and auto samplers
+    are ``continuous``: called with ``slots=`` and all labels they refill freed batch rows.
     """
     drop = ("name", "gs_blocks", "gs_max_iters", "clamp", "calib", "calib_seed")
     kw = {k: v for k, v in dict(cfg).items() if k not in drop}
@@ -534,7 +742,9 @@ def build_tarflow_sampler(cfg):
         )
         run.calibrated_for = model
 
-    def run(model, cond_B, generator, progress=False):
+    def run(model, cond_B, generator, progress=False, slots: int | None = None):
+        """``slots``: ``cond_B`` holds ALL labels, sampled through that many batch rows with
+        refilling (:func:`sample_tarflow_continuous`; only where ``run.continuous``)."""
         policy = None
         if auto:
             if run.calibrated_for is not model:
@@ -544,12 +754,31 @@ def build_tarflow_sampler(cfg):
             n = len(model.blocks)
             policy = stack_policy(n, gs_blocks, kw["segments"], gs_max_iters, kw["max_iters"], kw["init"])
             policy = [replace(pl, window=kw["window"]) for pl in policy]
-        images, stats = sample_tarflow(
-            model, cond_B, generator=generator, policy=policy, clamp=clamp, progress=progress, **kw
-        )
+        if slots is not None:
+            if not run.continuous:
+                raise ValueError(
+                    f"sampler.method={cfg['method']} has no continuous batching (plain Jacobi only)"
+                )
+            images, stats = sample_tarflow_continuous(
+                model,
+                cond_B,
+                generator=generator,
+                slots=slots,
+                policy=policy,
+                clamp=clamp,
+                progress=progress,
+                **kw,
+            )
+        else:
+            images, stats = sample_tarflow(
+                model, cond_B, generator=generator, policy=policy, clamp=clamp, progress=progress, **kw
+            )
         if auto:
             stats["calibration_passes"] = list(run.calibration["passes"])
         return images, stats
 
     run.policy, run.calibration, run.calibrated_for = None, None, None
+    # rows refill freed slots only in plain Jacobi (auto: its Jacobi blocks); sequential and
+    # GS-Jacobi rows all take the same passes, and the sequential images stay as they were
+    run.continuous = cfg["method"] in ("jacobi", "auto") and not gs_blocks
     return run
