@@ -372,6 +372,73 @@ def test_auto_sampler_records_plan_and_window_stats():
     assert (seq - a).abs().max() < 1e-4
 
 
+# ---------------------------------------------------------------- continuous batching (issue 16)
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+@pytest.mark.parametrize("window", [1, 4, 0])
+def test_continuous_jacobi_stays_exact_under_refilling(window, guidance):
+    """7 rows through 1, 3 or 8 slots: rows finish, slots refill and the batch shrinks at the
+    end, yet with tol 0 every image is the sequential one from the same noise."""
+    m = tiny(std=0.1, blocks=3)
+    c = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    ref, _ = ts.sample_tarflow(m, c, generator=torch.Generator().manual_seed(0), cfg_scale=guidance)
+    for slots in (1, 3, 8):
+        out, st = ts.sample_tarflow_continuous(
+            m,
+            c,
+            generator=torch.Generator().manual_seed(0),
+            slots=slots,
+            window=window,
+            tol=0.0,
+            cfg_scale=guidance,
+        )
+        assert (out - ref).abs().max() < 1e-12, slots
+        assert st["target_calls_per_image"] <= 3 * (T - 1)
+
+
+def test_continuous_rows_are_independent_of_slots_and_keep_calls_per_image():
+    """A row's passes and result do not depend on its slot or neighbours: model calls per image
+    are the same with 1, 5 or 16 slots, below the batch-synchronous loop where a batch of 16
+    runs until its slowest row converges."""
+    m = tiny(std=0.1, blocks=2)
+    c = torch.arange(24) % 4
+    kw = dict(window=0, tol=1e-4, cfg_scale=1.5)
+    res = {}
+    for slots in (1, 5, 16):
+        res[slots] = ts.sample_tarflow_continuous(
+            m, c, generator=torch.Generator().manual_seed(0), slots=slots, **kw
+        )
+    again, _ = ts.sample_tarflow_continuous(m, c, generator=torch.Generator().manual_seed(0), slots=16, **kw)
+    assert torch.equal(again, res[16][0])
+    per_image = res[1][1]["target_calls_per_image"]
+    for out, st in res.values():
+        assert (out - res[1][0]).abs().max() < 1e-12
+        assert st["target_calls_per_image"] == per_image
+    assert res[16][1]["target_forwards"] < res[5][1]["target_forwards"] < res[1][1]["target_forwards"]
+    calls = 0
+    for i in (0, 16):  # the batch-synchronous sampler, batches of 16: calls per image = passes
+        _, st = ts.sample_tarflow(
+            m, c[i : i + 16], generator=torch.Generator().manual_seed(i), method="jacobi", **kw
+        )
+        calls += st["target_forwards"] * len(c[i : i + 16])
+    assert calls / len(c) > 1.1 * per_image
+
+
+def test_continuous_exact_counts_and_builder():
+    m = tiny(std=0.1, blocks=2)
+    c = torch.arange(5) % 3
+    _, st = ts.sample_tarflow_continuous(m, c, generator=torch.Generator().manual_seed(0), slots=2, tol=-1.0)
+    assert st["passes_per_block"] == [(T - 1) * 3] * 2  # 15 passes per row, slots of 2, 2, 1 rows
+    assert st["target_calls_per_image"] == 2 * (T - 1) and st["row_passes"] == 2 * 5 * (T - 1)
+    base = {**vars(ts.TarFlowSamplerConfig()), "window": 4}
+    flags = {meth: SAMPLERS.build({**base, "method": meth}).continuous for meth in ts.METHODS + ("auto",)}
+    assert flags == {"sequential": False, "jacobi": True, "gs_jacobi": False, "auto": True}
+    run = SAMPLERS.build({**base, "method": "jacobi"})
+    imgs, st = run(m, c, torch.Generator().manual_seed(0), slots=2)
+    assert imgs.shape == (5, 1, 8, 8) and st["images"] == 5 and st["slots"] == 2
+    with pytest.raises(ValueError, match="continuous"):
+        SAMPLERS.build({**base, "method": "sequential"})(m, c, torch.Generator().manual_seed(0), slots=2)
+
+
 @pytest.mark.slow
 def test_loss_decreases_on_digits():
     from vargen.data import build_dataset
