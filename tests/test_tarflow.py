@@ -429,6 +429,13 @@ def test_continuous_exact_counts_and_builder():
     _, st = ts.sample_tarflow_continuous(m, c, generator=torch.Generator().manual_seed(0), slots=2, tol=-1.0)
     assert st["passes_per_block"] == [(T - 1) * 3] * 2  # 15 passes per row, slots of 2, 2, 1 rows
     assert st["target_calls_per_image"] == 2 * (T - 1) and st["row_passes"] == 2 * 5 * (T - 1)
+    mixed = [ts.BlockPlan("sequential"), ts.BlockPlan("gs_jacobi", 4, max_iters=2)]  # chunks of slots
+    ref, _ = ts.sample_tarflow(m, c[:2], generator=torch.Generator().manual_seed(0), policy=mixed, tol=0.0)
+    out, st = ts.sample_tarflow_continuous(
+        m, c, generator=torch.Generator().manual_seed(0), slots=2, policy=mixed, tol=0.0
+    )
+    assert st["passes_per_block"][0] == (T - 1) * 3 and st["row_passes"] > 5 * (T - 1)
+    assert (out[:2] - ref).abs().max() < 1e-12  # the first chunk is the batch-synchronous run
     base = {**vars(ts.TarFlowSamplerConfig()), "window": 4}
     flags = {meth: SAMPLERS.build({**base, "method": meth}).continuous for meth in ts.METHODS + ("auto",)}
     assert flags == {"sequential": False, "jacobi": True, "gs_jacobi": False, "auto": True}
