@@ -258,6 +258,7 @@ def invert_block_continuous(
     init: str = "z",
     clamp: float | None = None,
     guidance: float | None = None,
+    check_every: int = 1,
 ):
     """Frozen-prefix Jacobi for N rows through ``slots`` batch rows with refilling (issue 16).
 
@@ -269,9 +270,10 @@ def invert_block_continuous(
     tokens moved by at most ``tol`` per element), on the device. A row whose inputs are all
     committed hands its slot to the next pending row (rows in order), so the batch stays
     full until the rows run out; then it shrinks. Rows never interact, so a row's result
-    does not depend on its slot or neighbours. Host reads per pass: two (the cache's widest
-    window and the finished rows). Returns (u_NTC, info); ``row_passes`` sums the occupied
-    slots over passes (model rows per image = row_passes / N).
+    does not depend on its slot or neighbours. Host reads: one per pass (the cache's widest
+    window) and one every ``check_every`` passes (the finished rows; between reads a
+    finished row idles on padding, counted in ``row_passes``). Returns (u_NTC, info);
+    ``row_passes`` sums the occupied slots over passes (model rows per image = row_passes / N).
     """
     N, T, C = z_NTC.shape
     n_in = T - 1
@@ -308,10 +310,14 @@ def invert_block_continuous(
             c_S = c_S + 1 + ok_SW.long().cumprod(1).sum(1)
         else:
             c_S = c_S + 1
+        c_S = c_S.clamp(max=n_in)  # a finished row idles on padding until the next read
         info["passes"] += 1
         info["row_passes"] += S
         info["token_rows"] += S * width
-        info["syncs"] += 2  # RaggedKVCache.begin's widest window, and this read
+        info["syncs"] += 1  # RaggedKVCache.begin reads the widest window
+        if info["passes"] % check_every:
+            continue
+        info["syncs"] += 1
         c_list = c_S.tolist()
         keep = []
         for slot, c in enumerate(c_list):
@@ -511,6 +517,7 @@ def sample_tarflow_continuous(
                 init=plan.init,
                 clamp=clamp,
                 guidance=guidance,
+                check_every=every,
             )
             info["token_rows"] *= N  # summed over rows below, then divided by N
         else:
