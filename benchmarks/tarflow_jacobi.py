@@ -3,6 +3,7 @@
 wall time against the sequential KV-cached loop, at batch 1 and 16, one thread (issue 16).
 
     python benchmarks/tarflow_jacobi.py [--std 0.02] [--tol 1e-5] [--window 16] [--reps 1]
+    python benchmarks/tarflow_jacobi.py --ckpt runs/bench_tarflow_quick   # a trained flow instead
 
 Two shapes: "digits" (16x16x1, patch 2, 64 tokens, dim 64, 4 blocks x 2 layers) and
 "photos" (32x32x3, patch 2, 256 tokens, dim 128, 4 blocks x 2 layers). A fresh TarFlow is
@@ -70,13 +71,19 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--shapes", default="digits,photos")
     p.add_argument("--batches", default="1,16")
+    p.add_argument("--ckpt", default=None, help="a trained TarFlow run instead of the random shapes")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     print("shape  batch  N sampler              calls/img token_rows syncs/img max|diff|  wall_ratio")
-    for shape in args.shapes.split(","):
-        torch.manual_seed(0)
-        model = TarFlow(TarFlowConfig(num_blocks=4, heads=4, **SHAPES[shape])).eval()
-        model.init_output_(args.std, torch.Generator().manual_seed(1))
+    for shape in ["ckpt"] if args.ckpt else args.shapes.split(","):
+        if args.ckpt:
+            from vargen.train.tasks import load_component
+
+            model = load_component(args.ckpt)[0].eval()
+        else:
+            torch.manual_seed(0)
+            model = TarFlow(TarFlowConfig(num_blocks=4, heads=4, **SHAPES[shape])).eval()
+            model.init_output_(args.std, torch.Generator().manual_seed(1))
         for B in map(int, args.batches.split(",")):
             N = max(4, 2 * B)
             labels = torch.arange(N) % model.num_classes
