@@ -166,7 +166,8 @@ def test_initial_guess_changes_iterations_never_the_result():
     out_0, info_0 = ts.invert_tarflow(m, z, c, plans(m, "jacobi", init="zero"), tol=1e-14)
     assert [i["iterations"] for i in info_z] != [i["iterations"] for i in info_0]
     assert (out_z - x).abs().max() < 1e-10 and (out_0 - x).abs().max() < 1e-10
-    _, info = ts.invert_tarflow(m, z, c, plans(m, "jacobi"), tol=1e-8)
+    # tol is per element (max |delta|), stricter than the former ||delta||_F / (B C_p) at 1e-8
+    _, info = ts.invert_tarflow(m, z, c, plans(m, "jacobi"), tol=1e-7)
     assert max(i["iterations"] for i in info) <= 5  # n_iter << T - 1: the paper's speed-up
 
 
@@ -230,10 +231,17 @@ def test_crm_igm_and_policy():
     met = ts.crm_igm(m, images)
     for k in ("crm", "igm_z", "igm_zero"):
         assert met[k].shape == (3,) and torch.isfinite(met[k]).all()
-    crm = torch.tensor([1.0, 10.0, 1.0])  # model block 1 dominates
-    pol = ts.choose_policy(crm, torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 1.0, 1.0]))
-    assert [p.method for p in pol] == ["jacobi", "gs_jacobi", "jacobi"]  # sampling order
-    assert [p.init for p in pol] == ["zero", "zero", "z"]
+    meas = [  # sampling order: converged from both inits / capped from z only / capped from both
+        {"z": {"passes": 4, "forced": 0, "max_iters": 6}, "zero": {"passes": 5, "forced": 0, "max_iters": 6}},
+        {"z": {"passes": 7, "forced": 3, "max_iters": 6}, "zero": {"passes": 6, "forced": 0, "max_iters": 6}},
+        {"z": {"passes": 7, "forced": 2, "max_iters": 6}, "zero": {"passes": 7, "forced": 1, "max_iters": 6}},
+    ]
+    pol = ts.choose_policy(meas, gs_segments=4, gs_max_iters=9, window=3)
+    assert [(p.method, p.init, p.max_iters, p.window) for p in pol] == [
+        ("jacobi", "z", 6, 3),
+        ("jacobi", "zero", 6, 3),
+        ("gs_jacobi", "z", 9, 3),
+    ]
     stack = ts.stack_policy(3, [0], 8, 32, 10, "z")
     assert [(p.method, p.segments, p.max_iters) for p in stack] == [
         ("gs_jacobi", 8, 32),
@@ -259,6 +267,191 @@ def test_samples_finite_in_range_and_seeded():
     _, stats = stack(m, c, torch.Generator().manual_seed(0))
     assert [p["method"] for p in stats["plans"]] == ["jacobi", "gs_jacobi"]
     assert stats["iterations_per_block"][0] <= 3
+
+
+# ---------------------------------------------------------------- frozen-prefix windows (issue 16)
+@pytest.mark.parametrize("guidance", [None, 1.5])
+@pytest.mark.parametrize("window", [1, 3, 5, 0, 40])
+def test_windowed_jacobi_equals_sequential(window, guidance):
+    """tol 0 commits a token early only when its update is exactly zero: the windowed solve
+    is the sequential solution (float64: to rounding; window 1 IS the sequential loop)."""
+    m = tiny(blocks=3)
+    x, c = data()
+    z, _ = m(x, c)
+    seq, _ = ts.invert_tarflow(m, z, c, plans(m, "sequential"), guidance=guidance)
+    for method, segments in [("jacobi", 1), ("gs_jacobi", 4)]:
+        pl = plans(m, method, segments, window=window)
+        out, infos = ts.invert_tarflow(m, z, c, pl, tol=0.0, guidance=guidance)
+        if window == 1:
+            assert torch.equal(out, seq)
+        assert (out - seq).abs().max() < 1e-12, (method, window)
+        for info in infos:
+            assert info["forced"] == 0 and info["iterations"] <= T - 1
+
+
+@pytest.mark.parametrize("window", [1, 4, 0])
+def test_windowed_jacobi_float32_within_1e5_of_sequential(window):
+    m = tiny(std=0.05, blocks=3, dtype=torch.float32)
+    x, c = data()
+    z, _ = m(x.float(), c)
+    seq, _ = ts.invert_tarflow(m, z, c, plans(m, "sequential"), guidance=1.0)
+    for tol in (0.0, 1e-6):
+        out, _ = ts.invert_tarflow(m, z, c, plans(m, "jacobi", window=window), tol=tol, guidance=1.0)
+        assert (out - seq).abs().max() < 1e-5, (window, tol)
+
+
+@pytest.mark.parametrize("window", [1, 4, 6, 0])
+def test_token_rows_and_passes_exact_counts(window):
+    """Two cases with a closed form, L = T - 1 inputs: (1) tol < 0 commits only the token the
+    guarantee makes exact: L passes over min(W, L - c) inputs each; (2) the identity flow
+    from the z-init never moves a token: every pass commits its whole window."""
+    L, W = T - 1, window or T - 1
+    m = tiny(blocks=2)
+    x, c = data()
+    zp = m.blocks[0].permute(x)
+    _, info = ts.invert_block_jacobi(m.blocks[0], zp, c, window=window, tol=-1.0)
+    assert info["passes"] == L and info["syncs"] == 0
+    assert info["token_rows"] == sum(min(W, L - i) for i in range(L))
+    ident = tiny(std=0).blocks[0]
+    _, info = ts.invert_block_jacobi(ident, zp, c, window=window, tol=0.0)
+    assert info["passes"] == math.ceil(L / W) and info["token_rows"] == L
+    assert info["syncs"] == (info["passes"] if W > 1 else 0)  # a 1-token window has nothing to check
+
+
+def test_check_every_reads_convergence_on_the_host_only_every_k_passes():
+    """Identity flow, z-init, L = 15, window 4, a read every 2nd pass: unread passes commit
+    one token (windows [0,4) [1,5) [5,9) [6,10) [10,14) [11,15)), read ones the whole window."""
+    ident = tiny(std=0).blocks[0]
+    zp, c = data()
+    u, info = ts.invert_block_jacobi(ident, zp, c, window=4, tol=0.0, check_every=2)
+    assert (info["passes"], info["token_rows"], info["syncs"]) == (6, 24, 3)
+    assert torch.equal(u, zp)
+
+
+def test_stop_threshold_is_per_element_independent_of_batch_size():
+    """The same row alone and repeated 8 times commits at the same passes (a threshold like
+    ||delta||_F / (B C) would loosen by sqrt(8) and stop the batch of 8 earlier)."""
+    m = tiny(std=0.05, blocks=2)
+    x, c = data(B=1)
+    zp = m.blocks[1].permute(m(x, c)[0])
+    for tol in (1e-3, 1e-4, 1e-5):
+        u1, i1 = ts.invert_block_jacobi(m.blocks[1], zp, c, tol=tol)
+        u8, i8 = ts.invert_block_jacobi(m.blocks[1], zp.repeat(8, 1, 1), c.repeat(8), tol=tol)
+        assert (i1["passes"], i1["token_rows"]) == (i8["passes"], i8["token_rows"]), tol
+        assert i1["passes"] < T - 1  # the threshold did commit tokens early
+        assert (u8 - u1).abs().max() < 1e-12
+
+
+def test_calibration_picks_jacobi_where_it_converges_and_gs_where_the_cap_bites():
+    m = tiny(std=0.005, blocks=3)
+    with torch.no_grad():
+        m.blocks[1].proj_out.weight.mul_(100.0)  # a strongly coupled block: Jacobi crawls
+    labels = torch.tensor([0, 1, 2, 0])
+    plans_, cal = ts.calibrate_policy(m, labels, torch.Generator().manual_seed(0), max_iters=6, tol=1e-6)
+    assert [p.method for p in plans_] == ["jacobi", "gs_jacobi", "jacobi"]  # sampling order
+    hard = cal["measured"][1]
+    assert all(hard[i]["forced"] > 0 for i in ts.INITS)
+    assert all(cal["measured"][j][p.init]["forced"] == 0 for j, p in ((0, plans_[0]), (2, plans_[2])))
+    assert len(cal["passes"]) == 3
+
+
+def test_auto_sampler_records_plan_and_window_stats():
+    m = tiny(std=0.05, dtype=torch.float32)
+    c = torch.tensor([0, 1, 2, 3])
+    cfg = {**vars(ts.TarFlowSamplerConfig()), "method": "auto", "window": 4, "cfg_scale": 1.5, "calib": 4}
+    run = SAMPLERS.build(cfg)
+    a, stats = run(m, c, torch.Generator().manual_seed(0))
+    b, _ = run(m, c, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    assert [p["method"] for p in stats["plans"]] == ["jacobi", "jacobi"] and stats["plans"][0]["window"] == 4
+    assert len(stats["calibration_passes"]) == 2
+    assert stats["positions_computed"] == 4 * stats["token_rows"] == 4 * sum(stats["token_rows_per_block"])
+    assert stats["images"] == 4 and stats["syncs"] <= stats["target_forwards"]
+    seq, s_seq = SAMPLERS.build({**cfg, "method": "sequential"})(m, c, torch.Generator().manual_seed(0))
+    assert s_seq["token_rows"] == 2 * (T - 1) and s_seq["syncs"] == 0
+    assert (seq - a).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------- continuous batching (issue 16)
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+@pytest.mark.parametrize("window", [1, 4, 0])
+def test_continuous_jacobi_stays_exact_under_refilling(window, guidance):
+    """7 rows through 1, 3 or 8 slots: rows finish, slots refill and the batch shrinks at the
+    end, yet with tol 0 every image is the sequential one from the same noise."""
+    m = tiny(std=0.1, blocks=3)
+    c = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    ref, _ = ts.sample_tarflow(m, c, generator=torch.Generator().manual_seed(0), cfg_scale=guidance)
+    for slots in (1, 3, 8):
+        out, st = ts.sample_tarflow_continuous(
+            m,
+            c,
+            generator=torch.Generator().manual_seed(0),
+            slots=slots,
+            window=window,
+            tol=0.0,
+            cfg_scale=guidance,
+        )
+        assert (out - ref).abs().max() < 1e-12, slots
+        assert st["target_calls_per_image"] <= 3 * (T - 1)
+
+
+def test_continuous_rows_are_independent_of_slots_and_keep_calls_per_image():
+    """A row's passes and result do not depend on its slot or neighbours: model calls per image
+    are the same with 1, 5 or 16 slots, below the batch-synchronous loop where a batch of 16
+    runs until its slowest row converges."""
+    m = tiny(std=0.1, blocks=2)
+    c = torch.arange(24) % 4
+    kw = dict(window=0, tol=1e-4, cfg_scale=1.5)
+    res = {}
+    for slots in (1, 5, 16):
+        res[slots] = ts.sample_tarflow_continuous(
+            m, c, generator=torch.Generator().manual_seed(0), slots=slots, **kw
+        )
+    again, _ = ts.sample_tarflow_continuous(m, c, generator=torch.Generator().manual_seed(0), slots=16, **kw)
+    assert torch.equal(again, res[16][0])
+    per_image = res[1][1]["target_calls_per_image"]
+    for out, st in res.values():
+        assert (out - res[1][0]).abs().max() < 1e-12
+        assert st["target_calls_per_image"] == per_image
+    assert res[16][1]["target_forwards"] < res[5][1]["target_forwards"] < res[1][1]["target_forwards"]
+    calls = 0
+    for i in (0, 16):  # the batch-synchronous sampler, batches of 16: calls per image = passes
+        _, st = ts.sample_tarflow(
+            m, c[i : i + 16], generator=torch.Generator().manual_seed(i), method="jacobi", **kw
+        )
+        calls += st["target_forwards"] * len(c[i : i + 16])
+    assert calls / len(c) > 1.1 * per_image
+
+
+def test_continuous_exact_counts_and_builder():
+    m = tiny(std=0.1, blocks=2)
+    c = torch.arange(5) % 3
+    eager, st = ts.sample_tarflow_continuous(
+        m, c, generator=torch.Generator().manual_seed(0), slots=2, tol=-1.0
+    )
+    assert st["passes_per_block"] == [(T - 1) * 3] * 2  # 15 passes per row, slots of 2, 2, 1 rows
+    assert st["target_calls_per_image"] == 2 * (T - 1) and st["row_passes"] == 2 * 5 * (T - 1)
+    assert st["syncs"] == 2 * 2 * (T - 1) * 3  # the cache's window and the finished rows, every pass
+    lazy, st4 = ts.sample_tarflow_continuous(
+        m, c, generator=torch.Generator().manual_seed(0), slots=2, tol=-1.0, check_every=4
+    )  # rows finish at pass 15, are seen at pass 16
+    assert st4["passes_per_block"] == [16 * 3] * 2 and st4["syncs"] == 2 * (16 * 3 + 4 * 3)
+    assert (lazy - eager).abs().max() < 1e-12
+    mixed = [ts.BlockPlan("sequential"), ts.BlockPlan("gs_jacobi", 4, max_iters=2)]  # chunks of slots
+    ref, _ = ts.sample_tarflow(m, c[:2], generator=torch.Generator().manual_seed(0), policy=mixed, tol=0.0)
+    out, st = ts.sample_tarflow_continuous(
+        m, c, generator=torch.Generator().manual_seed(0), slots=2, policy=mixed, tol=0.0
+    )
+    assert st["passes_per_block"][0] == (T - 1) * 3 and st["row_passes"] > 5 * (T - 1)
+    assert (out[:2] - ref).abs().max() < 1e-12  # the first chunk is the batch-synchronous run
+    base = {**vars(ts.TarFlowSamplerConfig()), "window": 4}
+    flags = {meth: SAMPLERS.build({**base, "method": meth}).continuous for meth in ts.METHODS + ("auto",)}
+    assert flags == {"sequential": False, "jacobi": True, "gs_jacobi": False, "auto": True}
+    run = SAMPLERS.build({**base, "method": "jacobi"})
+    imgs, st = run(m, c, torch.Generator().manual_seed(0), slots=2)
+    assert imgs.shape == (5, 1, 8, 8) and st["images"] == 5 and st["slots"] == 2
+    with pytest.raises(ValueError, match="continuous"):
+        SAMPLERS.build({**base, "method": "sequential"})(m, c, torch.Generator().manual_seed(0), slots=2)
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from vargen.models.blocks import KVCache, attention
+from vargen.models.blocks import KVCache, RaggedKVCache, attention
 from vargen.registry import MODELS
 
 
@@ -60,13 +60,14 @@ class _Layer(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x_BLD, cache: KVCache | None, layer: int):
+    def forward(self, x_BLD, cache: KVCache | RaggedKVCache | None, layer: int, mask_B1LS=None):
         B, L, D = x_BLD.shape
         qkv = self.qkv(self.norm1(x_BLD)).view(B, L, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3x (B, H, L, d)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, H, S, d): finished prefix + these L
-        y = attention(q, k, v, causal=True)  # (B, H, L, d), query t sees keys <= S - L + t
+        # (B, H, L, d); without a ragged mask query t sees keys <= S - L + t
+        y = attention(q, k, v, mask_TS=mask_B1LS, causal=mask_B1LS is None)
         x_BLD = x_BLD + self.proj(y.transpose(1, 2).reshape(B, L, D))
         return x_BLD + self.mlp(self.norm2(x_BLD))
 
@@ -97,25 +98,38 @@ class FlowBlock(nn.Module):
         table = torch.cat([self.class_emb, self.class_emb.mean(0, keepdim=True)])  # (K+1, D)
         return table[cond_B]
 
-    def new_cache(self, batch: int) -> KVCache:
+    def new_cache(self, batch: int, window: int = 0) -> KVCache | RaggedKVCache:
+        """A KV cache for ``batch`` rows; ``window`` > 0: a ragged one for windows that wide."""
         p = self.proj_in.weight
-        depth = len(self.layers)
-        return KVCache(depth, batch, self.heads, self.num_tokens, self.head_dim, p.device, p.dtype)
+        depth, T = len(self.layers), self.num_tokens
+        if window > 0:
+            return RaggedKVCache(depth, batch, self.heads, T + window, self.head_dim, p.device, p.dtype)
+        return KVCache(depth, batch, self.heads, T, self.head_dim, p.device, p.dtype)
 
-    def params(self, u_BLC, cond_B, cache: KVCache | None = None):
+    def params(self, u_BLC, cond_B, cache: KVCache | RaggedKVCache | None = None):
         """(a, b), each (B, L, C_p), for tokens start+1 .. start+L of the permuted sequence.
 
         ``u_BLC`` holds the permuted tokens start .. start+L-1 with ``start = cache.length``
         (0 without a cache). Their keys/values are written after the cache's valid prefix
         but the cache is NOT advanced: a Jacobi solver re-runs a segment until it settles
-        and advances only once the written keys/values belong to the final values.
+        and advances only once the written keys/values belong to the final values. With a
+        :class:`RaggedKVCache` each row starts at its own ``length_B`` (continuous batching);
+        window positions past the last token (padding) reuse its position embedding and give
+        meaningless outputs, which cannot reach the real positions before them (causal).
         """
-        start = 0 if cache is None else cache.length
         L = u_BLC.shape[1]
         pos_TD = self.pos_emb.flip(0) if self.flip else self.pos_emb  # positions in permuted order
-        h = self.proj_in(u_BLC) + pos_TD[start : start + L] + self.cond_emb(cond_B)[:, None]  # (B, L, D)
+        mask = None
+        if isinstance(cache, RaggedKVCache):
+            mask = cache.begin(L)  # (B, 1, L, S)
+            pos_BL = cache.length_B[:, None] + torch.arange(L, device=u_BLC.device)
+            pos = pos_TD[pos_BL.clamp(max=self.num_tokens - 1)]  # (B, L, D)
+        else:
+            start = 0 if cache is None else cache.length
+            pos = pos_TD[start : start + L]  # (L, D)
+        h = self.proj_in(u_BLC) + pos + self.cond_emb(cond_B)[:, None]  # (B, L, D)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cache, i)
+            h = layer(h, cache, i, mask)
         a_BLC, b_BLC = self.proj_out(self.norm(h)).chunk(2, dim=-1)
         return a_BLC, b_BLC
 

@@ -6,22 +6,25 @@ in the block's permuted order (spec models.md 3b, 4). G is strictly causal, so:
 - **sequential** (TarFlow's sampler, the baseline): T-1 single-token passes with a KV
   cache, token i's pass giving (a, b) of token i+1;
 - **Jacobi** (GS-Jacobi paper, arXiv 2505.12849, num_GS = 1): repeat one parallel causal
-  pass over all tokens, u <- G(u). Token 0 is exact from the start and each iteration
-  makes one more token exact, so L inputs need at most L iterations from ANY initial guess;
-  we cap at that guarantee, so Jacobi never costs more passes than the sequential loop;
-- **GS-Jacobi**: contiguous segments of inputs solved one after another, Jacobi inside a
-  segment, attending to a K/V cache of the finished segments. Inputs [s, e) update tokens
-  [s+1, e+1). When a segment stops with keys/values computed from a stale iterate (the
-  tolerance or a cap stopped it while values still moved) they are recomputed from the
-  final values; the reference caches the stale ones.
+  pass, u <- G(u). Token 0 is exact from the start and each pass makes one more token
+  exact, so L inputs need at most L passes from ANY initial guess. Here the converged
+  prefix is frozen (issue 16): a pass runs a window of inputs after the committed prefix
+  against its K/V cache, then commits the input the guarantee made exact plus the following
+  run whose tokens moved by at most ``tol`` per element; committed positions are never
+  recomputed, so a pass costs its window, not the whole sequence (:func:`_solve_segment`);
+- **GS-Jacobi**: contiguous segments of inputs solved one after another, windowed Jacobi
+  inside a segment. Inputs [s, e) update tokens [s+1, e+1). A run committed by the cap
+  (values still moving) gets its keys/values recomputed from the final values when later
+  positions attend to it; the reference caches the stale ones.
 
 Guidance runs a second stream with the null class (mean class embedding) in the same
 batched pass and mixes a <- a + g_i (a - a_null), b likewise, annealed g_i = i/(T-1) w for
 token i (TarFlow). ``cfg_scale`` follows the project's convention (1 = off), w = cfg_scale-1.
 
-Counting (stats): every model pass of a block - one sequential single-token pass or one
-parallel Jacobi pass, a guided pair of streams counting once - is one target forward and
-one sequential pass, because the passes run one after another.
+Counting (stats): every model pass of a block - one sequential single-token pass, one
+windowed Jacobi pass or one K/V recompute, a guided pair of streams counting once - is one
+target forward and one sequential pass, because the passes run one after another.
+``token_rows`` counts the positions those passes push through the network per image.
 """
 
 from __future__ import annotations
@@ -41,20 +44,25 @@ INITS = ("z", "zero")
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """How one block is inverted: method, GS segments, iteration cap (0 = the guarantee), init."""
+    """How one block is inverted: method, GS segments, cap on updates per token (0 = none:
+    the exactness guarantee bounds the passes), init, Jacobi window (0 = whole segment)."""
 
     method: str = "sequential"
     segments: int = 1
     max_iters: int = 0
     init: str = "z"
+    window: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        if self.segments < 1 or self.max_iters < 0:
-            raise ValueError(f"need segments >= 1 and max_iters >= 0, got {self.segments}, {self.max_iters}")
+        if self.segments < 1 or self.max_iters < 0 or self.window < 0:
+            raise ValueError(
+                f"need segments >= 1, max_iters >= 0, window >= 0, got {self.segments}, "
+                f"{self.max_iters}, {self.window}"
+            )
 
 
 def _cond_rows(block, cond_B, guidance):
@@ -107,7 +115,77 @@ def invert_block_sequential(block, z_BTC, cond_B, *, guidance: float | None = No
         a, b = _guided_params(block, u[:, i : i + 1], cond_R, cache, guidance)  # token i+1
         cache.advance(1)
         u[:, i + 1 : i + 2] = _affine(z_BTC[:, i + 1 : i + 2], a, b, None)
-    return u, {"iterations": T - 1, "passes": T - 1}
+    info = {"iterations": T - 1, "passes": T - 1, "token_rows": T - 1, "syncs": 0, "forced": 0}
+    return u, info
+
+
+def _check_every(check_every: int, device) -> int:
+    """Passes between convergence reads; 0 = auto: every pass on CPU (a host read costs
+    nothing there), every 4th on an accelerator (each read stalls the launch queue)."""
+    if check_every > 0:
+        return check_every
+    return 1 if torch.device(device).type == "cpu" else 4
+
+
+@torch.no_grad()
+def _solve_segment(block, z_BTC, u_BTC, cond_R, cache, s, e, *, window, cap, tol, clamp, guidance, every):
+    """Frozen-prefix Jacobi on inputs [s, e) (tokens s+1..e), in place in ``u_BTC``.
+
+    On entry tokens 0..s are final and inputs < s are committed to ``cache`` (length s);
+    on exit inputs [s, e) are too. State: c = committed inputs, tokens 0..c final. A pass
+    runs the window of inputs [c, w), w = min(c + window, e) (window 0 = up to e), against
+    the cache and gives tokens c+1..w. Input c is final, so its keys/values and token c+1
+    are exact: input c is always committed (strict causality; at most e - s passes). The
+    inputs after it, c+1.., are committed too while they form a run whose tokens moved by at
+    most ``tol`` per element in this pass (max |delta| over rows and values: its meaning does
+    not depend on the batch size; tol < 0 never commits early) or were updated ``cap`` times
+    (0 = no cap). Keys/values of a run are those of this pass's inputs, within tol of the
+    final values; a run forced by the cap is recomputed from the final values (one more pass)
+    unless nothing attends to it any more. Convergence is read on the host (one sync) only
+    every ``every`` passes; the passes between commit the guaranteed token alone.
+
+    Returns {"iterations", "passes", "token_rows" (positions per stream row), "syncs", "forced"}.
+    """
+    n_in = block.num_tokens - 1
+    age = [0] * (e + 1)  # updates of token j in this segment (host-side: no sync)
+    c, k = s, 0
+    out = {"iterations": 0, "passes": 0, "token_rows": 0, "syncs": 0, "forced": 0}
+    while c < e:
+        w = e if window <= 0 else min(c + window, e)
+        a, b = _guided_params(block, u_BTC[:, c:w], cond_R, cache, guidance)  # tokens c+1..w
+        new = _affine(z_BTC[:, c + 1 : w + 1], a, b, clamp)  # (B, w - c, C)
+        k += 1
+        out["token_rows"] += w - c
+        ok = []  # tol verdicts of inputs c+1..w-1, read on check passes only
+        if tol >= 0 and w - c > 1 and k % every == 0:
+            d_n = (new[:, :-1] - u_BTC[:, c + 1 : w]).abs().amax(dim=(0, 2))  # (w-c-1,) max |delta|
+            ok = (d_n <= tol).tolist()  # the one host sync of this pass
+            out["syncs"] += 1
+        u_BTC[:, c + 1 : w + 1] = new
+        for j in range(c + 1, w + 1):
+            age[j] += 1
+        run, forced_from = 0, None  # committed inputs c+1 .. c+run; first one forced by the cap
+        for i, j in enumerate(range(c + 1, w)):
+            by_tol = i < len(ok) and ok[i]
+            if not (by_tol or (cap > 0 and age[j] >= cap)):
+                break
+            if not by_tol and forced_from is None:
+                forced_from = j
+            run += 1
+        new_c = c + 1 + run
+        if forced_from is not None and new_c < n_in:  # later passes attend to stale keys/values
+            cache.advance(forced_from - c)
+            block.params(_stream_rows(u_BTC[:, forced_from:new_c], guidance), cond_R, cache)
+            cache.advance(new_c - forced_from)
+            out["passes"] += 1
+            out["token_rows"] += new_c - forced_from
+        else:
+            cache.advance(new_c - c)
+        out["forced"] += 0 if forced_from is None else new_c - forced_from
+        c = new_c
+    out["iterations"] = k
+    out["passes"] += k
+    return out
 
 
 @torch.no_grad()
@@ -117,54 +195,172 @@ def invert_block_gs_jacobi(
     cond_B,
     *,
     segments: int = 1,
+    window: int = 0,
     max_iters: int = 0,
     tol: float = 1e-6,
     init: str = "z",
     clamp: float | None = None,
     guidance: float | None = None,
+    check_every: int = 1,
 ):
-    """Gauss-Seidel over ``segments`` contiguous segments, Jacobi inside each (spec 4c).
+    """Gauss-Seidel over ``segments`` contiguous segments, frozen-prefix Jacobi inside each.
 
-    The T-1 inputs 0..T-2 are cut into segments of S = ceil((T-1)/segments) tokens. Each
-    segment iterates until diff = ||u^{k+1} - u^k||_F / (B C_p) <= tol, ``max_iters``
-    (0 = no cap) or S iterations (the exactness guarantee), whichever comes first.
-    Returns (u_BTC, {"iterations": sum over segments, "passes", "segment_iterations"}).
+    The T-1 inputs 0..T-2 are cut into segments of S = ceil((T-1)/segments) tokens, solved
+    one after another by :func:`_solve_segment` with a sliding ``window`` (0 = the rest of
+    the segment), ``tol`` (per element), a cap of ``max_iters`` updates per token (0 = none:
+    at most S passes per segment, the exactness guarantee) and a convergence read every
+    ``check_every`` passes. Committed positions are never recomputed.
+    Returns (u_BTC, {"iterations", "passes", "token_rows", "syncs", "forced", "segment_iterations"}).
     """
-    B, T, C = z_BTC.shape
-    n_in = T - 1
+    n_in = z_BTC.shape[1] - 1
     size = -(-n_in // segments)  # ceil
     cond_R = _cond_rows(block, cond_B, guidance)
     cache = block.new_cache(cond_R.shape[0])
     u = initial_guess(z_BTC, init)
-    seg_iters, passes = [], 0
+    info = {"iterations": 0, "passes": 0, "token_rows": 0, "syncs": 0, "forced": 0, "segment_iterations": []}
     for s in range(0, n_in, size):
         e = min(s + size, n_in)
-        L = e - s
-        cap = L if max_iters <= 0 else min(max_iters, L)
-        k, stale = 0, False
-        while k < cap:
-            a, b = _guided_params(block, u[:, s:e], cond_R, cache, guidance)  # tokens s+1..e
-            new = _affine(z_BTC[:, s + 1 : e + 1], a, b, clamp)  # (B, L, C)
-            old = u[:, s + 1 : e + 1]
-            diff = (new - old).norm().item() / (B * C)
-            stale = not torch.equal(new[:, :-1], old[:, :-1])  # inputs s+1..e-1 moved
-            u[:, s + 1 : e + 1] = new
-            k += 1
-            if diff <= tol:
-                break
-        passes += k
-        seg_iters.append(k)
-        if e < n_in:  # later segments attend to this one
-            if stale:  # keys/values came from the previous iterate: recompute from the final one
-                block.params(_stream_rows(u[:, s:e], guidance), cond_R, cache)
-                passes += 1
-            cache.advance(L)
-    return u, {"iterations": sum(seg_iters), "passes": passes, "segment_iterations": seg_iters}
+        seg = _solve_segment(
+            block,
+            z_BTC,
+            u,
+            cond_R,
+            cache,
+            s,
+            e,
+            window=window,
+            cap=max_iters,
+            tol=tol,
+            clamp=clamp,
+            guidance=guidance,
+            every=check_every,
+        )
+        for key, v in seg.items():
+            info[key] += v
+        info["segment_iterations"].append(seg["iterations"])
+    return u, info
 
 
 def invert_block_jacobi(block, z_BTC, cond_B, **kw):
-    """Plain Jacobi: GS-Jacobi with one segment (all T-1 inputs in every pass)."""
+    """Plain Jacobi: GS-Jacobi with one segment (a window slides over all T-1 inputs)."""
     return invert_block_gs_jacobi(block, z_BTC, cond_B, segments=1, **kw)
+
+
+@torch.no_grad()
+def invert_block_continuous(
+    block,
+    z_NTC,
+    cond_N,
+    *,
+    slots: int,
+    window: int = 0,
+    tol: float = 1e-6,
+    init: str = "z",
+    clamp: float | None = None,
+    guidance: float | None = None,
+    check_every: int = 1,
+):
+    """Frozen-prefix Jacobi for N rows through ``slots`` batch rows with refilling (issue 16).
+
+    Each slot holds one row with its own committed length c_b in a
+    :class:`~vargen.models.blocks.RaggedKVCache`. A pass runs inputs c_b .. c_b+w-1 of
+    every slot, w = ``window`` (0 = T-1) or less when no row has that many inputs left
+    (positions past a row's sequence are padding, counted in ``token_rows``), and
+    commits per row as :func:`_solve_segment` does (input c_b, then the run of inputs whose
+    tokens moved by at most ``tol`` per element), on the device. A row whose inputs are all
+    committed hands its slot to the next pending row (rows in order), so the batch stays
+    full until the rows run out; then it shrinks. Rows never interact, so a row's result
+    does not depend on its slot or neighbours. Host reads: one per pass (the cache's widest
+    window) and one every ``check_every`` passes (the finished rows; between reads a
+    finished row idles on padding, counted in ``row_passes``). Returns (u_NTC, info);
+    ``row_passes`` sums the occupied slots over passes (model rows per image = row_passes / N).
+    """
+    N, T, C = z_NTC.shape
+    n_in = T - 1
+    W = n_in if window <= 0 else min(window, n_in)
+    S, R = min(slots, N), (1 if guidance is None else 2)
+    dev = z_NTC.device
+    out = initial_guess(z_NTC, init)  # (N, T, C): iterates of pending rows, results of done ones
+    pad = z_NTC.new_zeros(S, W, C)  # positions T .. T+W-1: padding of windows past the end
+    U = torch.cat([out[:S], pad], 1)  # (S, T+W, C) slot iterates
+    Z = torch.cat([z_NTC[:S], pad], 1)  # (S, T+W, C)
+    cond_S, rows = cond_N[:S].clone(), list(range(S))
+    c_S = torch.zeros(S, dtype=torch.long, device=dev)  # committed inputs per slot
+    cache = block.new_cache(R * S, window=W)
+    nxt, width = S, W
+
+    info = {"iterations": 0, "passes": 0, "token_rows": 0, "syncs": 0, "forced": 0, "row_passes": 0}
+    while rows:
+        S = len(rows)
+        cache.length_B = c_S.repeat(R)
+        pos_SW = c_S[:, None] + torch.arange(width, device=dev)  # input positions c_b .. c_b+width-1
+        x_SWC = U.gather(1, pos_SW[..., None].expand(S, width, C))
+        a, b = block.params(_stream_rows(x_SWC, guidance), _cond_rows(block, cond_S, guidance), cache)
+        if guidance is not None:  # annealed per output token, g_i = i/(T-1) w
+            g_SW1 = ((pos_SW + 1).to(a.dtype) * (guidance / (T - 1)))[..., None]
+            a = a[:S] + g_SW1 * (a[:S] - a[S:])
+            b = b[:S] + g_SW1 * (b[:S] - b[S:])
+        tok_SWC = (pos_SW + 1)[..., None].expand(S, width, C)  # output tokens c_b+1 .. c_b+width
+        old = U.gather(1, tok_SWC)
+        new = _affine(Z.gather(1, tok_SWC), a, b, clamp)  # (S, width, C)
+        U.scatter_(1, tok_SWC, new)
+        if tol >= 0:  # input c_b+i (i >= 1) commits if tokens c_b+1..c_b+i moved <= tol, c_b+i < T-1
+            ok_SW = (new - old).abs().amax(-1) <= tol
+            ok_SW = ok_SW[:, :-1] & (pos_SW[:, 1:] < n_in)  # (S, width-1)
+            c_S = c_S + 1 + ok_SW.long().cumprod(1).sum(1)
+        else:
+            c_S = c_S + 1
+        c_S = c_S.clamp(max=n_in)  # a finished row idles on padding until the next read
+        info["passes"] += 1
+        info["row_passes"] += S
+        info["token_rows"] += S * width
+        info["syncs"] += 1  # RaggedKVCache.begin reads the widest window
+        if info["passes"] % check_every:
+            continue
+        info["syncs"] += 1
+        c_list = c_S.tolist()
+        keep = []
+        for slot, c in enumerate(c_list):
+            if c < n_in:
+                keep.append(slot)
+                continue
+            out[rows[slot]] = U[slot, :T]
+            if nxt < N:  # refill: the next pending row takes the slot, from its initial guess
+                U[slot, :T], Z[slot, :T], cond_S[slot] = out[nxt], z_NTC[nxt], cond_N[nxt]
+                c_S[slot], c_list[slot], rows[slot] = 0, 0, nxt
+                nxt += 1
+                keep.append(slot)
+        if len(keep) < S:  # the rows ran out: shrink the batch
+            k_S = torch.tensor(keep, dtype=torch.long, device=dev)
+            k_R = torch.cat([k_S + r * S for r in range(R)])
+            U, Z, cond_S, c_S = U[k_S], Z[k_S], cond_S[k_S], c_S[k_S]
+            rows = [rows[i] for i in keep]
+            cache.k = [t[k_R] for t in cache.k]
+            cache.v = [t[k_R] for t in cache.v]
+        if keep:  # no wider than the most remaining inputs of any row
+            width = min(W, n_in - min(c_list[i] for i in keep))
+    info["iterations"] = info["passes"]
+    info["token_rows"] /= N
+    return out, info
+
+
+def _invert_block(block, zp_BTC, cond_B, plan: BlockPlan, *, tol, clamp, guidance, check_every):
+    """One block by its plan, permuted order in and out: (u_BTC, info)."""
+    if plan.method == "sequential":
+        return invert_block_sequential(block, zp_BTC, cond_B, guidance=guidance)
+    return invert_block_gs_jacobi(
+        block,
+        zp_BTC,
+        cond_B,
+        segments=plan.segments if plan.method == "gs_jacobi" else 1,
+        window=plan.window,
+        max_iters=plan.max_iters,
+        tol=tol,
+        init=plan.init,
+        clamp=clamp,
+        guidance=guidance,
+        check_every=check_every,
+    )
 
 
 @torch.no_grad()
@@ -177,6 +373,7 @@ def invert_tarflow(
     tol: float = 1e-6,
     clamp: float | None = None,
     guidance: float | None = None,
+    check_every: int = 1,
     progress: bool = False,
 ):
     """z -> x through all blocks in reverse; ``plans`` are in sampling (reverse block) order."""
@@ -185,21 +382,16 @@ def invert_tarflow(
     x, infos = z_BTC, []
     order = list(reversed(model.blocks))
     for block, plan in tqdm(list(zip(order, plans)), desc="blocks", disable=not progress, leave=False):
-        zp = block.permute(x)
-        if plan.method == "sequential":
-            u, info = invert_block_sequential(block, zp, cond_B, guidance=guidance)
-        else:
-            u, info = invert_block_gs_jacobi(
-                block,
-                zp,
-                cond_B,
-                segments=plan.segments if plan.method == "gs_jacobi" else 1,
-                max_iters=plan.max_iters,
-                tol=tol,
-                init=plan.init,
-                clamp=clamp,
-                guidance=guidance,
-            )
+        u, info = _invert_block(
+            block,
+            block.permute(x),
+            cond_B,
+            plan,
+            tol=tol,
+            clamp=clamp,
+            guidance=guidance,
+            check_every=check_every,
+        )
         x = block.permute(u)
         infos.append(info)
     return x, infos
@@ -217,6 +409,8 @@ def sample_tarflow(
     max_iters: int = 0,
     segments: int = 8,
     init: str = "z",
+    window: int = 0,
+    check_every: int = 0,
     policy: list[BlockPlan] | None = None,
     clamp: float | None = None,
     denoise: bool = True,
@@ -226,18 +420,25 @@ def sample_tarflow(
 
     z ~ N(0, I) is drawn as one (B, T, C_p) tensor on the generator's device. ``policy``
     (one :class:`BlockPlan` per block, sampling order) overrides method / segments /
-    max_iters / init. ``denoise`` applies the Tweedie step (one forward + backward of the
-    whole flow, counted in ``denoise_forwards``, not in ``target_forwards``).
+    max_iters / init / window. ``denoise`` applies the Tweedie step (one forward + backward
+    of the whole flow, counted in ``denoise_forwards``, not in ``target_forwards``).
+
+    Stats besides the common record: ``positions_computed`` (token positions pushed through
+    the network, over passes and image rows; a guided pair of streams counts once, as in
+    ``target_forwards``), ``token_rows`` = that per image, ``syncs`` (host reads of a
+    convergence test in this call; one per batch, so also per image at batch 1),
+    ``forced_tokens`` (committed by the cap, not by convergence), ``images``.
     """
     t0 = time.perf_counter()
     p = next(model.parameters())
     cond_B = cond_B.to(p.device)
     B, T, C = cond_B.shape[0], model.num_tokens, model.token_dim
-    plans = policy or [BlockPlan(method, segments, max_iters, init)] * len(model.blocks)
+    plans = policy or [BlockPlan(method, segments, max_iters, init, window)] * len(model.blocks)
     guidance = None if cfg_scale == 1.0 else cfg_scale - 1.0
     z = torch.randn(B, T, C, generator=generator, device=generator.device, dtype=p.dtype).to(p.device)
+    every = _check_every(check_every, p.device)
     x, infos = invert_tarflow(
-        model, z, cond_B, plans, tol=tol, clamp=clamp, guidance=guidance, progress=progress
+        model, z, cond_B, plans, tol=tol, clamp=clamp, guidance=guidance, check_every=every, progress=progress
     )
     if denoise:
         x = model.denoise(x, cond_B)
@@ -254,6 +455,116 @@ def sample_tarflow(
         accepted=B * T,
         proposed=B * T,
         plans=[asdict(pl) for pl in plans],
+        positions_computed=B * sum(i["token_rows"] for i in infos),
+        token_rows=sum(i["token_rows"] for i in infos),
+        token_rows_per_block=[i["token_rows"] for i in infos],
+        syncs=sum(i["syncs"] for i in infos),
+        forced_tokens=sum(i["forced"] for i in infos),
+        images=B,
+    )
+    stats["seconds"] = time.perf_counter() - t0
+    return model.to_images(x), stats
+
+
+@torch.no_grad()
+def sample_tarflow_continuous(
+    model,
+    cond_N: torch.Tensor,
+    *,
+    generator: torch.Generator,
+    slots: int,
+    method: str = "jacobi",
+    cfg_scale: float = 1.0,
+    tol: float = 1e-6,
+    max_iters: int = 0,
+    segments: int = 8,
+    init: str = "z",
+    window: int = 0,
+    check_every: int = 0,
+    policy: list[BlockPlan] | None = None,
+    clamp: float | None = None,
+    denoise: bool = True,
+    progress: bool = False,
+):
+    """All N images through ``slots`` batch rows (continuous batching); returns (images, stats).
+
+    z ~ N(0, I) is drawn as one (N, T, C_p) tensor. The blocks run one after another (each
+    needs the previous block's output of a row); inside a block a plain Jacobi plan without
+    a cap runs :func:`invert_block_continuous`, where a row that finishes early frees its
+    slot for the next row; other plans (sequential, GS segments, a cap) run chunks of
+    ``slots`` rows, and so does the Tweedie step. Stats as :func:`sample_tarflow` over the
+    whole run, plus ``row_passes`` (rows over model calls) and ``target_calls_per_image``.
+    """
+    t0 = time.perf_counter()
+    p = next(model.parameters())
+    cond_N = cond_N.to(p.device)
+    N, T, C = cond_N.shape[0], model.num_tokens, model.token_dim
+    plans = policy or [BlockPlan(method, segments, max_iters, init, window)] * len(model.blocks)
+    guidance = None if cfg_scale == 1.0 else cfg_scale - 1.0
+    every = _check_every(check_every, p.device)
+    x = torch.randn(N, T, C, generator=generator, device=generator.device, dtype=p.dtype).to(p.device)
+    infos = []
+    for block, plan in tqdm(list(zip(reversed(model.blocks), plans)), disable=not progress, leave=False):
+        zp = block.permute(x)
+        if plan.method == "jacobi" and plan.max_iters == 0:
+            u, info = invert_block_continuous(
+                block,
+                zp,
+                cond_N,
+                slots=slots,
+                window=plan.window,
+                tol=tol,
+                init=plan.init,
+                clamp=clamp,
+                guidance=guidance,
+                check_every=every,
+            )
+            info["token_rows"] *= N  # summed over rows below, then divided by N
+        else:
+            parts, info = [], {"passes": 0, "token_rows": 0, "syncs": 0, "forced": 0, "row_passes": 0}
+            for i in range(0, N, slots):
+                v, part = _invert_block(
+                    block,
+                    zp[i : i + slots],
+                    cond_N[i : i + slots],
+                    plan,
+                    tol=tol,
+                    clamp=clamp,
+                    guidance=guidance,
+                    check_every=every,
+                )
+                parts.append(v)
+                for key in ("passes", "syncs", "forced"):
+                    info[key] += part[key]
+                info["token_rows"] += v.shape[0] * part["token_rows"]
+                info["row_passes"] += v.shape[0] * part["passes"]
+            u = torch.cat(parts)
+        infos.append(info)
+        x = block.permute(u)
+    if denoise:
+        x = torch.cat([model.denoise(x[i : i + slots], cond_N[i : i + slots]) for i in range(0, N, slots)])
+    stats = new_stats()
+    passes = [i["passes"] for i in infos]
+    row_passes = sum(i["row_passes"] for i in infos)
+    stats.update(
+        target_forwards=sum(passes),
+        sequential_passes=sum(passes),
+        baseline_passes=len(infos) * (T - 1) * -(-N // slots),  # the sequential sampler's count
+        passes_per_block=passes,
+        denoise_forwards=len(model.blocks) * -(-N // slots) if denoise else 0,
+        tokens=N * T,
+        accepted=N * T,
+        proposed=N * T,
+        plans=[asdict(pl) for pl in plans],
+        positions_computed=round(sum(i["token_rows"] for i in infos)),
+        token_rows=sum(i["token_rows"] for i in infos) / N,
+        token_rows_per_block=[i["token_rows"] / N for i in infos],
+        syncs=sum(i["syncs"] for i in infos),
+        forced_tokens=sum(i["forced"] for i in infos),
+        images=N,
+        slots=slots,
+        row_passes=row_passes,
+        target_calls_per_image=row_passes / N,
     )
     stats["seconds"] = time.perf_counter() - t0
     return model.to_images(x), stats
@@ -292,31 +603,83 @@ def crm_igm(model, images_BCHW, labels_B=None) -> dict:
     return {k: torch.stack(v).float().cpu() for k, v in out.items()}
 
 
-def choose_policy(
-    crm,
-    igm_z,
-    igm_zero,
+def choose_policy(measured: list[dict], *, gs_segments: int = 8, gs_max_iters: int = 32, window: int = 0):
+    """Per-block plans in SAMPLING order from Jacobi runs measured by :func:`calibrate_policy`.
+
+    ``measured[j][init]`` = {"passes", "forced", "max_iters"} of block j's frozen-prefix
+    Jacobi from that init. Each block starts from the init that converged (no token forced
+    by the cap) in fewer passes (ties: z). A
+    block whose Jacobi converged within its cap (no token committed by the cap) keeps plain
+    Jacobi with that cap; one where the cap forced tokens gets GS-Jacobi with
+    ``gs_segments`` segments capped at ``gs_max_iters`` updates per token.
+    """
+    plans = []
+    for m in measured:
+        init = min(INITS, key=lambda i: (m[i]["forced"] > 0, m[i]["passes"], INITS.index(i)))
+        if m[init]["forced"] == 0:
+            plans.append(BlockPlan("jacobi", 1, m[init]["max_iters"], init, window))
+        else:
+            plans.append(BlockPlan("gs_jacobi", gs_segments, gs_max_iters, init, window))
+    return plans
+
+
+@torch.no_grad()
+def calibrate_policy(
+    model,
+    cond_B,
+    generator: torch.Generator,
     *,
-    tough_share: float = 0.3,
+    window: int = 0,
+    max_iters: int = 0,
+    tol: float = 1e-6,
     gs_segments: int = 8,
     gs_max_iters: int = 32,
-    jacobi_max_iters: int = 10,
-) -> list[BlockPlan]:
-    """Per-block plans in SAMPLING order from metrics in model block order (spec 4d).
+    clamp: float | None = None,
+    guidance: float | None = None,
+    check_every: int = 1,
+):
+    """Measure, then choose (issue 16): plans (sampling order) and the measurements.
 
-    Blocks holding at least ``tough_share`` of the total CRM are "tough" and get GS-Jacobi
-    with ``gs_segments`` segments capped at ``gs_max_iters`` per segment; the rest plain
-    Jacobi capped at ``jacobi_max_iters``. Each block starts from the init with lower IGM.
+    Draws a calibration batch z ~ N(0, I) for labels ``cond_B`` from ``generator`` and walks
+    the blocks in sampling order: each block is inverted by frozen-prefix Jacobi (``window``,
+    cap ``max_iters``, ``tol``) from both inits, :func:`choose_policy` picks the plan, and
+    that plan's output feeds the next block, so every block is measured on the inputs it sees
+    when sampling. Returns (plans, {"measured": per block per init, "passes": of the plans}).
     """
-    share = crm / crm.sum()
-    plans = []
-    for blk in reversed(range(len(crm))):
-        init = "z" if igm_z[blk] <= igm_zero[blk] else "zero"
-        if share[blk] >= tough_share:
-            plans.append(BlockPlan("gs_jacobi", gs_segments, gs_max_iters, init))
+    p = next(model.parameters())
+    B, T, C = cond_B.shape[0], model.num_tokens, model.token_dim
+    cond_B = cond_B.to(p.device)
+    x = torch.randn(B, T, C, generator=generator, device=generator.device, dtype=p.dtype).to(p.device)
+    kw = dict(tol=tol, clamp=clamp, guidance=guidance, check_every=check_every)
+    plans, measured, passes = [], [], []
+    for block in reversed(model.blocks):
+        zp = block.permute(x)
+        m, outs = {}, {}
+        for init in INITS:
+            outs[init], info = invert_block_gs_jacobi(
+                block, zp, cond_B, window=window, max_iters=max_iters, init=init, **kw
+            )
+            m[init] = {"passes": info["passes"], "forced": info["forced"], "max_iters": max_iters}
+        (plan,) = choose_policy([m], gs_segments=gs_segments, gs_max_iters=gs_max_iters, window=window)
+        if plan.method == "jacobi":
+            u, n = outs[plan.init], m[plan.init]["passes"]
         else:
-            plans.append(BlockPlan("jacobi", 1, jacobi_max_iters, init))
-    return plans
+            u, info = invert_block_gs_jacobi(
+                block,
+                zp,
+                cond_B,
+                segments=plan.segments,
+                window=window,
+                max_iters=plan.max_iters,
+                init=plan.init,
+                **kw,
+            )
+            n = info["passes"]
+        plans.append(plan)
+        measured.append(m)
+        passes.append(n)
+        x = block.permute(u)
+    return plans, {"measured": measured, "passes": passes}
 
 
 def stack_policy(num_blocks: int, gs_blocks, segments: int, gs_max_iters: int, max_iters: int, init: str):
@@ -331,60 +694,98 @@ def stack_policy(num_blocks: int, gs_blocks, segments: int, gs_max_iters: int, m
 @dataclass
 class TarFlowSamplerConfig:
     name: str = "tarflow"
-    method: str = "sequential"  # sequential | jacobi | gs_jacobi (every block) | auto (CRM/IGM policy)
+    method: str = "sequential"  # sequential | jacobi | gs_jacobi (every block) | auto (measured policy)
     cfg_scale: float = 1.0  # 1 = off; annealed over tokens per TarFlow
-    tol: float = 1e-6  # Jacobi stop: ||u^{k+1} - u^k||_F / (B C_p) <= tol
-    max_iters: int = 0  # Jacobi cap per block / per GS segment; 0 = the exactness guarantee
+    tol: float = 1e-6  # Jacobi commit: max |u^{k+1} - u^k| per element <= tol; < 0 = guaranteed token only
+    max_iters: int = 0  # Jacobi cap on updates per token; 0 = none (the exactness guarantee)
     segments: int = 8  # GS-Jacobi segments (num_GS)
     init: str = "z"  # z | zero
+    window: int = 0  # frozen-prefix Jacobi window in tokens; 0 = the rest of the segment
+    check_every: int = 0  # passes between host reads of convergence; 0 = auto (1 on CPU, 4 on GPU)
     clamp: float = 0.0  # overflow clamp of Jacobi iterates to [-clamp, clamp]; 0 = off
     denoise: bool = True  # Tweedie step after sampling
     gs_blocks: list[int] = field(default_factory=list)  # non-empty: [Stack-GS-J-Else] policy
-    gs_max_iters: int = 32  # cap per segment for gs_blocks
+    gs_max_iters: int = 32  # cap per token in GS segments (gs_blocks, and auto's unconverged blocks)
+    calib: int = 32  # auto: rows of the calibration batch (labels cycle through the classes)
+    calib_seed: int = 0  # auto: seed of the calibration noise (its own generator, not the sampler's)
 
 
 @SAMPLERS.register("tarflow", TarFlowSamplerConfig)
 def build_tarflow_sampler(cfg):
     """A callable ``(model, cond_B, generator, progress) -> (images, stats)`` for the config.
 
-    ``method=auto`` picks a per-block policy from CRM / IGM (spec 4d); Jacobi blocks are
-    capped at ``max_iters`` (default 0: stop by ``tol`` alone, at most T passes). The
-    paper's caps of 6-20 are tuned for 1024-token models; on the 64-token digits model a
-    cap of 10 left one block unconverged (max pixel error 0.9, FID 34.5 -> 42.7) while
-    the tolerance stop needed 26 passes there. It needs real images,
-    given once through the callable's ``prepare(model, images, labels)`` (sample.py passes
-    training images of the checkpoint's dataset). ``run.policy`` holds the chosen plans.
+    ``method=auto`` measures the plan on the first call for a model (:func:`calibrate_policy`
+    on ``calib`` rows of its own seeded noise, guided like the sampler): plain Jacobi per
+    block unless the cap ``max_iters`` forced tokens there, then GS-Jacobi. With the default
+    cap 0 every block stays Jacobi (exact, at most T-1 passes). ``run.policy`` holds the
+    plans, ``run.calibration`` the measurements; ``stats["plans"]`` and
+    ``stats["calibration_passes"]`` carry them into metrics.json. Jacobi and auto samplers
+    are ``continuous``: called with ``slots=`` and all labels they refill freed batch rows.
     """
-    kw = {k: v for k, v in dict(cfg).items() if k not in ("name", "gs_blocks", "gs_max_iters", "clamp")}
+    drop = ("name", "gs_blocks", "gs_max_iters", "clamp", "calib", "calib_seed")
+    kw = {k: v for k, v in dict(cfg).items() if k not in drop}
     gs_blocks, gs_max_iters = list(cfg["gs_blocks"]), cfg["gs_max_iters"]
     clamp = cfg["clamp"] or None
     auto = kw["method"] == "auto"
     if auto:
-        kw["method"] = "jacobi"  # overridden per block by the chosen policy
+        kw["method"] = "jacobi"  # overridden per block by the measured policy
 
-    def prepare(model, images_BCHW, labels_B=None):
+    def calibrate(model):
+        p = next(model.parameters())
+        labels = torch.arange(cfg["calib"], device=p.device) % model.num_classes
+        g = torch.Generator(device=p.device).manual_seed(cfg["calib_seed"])
+        run.policy, run.calibration = calibrate_policy(
+            model,
+            labels,
+            g,
+            window=kw["window"],
+            max_iters=kw["max_iters"],
+            tol=kw["tol"],
+            gs_segments=kw["segments"],
+            gs_max_iters=gs_max_iters,
+            clamp=clamp,
+            guidance=None if kw["cfg_scale"] == 1.0 else kw["cfg_scale"] - 1.0,
+            check_every=_check_every(kw["check_every"], p.device),
+        )
+        run.calibrated_for = model
+
+    def run(model, cond_B, generator, progress=False, slots: int | None = None):
+        """``slots``: ``cond_B`` holds ALL labels, sampled through that many batch rows with
+        refilling (:func:`sample_tarflow_continuous`; only where ``run.continuous``)."""
+        policy = None
         if auto:
-            m = crm_igm(model, images_BCHW, labels_B)
-            run.policy = choose_policy(
-                m["crm"],
-                m["igm_z"],
-                m["igm_zero"],
-                gs_segments=kw["segments"],
-                gs_max_iters=gs_max_iters,
-                jacobi_max_iters=kw["max_iters"],
-            )
-
-    def run(model, cond_B, generator, progress=False):
-        policy = run.policy
-        if auto and policy is None:
-            raise ValueError("sampler.method=auto needs real images first: call prepare(model, images)")
+            if run.calibrated_for is not model:
+                calibrate(model)
+            policy = run.policy
         if gs_blocks:
             n = len(model.blocks)
             policy = stack_policy(n, gs_blocks, kw["segments"], gs_max_iters, kw["max_iters"], kw["init"])
-        return sample_tarflow(
-            model, cond_B, generator=generator, policy=policy, clamp=clamp, progress=progress, **kw
-        )
+            policy = [replace(pl, window=kw["window"]) for pl in policy]
+        if slots is not None:
+            if not run.continuous:
+                raise ValueError(
+                    f"sampler.method={cfg['method']} has no continuous batching (plain Jacobi only)"
+                )
+            images, stats = sample_tarflow_continuous(
+                model,
+                cond_B,
+                generator=generator,
+                slots=slots,
+                policy=policy,
+                clamp=clamp,
+                progress=progress,
+                **kw,
+            )
+        else:
+            images, stats = sample_tarflow(
+                model, cond_B, generator=generator, policy=policy, clamp=clamp, progress=progress, **kw
+            )
+        if auto:
+            stats["calibration_passes"] = list(run.calibration["passes"])
+        return images, stats
 
-    run.policy = None
-    run.prepare = prepare
+    run.policy, run.calibration, run.calibrated_for = None, None, None
+    # rows refill freed slots only in plain Jacobi (auto: its Jacobi blocks); sequential and
+    # GS-Jacobi rows all take the same passes, and the sequential images stay as they were
+    run.continuous = cfg["method"] in ("jacobi", "auto") and not gs_blocks
     return run
