@@ -174,12 +174,15 @@ class RaggedKVCache:
         self._slots_BW = None
         self._used = 0
 
-    def begin(self, width: int) -> torch.Tensor:
+    def begin(self, width: int, used: int | None = None) -> torch.Tensor:
         """Open a window of ``width`` positions after each row's length; returns the per-row
-        "may attend" mask (B, 1, W, S) over the first S slots any row uses."""
+        "may attend" mask (B, 1, W, S) over the first S slots any row uses.
+
+        ``used``: a host-side bound on max(length) + width from a caller that tracks the lengths
+        itself (no host sync); None reads it off the device (one host sync per forward)."""
         w = torch.arange(width, device=self.length_B.device)
         self._slots_BW = self.length_B[:, None] + w  # (B, W) slot = sequence position
-        self._used = int(self.length_B.max()) + width  # one host sync per forward
+        self._used = int(self.length_B.max()) + width if used is None else int(used)
         if self._used > self.max_len:
             raise ValueError(f"KV cache overflow: {self._used} > {self.max_len}")
         s = torch.arange(self._used, device=w.device)
@@ -200,6 +203,14 @@ class RaggedKVCache:
     def rollback(self, length_B: torch.Tensor):
         """Keep at most ``length_B`` positions per row (a row keeps fewer if it has fewer)."""
         self.length_B = torch.minimum(self.length_B, length_B)
+
+    def select_rows(self, rows: torch.Tensor) -> RaggedKVCache:
+        """A new cache of the given batch rows (their lengths kept): drops finished rows."""
+        out = copy.copy(self)
+        out.k = [t[rows] for t in self.k]  # (len(rows), H, T_max, d)
+        out.v = [t[rows] for t in self.v]
+        out.length_B = self.length_B[rows]
+        return out
 
 
 class SelfAttention(nn.Module):
