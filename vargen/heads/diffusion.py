@@ -45,6 +45,7 @@ class DiffusionHeadConfig:
     num_sampling_steps: int = 100  # respaced ancestral steps S
     diffusion_batch_mul: int = 4  # each (z, target) pair repeated with fresh t and eps
     clip_x0: float = 5.0  # clamp the x0 prediction to [-clip_x0, clip_x0] while sampling; 0 = off (MAR)
+    variance: str = "beta_tilde"  # reverse-step variance: beta_tilde (posterior, ADM-clipped) or beta (DDPM's)
 
 
 def cosine_alpha_bar(num_steps: int) -> torch.Tensor:
@@ -122,12 +123,22 @@ class DiffusionHead(nn.Module):
         self.register_buffer("alpha_bar", abar.float(), persistent=False)
         self._respaced = {}
 
-    def schedule(self, num_steps: int):
+    def schedule(self, num_steps: int, variance: str | None = None):
         """Respaced chain on ``num_steps`` evenly spaced training timesteps (ADM's space_timesteps).
 
         Returns (t_S, abar_S, coef_x0_S, coef_xt_S, std_S) in float64, index 0 = least noisy.
+        ``variance`` (default the config's): ``beta_tilde``, the posterior variance with ADM's
+        clipped value at the last step; or ``beta``, DDPM's upper bound sigma^2 = beta. They
+        differ at the last steps only: at the second-to-last step (t_1 -> t_0) beta_tilde is
+        ~(1 - abar_0) ~ 4e-5 (std 0.0064) where beta is ~(1 - abar_1) (std 0.078 at 25 steps):
+        the chain's big final jump then keeps noise of that size (a different sampler of the
+        same model; CSpD's path verification accepts far more with it, see cspd_sampler).
         """
-        if num_steps not in self._respaced:
+        variance = variance or self.cfg.variance
+        if variance not in ("beta_tilde", "beta"):
+            raise ValueError(f"head variance must be beta_tilde or beta, got {variance!r}")
+        key = (num_steps, variance)
+        if key not in self._respaced:
             T = self.cfg.num_train_steps
             t_S = torch.linspace(0, T - 1, num_steps, dtype=torch.float64).round().long()  # (S,)
             abar = cosine_alpha_bar(T)[t_S]  # (S,)
@@ -138,8 +149,10 @@ class DiffusionHead(nn.Module):
             coef_xt = (1 - abar_prev) * (1 - beta).sqrt() / (1 - abar)
             var = beta * (1 - abar_prev) / (1 - abar)
             var[0] = var[1] if num_steps > 1 else beta[0]  # ADM's clipped log-variance: never 0
-            self._respaced[num_steps] = (t_S, abar, coef_x0, coef_xt, var.sqrt())
-        return self._respaced[num_steps]
+            if variance == "beta":
+                var = beta.clone()
+            self._respaced[key] = (t_S, abar, coef_x0, coef_xt, var.sqrt())
+        return self._respaced[key]
 
     def loss(self, target_NC: torch.Tensor, cond_NW: torch.Tensor) -> torch.Tensor:
         """eps-prediction MSE at uniform t; each pair repeated ``diffusion_batch_mul`` times."""
@@ -184,7 +197,15 @@ class DiffusionHead(nn.Module):
         return c0[i] * x0_pred + ct[i] * x  # (N, C)
 
     def reverse_trajectory(
-        self, cond_NW, x_T_NC, noises_SNC, temperature=1.0, cfg_scale=1.0, cond_uncond_NW=None, return_path=False
+        self,
+        cond_NW,
+        x_T_NC,
+        noises_SNC,
+        temperature=1.0,
+        cfg_scale=1.0,
+        cond_uncond_NW=None,
+        return_path=False,
+        variance=None,
     ) -> dict:
         """The ancestral chain from the caller's x_T with the caller's per-step noises.
 
@@ -195,10 +216,11 @@ class DiffusionHead(nn.Module):
         ``cond_uncond_NW``); under guidance ``mean_last`` is the guided mean, the mean of the
         Gaussian the last step actually samples. ``return_path`` adds ``path`` (S, N, C), the
         state each step starts from (x_T first), and ``means`` (S, N, C), each step's mean:
-        the draft's side of CSpD's path verification (:meth:`path_means`).
+        the draft's side of CSpD's path verification (:meth:`path_means`). ``variance``: see
+        :meth:`schedule`.
         """
         S = noises_SNC.shape[0]
-        t_S, abar_S, c0_S, ct_S, std_S = self.schedule(S)
+        t_S, abar_S, c0_S, ct_S, std_S = self.schedule(S, variance)
         sched = ([math.sqrt(1 - a) for a in abar_S.tolist()], [math.sqrt(a) for a in abar_S.tolist()])
         sched += (c0_S.tolist(), ct_S.tolist())
         if torch.is_tensor(cfg_scale) and bool((cfg_scale == 1.0).all()):
@@ -229,9 +251,9 @@ class DiffusionHead(nn.Module):
             out["path"], out["means"] = torch.stack(path), torch.stack(means)  # (S, N, C) each
         return out
 
-    def step_stds(self, num_steps: int, temperature: float = 1.0) -> torch.Tensor:
+    def step_stds(self, num_steps: int, temperature: float = 1.0, variance=None) -> torch.Tensor:
         """(S,) std of each reverse step in chain order (k = 0 noisiest), float64."""
-        return temperature * self.schedule(num_steps)[4].flip(0)
+        return temperature * self.schedule(num_steps, variance)[4].flip(0)
 
     def path_means(self, cond_NW, path_SNC, cfg_scale=1.0, cond_uncond_NW=None) -> torch.Tensor:
         """Every step's mean (S, N, C) along a given path (states as ``reverse_trajectory``'s

@@ -80,6 +80,7 @@ class CSpDConfig:
     num_steps: int = 0  # head reverse steps for both heads; 0 = the target head's
     mode: str = "exact"  # exact (Sigma = 1) or paper (variance factor; = exact with this fixed-variance head)
     verify: str = "last"  # last: last reverse step given shared noise; path: joint density of the whole chain
+    variance: str = ""  # both heads' reverse-step variance (beta_tilde | beta); "" = the target head's
     proposals: int = 16  # K proposals per row and round in the residual sampler
     cfg_scale: float = 1.0  # guidance at the last token; xAR's ramp from 1 at the first
     prefill: float = 0.05  # fraction of the tokens the target draws alone first (spec 3a.1; demo 0.05)
@@ -140,12 +141,12 @@ class _Backbone:
             self.cache = self.cache.select_rows(torch.cat([rows_M + r * M for r in range(rep)]))
 
 
-def _trajectory(head, cond_BgW, x_T, noises, temperature, w_Bg, uncond_BgW) -> dict:
+def _trajectory(head, cond_BgW, x_T, noises, temperature, w_Bg, uncond_BgW, variance) -> dict:
     """The head's aligned chain on (B, g) positions (guided by w_Bg), outputs reshaped to (B, g, ...)."""
     B, g, W = cond_BgW.shape
     z, x = cond_BgW.reshape(B * g, W), x_T.flatten(0, 1)
     z_u = None if uncond_BgW is None else uncond_BgW.reshape(B * g, W)
-    out = head.reverse_trajectory(z, x, noises.flatten(1, 2), temperature, w_Bg.flatten(), z_u)
+    out = head.reverse_trajectory(z, x, noises.flatten(1, 2), temperature, w_Bg.flatten(), z_u, variance=variance)
     return {k: v.reshape(B, g, *v.shape[1:]) for k, v in out.items()}
 
 
@@ -157,7 +158,7 @@ def _take(t, idx_M):
     return t[torch.arange(M, device=t.device), idx_M]
 
 
-def _path_extra(model, draft, zp, zpu, zq, zqu, w_MW, n_M, need_M, S, temperature, generator, K, need_any):
+def _path_extra(model, draft, zp, zpu, zq, zqu, w_MW, n_M, need_M, S, temperature, variance, generator, K, need_any):
     """Path mode: the token at each row's position len + n_M, from target chains at window
     column n_M. Rows with ``need_M`` (a rejection) draw the path residual norm(max(0, P - Q)) by
     acceptance-rejection (K target chains per round, q(path) from ONE batched draft head call);
@@ -166,7 +167,7 @@ def _path_extra(model, draft, zp, zpu, zq, zqu, w_MW, n_M, need_M, S, temperatur
     C = model.cfg.code_dim
     zc, zu, w = _take(zp, n_M), _take(zpu, n_M), _take(w_MW, n_M)
     dtype = zc.dtype
-    stds = model.head.step_stds(S, temperature)
+    stds = model.head.step_stds(S, temperature, variance)
     if zq is not None:
         col = n_M.clamp(max=zq.shape[1] - 1)
         qc, qu = _take(zq, col), _take(zqu, col)
@@ -176,7 +177,9 @@ def _path_extra(model, draft, zp, zpu, zq, zqu, w_MW, n_M, need_M, S, temperatur
         x_T = torch.randn(k * M, C, **kw).to(zc.device)
         noises = torch.randn(S, k * M, C, **kw).to(zc.device)
         rep = lambda t: None if t is None else t.repeat(k, *([1] * (t.dim() - 1)))  # noqa: E731
-        tr = model.head.reverse_trajectory(rep(zc), x_T, noises, temperature, rep(w), rep(zu), return_path=zq is not None)
+        tr = model.head.reverse_trajectory(
+            rep(zc), x_T, noises, temperature, rep(w), rep(zu), return_path=zq is not None, variance=variance
+        )
         if zq is None:  # no draft this iteration: nothing to reject
             return tr["x0"].view(k, M, C), torch.zeros(k, M, device=zc.device, dtype=dtype)
         mq = draft.head.path_means(rep(qc), tr["path"], rep(w), rep(qu))  # (S, k M, C)
@@ -203,12 +206,16 @@ def sample_cspd(
     prefill=0.05,
     use_cache=True,
     slots=0,
+    variance="",
 ):
     """Draw tokens (B, N, C) distributed as the target's own ``xar`` sampler with the same
     ``cfg_scale`` (exact in both ``verify`` modes; ``mode="paper"`` equals ``exact`` with this
     package's fixed-variance heads, see :func:`~vargen.sampling.cspd.last_step_log_sigma`). The
     first round(prefill N) tokens of each sample are drawn by the target alone (token pre-filling).
-    ``cond_B`` are all the samples; ``slots`` of them are in flight at once (0 = all)."""
+    ``cond_B`` are all the samples; ``slots`` of them are in flight at once (0 = all).
+    ``variance`` sets both heads' step variance (:meth:`DiffusionHead.schedule`); ``beta`` with
+    ``verify="path"`` is what accepts on small trained pairs, and then the output follows the
+    target sampled with ``beta`` (set ``model.head.cfg.variance`` for the plain sampler)."""
     t0 = time.perf_counter()
     if verify not in VERIFY:
         raise ValueError(f"sampler.verify must be one of {VERIFY}, got {verify!r}")
@@ -223,6 +230,7 @@ def sample_cspd(
     rep = 2 if guided else 1
     ramp_N = torch.tensor([cfg_ramp(i, N, cfg_scale) for i in range(N)], device=device, dtype=dtype)  # (N,)
     n_pre = min(N, round(prefill * N))
+    variance = variance or model.head.cfg.variance
     M = total if slots <= 0 else min(slots, total)
     window = max(gamma + 1, n_pre + 2)  # the widest window: verification or the draft's catch-up
     stats = new_stats()
@@ -262,7 +270,7 @@ def sample_cspd(
                 z_c, z_u = z_c[:, 0], (None if z_u is None else z_u[:, 0])
             pos = (len_M + k).clamp(max=N - 1)
             traj = draft.head.reverse_trajectory(
-                z_c, x_T[:, k], noises[:, :, k], temperature, ramp_N[pos], z_u, return_path=verify == "path"
+                z_c, x_T[:, k], noises[:, :, k], temperature, ramp_N[pos], z_u, verify == "path", variance
             )
             tokens[torch.arange(M, device=device), pos] = traj["x0"]  # beyond a row's cap: never read
             steps_q.append(traj)
@@ -277,7 +285,7 @@ def sample_cspd(
         pos_MW = (len_M[:, None] + torch.arange(g + 1, device=device)).clamp(max=N - 1)  # (M, g+1)
         w_MW = ramp_N[pos_MW]
         if verify == "last":
-            p = _trajectory(model.head, z_p, x_T, noises, temperature, w_MW, z_pu)  # (M, g+1, ...)
+            p = _trajectory(model.head, z_p, x_T, noises, temperature, w_MW, z_pu, variance)  # (M, g+1, ...)
             if g > 0:
                 q = {key: torch.stack([t[key] for t in steps_q], 1) for key in ("x0", "mean_last", "std_last", "sum_log_std")}
                 p_g = {key: v[:, :g] for key, v in p.items()}
@@ -295,14 +303,14 @@ def sample_cspd(
                 syncs += 1  # the residual's round check (one round in the common case)
         else:
             if g > 0:
-                q = {key: torch.stack([t[key] for t in steps_q], 1) for key in ("x0", "path", "means")}  # (M, g, ...)
-                q_path = q["path"].permute(2, 0, 1, 3).flatten(1, 2)  # (S, M g, C)
-                q_means = q["means"].permute(2, 0, 1, 3).flatten(1, 2)
+                q_x0 = torch.stack([t["x0"] for t in steps_q], 1)  # (M, g, C)
+                q_path = torch.stack([t["path"] for t in steps_q], 2).flatten(1, 2)  # (S, M g, C)
+                q_means = torch.stack([t["means"] for t in steps_q], 2).flatten(1, 2)
                 zqg = torch.stack(zq, 1)  # (M, g, Wz)
                 zqug = None if zqu[0] is None else torch.stack(zqu, 1)
                 flat = lambda t: None if t is None else t[:, :g].flatten(0, 1)  # noqa: E731
                 mp = model.head.path_means(flat(z_p), q_path, flat(w_MW), flat(z_pu))  # (S, M g, C)
-                log_r = path_log_ratio(q_path, q["x0"].flatten(0, 1), mp, q_means, model.head.step_stds(S, temperature))
+                log_r = path_log_ratio(q_path, q_x0.flatten(0, 1), mp, q_means, model.head.step_stds(S, temperature, variance))
                 n_M = accept_prefix(log_r.view(M, g), generator, g_M)
             else:
                 zqg = zqug = None
@@ -311,7 +319,7 @@ def sample_cspd(
             need_h = [n < gb for n, gb in zip(n_h, g_h)]
             need_M = n_M < g_M
             extra, tries, filled, rounds = _path_extra(
-                model, draft, z_p, z_pu, zqg, zqug, w_MW, n_M, need_M, S, temperature, generator,
+                model, draft, z_p, z_pu, zqg, zqug, w_MW, n_M, need_M, S, temperature, variance, generator,
                 K if any(need_h) else 1, any(need_h),
             )
             syncs += rounds
@@ -411,6 +419,7 @@ def build_cspd(cfg):
             prefill=cfg["prefill"],
             use_cache=cfg["use_cache"],
             slots=slots or cfg["slots"],
+            variance=cfg["variance"],
         )
 
     run.continuous = True
