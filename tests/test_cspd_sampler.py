@@ -206,14 +206,14 @@ def test_cspd_under_refilling_matches_the_target_sampler(target, verify, varianc
     draft = _draft_near(target, 1e-2 if verify == "path" else 1e-3)  # path verification accepts more
     n = 2000
     y = torch.zeros(n, dtype=torch.long)
-    old = target.head.cfg.variance
+    old = target.head.sample_variance
     try:
-        target.head.cfg.variance = variance or old
+        target.head.sample_variance = variance or old
         ref, _ = sample_xar(target, y, generator=torch.Generator().manual_seed(30))
         g = torch.Generator().manual_seed(31)
         out, st = sample_cspd(target, draft, y, generator=g, gamma=2, slots=64, verify=verify, variance=variance, K=4)
     finally:
-        target.head.cfg.variance = old
+        target.head.sample_variance = old
     assert 0.2 < st["acceptance"] < 0.95 and st["ar_unfilled"] == 0
     for i in range(3):
         assert sps.ks_2samp(out[:, i, 0].numpy(), ref[:, i, 0].numpy()).pvalue > 1e-3

@@ -45,7 +45,6 @@ class DiffusionHeadConfig:
     num_sampling_steps: int = 100  # respaced ancestral steps S
     diffusion_batch_mul: int = 4  # each (z, target) pair repeated with fresh t and eps
     clip_x0: float = 5.0  # clamp the x0 prediction to [-clip_x0, clip_x0] while sampling; 0 = off (MAR)
-    variance: str = "beta_tilde"  # reverse-step variance: beta_tilde (posterior, ADM-clipped) or beta (DDPM's)
 
 
 def cosine_alpha_bar(num_steps: int) -> torch.Tensor:
@@ -122,19 +121,22 @@ class DiffusionHead(nn.Module):
         abar = cosine_alpha_bar(cfg.num_train_steps)  # (T,)
         self.register_buffer("alpha_bar", abar.float(), persistent=False)
         self._respaced = {}
+        # reverse-step variance while sampling (:meth:`schedule`): a sampling choice, not a config
+        # field, so trained runs keep their config; CSpD's ``variance`` and benchmarks set it
+        self.sample_variance = "beta_tilde"
 
     def schedule(self, num_steps: int, variance: str | None = None):
         """Respaced chain on ``num_steps`` evenly spaced training timesteps (ADM's space_timesteps).
 
         Returns (t_S, abar_S, coef_x0_S, coef_xt_S, std_S) in float64, index 0 = least noisy.
-        ``variance`` (default the config's): ``beta_tilde``, the posterior variance with ADM's
+        ``variance`` (default ``self.sample_variance``): ``beta_tilde``, the posterior variance with ADM's
         clipped value at the last step; or ``beta``, DDPM's upper bound sigma^2 = beta. They
         differ at the last steps only: at the second-to-last step (t_1 -> t_0) beta_tilde is
         ~(1 - abar_0) ~ 4e-5 (std 0.0064) where beta is ~(1 - abar_1) (std 0.078 at 25 steps):
         the chain's big final jump then keeps noise of that size (a different sampler of the
         same model; CSpD's path verification accepts far more with it, see cspd_sampler).
         """
-        variance = variance or self.cfg.variance
+        variance = variance or self.sample_variance
         if variance not in ("beta_tilde", "beta"):
             raise ValueError(f"head variance must be beta_tilde or beta, got {variance!r}")
         key = (num_steps, variance)

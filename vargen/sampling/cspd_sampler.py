@@ -146,7 +146,8 @@ def _trajectory(head, cond_BgW, x_T, noises, temperature, w_Bg, uncond_BgW, vari
     B, g, W = cond_BgW.shape
     z, x = cond_BgW.reshape(B * g, W), x_T.flatten(0, 1)
     z_u = None if uncond_BgW is None else uncond_BgW.reshape(B * g, W)
-    out = head.reverse_trajectory(z, x, noises.flatten(1, 2), temperature, w_Bg.flatten(), z_u, variance=variance)
+    w = 1.0 if w_Bg is None else w_Bg.flatten()  # a float when unguided: no per-call device check
+    out = head.reverse_trajectory(z, x, noises.flatten(1, 2), temperature, w, z_u, variance=variance)
     return {k: v.reshape(B, g, *v.shape[1:]) for k, v in out.items()}
 
 
@@ -166,6 +167,7 @@ def _path_extra(model, draft, zp, zpu, zq, zqu, w_MW, n_M, need_M, S, temperatur
     M = n_M.shape[0]
     C = model.cfg.code_dim
     zc, zu, w = _take(zp, n_M), _take(zpu, n_M), _take(w_MW, n_M)
+    w = 1.0 if w is None else w
     dtype = zc.dtype
     stds = model.head.step_stds(S, temperature, variance)
     if zq is not None:
@@ -176,7 +178,7 @@ def _path_extra(model, draft, zp, zpu, zq, zqu, w_MW, n_M, need_M, S, temperatur
         kw = {"generator": gen, "device": gen.device, "dtype": dtype}
         x_T = torch.randn(k * M, C, **kw).to(zc.device)
         noises = torch.randn(S, k * M, C, **kw).to(zc.device)
-        rep = lambda t: None if t is None else t.repeat(k, *([1] * (t.dim() - 1)))  # noqa: E731
+        rep = lambda t: t if not torch.is_tensor(t) else t.repeat(k, *([1] * (t.dim() - 1)))  # noqa: E731
         tr = model.head.reverse_trajectory(
             rep(zc), x_T, noises, temperature, rep(w), rep(zu), return_path=zq is not None, variance=variance
         )
@@ -215,7 +217,7 @@ def sample_cspd(
     ``cond_B`` are all the samples; ``slots`` of them are in flight at once (0 = all).
     ``variance`` sets both heads' step variance (:meth:`DiffusionHead.schedule`); ``beta`` with
     ``verify="path"`` is what accepts on small trained pairs, and then the output follows the
-    target sampled with ``beta`` (set ``model.head.cfg.variance`` for the plain sampler)."""
+    target sampled with ``beta`` (set ``model.head.sample_variance`` for the plain sampler)."""
     t0 = time.perf_counter()
     if verify not in VERIFY:
         raise ValueError(f"sampler.verify must be one of {VERIFY}, got {verify!r}")
@@ -230,7 +232,7 @@ def sample_cspd(
     rep = 2 if guided else 1
     ramp_N = torch.tensor([cfg_ramp(i, N, cfg_scale) for i in range(N)], device=device, dtype=dtype)  # (N,)
     n_pre = min(N, round(prefill * N))
-    variance = variance or model.head.cfg.variance
+    variance = variance or model.head.sample_variance
     M = total if slots <= 0 else min(slots, total)
     window = max(gamma + 1, n_pre + 2)  # the widest window: verification or the draft's catch-up
     stats = new_stats()
@@ -270,7 +272,7 @@ def sample_cspd(
                 z_c, z_u = z_c[:, 0], (None if z_u is None else z_u[:, 0])
             pos = (len_M + k).clamp(max=N - 1)
             traj = draft.head.reverse_trajectory(
-                z_c, x_T[:, k], noises[:, :, k], temperature, ramp_N[pos], z_u, verify == "path", variance
+                z_c, x_T[:, k], noises[:, :, k], temperature, ramp_N[pos] if guided else 1.0, z_u, verify == "path", variance
             )
             tokens[torch.arange(M, device=device), pos] = traj["x0"]  # beyond a row's cap: never read
             steps_q.append(traj)
@@ -283,7 +285,7 @@ def sample_cspd(
         stats["target_forwards"] += 1
         row_calls += M
         pos_MW = (len_M[:, None] + torch.arange(g + 1, device=device)).clamp(max=N - 1)  # (M, g+1)
-        w_MW = ramp_N[pos_MW]
+        w_MW = ramp_N[pos_MW] if guided else None  # unguided: plain float scales, no device checks
         if verify == "last":
             p = _trajectory(model.head, z_p, x_T, noises, temperature, w_MW, z_pu, variance)  # (M, g+1, ...)
             if g > 0:
@@ -309,7 +311,7 @@ def sample_cspd(
                 zqg = torch.stack(zq, 1)  # (M, g, Wz)
                 zqug = None if zqu[0] is None else torch.stack(zqu, 1)
                 flat = lambda t: None if t is None else t[:, :g].flatten(0, 1)  # noqa: E731
-                mp = model.head.path_means(flat(z_p), q_path, flat(w_MW), flat(z_pu))  # (S, M g, C)
+                mp = model.head.path_means(flat(z_p), q_path, flat(w_MW) if guided else 1.0, flat(z_pu))  # (S, M g, C)
                 log_r = path_log_ratio(q_path, q_x0.flatten(0, 1), mp, q_means, model.head.step_stds(S, temperature, variance))
                 n_M = accept_prefix(log_r.view(M, g), generator, g_M)
             else:
