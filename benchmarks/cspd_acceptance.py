@@ -39,17 +39,25 @@ def diagnose(t, d, n=64, pos=8, S=25):
         p = t.head.reverse_trajectory(zp, x_T, nz, return_path=True, variance=var)
         std = t.head.step_stds(S, 1.0, var)
         dm = (q["mean_last"] - p["mean_last"]).abs()
-        lr_last = ((q["x0"] - q["mean_last"]).pow(2) - (q["x0"] - p["mean_last"]).pow(2)).sum(-1) / (2 * std[-1] ** 2)
+        lr_last = ((q["x0"] - q["mean_last"]).pow(2) - (q["x0"] - p["mean_last"]).pow(2)).sum(-1) / (
+            2 * std[-1] ** 2
+        )
         nxt = torch.cat([q["path"][1:], q["x0"][None]])
         mp = t.head.path_means(zp, q["path"])
-        step = ((nxt - q["means"]).pow(2).sum(-1) - (nxt - mp).pow(2).sum(-1)) / (2 * std[:, None] ** 2)  # (S, n)
+        step = ((nxt - q["means"]).pow(2).sum(-1) - (nxt - mp).pow(2).sum(-1)) / (
+            2 * std[:, None] ** 2
+        )  # (S, n)
         lr_path = step.sum(0)
-        print(f"[{var}] last-step std {float(std[-1]):.4f}, second-to-last {float(std[-2]):.4f}; "
-              f"|mu_p - mu_q| per dim mean {float(dm.mean()):.3f} median {float(dm.median()):.3f}")
+        print(
+            f"[{var}] last-step std {float(std[-1]):.4f}, second-to-last {float(std[-2]):.4f}; "
+            f"|mu_p - mu_q| per dim mean {float(dm.mean()):.3f} median {float(dm.median()):.3f}"
+        )
         for name, lr in (("last", lr_last), ("path", lr_path)):
             q10, q50, q90 = (float(v) for v in lr.quantile(torch.tensor([0.1, 0.5, 0.9], dtype=lr.dtype)))
-            print(f"  verify={name}: log r quantiles 10/50/90% {q10:.1f} / {q50:.1f} / {q90:.1f}; "
-                  f"E[min(1, r)] {float(lr.clamp(max=0).exp().mean()):.3f}")
+            print(
+                f"  verify={name}: log r quantiles 10/50/90% {q10:.1f} / {q50:.1f} / {q90:.1f}; "
+                f"E[min(1, r)] {float(lr.clamp(max=0).exp().mean()):.3f}"
+            )
         print("  path log r by step (mean, last 4 steps):", [round(float(v), 2) for v in step.mean(1)[-4:]])
 
 
@@ -70,13 +78,22 @@ def wall(t, d, reps, variance, verify, gamma, K):
             t0, sts = time.perf_counter(), []
             for r in range(n_rep):
                 g = torch.Generator().manual_seed(r)
-                sts.append(sample_cspd(t, d, y, generator=g, gamma=gamma, verify=verify, variance=variance, K=K)[1])
+                sts.append(
+                    sample_cspd(t, d, y, generator=g, gamma=gamma, verify=verify, variance=variance, K=K)[1]
+                )
             sec = time.perf_counter() - t0
             acc = sum(s["accepted"] for s in sts) / max(1, sum(s["proposed"] for s in sts))
-            mean = lambda k: sum(s[k] for s in sts) / len(sts)  # noqa: E731
-            print(f"  b{B} verify={verify} variance={variance} gamma={gamma} K={K}: acceptance {acc:.3f} "
-                  f"alpha {mean('alpha'):.3f} wall_ratio {base / sec:.2f} target calls/image "
-                  f"{mean('target_calls_per_image'):.1f} (xar {t.length}) syncs/sample {mean('syncs_per_sample'):.1f}")
+
+            def mean(k, sts=sts):
+                return sum(s[k] for s in sts) / len(sts)
+
+            print(
+                f"  b{B} verify={verify} variance={variance} gamma={gamma} K={K}: acceptance {acc:.3f} "
+                f"alpha {mean('alpha'):.3f} wall_ratio {base / sec:.2f} target calls/image "
+                f"{mean('target_calls_per_image'):.1f} (xar {t.length}) "
+                f"syncs/sample {mean('syncs_per_sample'):.1f}",
+                flush=True,
+            )
     finally:
         t.head.sample_variance = old
 

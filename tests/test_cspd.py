@@ -128,4 +128,6 @@ def test_path_means_equal_the_chain_means():
     x_T, noises = torch.randn(5, 3, generator=g).double(), torch.randn(6, 5, 3, generator=g).double()
     tr = head.reverse_trajectory(c, x_T, noises, 1.0, w, cu, return_path=True)
     assert torch.allclose(head.path_means(c, tr["path"], w, cu), tr["means"], atol=1e-12)
-    assert torch.equal(tr["path"][0], x_T) and torch.allclose(tr["x0"], tr["mean_last"] + tr["std_last"] * noises[-1])
+    assert torch.equal(tr["path"][0], x_T) and torch.allclose(
+        tr["x0"], tr["mean_last"] + tr["std_last"] * noises[-1]
+    )

@@ -211,7 +211,9 @@ def test_cspd_under_refilling_matches_the_target_sampler(target, verify, varianc
         target.head.sample_variance = variance or old
         ref, _ = sample_xar(target, y, generator=torch.Generator().manual_seed(30))
         g = torch.Generator().manual_seed(31)
-        out, st = sample_cspd(target, draft, y, generator=g, gamma=2, slots=64, verify=verify, variance=variance, K=4)
+        out, st = sample_cspd(
+            target, draft, y, generator=g, gamma=2, slots=64, verify=verify, variance=variance, K=4
+        )
     finally:
         target.head.sample_variance = old
     assert 0.2 < st["acceptance"] < 0.95 and st["ar_unfilled"] == 0

@@ -185,7 +185,9 @@ class XAR(nn.Module):
     def new_ragged_cache(self, batch: int, window: int) -> RaggedKVCache:
         """An empty :class:`RaggedKVCache` for windows of up to ``window`` positions past L."""
         c, p = self.cfg, self.start_1nC
-        return RaggedKVCache(c.depth, batch, c.heads, self.length + window, c.dim // c.heads, p.device, p.dtype)
+        return RaggedKVCache(
+            c.depth, batch, c.heads, self.length + window, c.dim // c.heads, p.device, p.dtype
+        )
 
     def forward_window(self, ctx_BWD: torch.Tensor, cond_B: torch.Tensor, cache: RaggedKVCache, used=None):
         """Cached forward of W positions per row, L_b .. L_b+W-1 with L_b = ``cache.length_B[b]``

@@ -86,6 +86,7 @@ def residual_sample(sample_p, log_p, log_q, log_sigma_N, generator, K=16, max_ro
     (K, N, C) -> (K, N); ``log_sigma_N`` is log Sigma per row (0 in exact mode). Returns
     (y_NC, tries_N, filled_N); rows never filled after ``max_rounds`` get a p sample (filled False).
     """
+
     def propose(k, gen):
         y = sample_p(k, gen)
         return y, log_q(y) - log_p(y) - log_sigma_N

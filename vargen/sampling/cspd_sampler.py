@@ -66,8 +66,6 @@ from vargen.sampling.cspd import (
     residual_rounds,
 )
 
-
-
 VERIFY = ("last", "path")
 
 
@@ -159,7 +157,9 @@ def _take(t, idx_M):
     return t[torch.arange(M, device=t.device), idx_M]
 
 
-def _path_extra(model, draft, zp, zpu, zq, zqu, w_MW, n_M, need_M, S, temperature, variance, generator, K, need_any):
+def _path_extra(
+    model, draft, zp, zpu, zq, zqu, w_MW, n_M, need_M, S, temperature, variance, generator, K, need_any
+):
     """Path mode: the token at each row's position len + n_M, from target chains at window
     column n_M. Rows with ``need_M`` (a rejection) draw the path residual norm(max(0, P - Q)) by
     acceptance-rejection (K target chains per round, q(path) from ONE batched draft head call);
@@ -189,6 +189,79 @@ def _path_extra(model, draft, zp, zpu, zq, zqu, w_MW, n_M, need_M, S, temperatur
         return tr["x0"].view(k, M, C), -log_pq.view(k, M)
 
     return residual_rounds(propose, need_M, generator, K, need_any=need_any)
+
+
+def _verify_last(
+    model, draft, steps_q, zq, zqu, z_p, z_pu, x_T, noises, w_MW, g_M, g_h, S, temp, var, mode, gen, K
+):
+    """``verify="last"``: the target head re-runs every column's chain with the draft's noise
+    (column g: fresh noise); drafts are tested on the last step's Gaussians. Returns (n_M, n_h,
+    the token at len + n per row, residual info with the host syncs spent besides n_h's)."""
+    M, g = g_M.shape[0], len(steps_q)
+    p = _trajectory(model.head, z_p, x_T, noises, temp, w_MW, z_pu, var)  # (M, g+1, ...)
+    if g > 0:
+        keys = ("x0", "mean_last", "std_last", "sum_log_std")
+        q = {key: torch.stack([t[key] for t in steps_q], 1) for key in keys}  # (M, g, ...)
+        p_g = {key: v[:, :g] for key, v in p.items()}
+        log_sigma = last_step_log_sigma(q, p_g, mode)
+        n_M = accept_prefix(last_step_log_ratio(q, p_g, log_sigma), gen, g_M)
+    else:
+        n_M = torch.zeros(M, dtype=torch.long, device=g_M.device)
+    n_h = n_M.tolist()  # the iteration's host sync
+    # no rejection: the target chain at column n, whose noise no accept decision saw (bonus token)
+    extra = _take(p["x0"], n_M)
+    res = {"rounds": 0}
+    if any(n < gb for n, gb in zip(n_h, g_h)):
+        need_M = n_M < g_M
+        resid, res["tries"], res["filled"] = residual_at(q, p_g, log_sigma, n_M, need_M, gen, K)
+        extra = torch.where(need_M[:, None], resid, extra)
+        res["rounds"] = 1  # the residual's round check (one round in the common case)
+    return n_M, n_h, extra, res
+
+
+def _verify_path(
+    model, draft, steps_q, zq, zqu, z_p, z_pu, x_T, noises, w_MW, g_M, g_h, S, temp, var, mode, gen, K
+):
+    """``verify="path"``: each draft's whole chain is tested by p(path) / q(path), the target's
+    step means along the draft's states in one batched head call; the token at len + n comes
+    from :func:`_path_extra` (residual or bonus). Same returns as :func:`_verify_last`."""
+    M, g = g_M.shape[0], len(steps_q)
+    guided = w_MW is not None
+    zqg = zqug = None
+    if g > 0:
+        q_x0 = torch.stack([t["x0"] for t in steps_q], 1)  # (M, g, C)
+        q_path = torch.stack([t["path"] for t in steps_q], 2).flatten(1, 2)  # (S, M g, C)
+        q_means = torch.stack([t["means"] for t in steps_q], 2).flatten(1, 2)  # (S, M g, C)
+        zqg = torch.stack(zq, 1)  # (M, g, Wz)
+        zqug = None if zqu[0] is None else torch.stack(zqu, 1)
+        flat = lambda t: None if t is None else t[:, :g].flatten(0, 1)  # noqa: E731  (M g, ...)
+        w = flat(w_MW) if guided else 1.0
+        mp = model.head.path_means(flat(z_p), q_path, w, flat(z_pu))  # (S, M g, C)
+        stds = model.head.step_stds(S, temp, var)
+        log_r = path_log_ratio(q_path, q_x0.flatten(0, 1), mp, q_means, stds)  # (M g,)
+        n_M = accept_prefix(log_r.view(M, g), gen, g_M)
+    else:
+        n_M = torch.zeros(M, dtype=torch.long, device=g_M.device)
+    n_h = n_M.tolist()  # the iteration's host sync
+    need_any = any(n < gb for n, gb in zip(n_h, g_h))
+    extra, tries, filled, rounds = _path_extra(
+        model,
+        draft,
+        z_p,
+        z_pu,
+        zqg,
+        zqug,
+        w_MW,
+        n_M,
+        n_M < g_M,
+        S,
+        temp,
+        var,
+        gen,
+        K if need_any else 1,
+        need_any,
+    )
+    return n_M, n_h, extra, {"rounds": rounds, "tries": tries, "filled": filled}
 
 
 @torch.no_grad()
@@ -263,7 +336,9 @@ def sample_cspd(
             if k == 0:  # catch up on tokens the draft has not seen (its last accepted one, pre-fill)
                 lag_h = [L - d for L, d in zip(len_h, dlen_h)]
                 w0 = 1 + max(lag_h)
-                z_c, z_u = drf.window(tokens, cond_in, torch.tensor(dlen_h, device=device), w0, max(dlen_h) + w0)
+                z_c, z_u = drf.window(
+                    tokens, cond_in, torch.tensor(dlen_h, device=device), w0, max(dlen_h) + w0
+                )
                 lag_M = torch.tensor(lag_h, device=device)
                 z_c, z_u = _take(z_c, lag_M), _take(z_u, lag_M)
                 drf.rollback(len_M + 1, rep)
@@ -272,7 +347,14 @@ def sample_cspd(
                 z_c, z_u = z_c[:, 0], (None if z_u is None else z_u[:, 0])
             pos = (len_M + k).clamp(max=N - 1)
             traj = draft.head.reverse_trajectory(
-                z_c, x_T[:, k], noises[:, :, k], temperature, ramp_N[pos] if guided else 1.0, z_u, verify == "path", variance
+                z_c,
+                x_T[:, k],
+                noises[:, :, k],
+                temperature,
+                ramp_N[pos] if guided else 1.0,
+                z_u,
+                return_path=verify == "path",
+                variance=variance,
             )
             tokens[torch.arange(M, device=device), pos] = traj["x0"]  # beyond a row's cap: never read
             steps_q.append(traj)
@@ -286,49 +368,33 @@ def sample_cspd(
         row_calls += M
         pos_MW = (len_M[:, None] + torch.arange(g + 1, device=device)).clamp(max=N - 1)  # (M, g+1)
         w_MW = ramp_N[pos_MW] if guided else None  # unguided: plain float scales, no device checks
-        if verify == "last":
-            p = _trajectory(model.head, z_p, x_T, noises, temperature, w_MW, z_pu, variance)  # (M, g+1, ...)
-            if g > 0:
-                q = {key: torch.stack([t[key] for t in steps_q], 1) for key in ("x0", "mean_last", "std_last", "sum_log_std")}
-                p_g = {key: v[:, :g] for key, v in p.items()}
-                log_sigma = last_step_log_sigma(q, p_g, mode)
-                n_M = accept_prefix(last_step_log_ratio(q, p_g, log_sigma), generator, g_M)
-            else:
-                n_M = torch.zeros(M, dtype=torch.long, device=device)
-            n_h = n_M.tolist()  # the iteration's host sync
-            need_h = [n < gb for n, gb in zip(n_h, g_h)]
-            extra = _take(p["x0"], n_M)  # the bonus token: the target chain at column n (fresh noise there)
-            if any(need_h):
-                need_M = n_M < g_M
-                resid, tries, filled = residual_at(q, p_g, log_sigma, n_M, need_M, generator, K)
-                extra = torch.where(need_M[:, None], resid, extra)
-                syncs += 1  # the residual's round check (one round in the common case)
-        else:
-            if g > 0:
-                q_x0 = torch.stack([t["x0"] for t in steps_q], 1)  # (M, g, C)
-                q_path = torch.stack([t["path"] for t in steps_q], 2).flatten(1, 2)  # (S, M g, C)
-                q_means = torch.stack([t["means"] for t in steps_q], 2).flatten(1, 2)
-                zqg = torch.stack(zq, 1)  # (M, g, Wz)
-                zqug = None if zqu[0] is None else torch.stack(zqu, 1)
-                flat = lambda t: None if t is None else t[:, :g].flatten(0, 1)  # noqa: E731
-                mp = model.head.path_means(flat(z_p), q_path, flat(w_MW) if guided else 1.0, flat(z_pu))  # (S, M g, C)
-                log_r = path_log_ratio(q_path, q_x0.flatten(0, 1), mp, q_means, model.head.step_stds(S, temperature, variance))
-                n_M = accept_prefix(log_r.view(M, g), generator, g_M)
-            else:
-                zqg = zqug = None
-                n_M = torch.zeros(M, dtype=torch.long, device=device)
-            n_h = n_M.tolist()  # the iteration's host sync
-            need_h = [n < gb for n, gb in zip(n_h, g_h)]
-            need_M = n_M < g_M
-            extra, tries, filled, rounds = _path_extra(
-                model, draft, z_p, z_pu, zqg, zqug, w_MW, n_M, need_M, S, temperature, variance, generator,
-                K if any(need_h) else 1, any(need_h),
-            )
-            syncs += rounds
+        verify_fn = _verify_last if verify == "last" else _verify_path
+        n_M, n_h, extra, res = verify_fn(
+            model,
+            draft,
+            steps_q,
+            zq,
+            zqu,
+            z_p,
+            z_pu,
+            x_T,
+            noises,
+            w_MW,
+            g_M,
+            g_h,
+            S,
+            temperature,
+            variance,
+            mode,
+            generator,
+            K,
+        )
+        need_h = [n < gb for n, gb in zip(n_h, g_h)]
+        syncs += res["rounds"]
         syncs += 1
         if any(need_h):
-            tries_sum = tries_sum + tries.sum()
-            unfilled = unfilled + (~filled & (n_M < g_M)).sum()
+            tries_sum = tries_sum + res["tries"].sum()
+            unfilled = unfilled + (~res["filled"] & (n_M < g_M)).sum()
             residuals += sum(need_h)
         rows = torch.arange(M, device=device)
         tokens[rows, (len_M + n_M).clamp(max=N - 1)] = extra
