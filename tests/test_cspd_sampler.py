@@ -235,3 +235,11 @@ def test_paper_mode_is_bit_identical_to_exact_with_fixed_variance_heads(target):
 def test_bad_verify_is_rejected(target):
     with pytest.raises(ValueError, match="sampler.verify"):
         sample_cspd(target, target, torch.tensor([0]), generator=torch.Generator(), verify="bogus")
+
+
+def test_path_verification_accepts_an_identical_draft(target):
+    """verify="path": with draft = target the path ratio is 1 (up to rounding), every draft passes."""
+    y = torch.tensor([0, 1, 1, 0])
+    g = torch.Generator().manual_seed(7)
+    _, st = sample_cspd(target, target, y, generator=g, gamma=2, verify="path", prefill=0.0)
+    assert st["acceptance"] == 1.0 and st["alpha"] == 1.0 and st["target_forwards"] == 1
