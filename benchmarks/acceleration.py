@@ -147,8 +147,12 @@ def draw_xar(w, cond, g, slots, o):
 def draw_cspd(w, cond, g, slots, o):
     from vargen.sampling.cspd_sampler import sample_cspd
 
-    fn = lambda c: sample_cspd(w.xar, w.xar_draft, c, generator=g, gamma=o["gamma"], cfg_scale=o["cfg_scale"])  # noqa: E731
-    return _chunked(fn, cond, slots)
+    # continuous batching: every condition in one call, ``slots`` rows in flight (finished rows refilled)
+    out, stats = sample_cspd(
+        w.xar, w.xar_draft, cond, generator=g, gamma=o["gamma"], cfg_scale=o["cfg_scale"], slots=slots
+    )
+    stats["rows_per_call"] = slots
+    return out, stats
 
 
 def _tarflow(method):

@@ -112,3 +112,22 @@ def test_gmm_target_gaussian_draft_single_step():
 def test_bad_mode_is_rejected(mode):
     with pytest.raises(ValueError, match="sampler.mode"):
         run_toy(TARGET, DRAFT, mode)
+
+
+def test_path_means_equal_the_chain_means():
+    """A head's step means along a path in one batched call equal those its chain computed."""
+    from vargen.heads.diffusion import DiffusionHead, DiffusionHeadConfig
+
+    torch.manual_seed(0)
+    head = DiffusionHead(DiffusionHeadConfig(width=16, depth=2), 3, 8).double()
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    g = torch.Generator().manual_seed(0)
+    c, cu = torch.randn(5, 8, generator=g).double(), torch.randn(5, 8, generator=g).double()
+    w = torch.tensor([1.0, 2.0, 1.0, 3.0, 1.5]).double()
+    x_T, noises = torch.randn(5, 3, generator=g).double(), torch.randn(6, 5, 3, generator=g).double()
+    tr = head.reverse_trajectory(c, x_T, noises, 1.0, w, cu, return_path=True)
+    assert torch.allclose(head.path_means(c, tr["path"], w, cu), tr["means"], atol=1e-12)
+    assert torch.equal(tr["path"][0], x_T) and torch.allclose(
+        tr["x0"], tr["mean_last"] + tr["std_last"] * noises[-1]
+    )

@@ -163,3 +163,84 @@ def test_sample_py_runs_cspd_with_a_draft_checkpoint(tmp_path, capsys):
     assert sample.main(guided) == 0  # guidance is accepted from the config
     assert sample.main(argv + ["sampler.name=cspd"]) != 0  # no draft: a clear error, no samples
     assert "sampler.draft_ckpt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "cfg_scale,verify,slots,prefill",
+    [(1.0, "last", 0, 0.34), (2.0, "last", 2, 0.0), (1.0, "path", 3, 0.0), (2.0, "path", 0, 0.34)],
+)
+def test_kv_cached_cspd_equals_the_recompute_path(target, cfg_scale, verify, slots, prefill):
+    """float64: the KV-cached backbones (ragged cache rolled back after each verification, rows
+    refilled under continuous batching) draw the same tokens from the same generator as the full
+    recompute through ``entity_conditions``, and compute fewer token-rows."""
+    import copy
+
+    tgt = copy.deepcopy(target).double()
+    drf = _draft_near(target, 1e-2 if verify == "path" else 1e-3).double()  # path accepts more
+    y = torch.tensor([0, 1, 1, 0, 1, 0, 0] * 2)
+    kw = dict(gamma=2, prefill=prefill, cfg_scale=cfg_scale, verify=verify, slots=slots)
+    a, sa = sample_cspd(tgt, drf, y, generator=torch.Generator().manual_seed(5), **kw)
+    b, sb = sample_cspd(tgt, drf, y, generator=torch.Generator().manual_seed(5), use_cache=False, **kw)
+    assert a.dtype == torch.float64 and torch.allclose(a, b, atol=1e-9, rtol=0)
+    assert (sa["accepted"], sa["target_forwards"]) == (sb["accepted"], sb["target_forwards"])
+    assert 0 < sa["accepted"] < sa["proposed"]  # both acceptance and rejection were exercised
+    assert sa["positions_computed"] < sb["positions_computed"]
+
+
+def test_continuous_batching_is_seeded_and_in_input_order(target):
+    """slots < N: rows are refilled; the same seed and slots give the same tokens, and each
+    output row belongs to its own input (its class): identical-draft CSpD is plain target
+    sampling, so class 0 and class 1 rows keep their classes' first-token means apart."""
+    draft = _draft_near(target, 1e-3)
+    y = torch.tensor([0, 1] * 30)
+    a, st = sample_cspd(target, draft, y, generator=torch.Generator().manual_seed(4), gamma=2, slots=7)
+    b, _ = sample_cspd(target, draft, y, generator=torch.Generator().manual_seed(4), gamma=2, slots=7)
+    assert torch.equal(a, b) and torch.isfinite(a).all() and st["tokens"] == 60 * 3
+    assert a[y == 0, 0, 0].mean() > 0.5 and a[y == 1, 0, 0].mean() < -0.5  # toy: token 0 ~ +-1 by class
+    assert st["target_calls_per_image"] < 3  # speculation saves target calls per image
+
+
+@pytest.mark.parametrize("verify,variance", [("last", ""), ("path", ""), ("path", "beta")])
+def test_cspd_under_refilling_matches_the_target_sampler(target, verify, variance):
+    """Continuous batching (slots 64 of 2000: ~30 refills per slot) stays exact: two-sample KS on
+    every token against the target's own ``xar`` sampler (with the same head variance)."""
+    draft = _draft_near(target, 1e-2 if verify == "path" else 1e-3)  # path verification accepts more
+    n = 2000
+    y = torch.zeros(n, dtype=torch.long)
+    old = target.head.sample_variance
+    try:
+        target.head.sample_variance = variance or old
+        ref, _ = sample_xar(target, y, generator=torch.Generator().manual_seed(30))
+        g = torch.Generator().manual_seed(31)
+        out, st = sample_cspd(
+            target, draft, y, generator=g, gamma=2, slots=64, verify=verify, variance=variance, K=4
+        )
+    finally:
+        target.head.sample_variance = old
+    assert 0.2 < st["acceptance"] < 0.95 and st["ar_unfilled"] == 0
+    for i in range(3):
+        assert sps.ks_2samp(out[:, i, 0].numpy(), ref[:, i, 0].numpy()).pvalue > 1e-3
+
+
+def test_paper_mode_is_bit_identical_to_exact_with_fixed_variance_heads(target):
+    """The documented behaviour: both heads share the fixed step variances, so the paper's
+    variance factor Sigma = prod sigma_q / sigma_p is exactly 1 and ``mode="paper"`` draws the
+    very same tokens as ``mode="exact"``."""
+    draft = _draft_near(target, 1e-3)
+    y = torch.tensor([0, 1, 0, 1])
+    a, sa = sample_cspd(target, draft, y, generator=torch.Generator().manual_seed(6), gamma=2)
+    b, sb = sample_cspd(target, draft, y, generator=torch.Generator().manual_seed(6), gamma=2, mode="paper")
+    assert torch.equal(a, b) and sa["accepted"] == sb["accepted"]
+
+
+def test_bad_verify_is_rejected(target):
+    with pytest.raises(ValueError, match="sampler.verify"):
+        sample_cspd(target, target, torch.tensor([0]), generator=torch.Generator(), verify="bogus")
+
+
+def test_path_verification_accepts_an_identical_draft(target):
+    """verify="path": with draft = target the path ratio is 1 (up to rounding), every draft passes."""
+    y = torch.tensor([0, 1, 1, 0])
+    g = torch.Generator().manual_seed(7)
+    _, st = sample_cspd(target, target, y, generator=g, gamma=2, verify="path", prefill=0.0)
+    assert st["acceptance"] == 1.0 and st["alpha"] == 1.0 and st["target_forwards"] == 1

@@ -121,13 +121,26 @@ class DiffusionHead(nn.Module):
         abar = cosine_alpha_bar(cfg.num_train_steps)  # (T,)
         self.register_buffer("alpha_bar", abar.float(), persistent=False)
         self._respaced = {}
+        # reverse-step variance while sampling (:meth:`schedule`): a sampling choice, not a config
+        # field, so trained runs keep their config; CSpD's ``variance`` and benchmarks set it
+        self.sample_variance = "beta_tilde"
 
-    def schedule(self, num_steps: int):
+    def schedule(self, num_steps: int, variance: str | None = None):
         """Respaced chain on ``num_steps`` evenly spaced training timesteps (ADM's space_timesteps).
 
         Returns (t_S, abar_S, coef_x0_S, coef_xt_S, std_S) in float64, index 0 = least noisy.
+        ``variance`` (default ``self.sample_variance``): ``beta_tilde``, the posterior variance with ADM's
+        clipped value at the last step; or ``beta``, DDPM's upper bound sigma^2 = beta. They
+        differ at the last steps only: at the second-to-last step (t_1 -> t_0) beta_tilde is
+        ~(1 - abar_0) ~ 4e-5 (std 0.0064) where beta is ~(1 - abar_1) (std 0.078 at 25 steps):
+        the chain's big final jump then keeps noise of that size (a different sampler of the
+        same model; CSpD's path verification accepts far more with it, see cspd_sampler).
         """
-        if num_steps not in self._respaced:
+        variance = variance or self.sample_variance
+        if variance not in ("beta_tilde", "beta"):
+            raise ValueError(f"head variance must be beta_tilde or beta, got {variance!r}")
+        key = (num_steps, variance)
+        if key not in self._respaced:
             T = self.cfg.num_train_steps
             t_S = torch.linspace(0, T - 1, num_steps, dtype=torch.float64).round().long()  # (S,)
             abar = cosine_alpha_bar(T)[t_S]  # (S,)
@@ -138,8 +151,10 @@ class DiffusionHead(nn.Module):
             coef_xt = (1 - abar_prev) * (1 - beta).sqrt() / (1 - abar)
             var = beta * (1 - abar_prev) / (1 - abar)
             var[0] = var[1] if num_steps > 1 else beta[0]  # ADM's clipped log-variance: never 0
-            self._respaced[num_steps] = (t_S, abar, coef_x0, coef_xt, var.sqrt())
-        return self._respaced[num_steps]
+            if variance == "beta":
+                var = beta.clone()
+            self._respaced[key] = (t_S, abar, coef_x0, coef_xt, var.sqrt())
+        return self._respaced[key]
 
     def loss(self, target_NC: torch.Tensor, cond_NW: torch.Tensor) -> torch.Tensor:
         """eps-prediction MSE at uniform t; each pair repeated ``diffusion_batch_mul`` times."""
@@ -156,8 +171,12 @@ class DiffusionHead(nn.Module):
         """Guided eps: eps_u + w (eps_c - eps_u); w a float or a (N,) tensor (one scale per row).
 
         Rows with w == 1 take eps_c itself, so a per-row scale equals per-row scalar calls.
+        ``t_int`` is one timestep for every row, or a (N,) tensor of per-row timesteps.
         """
-        t_N = torch.full((x_NC.shape[0],), int(t_int), device=x_NC.device)
+        if torch.is_tensor(t_int) and t_int.dim() == 1:
+            t_N = t_int
+        else:
+            t_N = torch.full((x_NC.shape[0],), int(t_int), device=x_NC.device)
         per_row = torch.is_tensor(cfg_scale)
         if cond_uncond_NW is None or (not per_row and cfg_scale == 1.0):
             return self.net(x_NC, t_N, cond_NW)
@@ -170,8 +189,25 @@ class DiffusionHead(nn.Module):
         w_N1 = cfg_scale.to(eps_c)[:, None]  # (N, 1)
         return torch.where(w_N1 == 1.0, eps_c, eps_u + w_N1 * (eps_c - eps_u))  # (N, C)
 
+    def _step_mean(self, x, eps, i, sched):
+        """Posterior mean of reverse step i (0 = last) from x at t_S[i] and its eps; ``i`` an int
+        or, with (S, 1, 1) coefficient tables in ``sched``, broadcast over a whole path."""
+        sq1m, sqa, c0, ct = sched  # sqrt(1 - abar), sqrt(abar), posterior coefficients
+        x0_pred = (x - sq1m[i] * eps) / sqa[i]
+        if self.cfg.clip_x0 > 0:  # near t = T, 1 / sqrt(abar) ~ 2e4 amplifies any eps error
+            x0_pred = x0_pred.clamp(-self.cfg.clip_x0, self.cfg.clip_x0)
+        return c0[i] * x0_pred + ct[i] * x  # (N, C)
+
     def reverse_trajectory(
-        self, cond_NW, x_T_NC, noises_SNC, temperature=1.0, cfg_scale=1.0, cond_uncond_NW=None
+        self,
+        cond_NW,
+        x_T_NC,
+        noises_SNC,
+        temperature=1.0,
+        cfg_scale=1.0,
+        cond_uncond_NW=None,
+        return_path=False,
+        variance=None,
     ) -> dict:
         """The ancestral chain from the caller's x_T with the caller's per-step noises.
 
@@ -180,33 +216,62 @@ class DiffusionHead(nn.Module):
         log(temperature * sigma) over the S-1 earlier steps and the C dims (-inf at temperature 0).
         ``cfg_scale`` is a float or a (N,) tensor of per-row guidance scales (with
         ``cond_uncond_NW``); under guidance ``mean_last`` is the guided mean, the mean of the
-        Gaussian the last step actually samples.
+        Gaussian the last step actually samples. ``return_path`` adds ``path`` (S, N, C), the
+        state each step starts from (x_T first), and ``means`` (S, N, C), each step's mean:
+        the draft's side of CSpD's path verification (:meth:`path_means`). ``variance``: see
+        :meth:`schedule`.
         """
         S = noises_SNC.shape[0]
-        t_S, abar_S, c0_S, ct_S, std_S = self.schedule(S)
+        t_S, abar_S, c0_S, ct_S, std_S = self.schedule(S, variance)
+        sched = ([math.sqrt(1 - a) for a in abar_S.tolist()], [math.sqrt(a) for a in abar_S.tolist()])
+        sched += (c0_S.tolist(), ct_S.tolist())
         if torch.is_tensor(cfg_scale) and bool((cfg_scale == 1.0).all()):
             cfg_scale = 1.0  # no guided row: the plain conditional chain
         x = x_T_NC
         sum_log_std = x.new_zeros(x.shape[0])
+        path, means = [], []
         for k in range(S):
             i = S - 1 - k
             eps = self._eps(x, t_S[i], cond_NW, cfg_scale, cond_uncond_NW)
-            x0_pred = (x - math.sqrt(1 - abar_S[i]) * eps) / math.sqrt(abar_S[i])
-            if self.cfg.clip_x0 > 0:  # near t = T, 1 / sqrt(abar) ~ 2e4 amplifies any eps error
-                x0_pred = x0_pred.clamp(-self.cfg.clip_x0, self.cfg.clip_x0)
-            mean = float(c0_S[i]) * x0_pred + float(ct_S[i]) * x  # (N, C)
+            mean = self._step_mean(x, eps, i, sched)  # (N, C)
             std = temperature * float(std_S[i])
+            if return_path:
+                path.append(x)
+                means.append(mean)
             if k < S - 1:
                 # isotropic Gaussian step: log-det term is C * log(std) per row
                 sum_log_std = sum_log_std + (x.shape[1] * math.log(std) if std > 0 else -math.inf)
                 x = mean + std * noises_SNC[k]
         std_last = torch.full((x.shape[0], 1), std, dtype=x.dtype, device=x.device)
-        return {
+        out = {
             "x0": mean + std_last * noises_SNC[-1],
             "mean_last": mean,
             "std_last": std_last,
             "sum_log_std": sum_log_std,
         }
+        if return_path:
+            out["path"], out["means"] = torch.stack(path), torch.stack(means)  # (S, N, C) each
+        return out
+
+    def step_stds(self, num_steps: int, temperature: float = 1.0, variance=None) -> torch.Tensor:
+        """(S,) std of each reverse step in chain order (k = 0 noisiest), float64."""
+        return temperature * self.schedule(num_steps, variance)[4].flip(0)
+
+    def path_means(self, cond_NW, path_SNC, cfg_scale=1.0, cond_uncond_NW=None) -> torch.Tensor:
+        """Every step's mean (S, N, C) along a given path (states as ``reverse_trajectory``'s
+        ``path``), in ONE batched network call over the S N (state, timestep) pairs: the step
+        densities of this head along another head's chain, CSpD's path verification."""
+        S, N, C = path_SNC.shape
+        t_S, abar_S, c0_S, ct_S, _ = self.schedule(S)
+        flip = lambda v: v.flip(0).to(path_SNC)[:, None, None]  # noqa: E731  chain order, (S, 1, 1)
+        sched = (flip((1 - abar_S).sqrt()), flip(abar_S.sqrt()), flip(c0_S), flip(ct_S))
+        t_SN = t_S.flip(0).to(path_SNC.device)[:, None].expand(S, N).reshape(S * N)
+        rep = lambda z: None if z is None else z.repeat(S, 1)  # noqa: E731  (S N, W)
+        w = cfg_scale.repeat(S) if torch.is_tensor(cfg_scale) else cfg_scale
+        if torch.is_tensor(w) and bool((w == 1.0).all()):
+            w = 1.0
+        eps = self._eps(path_SNC.reshape(S * N, C), t_SN, rep(cond_NW), w, rep(cond_uncond_NW))
+        return self._step_mean(path_SNC, eps.view(S, N, C), slice(None), sched)  # (S, N, C)
 
     @torch.no_grad()
     def sample(self, cond_NW, generator, num_steps=None, temperature=1.0, cfg_scale=1.0, cond_uncond_NW=None):

@@ -35,8 +35,8 @@ def _xformers_ops():
 
 
 def attention(q_BHTd, k_BHSd, v_BHSd, mask_TS: torch.Tensor | None = None, causal: bool = False):
-    """Softmax attention. ``mask_TS`` is a boolean "may attend" mask broadcast over (B, H):
-    (T, S), or (B, 1, T, S) for a per-row mask (the ragged cache's).
+    """Softmax attention. ``mask_TS`` is a boolean "may attend" mask broadcast over (B, H),
+    (T, S), or an additive float mask (B, 1, T, S) for per-row masks (the ragged cache's).
 
     ``causal`` aligns the causal mask to the bottom-right (query t sees keys <= S - T + t),
     which is what cached decoding needs; it is ignored when ``mask_TS`` is given.
@@ -213,15 +213,21 @@ class RaggedKVCache:
         """(B, W) sequence positions L_b .. L_b+W-1 of the next window (= its cache slots)."""
         return self.length_B[:, None] + self._slot_S[:width]
 
-    def begin(self, width: int) -> torch.Tensor:
+    def begin(self, width: int, used: int | None = None) -> torch.Tensor:
         """Open a window of ``width`` positions after each row's length; returns the per-row
         attention mask (B, 1, W, S) over the first S slots any row may use, additive (0 where
         query i of row b may attend to a slot, -inf elsewhere): built once per forward, where a
-        boolean mask would be converted to this again in every layer's attention."""
+        boolean mask would be converted to this again in every layer's attention.
+
+        S = ``used`` when the caller tracks its own host-side bound on max(length) + width,
+        else ``bound + width`` (capped at T_max). A caller that sets ``length_B`` directly
+        (not through :meth:`advance`) must keep ``bound`` >= max(length_B) itself."""
         if width > self.max_len:
             raise ValueError(f"KV cache overflow: a window of {width} > {self.max_len}")
         self._slots_BW = self.positions(width)  # (B, W) slot = sequence position
-        self._used = min(self.bound + width, self.max_len)
+        self._used = min(self.bound + width, self.max_len) if used is None else int(used)
+        if self._used > self.max_len:
+            raise ValueError(f"KV cache overflow: {self._used} > {self.max_len}")
         s_S = self._slot_S[: self._used]
         allowed_BWS = s_S[None, None, :] <= self._slots_BW[:, :, None]
         mask_BWS = torch.zeros(allowed_BWS.shape, dtype=self.k[0].dtype, device=s_S.device)
@@ -243,6 +249,14 @@ class RaggedKVCache:
     def rollback(self, length_B: torch.Tensor):
         """Keep at most ``length_B`` positions per row (a row keeps fewer if it has fewer)."""
         self.length_B = torch.minimum(self.length_B, length_B)
+
+    def select_rows(self, rows: torch.Tensor) -> RaggedKVCache:
+        """A new cache of the given batch rows (their lengths kept): drops finished rows."""
+        out = copy.copy(self)
+        out.k = [t[rows] for t in self.k]  # (len(rows), H, T_max, d)
+        out.v = [t[rows] for t in self.v]
+        out.length_B = self.length_B[rows]
+        return out
 
 
 class SelfAttention(nn.Module):

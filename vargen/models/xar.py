@@ -36,7 +36,7 @@ from torch import nn
 
 from vargen.config import component
 from vargen.heads.diffusion import timestep_embedding
-from vargen.models.blocks import KVCache, rope_2d_angles
+from vargen.models.blocks import KVCache, RaggedKVCache, rope_2d_angles
 from vargen.models.entities import Entities
 from vargen.models.var import AdaLNBlock, modulate
 from vargen.registry import HEADS, MODELS
@@ -181,6 +181,41 @@ class XAR(nn.Module):
         t_B = torch.zeros(B, device=cond_B.device)
         x = self.embed_entity(e, prev_BnD, t_B, B)
         return self._run(x, self.cls_emb(cond_B), cache, None, start=self.starts[e])
+
+    def new_ragged_cache(self, batch: int, window: int) -> RaggedKVCache:
+        """An empty :class:`RaggedKVCache` for windows of up to ``window`` positions past L."""
+        c, p = self.cfg, self.start_1nC
+        return RaggedKVCache(
+            c.depth, batch, c.heads, self.length + window, c.dim // c.heads, p.device, p.dtype
+        )
+
+    def forward_window(self, ctx_BWD: torch.Tensor, cond_B: torch.Tensor, cache: RaggedKVCache, used=None):
+        """Cached forward of W positions per row, L_b .. L_b+W-1 with L_b = ``cache.length_B[b]``
+        (``entity: token`` only, where position i is raster token i): conditions (B, W, C).
+
+        ``ctx_BWD[b, j]`` is the token at position L_b + j - 1 (the context of position L_b + j);
+        position 0 takes the start embedding instead. Same inputs as :meth:`entity_conditions`
+        (clean context, t = 0), so output j equals its row at position L_b + j. Positions past
+        L get the last position's rotary angle and entity embedding: their outputs are
+        meaningless and no in-sequence query attends to them. ``used`` is passed to
+        :meth:`RaggedKVCache.begin` (a host-side bound that spares a sync).
+        """
+        if self.cfg.entity != "token":
+            raise ValueError("forward_window needs entity: token (one position per entity)")
+        B, W, _ = ctx_BWD.shape
+        pos_BW = (cache.length_B[:, None] + torch.arange(W, device=ctx_BWD.device)).clamp(max=self.length - 1)
+        t_emb = self.time_in(timestep_embedding(ctx_BWD.new_zeros(1), 256).to(ctx_BWD.dtype))  # (1, C)
+        x_tok = self.tok_in(ctx_BWD) + t_emb  # (B, W, C), as embed_entity for e > 0
+        x_BWC = torch.where((pos_BW == 0)[..., None], self.start_1nC[:, 0], x_tok)
+        x_BWC = x_BWC + self.ent_emb(self.entity_L[pos_BW])  # (B, W, C)
+        mask_B1WS = cache.begin(W, used)
+        rope = (self.rope_cos[pos_BW][:, None], self.rope_sin[pos_BW][:, None])  # (B, 1, W, d/2) x 2
+        cond_BC = self.cls_emb(cond_B)
+        for i, blk in enumerate(self.blocks):
+            x_BWC = blk(x_BWC, cond_BC, cache, i, mask_B1WS, rope)
+        cache.advance(W)
+        shift, scale = self.out_ada(cond_BC).chunk(2, dim=-1)
+        return modulate(self.out_norm(x_BWC), shift, scale)  # (B, W, C)
 
     # ------------------------------------------------------------------ training
     def context_times(self, B: int, device) -> torch.Tensor:

@@ -41,74 +41,150 @@ def gaussian_logpdf(x_NC, mean_NC, std_NC):
     return (-0.5 * z.pow(2) - std_NC.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
-def residual_sample(sample_p, log_p, log_q, log_sigma_N, generator, K=16, max_rounds=100):
+def residual_rounds(propose, need_N, generator, K=16, max_rounds=100, need_any=True):
+    """Acceptance-rejection for norm(max(0, Sigma p - q)) per row, K proposals per row and round.
+
+    ``propose(K, generator) -> (y_KNC, log_qp_KN)``: K proposals per row from p and
+    log(q(y) / (Sigma p(y))) of each. Only rows with ``need_N`` wait for an acceptance (the
+    others count as filled and get the first proposal, a plain p sample). Returns (y_NC,
+    tries_N, filled_N, rounds); rounds is the number of host syncs spent (one per round; none
+    when the caller knows no row needs a residual, ``need_any`` False).
+    """
+    out = filled = tries = None
+    rounds = 0
+    for _ in range(max_rounds):
+        rounds += 1
+        y_KNC, log_qp_KN = propose(K, generator)
+        acc_KN = 1 - torch.exp(log_qp_KN)  # max(0, .) via u < acc
+        u_KN = torch.rand(acc_KN.shape, generator=generator, device=generator.device).to(y_KNC.device)
+        ok_KN = u_KN < acc_KN
+        first_N = ok_KN.to(torch.uint8).argmax(0)  # first accepted proposal per row
+        got_N = ok_KN.any(0)
+        pick_NC = y_KNC.gather(0, first_N[None, :, None].expand(1, *y_KNC.shape[1:]))[0]
+        if out is None:
+            out = torch.where(need_N[:, None], pick_NC, y_KNC[0])
+            filled = got_N | ~need_N
+            tries = torch.where(got_N, first_N + 1, torch.full_like(first_N, K)) * need_N
+        else:
+            new = got_N & ~filled
+            out = torch.where(new[:, None], pick_NC, out)
+            tries = tries + torch.where(filled, 0, torch.where(got_N, first_N + 1, K))
+            filled = filled | got_N
+        if not need_any:
+            return out, tries, filled, 0
+        if bool(filled.all()):
+            break
+    else:  # rows never filled get a plain p sample (reported as unfilled)
+        out = torch.where(filled[:, None], out, propose(1, generator)[0][0])
+    return out, tries, filled, rounds
+
+
+def residual_sample(sample_p, log_p, log_q, log_sigma_N, generator, K=16, max_rounds=100, need_N=None):
     """Draws from norm(max(0, Sigma p - q)) per row by acceptance-rejection, vectorised.
 
     ``sample_p(K, generator) -> (K, N, C)`` proposals from each row's p; ``log_p``/``log_q`` map
     (K, N, C) -> (K, N); ``log_sigma_N`` is log Sigma per row (0 in exact mode). Returns
     (y_NC, tries_N, filled_N); rows never filled after ``max_rounds`` get a p sample (filled False).
     """
-    out, filled, tries = None, None, None
-    for _ in range(max_rounds):
-        y_KNC = sample_p(K, generator)
-        acc_KN = 1 - torch.exp(log_q(y_KNC) - log_p(y_KNC) - log_sigma_N)  # max(0, .) via u < acc
-        u_KN = torch.rand(acc_KN.shape, generator=generator, device=generator.device).to(y_KNC.device)
-        ok_KN = u_KN < acc_KN
-        first_N = ok_KN.float().argmax(0)  # first accepted proposal per row
-        got_N = ok_KN.any(0)
-        pick_NC = y_KNC.gather(0, first_N[None, :, None].expand(1, *y_KNC.shape[1:]))[0]
-        if out is None:
-            out, filled = pick_NC.clone(), got_N.clone()
-            tries = torch.where(got_N, first_N + 1, torch.full_like(first_N, K))
-        else:
-            new = got_N & ~filled
-            out = torch.where(new[:, None], pick_NC, out)
-            tries = tries + torch.where(filled, 0, torch.where(got_N, first_N + 1, K))
-            filled = filled | got_N
-        if bool(filled.all()):
-            break
-    fallback_NC = sample_p(1, generator)[0]
-    return torch.where(filled[:, None], out, fallback_NC), tries, filled
+
+    def propose(k, gen):
+        y = sample_p(k, gen)
+        return y, log_q(y) - log_p(y) - log_sigma_N
+
+    need = torch.ones_like(log_sigma_N, dtype=torch.bool) if need_N is None else need_N
+    y, tries, filled, _ = residual_rounds(propose, need, generator, K, max_rounds)
+    return y, tries, filled
 
 
-def cspd_verify(draft_traj: dict, target_traj: dict, generator, mode: str = "exact", K: int = 16):
+def accept_prefix(log_r_Bg, generator, cap_B=None):
+    """Leading accepted drafts per row: draft j passes if u_j < min(1, r_j); the first failure
+    ends the block; at most ``cap_B`` (default g) count. One (B, g) uniform draw."""
+    B, g = log_r_Bg.shape
+    u = torch.rand(B, g, generator=generator, device=generator.device).to(log_r_Bg.device)
+    n_B = (u.log() < log_r_Bg.clamp(max=0)).long().cumprod(1).sum(1)
+    return n_B if cap_B is None else torch.minimum(n_B, cap_B)
+
+
+def last_step_log_sigma(draft_traj: dict, target_traj: dict, mode: str) -> torch.Tensor:
+    """log Sigma (B, g) of the paper's variance factor, 0 in exact mode.
+
+    Sigma = prod_t |S^q_t|^(1/2) / |S^p_t|^(1/2) over the steps before the last. With this
+    package's fixed-variance head, draft and target share the step variances whenever they
+    share num_steps, temperature and the training schedule (``_check_pair`` requires the
+    schedule), so Sigma = 1 exactly and "paper" is bit-identical to "exact". The paper's MAR
+    heads learn their variances (learned-range, per token), where Sigma != 1; that is the mode's
+    only difference, and it makes the test biased (spec 3 exactness note)."""
+    if mode not in MODES:
+        raise ValueError(f"sampler.mode must be one of {MODES}, got {mode!r}")
+    x0 = draft_traj["x0"]
+    B, g = x0.shape[:2]
+    if mode != "paper":
+        return torch.zeros(B, g, device=x0.device, dtype=x0.dtype)
+    lq, lp = draft_traj["sum_log_std"], target_traj["sum_log_std"]
+    return (lq - lp).reshape(B, g, -1).sum(-1) if lq.dim() > 2 else (lq - lp).reshape(B, g)
+
+
+def last_step_log_ratio(draft_traj: dict, target_traj: dict, log_sigma_Bg: torch.Tensor) -> torch.Tensor:
+    """log r (B, g) = log N(x0; mu_p, s_p) + log Sigma - log N(x0; mu_q, s_q) at the draft x0."""
+    x0 = draft_traj["x0"]  # (B, g, C)
+    mu_p, s_p = target_traj["mean_last"].expand_as(x0), target_traj["std_last"].expand_as(x0)
+    mu_q, s_q = draft_traj["mean_last"].expand_as(x0), draft_traj["std_last"].expand_as(x0)
+    return gaussian_logpdf(x0, mu_p, s_p) + log_sigma_Bg - gaussian_logpdf(x0, mu_q, s_q)
+
+
+def path_log_ratio(path_SNC, x0_NC, means_p_SNC, means_q_SNC, std_S) -> torch.Tensor:
+    """log p(path) - log q(path), (N,), for a reverse chain x_T -> ... -> x0 whose steps are
+    N(x_next; mean, std_k^2) under both heads with the SAME std_k (the x_T prior cancels too):
+    sum_k (|x_next - mu_q|^2 - |x_next - mu_p|^2) / (2 std_k^2)."""
+    nxt = torch.cat([path_SNC[1:], x0_NC[None]])  # (S, N, C) the state each step produced
+    d = (nxt - means_q_SNC).pow(2).sum(-1) - (nxt - means_p_SNC).pow(2).sum(-1)  # (S, N)
+    return (d / (2 * std_S.to(d)[:, None] ** 2)).sum(0)
+
+
+def cspd_verify(draft_traj: dict, target_traj: dict, generator, mode: str = "exact", K: int = 16, cap_B=None):
     """Verify a block of g continuous drafts per row, (B, g, C) tensors in both trajectories.
 
     ``draft_traj`` / ``target_traj`` are the heads' ``reverse_trajectory`` outputs reshaped to
-    (B, g, ...) and computed with shared x_T and step noises. Returns (n_B accepted leading drafts,
-    z_BC the residual token for position n (valid where n < g), stats dict).
+    (B, g, ...) and computed with shared x_T and step noises. Returns (n_B accepted leading drafts
+    (at most ``cap_B``), z_BC the residual token for position n (valid where n < cap), stats
+    dict of 0-dim tensors: no host sync but the residual rounds').
     """
-    if mode not in MODES:
-        raise ValueError(f"sampler.mode must be one of {MODES}, got {mode!r}")
+    log_sigma = last_step_log_sigma(draft_traj, target_traj, mode)
     x0 = draft_traj["x0"]  # (B, g, C)
     B, g, C = x0.shape
-    mu_p, s_p = target_traj["mean_last"].expand_as(x0), target_traj["std_last"].expand_as(x0)
-    mu_q, s_q = draft_traj["mean_last"].expand_as(x0), draft_traj["std_last"].expand_as(x0)
-    log_sigma = torch.zeros(B, g, device=x0.device)
-    if mode == "paper":  # Sigma = prod_t |S^q_t|^(1/2) / |S^p_t|^(1/2): biased, opt-in
-        lq, lp = draft_traj["sum_log_std"], target_traj["sum_log_std"]
-        log_sigma = (lq - lp).reshape(B, g, -1).sum(-1) if lq.dim() > 1 else (lq - lp).reshape(B, g)
-    log_r = gaussian_logpdf(x0, mu_p, s_p) + log_sigma - gaussian_logpdf(x0, mu_q, s_q)  # (B, g)
-    u = torch.rand(B, g, generator=generator, device=generator.device).to(x0.device)
-    acc = u.log() < log_r.clamp(max=0)
-    n_B = acc.long().cumprod(1).sum(1)  # stop at the first rejection
-    pos = n_B.clamp(max=g - 1)
-    take = lambda t: t.gather(1, pos[:, None, None].expand(B, 1, C))[:, 0]  # noqa: E731  (B, C)
-    mp, sp, mq, sq = take(mu_p), take(s_p), take(mu_q), take(s_q)
-    ls = log_sigma.gather(1, pos[:, None])[:, 0]
-
-    def sample_p(k, gen):
-        e = torch.randn(k, B, C, generator=gen, device=gen.device).to(x0.device)
-        return mp + sp * e  # (k, B, C)
-
-    z, tries, filled = residual_sample(
-        sample_p, lambda y: gaussian_logpdf(y, mp, sp), lambda y: gaussian_logpdf(y, mq, sq), ls, generator, K
-    )
-    rejected = n_B < g
+    cap = torch.full((B,), g, dtype=torch.long, device=x0.device) if cap_B is None else cap_B
+    n_B = accept_prefix(last_step_log_ratio(draft_traj, target_traj, log_sigma), generator, cap)
+    need = n_B < cap
+    z, tries, filled = residual_at(draft_traj, target_traj, log_sigma, n_B, need, generator, K)
     stats = {
-        "accepted": int(n_B.sum()),
-        "proposed": int(torch.minimum(n_B + 1, torch.full_like(n_B, g)).sum()),
-        "ar_tries": float(tries[rejected].float().mean()) if bool(rejected.any()) else 0.0,
-        "ar_unfilled": int((~filled & rejected).sum()),
+        "accepted": n_B.sum(),
+        "proposed": torch.minimum(n_B + 1, cap).sum(),
+        "ar_tries": tries.sum() / need.sum().clamp(min=1),
+        "ar_unfilled": (~filled & need).sum(),
     }
     return n_B, z, stats
+
+
+def residual_at(draft_traj, target_traj, log_sigma_Bg, n_B, need_B, generator, K=16):
+    """The residual token at each row's draft n_B (last-step Gaussians; proposals y ~ p)."""
+    x0 = draft_traj["x0"]
+    B, g, C = x0.shape
+    pos = n_B.clamp(max=g - 1)
+    take = lambda t: t.expand_as(x0).gather(1, pos[:, None, None].expand(B, 1, C))[:, 0]  # noqa: E731  (B, C)
+    mp, sp = take(target_traj["mean_last"]), take(target_traj["std_last"])
+    mq, sq = take(draft_traj["mean_last"]), take(draft_traj["std_last"])
+    ls = log_sigma_Bg.gather(1, pos[:, None])[:, 0]
+
+    def sample_p(k, gen):
+        e = torch.randn(k, B, C, generator=gen, device=gen.device, dtype=x0.dtype).to(x0.device)
+        return mp + sp * e  # (k, B, C)
+
+    return residual_sample(
+        sample_p,
+        lambda y: gaussian_logpdf(y, mp, sp),
+        lambda y: gaussian_logpdf(y, mq, sq),
+        ls,
+        generator,
+        K,
+        need_N=need_B,
+    )

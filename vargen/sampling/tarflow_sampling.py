@@ -270,9 +270,10 @@ def invert_block_continuous(
     tokens moved by at most ``tol`` per element), on the device. A row whose inputs are all
     committed hands its slot to the next pending row (rows in order), so the batch stays
     full until the rows run out; then it shrinks. Rows never interact, so a row's result
-    does not depend on its slot or neighbours. Host reads: one per pass (the cache's widest
-    window) and one every ``check_every`` passes (the finished rows; between reads a
-    finished row idles on padding, counted in ``row_passes``). Returns (u_NTC, info);
+    does not depend on its slot or neighbours. Host reads: one every ``check_every`` passes
+    (the finished rows; between reads a finished row idles on padding, counted in
+    ``row_passes``); between reads the attended width comes from a host-side bound on the
+    committed lengths (grown by the window per pass, exact after each read). Returns (u_NTC, info);
     ``row_passes`` sums the occupied slots over passes (model rows per image = row_passes / N).
     """
     N, T, C = z_NTC.shape
@@ -290,9 +291,10 @@ def invert_block_continuous(
     nxt, width = S, W
 
     info = {"iterations": 0, "passes": 0, "token_rows": 0, "syncs": 0, "forced": 0, "row_passes": 0}
+    bound = 0  # host-side upper bound on max(c_S): grows by the width per pass, exact at reads
     while rows:
         S = len(rows)
-        cache.length_B = c_S.repeat(R)
+        cache.length_B, cache.bound = c_S.repeat(R), bound
         pos_SW = c_S[:, None] + torch.arange(width, device=dev)  # input positions c_b .. c_b+width-1
         x_SWC = U.gather(1, pos_SW[..., None].expand(S, width, C))
         a, b = block.params(_stream_rows(x_SWC, guidance), _cond_rows(block, cond_S, guidance), cache)
@@ -314,7 +316,7 @@ def invert_block_continuous(
         info["passes"] += 1
         info["row_passes"] += S
         info["token_rows"] += S * width
-        info["syncs"] += 1  # RaggedKVCache.begin reads the widest window
+        bound = min(bound + width, n_in)
         if info["passes"] % check_every:
             continue
         info["syncs"] += 1
@@ -339,6 +341,7 @@ def invert_block_continuous(
             cache.v = [t[k_R] for t in cache.v]
         if keep:  # no wider than the most remaining inputs of any row
             width = min(W, n_in - min(c_list[i] for i in keep))
+            bound = max(c_list[i] for i in keep)
     info["iterations"] = info["passes"]
     info["token_rows"] /= N
     return out, info
