@@ -10,12 +10,16 @@ its baseline, the same trained model unless named):
 |---|---|---|
 | sd | speculative sampling with the photos_ar_draft model, gamma 4 | ar: KV-cached next-token decode |
 | sjd | speculative Jacobi decoding, window 16 | ar |
-| gsd | grouped speculative decoding, window 16 | ar |
+| gsd | grouped speculative decoding, window 16 (G = 14, relative dist 1.0) | ar |
 | gsd_exact | GSD's group-exact variant | ar |
 | var | next-scale VAR on the VAT ids (5 scales) | ar (next-token on the VQ ids, same 16x16 grid) |
 | cspd | continuous speculative decoding, photos_xar_draft, gamma 4 | xar: the target's own sampler |
-| tarflow_jacobi | TarFlow, Jacobi on every block | tarflow_seq: the KV-cached sequential inverse |
-| tarflow_gs_jacobi | TarFlow, GS-Jacobi (8 segments) on every block | tarflow_seq |
+| tarflow_jacobi | TarFlow, frozen-prefix Jacobi (window 16), every block | tarflow_seq: KV-cached loop |
+| tarflow_gs_jacobi | TarFlow, GS-Jacobi (8 segments, window 16) on every block | tarflow_seq |
+
+SD, SJD, GSD, CSpD and TarFlow Jacobi batch continuously: every image's condition goes into one
+call that keeps ``b`` rows in flight and refills a finished row's slot with the next image; the
+baselines and the other methods run chunks of ``b`` rows.
 
 Per method and batch size b (1: latency; 16: throughput), interleaved with its baseline in the
 same run (baseline, method, baseline, method, ... best of ``--reps``), on the same labels and seed:
@@ -105,11 +109,18 @@ def draw_ar(w, cond, g, slots, o):
     return _chunked(lambda c: sample_ar(w.ar, c, generator=g, **_warp(o)), cond, slots)
 
 
+def _continuous(out_stats, slots):
+    """A continuous sampler's (out, stats): every condition in one call, ``slots`` rows in flight."""
+    out, stats = out_stats
+    stats["rows_per_call"] = slots
+    return out, stats
+
+
 def draw_sd(w, cond, g, slots, o):
     from vargen.sampling.speculative import sample_speculative
 
-    return _chunked(
-        lambda c: sample_speculative(w.ar, w.draft, c, generator=g, gamma=o["gamma"], **_warp(o)), cond, slots
+    return _continuous(
+        sample_speculative(w.ar, w.draft, cond, generator=g, gamma=o["gamma"], slots=slots, **_warp(o)), slots
     )
 
 
@@ -117,7 +128,7 @@ def _jacobi(w, cond, g, slots, o, name, **extra):
     from vargen.registry import SAMPLERS
 
     run = SAMPLERS.build({"name": name, "window": o["window"], **_warp(o), **extra})
-    return _chunked(lambda c: run(w.ar, c, g), cond, slots)
+    return _continuous(run(w.ar, cond, g, slots=slots), slots)
 
 
 def draw_sjd(w, cond, g, slots, o):
@@ -147,20 +158,31 @@ def draw_xar(w, cond, g, slots, o):
 def draw_cspd(w, cond, g, slots, o):
     from vargen.sampling.cspd_sampler import sample_cspd
 
-    # continuous batching: every condition in one call, ``slots`` rows in flight (finished rows refilled)
-    out, stats = sample_cspd(
-        w.xar, w.xar_draft, cond, generator=g, gamma=o["gamma"], cfg_scale=o["cfg_scale"], slots=slots
+    return _continuous(
+        sample_cspd(
+            w.xar, w.xar_draft, cond, generator=g, gamma=o["gamma"], cfg_scale=o["cfg_scale"], slots=slots
+        ),
+        slots,
     )
-    stats["rows_per_call"] = slots
-    return out, stats
 
 
 def _tarflow(method):
-    def draw(w, cond, g, slots, o):
-        from vargen.sampling.tarflow_sampling import sample_tarflow
+    """Sequential and GS-Jacobi run chunks of ``slots`` rows (every row takes the same passes);
+    plain Jacobi batches continuously. Jacobi methods use the frozen-prefix window ``window``."""
 
-        fn = lambda c: sample_tarflow(w.tarflow, c, generator=g, method=method, cfg_scale=o["cfg_scale"])  # noqa: E731
-        return _chunked(fn, cond, slots)
+    def draw(w, cond, g, slots, o):
+        from vargen.sampling.tarflow_sampling import sample_tarflow, sample_tarflow_continuous
+
+        kw = {
+            "method": method,
+            "cfg_scale": o["cfg_scale"],
+            "window": 0 if method == "sequential" else o["window"],
+        }
+        if method == "jacobi":
+            out, stats = sample_tarflow_continuous(w.tarflow, cond, generator=g, slots=slots, **kw)
+            stats["row_target_forwards"] = stats["row_passes"]
+            return _continuous((out, stats), slots)
+        return _chunked(lambda c: sample_tarflow(w.tarflow, c, generator=g, **kw), cond, slots)
 
     return draw
 

@@ -118,7 +118,8 @@ def test_registry_build_validates_like_the_cli():
 
     assert callable(SAMPLERS.build({"name": "ddim"}))  # was: AttributeError (no defaults)
     assert callable(SAMPLERS.build({"name": "tarflow"}))  # was: KeyError
-    with pytest.raises(ConfigError, match=r"unknown config key 'sampler.top_kk' \(did you mean 'sampler.top_k'"):
+    unknown = r"unknown config key 'sampler.top_kk' \(did you mean 'sampler.top_k'"
+    with pytest.raises(ConfigError, match=unknown):
         SAMPLERS.build({"name": "ar", "top_kk": 3})
     with pytest.raises(ConfigError, match="sampler.top_k"):
         SAMPLERS.build({"name": "ar", "top_k": "many"})

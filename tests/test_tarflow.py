@@ -435,7 +435,8 @@ def test_continuous_exact_counts_and_builder():
     lazy, st4 = ts.sample_tarflow_continuous(
         m, c, generator=torch.Generator().manual_seed(0), slots=2, tol=-1.0, check_every=4
     )  # rows finish at pass 15, are seen at pass 16
-    assert st4["passes_per_block"] == [16 * 3] * 2 and st4["syncs"] == 2 * 4 * 3  # reads at passes 4, 8, 12, 16
+    assert st4["passes_per_block"] == [16 * 3] * 2
+    assert st4["syncs"] == 2 * 4 * 3  # reads at passes 4, 8, 12, 16
     assert (lazy - eager).abs().max() < 1e-12
     mixed = [ts.BlockPlan("sequential"), ts.BlockPlan("gs_jacobi", 4, max_iters=2)]  # chunks of slots
     ref, _ = ts.sample_tarflow(m, c[:2], generator=torch.Generator().manual_seed(0), policy=mixed, tol=0.0)

@@ -176,11 +176,11 @@ class WindowScorer:
 class RowQueue:
     """Continuous batching over ``slots`` rows for N samples (see the module docstring).
 
-    Device-side bookkeeping (the only host sync is in :meth:`iterations`): ``sample_B`` is the sample each row works on (-1 when
-    the work ran out), ``len_B`` its committed length, ``ids_BX`` its tokens (T = num_tokens
-    plus ``pad`` columns that absorb window writes past the end, so no write is clamped or
-    masked), ``cond_B`` its class. :meth:`refill` stores finished rows in ``out_NT`` and restarts
-    them on the next pending samples in input order.
+    Device-side bookkeeping (the only host sync is in :meth:`iterations`): ``sample_B`` is the
+    sample each row works on (-1 when the work ran out), ``len_B`` its committed length,
+    ``ids_BX`` its tokens (T = num_tokens plus ``pad`` columns that absorb window writes past
+    the end, so no write is clamped or masked), ``cond_B`` its class. :meth:`refill` stores
+    finished rows in ``out_NT`` and restarts them on the next pending samples in input order.
     """
 
     def __init__(self, cond_N, slots: int, T: int, pad: int):
