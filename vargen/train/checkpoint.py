@@ -297,9 +297,11 @@ def run_lock(out_dir: str, log=print):
     """Hold ``out_dir/train.lock`` (an exclusive ``flock``, the file names the pid) while a
     run writes into ``out_dir``. A second run into the same folder is refused while the
     first is alive; the kernel drops the lock when its holder dies, so the lock file a
-    killed run left behind is taken over (Linux/macOS file locks)."""
+    killed run left behind is taken over (Linux/macOS file locks). A folder the lock itself
+    created is removed again when the run leaves it empty (a refused config writes nothing)."""
     import fcntl
 
+    created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, LOCK)
     while True:
@@ -330,3 +332,5 @@ def run_lock(out_dir: str, log=print):
     finally:
         os.remove(path)
         os.close(fd)
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)
