@@ -57,7 +57,8 @@ ZOO: dict[str, ZooEntry] = {  # in training order: the token-AR set first, the b
 }
 # Keys that say where or how visibly a run trains, not what it trains.
 UNHASHED = ("out_dir",)
-UNHASHED_TRAIN = ("progress", "resume", "device")
+# progress, resume, device and the NaN guard change how a run is driven, never what a finite run learns
+UNHASHED_TRAIN = ("progress", "resume", "device", "max_nonfinite_steps")
 
 
 def zoo_root() -> str:
@@ -172,6 +173,12 @@ class Zoo:
             f"train.progress={str(show).lower()}",
         ]
         cfg = load_run_config(config_path(self.zoo[name].config), over)
+        fresh = Zoo(self.overrides, self.zoo, self.root, log=self.log).digest(name)
+        if fresh != self.digest(name):  # the digest is memoized; the yaml is read now
+            raise RuntimeError(
+                f"configs/{self.zoo[name].config} changed while the zoo was running ({self.digest(name)} -> "
+                f"{fresh}): rerun, so that {name} trains into the folder its config names"
+            )
         model = run(cfg, log=self.log)
         seconds = logged_seconds(out)
         params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else None
