@@ -110,11 +110,7 @@ class ARTransformer(nn.Module):
         """
         start = cache.length
         x_BTC = self.embed(ids_Bt, cond_B if start == 0 else None, start)
-        if (
-            (self.training and self.cfg.dropout > 0)
-            or x_BTC.dtype != torch.float32
-            or type(self)._run is not ARTransformer._run  # a subclass with its own output map
-        ):
+        if self._module_path(x_BTC):
             return self._run(x_BTC, start, cache)  # the module path: dropout, fp32 upcasts
         # Block.forward_cached: the same math as _run with fewer ops (decoding is overhead-bound)
         T = x_BTC.shape[1]
@@ -129,6 +125,15 @@ class ARTransformer(nn.Module):
         logits_BTV = step(x_BTC, rope, cache, cache.weights)
         cache.advance(T)
         return logits_BTV
+
+    def _module_path(self, x_BTC) -> bool:
+        """Whether cached forwards must run the modules (dropout in training, 16-bit
+        activations, a subclass with its own output map) instead of the prepared-weight path."""
+        return (
+            (self.training and self.cfg.dropout > 0)
+            or x_BTC.dtype != torch.float32
+            or type(self)._run is not ARTransformer._run
+        )
 
     def _cached_blocks(self, x_BTC, rope, cache: KVCache, weights):
         """Blocks and head of :meth:`forward_step` on embeddings (what :meth:`compile_decode` compiles)."""
@@ -180,12 +185,22 @@ class ARTransformer(nn.Module):
             (pos_BW == 0)[..., None], self.cls_emb(cond_B)[:, None], self.tok_emb(ids_BW)
         )  # (B, W, C)
         mask_B1WS = cache.begin(W)
-        rope = pos_BW.clamp(max=self.rope_cos.shape[0] - 1)
-        cos, sin = self.rope_cos[rope][:, None], self.rope_sin[rope][:, None]  # (B, 1, W, d/2)
+        rope_BW = pos_BW.clamp(max=self.rope_cos.shape[0] - 1)
+        if self._module_path(x_BWC):
+            cos, sin = self.rope_cos[rope_BW][:, None], self.rope_sin[rope_BW][:, None]  # (B, 1, W, d/2)
+            for i, blk in enumerate(self.blocks):
+                x_BWC = blk(x_BWC, cos, sin, cache, i, mask_B1WS)
+            cache.advance(W)
+            return self.head(self.norm(x_BWC))  # (B, W, V)
+        # the fast path of forward_step, with per-row rotary angles and the ragged mask
+        rope = (self.rope_cos_pairs[rope_BW], self.rope_sin_pairs[rope_BW], self.rope_swap)  # (B, W, d)
+        if cache.weights is None:
+            cache.weights = self.decode_weights()
+        *block_w, head_w = cache.weights
         for i, blk in enumerate(self.blocks):
-            x_BWC = blk(x_BWC, cos, sin, cache, i, mask_B1WS)
+            x_BWC = blk.forward_cached(x_BWC, rope, cache, i, block_w[i], mask_B1WS)
         cache.advance(W)
-        return self.head(self.norm(x_BWC))  # (B, W, V)
+        return self.norm(x_BWC) @ head_w  # (B, W, V)
 
     def new_ragged_cache(self, batch: int, window: int) -> RaggedKVCache:
         """An empty :class:`RaggedKVCache` for windows of up to ``window`` positions."""

@@ -208,6 +208,7 @@ class RaggedKVCache:
         self._slot_S = torch.arange(max_len, device=device)  # (T_max,) reused by every window
         self._slots_BW = None
         self._used = 0
+        self.weights = None  # the model's prepared decode weights for this run (forward_window)
 
     def positions(self, width: int) -> torch.Tensor:
         """(B, W) sequence positions L_b .. L_b+W-1 of the next window (= its cache slots)."""
@@ -306,7 +307,7 @@ class Block(nn.Module):
             return tuple(t.t() for t in w)
         return tuple(t.detach().t().contiguous() for t in w)
 
-    def forward_cached(self, x_BTC, rope, cache: KVCache, layer: int, weights):
+    def forward_cached(self, x_BTC, rope, cache: KVCache | RaggedKVCache, layer: int, weights, mask=None):
         """:meth:`forward` for KV-cached decoding of fp32 activations in eval mode (dropout off),
         with ``rope`` = (cos_Td, sin_Td, swap_dd) from :func:`rope_pair_tables` and ``weights`` from
         :meth:`decode_weights`: the same math in fewer, faster ops.
@@ -314,17 +315,19 @@ class Block(nn.Module):
         Decoding one token at batch 1 is bound by per-op overhead, not arithmetic, so this
         multiplies by prepared weights (no module calls, w1 and w3 in one product), rotates q
         and k in one :func:`rotate_pairs` on the qkv output, and adds into the residual in place.
-        Equal to :meth:`forward` up to float rounding (tested).
+        Equal to :meth:`forward` up to float rounding (tested). The rope tables are (T, d), or
+        (B, T, d) for per-row positions with ``mask`` (B, 1, T, S) (a :class:`RaggedKVCache`).
         """
         B, T, C = x_BTC.shape
         H, d = self.attn.heads, self.attn.head_dim
         w_qkv, w_proj, w_13, w_2 = weights
         qkv = (self.norm1(x_BTC) @ w_qkv).view(B, T, 3, H, d)  # (B, T, 3, H, d)
         cos_Td, sin_Td, swap_dd = rope
-        qk = rotate_pairs(qkv[:, :, :2], cos_Td[:, None, None], sin_Td[:, None, None], swap_dd)  # (B,T,2,H,d)
+        cos, sin = cos_Td.unsqueeze(-2).unsqueeze(-2), sin_Td.unsqueeze(-2).unsqueeze(-2)  # ([B,] T, 1, 1, d)
+        qk = rotate_pairs(qkv[:, :, :2], cos, sin, swap_dd)  # (B, T, 2, H, d)
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         k, v = cache.append(layer, k, v)  # (B, H, S, d)
-        y_BTC = attention(q, k, v, causal=True).transpose(1, 2).reshape(B, T, C)
+        y_BTC = attention(q, k, v, mask, causal=mask is None).transpose(1, 2).reshape(B, T, C)
         x_BTC = x_BTC + y_BTC @ w_proj
         g1, g3 = (self.norm2(x_BTC) @ w_13).chunk(2, dim=-1)  # (B, T, hidden) x 2
         return x_BTC.add_(F.silu(g1).mul_(g3) @ w_2)
