@@ -13,7 +13,8 @@ its baseline, the same trained model unless named):
 | gsd | grouped speculative decoding, window 16 (G = 14, relative dist 1.0) | ar |
 | gsd_exact | GSD's group-exact variant | ar |
 | var | next-scale VAR on the VAT ids (5 scales) | ar (next-token on the VQ ids, same 16x16 grid) |
-| cspd | continuous speculative decoding, photos_xar_draft, gamma 4 | xar: the target's own sampler |
+| cspd | continuous speculative decoding, photos_xar_draft, gamma 4, verify last | xar: its own sampler |
+| cspd_path | CSpD, verify path (whole reverse chain), heads' variance beta | xar_beta: xar, variance beta |
 | tarflow_jacobi | TarFlow, frozen-prefix Jacobi (window 16), every block | tarflow_seq: KV-cached loop |
 | tarflow_gs_jacobi | TarFlow, GS-Jacobi (8 segments, window 16) on every block | tarflow_seq |
 
@@ -155,15 +156,35 @@ def draw_xar(w, cond, g, slots, o):
     return _chunked(lambda c: sample_xar(w.xar, c, generator=g, cfg_scale=o["cfg_scale"]), cond, slots)
 
 
-def draw_cspd(w, cond, g, slots, o):
-    from vargen.sampling.cspd_sampler import sample_cspd
+def draw_xar_beta(w, cond, g, slots, o):
+    """The xar sampler with the head's reverse-step variance beta (the target of ``cspd_path``)."""
+    head = w.xar.head
+    before, head.sample_variance = head.sample_variance, "beta"
+    try:
+        return draw_xar(w, cond, g, slots, o)
+    finally:
+        head.sample_variance = before
 
-    return _continuous(
-        sample_cspd(
-            w.xar, w.xar_draft, cond, generator=g, gamma=o["gamma"], cfg_scale=o["cfg_scale"], slots=slots
-        ),
-        slots,
-    )
+
+def _cspd(**extra):
+    def draw(w, cond, g, slots, o):
+        from vargen.sampling.cspd_sampler import sample_cspd
+
+        return _continuous(
+            sample_cspd(
+                w.xar,
+                w.xar_draft,
+                cond,
+                generator=g,
+                gamma=o["gamma"],
+                cfg_scale=o["cfg_scale"],
+                slots=slots,
+                **extra,
+            ),
+            slots,
+        )
+
+    return draw
 
 
 def _tarflow(method):
@@ -206,6 +227,7 @@ def decode_pixels(w, images):
 BASELINES = {
     "ar": Method("ar", "ar", draw_ar, decode_vq, ("vq",)),
     "xar": Method("xar", "xar", draw_xar, decode_kl, ("kl",)),
+    "xar_beta": Method("xar", "xar_beta", draw_xar_beta, decode_kl, ("kl",)),
     "tarflow_seq": Method("tarflow", "tarflow_seq", _tarflow("sequential"), decode_pixels),
 }
 METHODS = {
@@ -214,7 +236,10 @@ METHODS = {
     "gsd": Method("ar", "ar", draw_gsd, decode_vq, ("vq",)),
     "gsd_exact": Method("ar", "ar", draw_gsd_exact, decode_vq, ("vq",)),
     "var": Method("var", "ar", draw_var, decode_vat, ("ar", "vat", "vq")),
-    "cspd": Method("xar", "xar", draw_cspd, decode_kl, ("xar_draft", "kl")),
+    "cspd": Method("xar", "xar", _cspd(), decode_kl, ("xar_draft", "kl")),
+    "cspd_path": Method(
+        "xar", "xar_beta", _cspd(verify="path", variance="beta"), decode_kl, ("xar_draft", "kl")
+    ),
     "tarflow_jacobi": Method("tarflow", "tarflow_seq", _tarflow("jacobi"), decode_pixels),
     "tarflow_gs_jacobi": Method("tarflow", "tarflow_seq", _tarflow("gs_jacobi"), decode_pixels),
 }
