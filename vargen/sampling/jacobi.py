@@ -180,6 +180,7 @@ def sample_jacobi(
     residual_fn=token_residual,
     use_cache=True,
     slots=0,
+    backend="auto",
     **warp,
 ):
     """SJD with window L = ``window`` (L-1 drafts + 1); ``ratio_fn(p, q, x)`` is the acceptance
@@ -189,6 +190,7 @@ def sample_jacobi(
     rejected KV entries"), else full prefix recompute; both draw the same tokens.
     ``slots``: rows run at a time (continuous batching as in :mod:`vargen.sampling.speculative`;
     0 = every sample at once); a refilled row restarts from random drafts with one-hot q.
+    ``backend``: how the verification runs (:func:`accept_and_correct`); all draw the same ids.
 
     Random draws per iteration, all (slots, ...): :func:`accept_and_correct`'s, then (slots, g)
     random ids that pad the Jacobi update and restart refilled rows; (slots, g) random initial
@@ -216,9 +218,10 @@ def sample_jacobi(
         ids_BX.scatter_(1, len_B[:, None] + ar_g, draft_Bg)  # drafts at len .. len+g-1 (padded)
         p_BWV = scorer.window(ids_BX, len_B, window)  # inputs: last committed token + drafts
         stats["target_forwards"] += 1
-        ratio_Bg = ratio_fn(p_BWV[:, :g], q_BgV, draft_Bg)
+        # the token ratio is computed inside the fused verification
+        ratio_Bg = None if ratio_fn is token_ratio else ratio_fn(p_BWV[:, :g], q_BgV, draft_Bg)
         n_B, z_B, y_BW, cap_B = accept_and_correct(
-            p_BWV, q_BgV, draft_Bg, ratio_Bg, T - len_B, generator, residual_fn
+            p_BWV, q_BgV, draft_Bg, ratio_Bg, T - len_B, generator, residual_fn, backend
         )
         ids_BX.scatter_(1, (len_B + n_B)[:, None], z_B[:, None])
         counts += verify_counts(n_B, cap_B, active_B, 0)
