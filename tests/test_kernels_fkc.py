@@ -9,11 +9,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from vargen.diffusion.fkc import cfg_ancestral_increment, ess, resample_groups  # noqa: E402
+from vargen.diffusion.analytic import GaussianMixtureDenoiser  # noqa: E402
+from vargen.diffusion.fkc import cfg_ancestral_increment, ess, fkc_cfg_ddpm, resample_groups  # noqa: E402
+from vargen.diffusion.time_shift import linear_alphas_cumprod  # noqa: E402
 from vargen_kernels import dispatch  # noqa: E402
 from vargen_kernels.fkc import fkc_update, fkc_update_reference  # noqa: E402
 
 STEP = dict(w=3.0, a_t=0.4, a_n=0.55)
+ABAR = linear_alphas_cumprod()
 
 
 @pytest.fixture
@@ -106,3 +109,31 @@ def test_reference_equals_the_samplers_functions(ess_threshold):
     )
     assert torch.equal(ess_r, ess_G) and torch.equal(mask_r, mask) and torch.equal(idx_r, idx)
     assert torch.equal(out, torch.where(mask[:, None], torch.zeros_like(new), new))
+
+
+@pytest.mark.parametrize(
+    "resampler,ess_threshold", [("systematic", 1.0), ("systematic", 0.95), ("multinomial", 0.95)]
+)
+def test_sampler_particles_equal_under_interpreter_and_reference(interpreter, resampler, ess_threshold):
+    """fkc_cfg_ddpm on an exact Gaussian denoiser pair: the interpreted kernel and the reference
+    resample alike and draw the same particles from the same generator."""
+    cond = GaussianMixtureDenoiser([1.0], [1.0], [0.5], ABAR)
+    unc = GaussianMixtureDenoiser([1.0], [0.0], [1.0], ABAR)
+    stats = {}
+    x = {}
+    for backend in ("interpret", "torch"):
+        x[backend], stats[backend] = fkc_cfg_ddpm(
+            lambda x, t_B: (cond(x, t_B), unc(x, t_B)),
+            (12, 2),
+            4,
+            ABAR,
+            6,
+            3.0,
+            torch.Generator().manual_seed(5),
+            resampler,
+            ess_threshold,
+            keep_all=True,
+            backend=backend,
+        )
+    torch.testing.assert_close(x["interpret"], x["torch"], rtol=1e-12, atol=1e-12)
+    assert stats["interpret"]["resamples"] == stats["torch"]["resamples"] > 0

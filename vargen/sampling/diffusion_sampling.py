@@ -111,8 +111,10 @@ def sample_fkc_cfg(
     resampler="systematic",
     ess_threshold=1.0,
     progress=False,
+    backend="auto",
 ):
-    """One FKC-CFG image per label (B, C, H, W) in [0, 1] from B groups of ``particles``."""
+    """One FKC-CFG image per label (B, C, H, W) in [0, 1] from B groups of ``particles``;
+    ``backend``: how the weight update runs (:func:`vargen_kernels.fkc.fkc_update`)."""
     t0 = time.perf_counter()
     cfg = model.cfg
     cond_N = cond_B.repeat_interleave(particles)  # (B K,): group b = rows b K .. b K + K - 1
@@ -137,6 +139,7 @@ def sample_fkc_cfg(
         resampler,
         ess_threshold,
         dtype=_model_dtype(model),
+        backend=backend,
     )
     stats.update(st, min_ess=[st["min_ess"]], seconds=time.perf_counter() - t0)  # a list: one per batch
     return model.x_to_data(x), stats
