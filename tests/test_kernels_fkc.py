@@ -75,6 +75,9 @@ def test_kernel_degenerate_and_uniform_weights(interpreter):
     assert idx[2].tolist() == [8, 8, 9, 9]
     assert torch.allclose(ess_G[:2], torch.tensor([1.0, 4.0], dtype=torch.float64))
     assert out[0].eq(0).all() and out[1].eq(0.5).all()
+    # positions k / 4 fall exactly on the CDF steps 1/4, 2/4, 3/4: searchsorted(right=True) goes past
+    idx = _check(torch.zeros(1, 4, dtype=torch.float64), u_G=torch.zeros(1, dtype=torch.float64))[3]
+    assert idx[0].tolist() == [0, 1, 2, 3]
 
 
 def test_kernel_empty_batch_and_mode_mismatch(interpreter):
