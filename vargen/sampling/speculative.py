@@ -56,6 +56,7 @@ import torch
 
 from vargen.registry import SAMPLERS
 from vargen.sampling.ar_decode import new_stats
+from vargen_kernels.group_verify import group_verify
 from vargen_kernels.logits_warper import warped_probs
 from vargen_kernels.speculative_verify import (  # noqa: F401  (RESIDUAL_EPS, token_residual: re-exported)
     RESIDUAL_EPS,
@@ -258,16 +259,18 @@ def accept_and_correct(
     """The verification step shared by SD, SJD and GSD, vectorised over batch and window.
 
     ``p_BWV`` holds the target at the g = W-1 draft positions plus the bonus one, ``ratio_Bg``
-    the acceptance ratio of each draft (None: the exact samplers' p(x)/q(x), computed in the
-    fused kernel), ``room_B`` the tokens a row still has to emit, ``residual_fn(p_BV, q_BV)`` the
-    distribution a rejection resamples from. Returns (n_B accepted drafts, z_B the token emitted
-    after them, y_BW one target sample per window position, cap_B drafts the row was allowed to
-    accept).
+    the acceptance ratio of each draft (None: the ratio that goes with ``residual_fn``, computed
+    in the fused kernel: p(x)/q(x) for the token residual, P(C(x))/Q(C(x)) for GSD's group-exact
+    residual, which carries its ``group`` size), ``room_B`` the tokens a row still has to emit,
+    ``residual_fn(p_BV, q_BV)`` the distribution a rejection resamples from. Returns (n_B
+    accepted drafts, z_B the token emitted after them, y_BW one target sample per window
+    position, cap_B drafts the row was allowed to accept).
 
     Draws, in this order: (B, W, V) uniforms for y, (B, g) for the test, (B, V) for the residual
-    draw. The computation is :func:`vargen_kernels.speculative_verify.verify` (the fused kernel
-    under ``backend``, see :func:`vargen_kernels.dispatch.backend_for`) for the token residual,
-    else its torch reference with ``residual_fn``; every backend draws the same tokens.
+    draw. The computation is :func:`vargen_kernels.speculative_verify.verify` for the token
+    residual, :func:`vargen_kernels.group_verify.group_verify` for the group-exact one (fused
+    kernels under ``backend``, see :func:`vargen_kernels.dispatch.backend_for`), else the torch
+    reference with ``residual_fn``; every backend draws the same tokens.
     """
     B, W, V = p_BWV.shape
     u_BWV = _uniform((B, W, V), generator, p_BWV.device)
@@ -276,6 +279,9 @@ def accept_and_correct(
     draws = (p_BWV, q_BgV, x_Bg, room_B, u_BWV, a_Bg, u_res_BV, ratio_Bg)
     if residual_fn is token_residual:
         return verify(*draws, backend=backend)
+    group = getattr(residual_fn, "group", None)
+    if group is not None and ratio_Bg is None:
+        return group_verify(*draws[:-1], group=group, backend=backend)
     return verify_reference(*draws, residual_fn=residual_fn)
 
 
