@@ -87,3 +87,13 @@ def test_kernel_all_accepted_all_rejected_and_empty_window(interpreter):
     n, z, y, cap = _check(_case(2, 1, 8, seed=6, room=5), 2)
     assert (n == 0).all() and torch.equal(z, y[:, 0])
     assert all(t.shape[0] == 0 for t in group_verify(*_case(0, 3, 5, seed=7), group=2, backend="interpret"))
+
+
+def test_kernel_residual_draws(interpreter, group=3):
+    """Uniforms at 1 - 2**-24 reject every draft whose group ratio is below one, so most rows
+    emit a group-residual draw: those must match the reference token for token."""
+    p_BWV, q_BgV, x_Bg, room_B, u_BWV, a_Bg, u_res_BV = _case(24, 2, 16, seed=13, room=5)
+    n, z, *_ = _check((p_BWV, q_BgV, x_Bg, room_B, u_BWV, torch.full_like(a_Bg, 1 - 2**-24), u_res_BV), group)
+    assert (n == 0).sum() >= 12
+    res = group_residual(p_BWV[:, 0], q_BgV[:, 0], rank_partition(p_BWV[:, 0], group))
+    assert (res.gather(1, z[:, None])[n == 0] > 0).all()
