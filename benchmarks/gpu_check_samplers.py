@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """The samplers wired to the fused kernels draw the same output with the kernels as with the
-torch references, from the same generator: SD, SJD, GSD group-exact (ids) and FKC-CFG (particles).
+torch references, from the same generator: SD, SJD, GSD group-exact (ids), FKC-CFG (particles)
+and continuous TarFlow Jacobi (images, passes; fp32, so a convergence test at tol may flip for a
+token within an ulp of it: ``passes_equal`` is reported, not required).
 
     python benchmarks/gpu_check_samplers.py            (CUDA: compiled kernels; run by gpu_check.sh)
     TRITON_INTERPRET=1 python benchmarks/gpu_check_samplers.py --small   (CPU smoke test)
@@ -76,6 +78,26 @@ def main():
     ]
     out["samplers.fkc_cfg.max_abs_diff"] = float((xs[0] - xs[1]).abs().max())
     out["samplers.fkc_cfg.equal"] = bool(torch.allclose(xs[0], xs[1], rtol=1e-9, atol=1e-9))
+    from tests.test_tarflow import tiny  # a 2-block TarFlow on 8x8 images
+    from vargen.sampling.tarflow_sampling import sample_tarflow_continuous
+
+    m = tiny(std=0.1, blocks=1 if args.small else 2, dtype=torch.float32).to(dev)
+    imgs = [
+        sample_tarflow_continuous(
+            m,
+            torch.arange(3 if args.small else 12, device=dev) % 4,
+            generator=torch.Generator(device=dev).manual_seed(3),
+            slots=2 if args.small else 5,
+            window=4,
+            tol=1e-4,
+            cfg_scale=1.5,
+            backend=be,
+        )
+        for be in (kernel, "torch")
+    ]
+    out["samplers.tarflow.max_abs_diff"] = float((imgs[0][0] - imgs[1][0]).abs().max())
+    out["samplers.tarflow.equal"] = bool(torch.allclose(imgs[0][0], imgs[1][0], rtol=1e-4, atol=1e-4))
+    out["samplers.tarflow.passes_equal"] = imgs[0][1]["passes_per_block"] == imgs[1][1]["passes_per_block"]
     out["samplers.device"] = torch.cuda.get_device_name() if cuda else "cpu (interpreter)"
     print("RESULT " + json.dumps(out))
     sys.exit(0 if all(v for k, v in out.items() if k.endswith(".equal")) else 1)
