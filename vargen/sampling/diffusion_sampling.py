@@ -56,6 +56,7 @@ class FKCCFGSamplerConfig:
     particles: int = 4  # K per label
     resampler: str = "systematic"  # systematic | multinomial
     ess_threshold: float = 1.0  # resample a group when ESS < threshold K; >= 1: every step
+    backend: str = "auto"  # weight-update kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
 
 
 def _model_dtype(model):

@@ -226,6 +226,7 @@ class SJDConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
 
 
 @dataclass
@@ -243,6 +244,7 @@ class GSDConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
 
 
 def _check_window(cfg):
@@ -264,6 +266,7 @@ def build_sjd(cfg):
             window=cfg["window"],
             use_cache=cfg["use_cache"],
             slots=slots,
+            backend=cfg["backend"],
             **warp_kwargs(cfg),
         )
 
@@ -307,6 +310,7 @@ def build_gsd(cfg):
             residual_fn=residual_fn,
             use_cache=cfg["use_cache"],
             slots=slots,
+            backend=cfg["backend"],
             **warp_kwargs(cfg),
         )
 

@@ -312,6 +312,7 @@ class SpeculativeConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
 
 
 @torch.no_grad()
@@ -424,6 +425,7 @@ def build_speculative(cfg):
             gamma=cfg["gamma"],
             use_cache=cfg["use_cache"],
             slots=slots,
+            backend=cfg["backend"],
             **warp_kwargs(cfg),
         )
 

@@ -719,6 +719,7 @@ class TarFlowSamplerConfig:
     gs_max_iters: int = 32  # cap per token in GS segments (gs_blocks, and auto's unconverged blocks)
     calib: int = 32  # auto: rows of the calibration batch (labels cycle through the classes)
     calib_seed: int = 0  # auto: seed of the calibration noise (its own generator, not the sampler's)
+    backend: str = "auto"  # continuous Jacobi's step kernel: auto | triton | interpret | torch
 
 
 @SAMPLERS.register("tarflow", TarFlowSamplerConfig)
@@ -733,7 +734,7 @@ def build_tarflow_sampler(cfg):
     ``stats["calibration_passes"]`` carry them into metrics.json. Jacobi and auto samplers
     are ``continuous``: called with ``slots=`` and all labels they refill freed batch rows.
     """
-    drop = ("name", "gs_blocks", "gs_max_iters", "clamp", "calib", "calib_seed")
+    drop = ("name", "gs_blocks", "gs_max_iters", "clamp", "calib", "calib_seed", "backend")
     kw = {k: v for k, v in dict(cfg).items() if k not in drop}
     gs_blocks, gs_max_iters = list(cfg["gs_blocks"]), cfg["gs_max_iters"]
     clamp = cfg["clamp"] or None
@@ -785,6 +786,7 @@ def build_tarflow_sampler(cfg):
                 policy=policy,
                 clamp=clamp,
                 progress=progress,
+                backend=dict(cfg).get("backend", "auto"),
                 **kw,
             )
         else:
