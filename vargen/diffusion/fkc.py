@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from vargen_kernels.fkc import fkc_update
+
 ScoreFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 
@@ -146,6 +148,38 @@ def resample_groups(log_w_GK: torch.Tensor, generator: torch.Generator, resample
     return out if mask_G is None else torch.where(mask_G[:, None], out, base)
 
 
+def _update_and_resample(log_w, inc: dict, generator, resampler, ess_threshold, stats, backend):
+    """Add the increment ``inc`` (keywords of :func:`fkc_update`; empty: none), then resample
+    every group whose ESS < kappa K (every group for kappa >= 1). Returns (log_w, flat-axis
+    ancestor indices (G, K) or None when no group resampled). ``stats`` (None: not recorded)
+    gets ``min_ess`` and ``resamples`` (two host reads, as before the kernel).
+
+    One float64 uniform per group is drawn only when some group resamples (systematic), or the
+    multinomial draws: the draws of :func:`resample_groups`, so every path draws alike.
+    """
+    G = log_w.shape[0]
+    every = ess_threshold >= 1.0
+    u_G = None
+    if resampler == "systematic" and every:  # every group resamples: the uniforms are certain
+        u_G = torch.rand(G, generator=generator, dtype=torch.float64, device=generator.device)
+        u_G = u_G.to(log_w.device)
+    log_w, ess_G, mask, idx = fkc_update(log_w, **inc, ess_threshold=ess_threshold, u_G=u_G, backend=backend)
+    if stats is not None:
+        stats["min_ess"] = min(stats["min_ess"], float(ess_G.min()))
+    if idx is None and (every or bool(mask.any())):
+        if resampler == "systematic":  # the update once more, now with the uniforms
+            u_G = torch.rand(G, generator=generator, dtype=torch.float64, device=generator.device)
+            log_w, _, _, idx = fkc_update(
+                log_w, ess_threshold=ess_threshold, u_G=u_G.to(log_w.device), backend=backend
+            )
+        else:
+            idx = resample_groups(log_w, generator, resampler, mask)
+            log_w = torch.where(mask[:, None], torch.zeros_like(log_w), log_w)
+    if stats is not None and idx is not None:
+        stats["resamples"] += int(mask.sum())
+    return log_w, idx
+
+
 def fkc_cfg_ddpm(
     eps_pair_fn,
     shape: tuple,
@@ -159,6 +193,7 @@ def fkc_cfg_ddpm(
     weighted: bool = True,
     dtype: torch.dtype = torch.float64,
     keep_all: bool = False,
+    backend: str = "auto",
 ):
     """FKC-corrected classifier-free guidance on DDPM ancestral steps (Skreta et al. 2025).
 
@@ -176,6 +211,9 @@ def fkc_cfg_ddpm(
     ``weighted=False`` runs the same chain without weights (plain CFG, first particle kept).
     ``keep_all=True`` returns every particle (G K, ...) after that final resampling (analytic tests).
     Stats: ``particles`` = G K simulated, ``resamples`` = group resampling events, ``min_ess``.
+    Increment, ESS and systematic resampling run as :func:`vargen_kernels.fkc.fkc_update` (the
+    fused kernel under ``backend``, see :func:`vargen_kernels.dispatch.backend_for`); every backend
+    draws the same particles.
     """
     from vargen.diffusion.time_shift import ddim_step
 
@@ -198,30 +236,27 @@ def fkc_cfg_ddpm(
         a_n = float(abar[t_next]) if t_next >= 0 else 1.0
         eps_c, eps_u = eps_pair_fn(x, torch.full((N,), t, dtype=torch.long, device=device))
         stats["target_forwards"] += 1
-        if weighted and w != 1.0:
-            log_w = log_w + cfg_ancestral_increment(eps_c, eps_u, w, a_t, a_n).view(G, K)
+        # the increment at the pre-step x, added by the fused update below (after the step)
+        inc = dict(eps_c=eps_c, eps_u=eps_u, w=w, a_t=a_t, a_n=a_n) if weighted and w != 1.0 else {}
         eps = eps_u + w * (eps_c - eps_u)
         at = torch.full(bshape, a_t, dtype=dtype, device=device)
         an = torch.full(bshape, a_n, dtype=dtype, device=device)
         if t_next < 0:
             x = ddim_step(x, eps, at, an, 0.0)  # a_n = 1: the x0-estimate
+            if inc:
+                log_w = fkc_update(log_w, **inc, backend=backend)[0]
             break
         x = ddim_step(
             x, eps, at, an, 1.0, torch.randn(shape, generator=generator, dtype=dtype, device=device)
         )
         if weighted:
-            ess_G = ess(log_w)  # (G,)
-            stats["min_ess"] = min(stats["min_ess"], float(ess_G.min()))
-            every = torch.ones(G, dtype=torch.bool, device=device)
-            mask = ess_G < ess_threshold * K if ess_threshold < 1.0 else every
-            if mask.any():
-                idx = resample_groups(log_w, generator, resampler, mask).flatten()
-                x = x[idx]
-                log_w = torch.where(mask[:, None], torch.zeros_like(log_w), log_w)
-                stats["resamples"] += int(mask.sum())
+            log_w, idx = _update_and_resample(log_w, inc, generator, resampler, ess_threshold, stats, backend)
+            if idx is not None:
+                x = x[idx.flatten()]
+    if weighted:
+        idx = _update_and_resample(log_w, {}, generator, resampler, 1.0, None, backend)[1]  # (G, K)
     if not weighted:
         return (x if keep_all else x.view(G, K, *shape[1:])[:, 0]), stats
-    idx = resample_groups(log_w, generator, resampler)  # (G, K)
     if keep_all:
         return x[idx.flatten()], stats
     pos = torch.randint(K, (G,), generator=generator, device=device)

@@ -56,6 +56,7 @@ class FKCCFGSamplerConfig:
     particles: int = 4  # K per label
     resampler: str = "systematic"  # systematic | multinomial
     ess_threshold: float = 1.0  # resample a group when ESS < threshold K; >= 1: every step
+    backend: str = "auto"  # weight-update kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
 
 
 def _model_dtype(model):
@@ -111,8 +112,10 @@ def sample_fkc_cfg(
     resampler="systematic",
     ess_threshold=1.0,
     progress=False,
+    backend="auto",
 ):
-    """One FKC-CFG image per label (B, C, H, W) in [0, 1] from B groups of ``particles``."""
+    """One FKC-CFG image per label (B, C, H, W) in [0, 1] from B groups of ``particles``;
+    ``backend``: how the weight update runs (:func:`vargen_kernels.fkc.fkc_update`)."""
     t0 = time.perf_counter()
     cfg = model.cfg
     cond_N = cond_B.repeat_interleave(particles)  # (B K,): group b = rows b K .. b K + K - 1
@@ -137,6 +140,7 @@ def sample_fkc_cfg(
         resampler,
         ess_threshold,
         dtype=_model_dtype(model),
+        backend=backend,
     )
     stats.update(st, min_ess=[st["min_ess"]], seconds=time.perf_counter() - t0)  # a list: one per batch
     return model.x_to_data(x), stats

@@ -48,7 +48,6 @@ from vargen.registry import SAMPLERS
 from vargen.sampling.ar_decode import new_stats
 from vargen.sampling.speculative import (
     COUNTERS,
-    RESIDUAL_EPS,
     RowQueue,
     WindowScorer,
     accept_and_correct,
@@ -57,6 +56,12 @@ from vargen.sampling.speculative import (
     token_residual,
     verify_counts,
     warp_kwargs,
+)
+from vargen_kernels.group_verify import (  # noqa: F401  (re-exported: the partition's reference)
+    group_masses,
+    group_residual,
+    partition_ratio,
+    rank_partition,
 )
 
 
@@ -120,43 +125,6 @@ def gsd_ratio(p_BgV, q_BgV, x_Bg, group: int, delta: float, dist: float, emb_VD=
     return torch.where(px[..., 0] > 0, P / Q, torch.zeros_like(P))
 
 
-def group_masses(p_XV, q_XV, part_XV):
-    """Group masses P, Q (..., K) of a partition given as a group id per token (..., V)."""
-    K = p_XV.shape[-1] + 1  # ids are < V + 1 (rank_partition); a caller's ids are < V
-    idx = part_XV.expand_as(p_XV)
-    P = torch.zeros(*p_XV.shape[:-1], K, dtype=p_XV.dtype, device=p_XV.device).scatter_add_(-1, idx, p_XV)
-    Q = torch.zeros_like(P).scatter_add_(-1, idx, q_XV.to(p_XV.dtype))
-    return P, Q, idx
-
-
-def partition_ratio(p_BgV, q_BgV, x_Bg, part_V):
-    """P(C(x))/Q(C(x)) for a partition ``part_V`` (group id per token, (V,) or per position
-    (B, g, V)): Theorem 1's setting."""
-    P, Q, idx = group_masses(p_BgV, q_BgV, part_V)
-    cx = idx.gather(2, x_Bg[..., None])  # (B, g, 1) the draft's group
-    px = p_BgV.gather(2, x_Bg[..., None])[..., 0]
-    return torch.where(px > 0, P.gather(2, cx)[..., 0] / Q.gather(2, cx)[..., 0], torch.zeros_like(px))
-
-
-def rank_partition(p_XV, group: int):
-    """Group ids (..., V) fixed by the target alone: blocks of ``group`` consecutive ranks of p's
-    support (rank // G), and id V for every token with p = 0 (a group of mass 0, never emitted)."""
-    V = p_XV.shape[-1]
-    rank = p_XV.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
-    return torch.where(p_XV > 0, rank // min(group, V), torch.full_like(rank, V))
-
-
-def group_residual(p_BV, q_BV, part_BV):
-    """Group-level residual as a token distribution (B, V): a group K ~ norm(max(0, P - Q)),
-    then a token ~ p(. | K); P itself when the residual mass vanishes (as 1(a).5)."""
-    P, Q, idx = group_masses(p_BV, q_BV, part_BV)  # (B, K)
-    r = (P - Q).clamp(min=0)
-    mass = r.sum(-1, keepdim=True)
-    r = torch.where(mass > RESIDUAL_EPS, r / mass.clamp(min=RESIDUAL_EPS), P)
-    within = p_BV / P.gather(1, idx).clamp(min=torch.finfo(P.dtype).tiny)  # p(z | K(z))
-    return r.gather(1, idx) * within
-
-
 def exact_group_fns(group: int):
     """(ratio_fn, residual_fn) of GSD's group-exact variant with rank blocks of size ``group``."""
 
@@ -166,6 +134,9 @@ def exact_group_fns(group: int):
     def residual(p_BV, q_BV):
         return group_residual(p_BV, q_BV, rank_partition(p_BV, group))
 
+    # the pair is recognised by its group size: :func:`accept_and_correct` then runs the fused
+    # group verification (:func:`vargen_kernels.group_verify.group_verify`), the same computation
+    ratio.group = residual.group = group
     return ratio, residual
 
 
@@ -180,6 +151,7 @@ def sample_jacobi(
     residual_fn=token_residual,
     use_cache=True,
     slots=0,
+    backend="auto",
     **warp,
 ):
     """SJD with window L = ``window`` (L-1 drafts + 1); ``ratio_fn(p, q, x)`` is the acceptance
@@ -189,6 +161,7 @@ def sample_jacobi(
     rejected KV entries"), else full prefix recompute; both draw the same tokens.
     ``slots``: rows run at a time (continuous batching as in :mod:`vargen.sampling.speculative`;
     0 = every sample at once); a refilled row restarts from random drafts with one-hot q.
+    ``backend``: how the verification runs (:func:`accept_and_correct`); all draw the same ids.
 
     Random draws per iteration, all (slots, ...): :func:`accept_and_correct`'s, then (slots, g)
     random ids that pad the Jacobi update and restart refilled rows; (slots, g) random initial
@@ -210,15 +183,20 @@ def sample_jacobi(
     counts = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
     scorer = WindowScorer(model, rows.cond_B, warp, stats, use_cache, window)
     ar_g = torch.arange(g, device=device)
+    group = getattr(residual_fn, "group", None)
+    fused = (ratio_fn is token_ratio and residual_fn is token_residual) or (
+        group is not None and getattr(ratio_fn, "group", None) == group
+    )
     for _ in rows.iterations(window, stats, (scorer,)):
         active_B = rows.active()
         len_B, ids_BX = rows.len_B, rows.ids_BX
         ids_BX.scatter_(1, len_B[:, None] + ar_g, draft_Bg)  # drafts at len .. len+g-1 (padded)
         p_BWV = scorer.window(ids_BX, len_B, window)  # inputs: last committed token + drafts
         stats["target_forwards"] += 1
-        ratio_Bg = ratio_fn(p_BWV[:, :g], q_BgV, draft_Bg)
+        # matching token or group-exact pairs: the ratio is computed inside the fused verification
+        ratio_Bg = None if fused else ratio_fn(p_BWV[:, :g], q_BgV, draft_Bg)
         n_B, z_B, y_BW, cap_B = accept_and_correct(
-            p_BWV, q_BgV, draft_Bg, ratio_Bg, T - len_B, generator, residual_fn
+            p_BWV, q_BgV, draft_Bg, ratio_Bg, T - len_B, generator, residual_fn, backend
         )
         ids_BX.scatter_(1, (len_B + n_B)[:, None], z_B[:, None])
         counts += verify_counts(n_B, cap_B, active_B, 0)
@@ -248,6 +226,7 @@ class SJDConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
 
 
 @dataclass
@@ -265,6 +244,7 @@ class GSDConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
 
 
 def _check_window(cfg):
@@ -286,6 +266,7 @@ def build_sjd(cfg):
             window=cfg["window"],
             use_cache=cfg["use_cache"],
             slots=slots,
+            backend=cfg["backend"],
             **warp_kwargs(cfg),
         )
 
@@ -329,6 +310,7 @@ def build_gsd(cfg):
             residual_fn=residual_fn,
             use_cache=cfg["use_cache"],
             slots=slots,
+            backend=cfg["backend"],
             **warp_kwargs(cfg),
         )
 

@@ -56,9 +56,15 @@ import torch
 
 from vargen.registry import SAMPLERS
 from vargen.sampling.ar_decode import new_stats
+from vargen_kernels.group_verify import group_verify
 from vargen_kernels.logits_warper import warped_probs
-
-RESIDUAL_EPS = 1e-6  # residual mass below this means p ~ q numerically: sample p instead (1(a).5)
+from vargen_kernels.speculative_verify import (  # noqa: F401  (RESIDUAL_EPS, token_residual: re-exported)
+    RESIDUAL_EPS,
+    gumbel_argmax,
+    token_residual,
+    verify,
+    verify_reference,
+)
 
 # Device-side counters, read once at the end (one host sync): index -> stats key.
 COUNTERS = (
@@ -71,11 +77,14 @@ COUNTERS = (
 )
 
 
+def _uniform(shape, generator: torch.Generator, device) -> torch.Tensor:
+    """Uniforms in [0, 1) of ``shape`` from ``generator`` (on its device), moved to ``device``."""
+    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+
+
 def sample_probs(probs_XV: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One id per row of (..., V) probabilities by Gumbel-max on the generator's uniforms."""
-    u = torch.rand(probs_XV.shape, generator=generator, device=generator.device).to(probs_XV.device)
-    g = -torch.log(-torch.log(u.clamp(2.0**-24, 1.0 - 2.0**-24)))
-    return (probs_XV.log() + g).argmax(-1)  # log(0) = -inf is never chosen
+    return gumbel_argmax(probs_XV, _uniform(probs_XV.shape, generator, probs_XV.device))
 
 
 def window_probs(model, ids_BN, cond_B, pos_BW, warp: dict) -> torch.Tensor:
@@ -244,41 +253,36 @@ class RowQueue:
         return self.ids_BX[:, : self.T] if self.R == self.N else self.out_NT[: self.N]
 
 
-def token_residual(p_BV, q_BV):
-    """norm(max(0, p - q)) (1(a).4); p itself when the residual mass vanishes (1(a).5)."""
-    res = (p_BV - q_BV).clamp(min=0)
-    mass = res.sum(-1, keepdim=True)
-    return torch.where(mass > RESIDUAL_EPS, res / mass.clamp(min=RESIDUAL_EPS), p_BV)
-
-
-def accept_and_correct(p_BWV, q_BgV, x_Bg, ratio_Bg, room_B, generator, residual_fn=token_residual):
+def accept_and_correct(
+    p_BWV, q_BgV, x_Bg, ratio_Bg, room_B, generator, residual_fn=token_residual, backend="auto"
+):
     """The verification step shared by SD, SJD and GSD, vectorised over batch and window.
 
     ``p_BWV`` holds the target at the g = W-1 draft positions plus the bonus one, ``ratio_Bg``
-    the acceptance ratio of each draft (p(x)/q(x) for the exact samplers), ``room_B`` the tokens
-    a row still has to emit, ``residual_fn(p_BV, q_BV)`` the distribution a rejection resamples
-    from. Returns (n_B accepted drafts, z_B the token emitted after them, y_BW one target sample
-    per window position, cap_B drafts the row was allowed to accept).
+    the acceptance ratio of each draft (None: the ratio that goes with ``residual_fn``, computed
+    in the fused kernel: p(x)/q(x) for the token residual, P(C(x))/Q(C(x)) for GSD's group-exact
+    residual, which carries its ``group`` size), ``room_B`` the tokens a row still has to emit,
+    ``residual_fn(p_BV, q_BV)`` the distribution a rejection resamples from. Returns (n_B
+    accepted drafts, z_B the token emitted after them, y_BW one target sample per window
+    position, cap_B drafts the row was allowed to accept).
+
+    Draws, in this order: (B, W, V) uniforms for y, (B, g) for the test, (B, V) for the residual
+    draw. The computation is :func:`vargen_kernels.speculative_verify.verify` for the token
+    residual, :func:`vargen_kernels.group_verify.group_verify` for the group-exact one (fused
+    kernels under ``backend``, see :func:`vargen_kernels.dispatch.backend_for`), else the torch
+    reference with ``residual_fn``; every backend draws the same tokens.
     """
     B, W, V = p_BWV.shape
-    g = W - 1
-    y_BW = sample_probs(p_BWV, generator)  # the bonus token / Jacobi's next drafts
-    u_Bg = torch.rand(B, g, generator=generator, device=generator.device).to(p_BWV.device)
-    cap_B = (room_B - 1).clamp(min=0, max=g)
-    j = torch.arange(g, device=p_BWV.device)
-    acc_Bg = (u_Bg < ratio_Bg.clamp(max=1.0)) & (j[None] < cap_B[:, None])
-    n_B = acc_Bg.long().cumprod(1).sum(1)  # leading accepted drafts
-    rejected_B = n_B < cap_B  # a real rejection, not the end-of-window / end-of-sequence cap
-    p_n = p_BWV.gather(1, n_B[:, None, None].expand(B, 1, V))[:, 0]  # (B, V)
-    if g > 0:
-        q_n = q_BgV.gather(1, n_B.clamp(max=g - 1)[:, None, None].expand(B, 1, V))[:, 0]  # (B, V)
-        res = residual_fn(p_n, q_n)
-    else:
-        res = p_n
-    z_res = sample_probs(res, generator)
-    y_n = y_BW.gather(1, n_B[:, None])[:, 0]
-    z_B = torch.where(rejected_B, z_res, y_n)
-    return n_B, z_B, y_BW, cap_B
+    u_BWV = _uniform((B, W, V), generator, p_BWV.device)
+    a_Bg = _uniform((B, W - 1), generator, p_BWV.device)
+    u_res_BV = _uniform((B, V), generator, p_BWV.device)
+    draws = (p_BWV, q_BgV, x_Bg, room_B, u_BWV, a_Bg, u_res_BV, ratio_Bg)
+    if residual_fn is token_residual:
+        return verify(*draws, backend=backend)
+    group = getattr(residual_fn, "group", None)
+    if group is not None and ratio_Bg is None:
+        return group_verify(*draws[:-1], group=group, backend=backend)
+    return verify_reference(*draws, residual_fn=residual_fn)
 
 
 def verify_counts(n_B, cap_B, active_B, draft_calls: int) -> torch.Tensor:
@@ -308,12 +312,16 @@ class SpeculativeConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
 
 
 @torch.no_grad()
-def sample_speculative(target, draft, cond_B, *, generator, gamma=4, use_cache=True, slots=0, **warp):
+def sample_speculative(
+    target, draft, cond_B, *, generator, gamma=4, use_cache=True, slots=0, backend="auto", **warp
+):
     """Draw ids (N, T) for the N classes ``cond_B`` from ``target`` with ``draft`` proposals,
-    ``slots`` rows at a time (continuous batching; 0 = all at once); returns (ids_NT, stats)."""
+    ``slots`` rows at a time (continuous batching; 0 = all at once); returns (ids_NT, stats).
+    ``backend``: how the verification runs (:func:`accept_and_correct`); all draw the same ids."""
     t0 = time.perf_counter()
     cond_N = cond_B  # every pending sample (the keyword keeps its historical name)
     if gamma < 1:
@@ -340,8 +348,10 @@ def sample_speculative(target, draft, cond_B, *, generator, gamma=4, use_cache=T
         p_BWV = p_model.window(ids_BX, len_B, gamma + 1)
         stats["draft_forwards"] += gamma
         stats["target_forwards"] += 1
-        ratio_Bg = token_ratio(p_BWV[:, :gamma], q_BgV, x_Bg)
-        n_B, z_B, _, cap_B = accept_and_correct(p_BWV, q_BgV, x_Bg, ratio_Bg, T - len_B, generator)
+        # ratio None: the token ratio p(x)/q(x), computed inside the verification
+        n_B, z_B, _, cap_B = accept_and_correct(
+            p_BWV, q_BgV, x_Bg, None, T - len_B, generator, backend=backend
+        )
         ids_BX.scatter_(1, (len_B + n_B)[:, None], z_B[:, None])
         counts += verify_counts(n_B, cap_B, active_B, gamma)
         rows.len_B = len_B + (n_B + 1) * active_B
@@ -415,6 +425,7 @@ def build_speculative(cfg):
             gamma=cfg["gamma"],
             use_cache=cfg["use_cache"],
             slots=slots,
+            backend=cfg["backend"],
             **warp_kwargs(cfg),
         )
 
