@@ -209,6 +209,48 @@ def _output_dir(out: str, samples_root: str, created: list) -> str:
             k += 1
 
 
+def load_generator(ckpt: str, device, tokenizer_ckpt: str = "", log=print):
+    """A generator checkpoint (weights file or run dir) and its tokenizer, ready to sample.
+
+    The tokenizer is found as :func:`_find_tokenizer` says (stored path, moved with the run, or
+    ``tokenizer_ckpt``) and checked against its recorded sha256; None for a pixel generator.
+    Returns (model, run config, tokenizer or None); the run config's ``tokenizer_ckpt`` names
+    the tokenizer actually loaded.
+    """
+    from vargen.train.tasks import load_component, load_tokenizer_for
+
+    model, gen_cfg = load_component(ckpt, device)
+    if gen_cfg.task not in GENERATOR_TASKS:
+        raise ValueError(f"{ckpt} holds a '{gen_cfg.task}' checkpoint; sample.py needs a generator")
+    tokenizer = None
+    if "tokenizer_ckpt" in gen_cfg:
+        gen_cfg.tokenizer_ckpt = _find_tokenizer(ckpt, gen_cfg, tokenizer_ckpt, log)
+        tokenizer = load_tokenizer_for(gen_cfg, device)
+    if tokenizer is not None and hasattr(model, "attach_tokenizer"):
+        model.attach_tokenizer(tokenizer)
+    return model, gen_cfg, tokenizer
+
+
+def build_sampler(sampler_cfg, model, gen_cfg, device):
+    """The sampler ``sampler_cfg`` names, checked against the model and bound to the run.
+
+    Refuses a sampler that cannot draw from the model before any work; samplers that read the
+    run's dataset (TTS-VAR's reward) are bound to it, and samplers that tune themselves on real
+    data (TarFlow's auto policy) are prepared on 256 seeded training images.
+    """
+    check_sampler_fits(sampler_cfg["name"], gen_cfg.model.name)
+    sampler = SAMPLERS.build(sampler_cfg)
+    if hasattr(sampler, "bind_run"):
+        sampler.bind_run(gen_cfg, device)
+    if hasattr(sampler, "prepare"):
+        from vargen.data import build_dataset
+
+        data = build_dataset(gen_cfg.data)
+        pick = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(0))[:256]
+        sampler.prepare(model, data.train_images[pick].to(device), data.train_labels[pick].to(device))
+    return sampler
+
+
 def _sample_into(claim_out, ckpt: str, cfg, log) -> dict:
     import sys
 
@@ -217,28 +259,10 @@ def _sample_into(claim_out, ckpt: str, cfg, log) -> dict:
     from vargen.io import save_grid, to_uint8
     from vargen.train.checkpoint import file_sha256, resolve_weights_path
     from vargen.train.distributed import setup
-    from vargen.train.tasks import load_component, load_tokenizer_for
 
     device = setup(cfg.device)
-    model, gen_cfg = load_component(ckpt, device)
-    if gen_cfg.task not in GENERATOR_TASKS:
-        raise ValueError(f"{ckpt} holds a '{gen_cfg.task}' checkpoint; sample.py needs a generator")
-    check_sampler_fits(cfg.sampler.name, gen_cfg.model.name)
-    tokenizer = None
-    if "tokenizer_ckpt" in gen_cfg:
-        gen_cfg.tokenizer_ckpt = _find_tokenizer(ckpt, gen_cfg, cfg.tokenizer_ckpt, log)
-        tokenizer = load_tokenizer_for(gen_cfg, device)
-    if tokenizer is not None and hasattr(model, "attach_tokenizer"):
-        model.attach_tokenizer(tokenizer)
-    sampler = SAMPLERS.build(cfg.sampler)
-    if hasattr(sampler, "bind_run"):  # samplers that use the run's dataset (TTS-VAR's reward)
-        sampler.bind_run(gen_cfg, device)
-    if hasattr(sampler, "prepare"):  # samplers that tune themselves on real data (TarFlow auto policy)
-        from vargen.data import build_dataset
-
-        data = build_dataset(gen_cfg.data)
-        pick = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(0))[:256]
-        sampler.prepare(model, data.train_images[pick].to(device), data.train_labels[pick].to(device))
+    model, gen_cfg, tokenizer = load_generator(ckpt, device, cfg.tokenizer_ckpt, log)
+    sampler = build_sampler(cfg.sampler, model, gen_cfg, device)
 
     labels = class_labels(cfg.num_samples, model.num_classes, list(cfg.classes))
     out = claim_out()
