@@ -62,7 +62,7 @@ def test_line_chart_puts_a_falling_curve_top_left_to_bottom_right(tmp_path):
     )
     hit, (h, w) = _colour_mask(path, COLORS[0])
     left, top, right, bottom = MARGIN[0], MARGIN[1], w - MARGIN[2], h - MARGIN[3]
-    hit[: top + 20, right - 160 :] = False  # the legend swatch
+    hit[:, right + 1 :] = False  # the legend swatch
     mid_x, mid_y = (left + right) // 2, (top + bottom) // 2
     assert hit[top:mid_y, left:mid_x].any() and hit[mid_y:bottom, mid_x:right].any()
     assert not hit[top:mid_y, mid_x + 10 : right].any() and not hit[mid_y + 10 : bottom, left:mid_x].any()
@@ -101,3 +101,27 @@ def test_vargen_without_a_command_prints_usage(bad, capsys):
 
     assert main(bad) == (0 if bad else 2)
     assert "usage: vargen {train,sample,plot}" in capsys.readouterr().err
+
+
+def test_benchmark_results_come_with_a_chart_of_the_main_comparison(tmp_path, monkeypatch):
+    from benchmarks import common
+    from vargen.plot import COLORS, MARGIN
+
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    flat = {"a.nfe": 16, "a.fid_mean": 30.0, "b.nfe": 8, "b.fid_mean": 35.0, "samples_per_seed": 100}
+    common.write_results("t", flat, {"quick": True})
+    assert json.load(open(tmp_path / "t.json"))["a.nfe"] == 16
+    a, (h, w) = _colour_mask(tmp_path / "t.png", COLORS[0])
+    b, _ = _colour_mask(tmp_path / "t.png", COLORS[1])
+    right, mid_x, mid_y = w - MARGIN[2], (MARGIN[0] + w - MARGIN[2]) // 2, (MARGIN[1] + h - MARGIN[3]) // 2
+    a[:, right + 1 :] = b[:, right + 1 :] = False  # legend swatches
+    assert a[mid_y:, mid_x:right].any() and not a[:mid_y].any()  # a: more forwards, lower FID
+    assert b[:mid_y, :mid_x].any() and not b[mid_y:].any()
+    suffixed = {
+        "lsd.fid_teacher": 31.0,
+        "lsd.nfe_teacher": 64,
+        "lsd.fid_student4": 33.0,
+        "lsd.nfe_student4": 4,
+    }
+    assert common.write_chart("s", suffixed) == str(tmp_path / "s.png")
+    assert common.write_chart("none", {"x.params": 3, "y.params": 4}) is None

@@ -29,7 +29,7 @@ PLOT_DOC = """Overlay the loss curves of one or more runs (training and held-out
 
     vargen plot runs/digits_ar runs/digits_ar_small --out compare.png
 """
-MARGIN = (64, 28, 16, 40)  # left, top, right, bottom: room for tick labels and the title
+MARGIN = (64, 28, 170, 40)  # left, top, right, bottom: tick labels, title; the legend sits right
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -49,7 +49,7 @@ def line_chart(
     title: str = "",
     xlabel: str = "step",
     ylabel: str = "loss",
-    size: tuple[int, int] = (640, 400),
+    size: tuple[int, int] = (760, 400),
     log_y: bool = False,
 ) -> str:
     """Draw ``series`` as lines into a PNG at ``path``; returns ``path``.
@@ -79,8 +79,8 @@ def line_chart(
         x0, x1 = x0 - 1, x1 + 1
     if y1 == y0:
         y0, y1 = y0 - 0.5, y1 + 0.5
-    pad = 0.04 * (y1 - y0)
-    y0, y1 = y0 - pad, y1 + pad
+    xpad, ypad = 0.03 * (x1 - x0), 0.05 * (y1 - y0)  # points on the extremes stay inside the axes
+    x0, x1, y0, y1 = x0 - xpad, x1 + xpad, y0 - ypad, y1 + ypad
 
     def px(x: float, y: float) -> tuple[float, float]:
         return left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top)
@@ -107,13 +107,14 @@ def line_chart(
         if len(coords) > 1:
             draw.line(coords, fill=color, width=2)
         if s.get("dots") or len(coords) == 1:
+            r = 5 if len(coords) == 1 else 3  # a lone point (one method in a comparison) shows larger
             for u, v in coords:
-                draw.ellipse([u - 3, v - 3, u + 3, v + 3], fill=color)
-    for i, s in enumerate(series):  # legend, top right inside the axes
+                draw.ellipse([u - r, v - r, u + r, v + r], fill=color)
+    for i, s in enumerate(series):  # legend, right of the axes
         color = tuple(s.get("color") or COLORS[i % len(COLORS)])
-        y = top + 6 + 14 * i
-        draw.line([(right - 150, y + 5), (right - 130, y + 5)], fill=color, width=3)
-        draw.text((right - 126, y), str(s["label"])[:24], fill="black", font=font)
+        y = top + 14 * i
+        draw.line([(right + 8, y + 5), (right + 26, y + 5)], fill=color, width=3)
+        draw.text((right + 30, y), str(s["label"])[:22], fill="black", font=font)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
     img.save(tmp)
