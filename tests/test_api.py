@@ -57,8 +57,17 @@ def test_readme_block_runs_from_any_folder_and_matches_sample_py(
     fid = json.load(open(tmp_path / "s" / "metrics.json"))["fid"]
     assert pipe.fid(images) == pytest.approx(fid, rel=1e-5)
 
-    first, _ = pipe.sample(labels=[3, 3, 5], sampler="gsd", seed=0, window=8)
-    assert torch.equal(first, ns["pipe"].sample(labels=[3, 3, 5], sampler="gsd", seed=0, window=8)[0])
+    first, _ = pipe.sample(labels=[3, 3, 5], sampler="gsd", seed=0, window=8, batch_size=2)
+    args = [
+        "classes=[3,3,5]",
+        "num_samples=3",
+        "batch_size=2",
+        "seed=0",
+        "sampler.name=gsd",
+        "sampler.window=8",
+    ]
+    assert sample.main(["--ckpt", str(tiny_gen), f"out={tmp_path / 'g'}", "progress=false", *args]) == 0
+    assert np.array_equal(np.load(tmp_path / "g" / "samples.npz")["images"], to_uint8(first))
     assert not torch.equal(first, pipe.sample(labels=[3, 3, 5], sampler="gsd", seed=1, window=8)[0])
 
 

@@ -63,7 +63,7 @@ class Pipeline:
         same images: the draw is what ``sample.py`` with that seed, batch size and labels writes.
         Returns (images (N, C, H, W) float in [0, 1] on the CPU, sampler stats summed over batches).
         """
-        from vargen.sampling.generate import build_sampler, class_labels, generate
+        from vargen.sampling.generate import build_sampler, class_labels, counting, generate
 
         if labels is None:
             labels_B = class_labels(num_samples or self.num_classes, self.num_classes, [])
@@ -76,7 +76,7 @@ class Pipeline:
         draw = build_sampler(cfg, self.model, self.config, self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         images, _, stats = generate(
-            self.model, self.tokenizer, labels_B, draw, generator, batch_size, progress
+            self.model, self.tokenizer, labels_B, counting(draw, []), generator, batch_size, progress
         )
         return images.clamp(0, 1), stats
 

@@ -148,6 +148,20 @@ def finish_stats(total: dict, num_images: int) -> dict:
     return total
 
 
+def counting(sampler, per_batch: list):
+    """``sampler`` called one batch at a time, appending (model forwards, rows) of each batch to
+    ``per_batch``. What sample.py and :meth:`vargen.api.Pipeline.sample` both draw through, so
+    they draw the same images. (It carries no ``continuous`` attribute, so :func:`generate` does
+    not batch continuously here.)"""
+
+    def counted(model, labels_B, generator):
+        out_B, batch_stats = sampler(model, labels_B, generator)
+        per_batch.append((batch_stats.get("target_forwards", 0), labels_B.shape[0]))
+        return out_B, batch_stats
+
+    return counted
+
+
 def shard(num: int, rank: int, world_size: int) -> tuple[int, int]:
     """[lo, hi): the contiguous share of ``num`` samples rank ``rank`` draws (sizes differ by <= 1)."""
     return rank * num // world_size, (rank + 1) * num // world_size
@@ -338,14 +352,8 @@ def _sample_into(claim_out, ckpt: str, cfg, log) -> dict:
     t0 = time.perf_counter()
     show = cfg.progress and sys.stderr.isatty() and rank == 0
     per_batch = []  # (model forwards, rows) of every batch: batches may be ragged
-
-    def counted(m, labels_B, g):
-        out_B, batch_stats = sampler(m, labels_B, g)
-        per_batch.append((batch_stats.get("target_forwards", 0), labels_B.shape[0]))
-        return out_B, batch_stats
-
     images, tokens, stats = generate(
-        model, tokenizer, labels[lo:hi], counted, generator, cfg.batch_size, show
+        model, tokenizer, labels[lo:hi], counting(sampler, per_batch), generator, cfg.batch_size, show
     )
     if world_size > 1:
         log(f"rank 0 drew {hi - lo} of {cfg.num_samples} images; gathering from {world_size} ranks")

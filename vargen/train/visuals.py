@@ -69,7 +69,7 @@ def generator_preview(run_cfg, tokenizer, device, num_classes: int, max_images: 
     global RNG and the model's mode as they were."""
     import torch
 
-    from vargen.sampling.generate import DEFAULT_SAMPLER, build_sampler, class_labels, generate
+    from vargen.sampling.generate import DEFAULT_SAMPLER, build_sampler, class_labels, counting, generate
 
     built = {}
 
@@ -82,7 +82,8 @@ def generator_preview(run_cfg, tokenizer, device, num_classes: int, max_images: 
         model.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             g = torch.Generator(device=device).manual_seed(run_cfg.seed)
-            images, _, _ = generate(model, tokenizer, labels_B, built["sampler"], g, len(labels_B))
+            draw_B = counting(built["sampler"], [])  # batch by batch, as sample.py draws
+            images, _, _ = generate(model, tokenizer, labels_B, draw_B, g, len(labels_B))
         model.train(was_training)
         return images.clamp(0, 1)
 
