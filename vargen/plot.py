@@ -104,8 +104,8 @@ def line_chart(
     for i, (s, p) in enumerate(zip(series, pts)):
         color = tuple(s.get("color") or COLORS[i % len(COLORS)])
         coords = [px(x, y) for x, y in sorted(p)]
-        if len(coords) > 1:
-            draw.line(coords, fill=color, width=2)
+        if len(coords) > 1:  # sparse dotted curves (held-out) get a thin line
+            draw.line(coords, fill=color, width=1 if s.get("dots") else 2)
         if s.get("dots") or len(coords) == 1:
             r = 5 if len(coords) == 1 else 3  # a lone point (one method in a comparison) shows larger
             for u, v in coords:
@@ -113,8 +113,10 @@ def line_chart(
     for i, s in enumerate(series):  # legend, right of the axes
         color = tuple(s.get("color") or COLORS[i % len(COLORS)])
         y = top + 14 * i
-        draw.line([(right + 8, y + 5), (right + 26, y + 5)], fill=color, width=3)
-        draw.text((right + 30, y), str(s["label"])[:22], fill="black", font=font)
+        draw.line([(right + 8, y + 5), (right + 26, y + 5)], fill=color, width=1 if s.get("dots") else 3)
+        if s.get("dots"):
+            draw.ellipse([right + 14, y + 2, right + 20, y + 8], fill=color)
+        draw.text((right + 30, y), str(s["label"])[:24], fill="black", font=font)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
     img.save(tmp)
@@ -129,10 +131,10 @@ def loss_series(run_dir: str, metric: str = "loss", label: str = "", color=None)
 
     rows = read_log(run_dir)
     out = []
-    for key, dots in ((metric, False), (f"heldout_{metric}", True)):
+    for key, dots, kind in ((metric, False, "train"), (f"heldout_{metric}", True, "held-out")):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
-            name = f"{label} {key}".strip()
+            name = f"{label[:14]} {kind}" if label else f"{kind} {metric}"
             out.append({"label": name, "x": [p[0] for p in pts], "y": [p[1] for p in pts], "dots": dots})
             if color is not None:
                 out[-1]["color"] = color
