@@ -64,12 +64,60 @@ def meta(quick: bool, seeds, device: str = "cpu") -> dict:
     }
 
 
-def write_results(topic: str, flat: dict, meta_entry: dict) -> str:
+# (x, y) metric pairs a results chart shows, first match wins: quality against cost per method.
+CHARTS = [
+    ("nfe", "fid_mean"),
+    ("nfe", "fid"),
+    ("token_forwards_per_image", "fid_mean"),
+    ("tokens_per_image", "fid_mean"),
+    ("tokens", "kv_speedup"),
+    ("passes", "fid"),  # TarFlow: sequential vs Jacobi passes
+    ("score", "fid"),  # minority guidance: minority score vs FID
+]
+
+
+def write_results(topic: str, flat: dict, meta_entry: dict, chart: tuple[str, str] | None = None) -> str:
+    """``results/<topic>.json`` (``flat`` plus a ``meta`` entry) and, beside it, ``<topic>.png``:
+    the table's main comparison (see :func:`write_chart`). Returns the JSON path."""
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{topic}.json")
     with open(path, "w") as f:
         json.dump({**flat, "meta": meta_entry}, f, indent=2)
+    png = write_chart(topic, flat, chart)
+    if png:
+        print("wrote", png)
     return path
+
+
+def _method_rows(flat: dict, x: str, y: str) -> dict[str, dict]:
+    """{method: {x: value, y: value}} from ``"<method>.<metric>"`` keys, or from
+    ``"<prefix>.<metric>_<method>"`` keys (``lsd.fid_student8``, ``lsd.nfe_student8``)."""
+    rows: dict[str, dict] = {}
+    for key, value in flat.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        prefix, last = key.rsplit(".", 1) if "." in key else ("", key)
+        for metric in (x, y):
+            if last == metric and prefix:
+                rows.setdefault(prefix, {})[metric] = float(value)
+            elif last.startswith(metric + "_"):
+                method = f"{prefix}.{last[len(metric) + 1 :]}".lstrip(".")
+                rows.setdefault(method, {})[metric] = float(value)
+    return {m: r for m, r in rows.items() if x in r and y in r}
+
+
+def write_chart(topic: str, flat: dict, chart: tuple[str, str] | None = None) -> str | None:
+    """``results/<topic>.png``: one dot per method at (x, y) = ``chart``, or at the first pair of
+    :data:`CHARTS` that at least two methods report; None (no picture) when no pair fits."""
+    from vargen.plot import line_chart
+
+    for x, y in [chart] if chart else CHARTS:
+        rows = _method_rows(flat, x, y)
+        if len(rows) >= (1 if chart else 2):
+            series = [{"label": m, "x": [r[x]], "y": [r[y]]} for m, r in rows.items()]
+            path = os.path.join(RESULTS, f"{topic}.png")
+            return line_chart(series, path, title=f"{topic}: {y} vs {x}", xlabel=x, ylabel=y)
+    return None
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

@@ -81,6 +81,9 @@ class TrainLoopConfig:
     )  # a NaN/inf loss or gradient skips the update; this many in a row stop
     log_every: int = ranged(50, ge=1)
     eval_every: int = ranged(0, ge=0)  # held-out loss every N steps (0 = only the task's final evaluation)
+    sample_every: int = ranged(
+        0, ge=0
+    )  # generators: a sample grid to samples/step_N.png every N steps (0 = off)
     ckpt_every: int = ranged(500, ge=1)  # also written at the end of training
     keep_last: int = ranged(2, ge=1)  # checkpoints kept on disk (older ones are pruned)
     resume: bool = False  # continue from the newest usable checkpoint in out_dir

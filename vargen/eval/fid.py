@@ -20,7 +20,6 @@ import os
 
 import torch
 import torch.nn as nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from vargen.data import build_dataset
 from vargen.eval.feature_net import _full_data_config, get_feature_net
@@ -68,6 +67,10 @@ class _Fid:
     """One torchmetrics FID metric plus the batching, device and channel handling around it."""
 
     def __init__(self, feature_net, inception_weights, *, reset_real_features: bool, batch_size: int, device):
+        # imported here, not at module load: torchmetrics pulls in transformers (seconds), and
+        # every command line imports this module to register components
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
         if (feature_net is None) == (inception_weights is None):
             raise ValueError("pass exactly one of feature_net or inception_weights")
         self.batch_size, self.device = batch_size, torch.device(device)

@@ -128,13 +128,49 @@ def generate(model, tokenizer, labels_B: torch.Tensor, sampler, generator, batch
             with torch.no_grad():
                 images.append(tokenizer.decode(out).cpu())
             tokens.append((torch.cat(out, dim=1) if isinstance(out, list) else out).cpu())
-        for k, v in stats.items():
-            total[k] = total.get(k, [] if isinstance(v, list) else 0) + v
-    if "acceptance" in total:  # ratios do not sum over batches: recompute (speculative samplers)
+        add_stats(total, stats)
+    return torch.cat(images), (torch.cat(tokens) if tokens else None), finish_stats(total, labels_B.shape[0])
+
+
+def add_stats(total: dict, stats: dict) -> dict:
+    """Add one batch's (or one rank's) stats into ``total``: numbers sum, lists concatenate."""
+    for k, v in stats.items():
+        total[k] = total.get(k, [] if isinstance(v, list) else 0) + v
+    return total
+
+
+def finish_stats(total: dict, num_images: int) -> dict:
+    """Recompute the ratios of summed counts (speculative samplers), which do not sum."""
+    if "acceptance" in total:
         from vargen.sampling.speculative import derived_stats
 
-        derived_stats(total, labels_B.shape[0])
-    return torch.cat(images), (torch.cat(tokens) if tokens else None), total
+        derived_stats(total, num_images)
+    return total
+
+
+def counting(sampler, per_batch: list):
+    """``sampler`` called one batch at a time, appending (model forwards, rows) of each batch to
+    ``per_batch``. What sample.py and :meth:`vargen.api.Pipeline.sample` both draw through, so
+    they draw the same images. (It carries no ``continuous`` attribute, so :func:`generate` does
+    not batch continuously here.)"""
+
+    def counted(model, labels_B, generator):
+        out_B, batch_stats = sampler(model, labels_B, generator)
+        per_batch.append((batch_stats.get("target_forwards", 0), labels_B.shape[0]))
+        return out_B, batch_stats
+
+    return counted
+
+
+def shard(num: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi): the contiguous share of ``num`` samples rank ``rank`` draws (sizes differ by <= 1)."""
+    return rank * num // world_size, (rank + 1) * num // world_size
+
+
+def shard_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s generator: ``seed`` itself on rank 0 (so one process draws what
+    it always drew), a distinct stream per rank otherwise."""
+    return seed + 1_000_003 * rank
 
 
 def default_sampler(ckpt: str) -> str:
@@ -209,50 +245,123 @@ def _output_dir(out: str, samples_root: str, created: list) -> str:
             k += 1
 
 
+def load_generator(ckpt: str, device, tokenizer_ckpt: str = "", log=print):
+    """A generator checkpoint (weights file or run dir) and its tokenizer, ready to sample.
+
+    The tokenizer is found as :func:`_find_tokenizer` says (stored path, moved with the run, or
+    ``tokenizer_ckpt``) and checked against its recorded sha256; None for a pixel generator.
+    Returns (model, run config, tokenizer or None); the run config's ``tokenizer_ckpt`` names
+    the tokenizer actually loaded.
+    """
+    from vargen.train.tasks import load_component, load_tokenizer_for
+
+    model, gen_cfg = load_component(ckpt, device)
+    if gen_cfg.task not in GENERATOR_TASKS:
+        raise ValueError(f"{ckpt} holds a '{gen_cfg.task}' checkpoint; sample.py needs a generator")
+    tokenizer = None
+    if "tokenizer_ckpt" in gen_cfg:
+        gen_cfg.tokenizer_ckpt = _find_tokenizer(ckpt, gen_cfg, tokenizer_ckpt, log)
+        tokenizer = load_tokenizer_for(gen_cfg, device)
+    if tokenizer is not None and hasattr(model, "attach_tokenizer"):
+        model.attach_tokenizer(tokenizer)
+    return model, gen_cfg, tokenizer
+
+
+def build_sampler(sampler_cfg, model, gen_cfg, device):
+    """The sampler ``sampler_cfg`` names, checked against the model and bound to the run.
+
+    Refuses a sampler that cannot draw from the model before any work; samplers that read the
+    run's dataset (TTS-VAR's reward) are bound to it, and samplers that tune themselves on real
+    data (TarFlow's auto policy) are prepared on 256 seeded training images.
+    """
+    check_sampler_fits(sampler_cfg["name"], gen_cfg.model.name)
+    sampler = SAMPLERS.build(sampler_cfg)
+    if hasattr(sampler, "bind_run"):
+        sampler.bind_run(gen_cfg, device)
+    if hasattr(sampler, "prepare"):
+        from vargen.data import build_dataset
+
+        data = build_dataset(gen_cfg.data)
+        pick = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(0))[:256]
+        sampler.prepare(model, data.train_images[pick].to(device), data.train_labels[pick].to(device))
+    return sampler
+
+
+def _claim_on_rank0(claim_out, rank: int, device):
+    """Rank 0 claims the output folder; every rank learns whether it could (no rank is left
+    waiting in a gather when rank 0 refuses the folder). Returns the folder on rank 0."""
+    from vargen.train import distributed as D
+
+    out, error = None, None
+    if rank == 0:
+        try:
+            out = claim_out()
+        except Exception as e:  # re-raised below, once the other ranks know
+            error = e
+    if not D.all_true(error is None, device):
+        raise error or ValueError("rank 0 could not claim the output folder (see its message)")
+    return out
+
+
+def _gather_shards(images, tokens, stats: dict, per_batch: list, rank: int, world_size: int):
+    """Every rank's share on rank 0, in rank order (= sample order): (images (N, C, H, W) float
+    in [0, 1], ids or None, summed stats, per-batch forward counts). Images travel as uint8, so
+    rank 0 holds one byte per pixel per image; other ranks get None."""
+    import torch.distributed as dist
+
+    from vargen.io import to_uint8
+
+    mine = {"images": to_uint8(images), "ids": tokens, "stats": stats, "per_batch": per_batch}
+    parts = [None] * world_size if rank == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    if rank != 0:
+        return None
+    images_u8 = torch.from_numpy(np.concatenate([p["images"] for p in parts]))  # (N, H, W, C) uint8
+    ids = [p["ids"] for p in parts]
+    total = {}
+    for p in parts:
+        add_stats(total, p["stats"])
+    return (
+        images_u8.permute(0, 3, 1, 2).float() / 255,
+        torch.cat(ids) if ids[0] is not None else None,
+        total,
+        [b for p in parts for b in p["per_batch"]],
+    )
+
+
 def _sample_into(claim_out, ckpt: str, cfg, log) -> dict:
     import sys
 
     from omegaconf import OmegaConf
 
     from vargen.io import save_grid, to_uint8
+    from vargen.train import distributed as D
     from vargen.train.checkpoint import file_sha256, resolve_weights_path
-    from vargen.train.distributed import setup
-    from vargen.train.tasks import load_component, load_tokenizer_for
 
-    device = setup(cfg.device)
-    model, gen_cfg = load_component(ckpt, device)
-    if gen_cfg.task not in GENERATOR_TASKS:
-        raise ValueError(f"{ckpt} holds a '{gen_cfg.task}' checkpoint; sample.py needs a generator")
-    check_sampler_fits(cfg.sampler.name, gen_cfg.model.name)
-    tokenizer = None
-    if "tokenizer_ckpt" in gen_cfg:
-        gen_cfg.tokenizer_ckpt = _find_tokenizer(ckpt, gen_cfg, cfg.tokenizer_ckpt, log)
-        tokenizer = load_tokenizer_for(gen_cfg, device)
-    if tokenizer is not None and hasattr(model, "attach_tokenizer"):
-        model.attach_tokenizer(tokenizer)
-    sampler = SAMPLERS.build(cfg.sampler)
-    if hasattr(sampler, "bind_run"):  # samplers that use the run's dataset (TTS-VAR's reward)
-        sampler.bind_run(gen_cfg, device)
-    if hasattr(sampler, "prepare"):  # samplers that tune themselves on real data (TarFlow auto policy)
-        from vargen.data import build_dataset
-
-        data = build_dataset(gen_cfg.data)
-        pick = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(0))[:256]
-        sampler.prepare(model, data.train_images[pick].to(device), data.train_labels[pick].to(device))
+    device = D.setup(cfg.device)
+    model, gen_cfg, tokenizer = load_generator(ckpt, device, cfg.tokenizer_ckpt, log)
+    sampler = build_sampler(cfg.sampler, model, gen_cfg, device)
 
     labels = class_labels(cfg.num_samples, model.num_classes, list(cfg.classes))
-    out = claim_out()
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    rank, world_size = D.world()
+    if cfg.num_samples < world_size:
+        raise ValueError(f"num_samples={cfg.num_samples} is fewer than the {world_size} processes")
+    out = _claim_on_rank0(claim_out, rank, device)
+    lo, hi = shard(cfg.num_samples, rank, world_size)
+    generator = torch.Generator(device=device).manual_seed(shard_seed(cfg.seed, rank))
     t0 = time.perf_counter()
-    show = cfg.progress and sys.stderr.isatty()
+    show = cfg.progress and sys.stderr.isatty() and rank == 0
     per_batch = []  # (model forwards, rows) of every batch: batches may be ragged
-
-    def counted(m, labels_B, g):
-        out_B, batch_stats = sampler(m, labels_B, g)
-        per_batch.append((batch_stats.get("target_forwards", 0), labels_B.shape[0]))
-        return out_B, batch_stats
-
-    images, tokens, stats = generate(model, tokenizer, labels, counted, generator, cfg.batch_size, show)
+    images, tokens, stats = generate(
+        model, tokenizer, labels[lo:hi], counting(sampler, per_batch), generator, cfg.batch_size, show
+    )
+    if world_size > 1:
+        log(f"rank 0 drew {hi - lo} of {cfg.num_samples} images; gathering from {world_size} ranks")
+        gathered = _gather_shards(images, tokens, stats, per_batch, rank, world_size)
+        if rank != 0:
+            return {}
+        images, tokens, stats, per_batch = gathered
+        finish_stats(stats, cfg.num_samples)
     elapsed = time.perf_counter() - t0
 
     nrow = cfg.nrow or (len(cfg.classes) or model.num_classes)
@@ -264,6 +373,7 @@ def _sample_into(claim_out, ckpt: str, cfg, log) -> dict:
     metrics = {
         "num_samples": cfg.num_samples,
         "seed": cfg.seed,
+        "world_size": world_size,  # rank r drew its share with seed + 1000003 * r (see shard_seed)
         "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
         "seconds": round(elapsed, 3),
         # a batch's forwards serve each of its rows: weight by rows (the last batch may be short)

@@ -1,1 +1,19 @@
+"""Training: the loop, checkpoints, DDP, tasks. Also ``vargen.train(config, **overrides)``.
 
+``vargen.train`` names both this package and the API function :func:`vargen.api.train`: once
+any ``vargen.train.*`` module is imported the package is the attribute, so the package itself
+is made callable (delegating to the function) and both spellings train.
+"""
+
+import sys
+import types
+
+
+class _CallablePackage(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        from vargen.api import train
+
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

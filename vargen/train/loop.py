@@ -235,11 +235,25 @@ def _read_latest(out_dir: str) -> str | None:
     return open(path).read().strip() if os.path.isfile(path) else None
 
 
-def fit(model, x_all: torch.Tensor, y_all: torch.Tensor, run_cfg, device, task: str, log=print, heldout=None):
+def fit(
+    model,
+    x_all: torch.Tensor,
+    y_all: torch.Tensor,
+    run_cfg,
+    device,
+    task: str,
+    log=print,
+    heldout=None,
+    sample_fn=None,
+):
     """Train ``model`` on (x_all, y_all) as configured in ``run_cfg.train``; returns the model.
 
-    ``heldout`` = (x, y) adds ``heldout_*`` metrics to the log every ``train.eval_every`` steps.
+    ``heldout`` = (x, y) adds ``heldout_*`` metrics to the log every ``train.eval_every`` steps
+    (and redraws ``loss.png``); ``sample_fn(model) -> images`` (generators) is drawn to
+    ``samples/step_N.png`` every ``train.sample_every`` steps (see :mod:`vargen.train.visuals`).
     """
+    from vargen.train.visuals import TrainingVisuals
+
     tc, out_dir = run_cfg.train, run_cfg.out_dir
     rank, world_size = D.world()
     if tc.batch_size % world_size:
@@ -258,6 +272,7 @@ def fit(model, x_all: torch.Tensor, y_all: torch.Tensor, run_cfg, device, task: 
     start, resumed = _resume(model, opt, config, out_dir, tc.resume, rank, log)
     if rank == 0:  # only now that the run is accepted: a refused command leaves the record alone
         write_run_config(out_dir, config)
+    visuals = TrainingVisuals(out_dir, sample_fn, tc.sample_every, log) if rank == 0 else None
     skipped, consecutive = int(resumed.get("skipped_nonfinite", 0)), 0
     runner = _LossModule(model)
     if tc.compile:
@@ -342,11 +357,14 @@ def fit(model, x_all: torch.Tensor, y_all: torch.Tensor, run_cfg, device, task: 
             row["elapsed_s"] = round(time.perf_counter() - t0, 3)
             with open(_log_path(out_dir), "a") as f:
                 f.write(json.dumps(row) + "\n")
+            visuals.logged(row, evaluate, done == tc.steps)
             msg = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "elapsed_s"))
             if bar.disable:
                 log(f"[{task}] step {done}/{tc.steps} {msg}")
             else:
                 bar.set_postfix_str(msg)
+        if rank == 0:
+            visuals.step_done(model, done)
         if done % tc.ckpt_every == 0 or done == tc.steps:
             if rank == 0:
                 _check_finite_weights(model, done)
@@ -355,6 +373,8 @@ def fit(model, x_all: torch.Tensor, y_all: torch.Tensor, run_cfg, device, task: 
             if world_size > 1:
                 torch.distributed.barrier()
     bar.close()
+    if rank == 0:
+        visuals.close()
     if world_size > 1:
         div = D.max_param_divergence(model)
         if rank == 0:

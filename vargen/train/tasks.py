@@ -31,6 +31,7 @@ from vargen.train.checkpoint import (
     run_lock,
 )
 from vargen.train.loop import fit, heldout_metrics, write_run_config
+from vargen.train.visuals import generator_preview
 
 
 @dataclass
@@ -141,7 +142,7 @@ def _tokenizer_eval(tok, images, device, batch=256) -> dict:
     return out
 
 
-def _train_on_images(cfg, schema: type, log, fill_classes: bool):
+def _train_on_images(cfg, schema: type, log, fill_classes: bool, preview: bool = False):
     """Build the dataset and the model (shapes filled in from the data) and fit on images."""
     device = _device(cfg)
     torch.manual_seed(cfg.seed)
@@ -154,7 +155,10 @@ def _train_on_images(cfg, schema: type, log, fill_classes: bool):
     model = _model_registry(schema).build(cfg.model)
     log(f"[{cfg.task}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     heldout = (data.heldout_images, data.heldout_labels)
-    fit(model, data.train_images, data.train_labels, cfg, device, cfg.task, log, heldout)
+    draw = (
+        generator_preview(cfg, None, device, data.num_classes) if preview and cfg.train.sample_every else None
+    )
+    fit(model, data.train_images, data.train_labels, cfg, device, cfg.task, log, heldout, draw)
     return model, data, device
 
 
@@ -215,14 +219,15 @@ def run_generator(cfg, log=print):
         f"{ids.shape[0]} sequences of {ids.shape[1]} tokens"
     )
     heldout = (encode_all(tok, data.heldout_images, device), data.heldout_labels)
-    fit(model, ids, data.train_labels, cfg, device, "generator", log, heldout)
+    preview = generator_preview(cfg, tok, device, data.num_classes) if cfg.train.sample_every else None
+    fit(model, ids, data.train_labels, cfg, device, "generator", log, heldout, preview)
     _write_eval(cfg, heldout_metrics(model, *heldout, device), log)
     return model
 
 
 @TASKS.register("pixel_generator", PixelGeneratorRun)
 def run_pixel_generator(cfg, log=print):
-    model, data, device = _train_on_images(cfg, PixelGeneratorRun, log, fill_classes=True)
+    model, data, device = _train_on_images(cfg, PixelGeneratorRun, log, fill_classes=True, preview=True)
     _write_eval(cfg, heldout_metrics(model, data.heldout_images, data.heldout_labels, device), log)
     return model
 
