@@ -230,7 +230,8 @@ def test_sample_cli_runs_test_time_search(trained_var, tmp_path, sampler):
     metrics = json.load(open(tmp_path / "metrics.json"))
     if "best_of_n" in sampler[0]:  # 4 candidates through 4 scales, decoded once for the pick
         decoded, rows = 4, 4 * 4
-    else:  # N=2: 16, 12, 4, 2 candidates per scale; decoded before each drop and for the pick
-        decoded, rows = 16 + 12 + 4 + 2, 16 + 12 + 4 + 2
+    else:  # N=2: 16, 12, 4, 2 survive each scale, so scales run with 16, 16, 12, 4; decoded after
+        # scales 1, 2, 3 (each drop); the last scale's resampling rewards make the final pick
+        decoded, rows = 16 + 12 + 4, 16 + 16 + 12 + 4
     assert metrics["stats.decoded_images"] == 6 * decoded
     assert metrics["stats.candidate_forwards"] == 6 * rows
