@@ -59,6 +59,9 @@ ZOO: dict[str, ZooEntry] = {  # in training order: the token-AR set first, the b
 UNHASHED = ("out_dir",)
 # progress, resume, device and the NaN guard change how a run is driven, never what a finite run learns
 UNHASHED_TRAIN = ("progress", "resume", "device", "max_nonfinite_steps")
+# Model options added after entries were trained, left out while at the value that reproduces the
+# old model exactly (a new key alone would otherwise change every digest and retrain the zoo).
+UNHASHED_MODEL_AT = {"attn_l2_norm": False}
 
 
 def zoo_root() -> str:
@@ -124,6 +127,10 @@ class Zoo:
                 cfg.pop(k, None)
             for k in UNHASHED_TRAIN:
                 cfg.get("train", {}).pop(k, None)
+            model = cfg.get("model", {})
+            for k, v in UNHASHED_MODEL_AT.items():
+                if k in model and model[k] == v:
+                    model.pop(k)
             for k, d in self.zoo[name].deps.items():
                 cfg[k] = self.digest(d)
             blob = json.dumps(cfg, sort_keys=True, default=str).encode()
