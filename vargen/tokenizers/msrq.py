@@ -16,8 +16,9 @@ scale k of side s_k (2-D, s_k * s_k ids) or length r_k (1-D, r_k ids):
 3-tap Conv1d in 1-D); ``phi_ratio == 0`` makes phi the identity. The sharing rule is
 VAR's (``PhiPartiallyShared``): ``phi_share`` convs (0 = one per scale, 1 = a single one)
 sit at ticks ``linspace(1/(3n), 1 - 1/(3n), n)`` when n = 4 and ``linspace(1/(2n), 1 - 1/(2n), n)``
-otherwise, and scale k uses the conv whose tick is nearest ``k / (K - 1)`` (the first on a tie). Only ``min(n, K)`` convs are built: for n > K VAR's rule already gives
-every scale a conv of its own, and the idle ones would only trip DDP.
+otherwise, and scale k uses the conv whose tick is nearest ``k / (K - 1)`` (the first on a
+tie). Only ``min(n, K)`` convs are built: for n > K VAR's rule already gives every scale a
+conv of its own, and the idle ones would only trip DDP.
 
 Loss (VAR): mean over scales of ``beta * |sg(f_hat_k) - f|^2 + |f_hat_k - sg(f)|^2``
 with ``f_hat_k`` the accumulation after k scales; the second term trains phi and, when
