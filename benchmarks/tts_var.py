@@ -58,6 +58,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="300-step models, 60 labels per seed")
     p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--no-potentials", action="store_true", help="skip the diff / max / sum rows")
     args = p.parse_args(argv)
     from vargen.data import build_dataset
     from vargen.eval import FIDEvaluator, get_feature_net
@@ -93,9 +95,11 @@ def main(argv=None):
         "tts_var8": tts(8),
         **{f"tts_var8.potential.{pot}": tts(8, pot) for pot in ("diff", "max", "sum")},  # value: tts_var8
     }
+    if args.no_potentials:
+        methods = {k: v for k, v in methods.items() if "potential" not in k}
     for sampler in methods.values():
         sampler.bind_run(cfg)  # clustering features: the seed-0 feature net's patch tokens
-    n_labels, seeds, batch = (60 if args.quick else 300), [0, 1, 2], 20
+    n_labels, seeds, batch = (60 if args.quick else 300), list(args.seeds), 20
     labels = class_labels(n_labels, model.num_classes, [])
     res = {name: {"reward": [], "reward_sel": [], "fid": [], "div": [], "sec": 0.0} for name in methods}
     for r in res.values():
@@ -139,7 +143,7 @@ def main(argv=None):
         if "potential" in name:
             continue
         flat[f"{name}.fid_mean"] = statistics.mean(r["fid"])
-        flat[f"{name}.fid_std"] = statistics.stdev(r["fid"])
+        flat[f"{name}.fid_std"] = statistics.stdev(r["fid"]) if len(r["fid"]) > 1 else 0.0
         flat[f"{name}.diversity"] = statistics.mean(r["div"])
         for key in COUNTS:
             flat[f"{name}.{key}_per_image"] = r[key] / per_image
@@ -163,7 +167,7 @@ def main(argv=None):
                 "wall_ratio": flat[f"{name}.wall_ratio"],
             }
         )
-    for pot in ("value", "diff", "max", "sum"):
+    for pot in ("value",) if args.no_potentials else ("value", "diff", "max", "sum"):
         rows.append(
             {
                 "method": f"tts_var8 {pot}",
