@@ -276,3 +276,13 @@ def test_sample_cli_runs_test_time_search(trained_var, tmp_path, sampler):
         decoded, rows = 16 + 12 + 4, 16 + 16 + 12 + 4
     assert metrics["stats.decoded_images"] == 6 * decoded
     assert metrics["stats.candidate_forwards"] == 6 * rows
+
+
+def test_checkpoints_written_before_attn_l2_norm_still_resume():
+    """A model config recorded before the option existed equals one with it off, not on."""
+    from vargen.train.checkpoint import same_model_config
+
+    old = {"name": "var", "dim": 64, "depth": 4}
+    assert same_model_config(old, {**old, "attn_l2_norm": False})
+    assert not same_model_config(old, {**old, "attn_l2_norm": True})
+    assert not same_model_config(old, {**old, "dim": 32, "attn_l2_norm": False})
