@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ROOT, meta, print_table, write_results  # noqa: E402
+from vargen.train.checkpoint import LATER_MODEL_KEYS  # noqa: E402
 
 QUICK_STEPS = 150
 DONE = "zoo.json"
@@ -59,6 +60,8 @@ ZOO: dict[str, ZooEntry] = {  # in training order: the token-AR set first, the b
 UNHASHED = ("out_dir",)
 # progress, resume, device and the NaN guard change how a run is driven, never what a finite run learns
 UNHASHED_TRAIN = ("progress", "resume", "device", "max_nonfinite_steps")
+# Model options added after entries were trained (vargen.train.checkpoint.LATER_MODEL_KEYS) are left
+# out while at the value that reproduces the old model (a new key alone would change every digest).
 
 
 def zoo_root() -> str:
@@ -124,6 +127,10 @@ class Zoo:
                 cfg.pop(k, None)
             for k in UNHASHED_TRAIN:
                 cfg.get("train", {}).pop(k, None)
+            model = cfg.get("model", {})
+            for k, v in LATER_MODEL_KEYS.items():
+                if k in model and model[k] == v:
+                    model.pop(k)
             for k, d in self.zoo[name].deps.items():
                 cfg[k] = self.digest(d)
             blob = json.dumps(cfg, sort_keys=True, default=str).encode()

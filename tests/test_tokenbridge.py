@@ -55,6 +55,21 @@ def test_exact_error_bound_reference():
     assert (z - q.dequantize(q.quantize(z))).abs().mean().item() < 0.05
 
 
+def test_default_range_is_the_reference_and_beats_identity_normalisation_on_gaussian_data():
+    """On N(0, 1) latents the default (reference) +-5 has ~6x lower MSE than +-3 = +-r, which
+    clips everything beyond 3 sd (issue 20: 6.56e-4 vs 3.98e-3 at 64 levels)."""
+    assert (DimQuantConfig().lo, DimQuantConfig().hi) == (-5.0, 5.0)
+    z = torch.randn(400000, generator=torch.Generator().manual_seed(0))
+
+    def mse(**kw):
+        q = DimQuantizer(DimQuantConfig(levels=64, **kw))
+        return (z - q.dequantize(q.quantize(z))).pow(2).mean().item()
+
+    default, narrow = mse(), mse(lo=-3.0, hi=3.0)
+    assert default == pytest.approx(6.56e-4, rel=0.05) and narrow == pytest.approx(3.98e-3, rel=0.1)
+    assert default < narrow / 4
+
+
 @pytest.mark.parametrize(
     "key,value",
     [("levels", 1), ("std_range", 0.0), ("lo", 6.0), ("bins", "log"), ("assign", "round")],
@@ -230,7 +245,7 @@ def test_pipeline_train_py_tasks_and_sampler(tmp_path, one_thread):
     quiet = dict(log=lambda m: None)
     kl_model = {"name": "kl", "hidden": [16, 32], "code_dim": 8}
     run(task_config("tokenizer", tmp_path / "kl", dict(steps=30, batch_size=32), model=kl_model), **quiet)
-    tb_model = {"name": "tokenbridge", "kl_ckpt": str(tmp_path / "kl"), "levels": 16}
+    tb_model = {"name": "tokenbridge", "kl_ckpt": str(tmp_path / "kl"), "levels": 16, "lo": -4.0, "hi": 4.0}
     tok = run(task_config("tokenbridge", tmp_path / "tb", {}, model=tb_model), **quiet)
     assert tok.tokens_spec["kind"] == "dim_ids"
     gen_model = {"name": "tokenbridge_ar", "dim": 32, "depth": 1, "head_width": 32, "head_depth": 1}
@@ -244,6 +259,7 @@ def test_pipeline_train_py_tasks_and_sampler(tmp_path, one_thread):
     run(gen_cfg, **quiet)
     model, cfg = load_component(str(tmp_path / "gen"))
     assert model.cfg.vocab_size == 16 and model.cfg.code_dim == 8
+    assert (model.cfg.lo, model.cfg.hi) == (-4.0, 4.0)  # the range is filled from the tokenizer
     tok = load_tokenizer_for(cfg)
     ids, stats = sample_tokenbridge(
         model, torch.arange(4), generator=torch.Generator().manual_seed(0), cfg_scale=2.0

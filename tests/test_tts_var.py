@@ -19,7 +19,7 @@ from vargen.sampling.tts_var import (
     resampling_weights,
     selection_plan,
 )
-from vargen.sampling.var_decode import sample_var
+from vargen.sampling.var_decode import decode_scale, sample_var, start_state
 
 from .test_var import gen, tiny_pair
 
@@ -133,12 +133,61 @@ def test_search_raises_the_reward_and_counts_compute():
         )
         assert [t.shape[0] for t in ids] == [18] * 4
         assert brightness(tok.decode(ids)).mean() > r_plain + margin, pot
-        sizes = [b * 2 for b in default_schedule(4)]  # 16, 12, 4, 2 per label
-        assert stats["candidate_forwards"] == 18 * sum(sizes)
-        assert stats["token_forwards"] == 18 * sum(s * n for s, n in zip(sizes, model.scale_lengths))
+        sizes = [b * 2 for b in default_schedule(4)]  # 16, 12, 4, 2 survive each scale
+        run = sizes[:1] + sizes[:-1]  # scale k runs with the sizes[k - 1] survivors: 16, 16, 12, 4
+        assert stats["candidate_forwards"] == stats["ar_rows"] == 18 * sum(run)
+        assert stats["token_forwards"] == 18 * sum(s * n for s, n in zip(run, model.scale_lengths))
+        # decoded after scale 1 (cluster 16 -> 12), 2 and 3 (resample 12 -> 4 -> 2; the last
+        # resampling's rewards make the final pick); features once, rewards twice
+        assert stats["decoded_images"] == 18 * (16 + 12 + 4)
+        assert stats["feature_images"] == 18 * 16 and stats["reward_images"] == 18 * (12 + 4)
+        assert stats["network_passes"] == 18 * (sum(run) + 32 + 16 + 16)
     bon, bstats = BestOfN(BestOfNConfig(n=8), reward_fn=brightness)(model, cond, gen(5))
     assert brightness(tok.decode(bon)).mean() > r_plain + margin
     assert bstats["candidate_forwards"] == 18 * 8 * 4 and bstats["decoded_images"] == 18 * 8
+
+
+def test_resampling_at_the_last_scale_scores_full_images_so_it_is_best_of_n():
+    """Schedule (M, .., M, 1), resampling at the last scale with a huge lam: the M candidates
+    decode every scale first, then the argmax of their full images' reward survives, which
+    is best-of-M with the same generator. Selecting before the last scale (from images of
+    scales 0..K-2) would continue one candidate and break the equality."""
+    _, model = tiny_pair()
+    cond = torch.tensor([0, 1, 2, 0, 1])
+    M, warp = 4, dict(cfg_scale=1.5, temperature=1.3)
+    cfg = TTSVARConfig(n=1, schedule=[M, M, M, 1], switch=0.0, lam=1e6, **warp)
+    ids, stats = TTSVAR(cfg, reward_fn=brightness, feature_fn=brightness)(model, cond, gen(7))
+    bon, _ = BestOfN(BestOfNConfig(n=M, **warp), reward_fn=brightness)(model, cond, gen(7))
+    assert all(torch.equal(a, b) for a, b in zip(ids, bon))
+    assert stats["candidate_forwards"] == len(cond) * M * 4 and stats["ar_rows"] == 2 * len(cond) * M * 4
+    assert stats["reward_images"] == stats["decoded_images"] == len(cond) * M  # scored once
+
+
+def test_clustering_sees_the_images_after_decoding_the_dropping_scale():
+    """Schedule (M, M, 1, 1) clusters at scale 2: the feature net must see the M candidates'
+    images after scales 0, 1 and 2 (a reference loop of decode_scale with the same
+    generator), and the survivor's scales 0..2 are one of those candidates'."""
+    tok, model = tiny_pair()
+    cond, M = torch.tensor([2, 0]), 5
+    seen = []
+
+    def spy(images):
+        seen.append(images)
+        return images.flatten(1)
+
+    cfg = TTSVARConfig(n=1, schedule=[M, M, 1, 1], switch=1.0)
+    ids, stats = TTSVAR(cfg, reward_fn=brightness, feature_fn=spy)(model, cond, gen(8))
+    ref = start_state(model, cond.repeat_interleave(M))
+    g = gen(8)
+    for _ in range(3):
+        decode_scale(model, ref, g)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], tok.decode_latent(ref.f_hat).clamp(0, 1), rtol=0, atol=1e-6)
+    for b in range(len(cond)):
+        rows = range(b * M, (b + 1) * M)
+        assert any(all(torch.equal(ids[j][b], ref.ids[j][r]) for j in range(3)) for r in rows)
+    assert stats["candidate_forwards"] == len(cond) * (M + M + M + 1)
+    assert stats["feature_images"] == stats["decoded_images"] == len(cond) * M
 
 
 def test_same_seed_same_search():

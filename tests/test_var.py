@@ -22,7 +22,7 @@ from .conftest import DIGITS, task_config
 SCALES = [1, 2, 3, 4]
 
 
-def tiny_pair(seed: int = 0, scales=SCALES, vocab: int = 24, code_dim: int = 4):
+def tiny_pair(seed: int = 0, scales=SCALES, vocab: int = 24, code_dim: int = 4, attn_l2_norm: bool = False):
     """A random VAT tokenizer and a VAR model with every weight non-zero, attached."""
     torch.manual_seed(seed)
     tok = VATokenizer(
@@ -31,7 +31,14 @@ def tiny_pair(seed: int = 0, scales=SCALES, vocab: int = 24, code_dim: int = 4):
         )
     ).eval()
     cfg = VARConfig(
-        vocab_size=vocab, scales=scales, code_dim=code_dim, num_classes=3, dim=32, depth=2, heads=2
+        vocab_size=vocab,
+        scales=scales,
+        code_dim=code_dim,
+        num_classes=3,
+        dim=32,
+        depth=2,
+        heads=2,
+        attn_l2_norm=attn_l2_norm,
     )
     model = NextScaleTransformer(cfg).eval()
     with torch.no_grad():
@@ -54,8 +61,9 @@ def test_token_count_is_sum_of_squared_scales(scales):
     assert stats["target_forwards"] == len(scales)  # one forward per scale
 
 
-def test_teacher_forced_inputs_and_logits_equal_step_by_step_sampling():
-    tok, model = tiny_pair()
+@pytest.mark.parametrize("attn_l2_norm", [False, True])
+def test_teacher_forced_inputs_and_logits_equal_step_by_step_sampling(attn_l2_norm):
+    tok, model = tiny_pair(attn_l2_norm=attn_l2_norm)
     seen = []  # (tokens fed to scale k, logits of scale k) while sampling
     forward_scale = model.forward_scale
 
@@ -73,6 +81,39 @@ def test_teacher_forced_inputs_and_logits_equal_step_by_step_sampling():
     cached = torch.cat([logits for _, logits in seen], dim=1)  # (B, L, V)
     teacher = model(torch.cat(ids, dim=1), cond)
     torch.testing.assert_close(cached, teacher, atol=1e-5, rtol=1e-5)
+
+
+def test_attn_l2_norm_is_vars_cosine_attention():
+    """attn_l2_norm (VAR): logits = exp(min(s_h, log 100)) * cos(q, k) with softmax scale 1, so the
+    block is unchanged when q's and k's projections are rescaled (not so without it)."""
+    from vargen.models.var import AdaLNBlock
+
+    torch.manual_seed(0)
+    x, c = torch.randn(2, 5, 16), torch.randn(2, 16)
+    for l2 in (True, False):
+        blk = AdaLNBlock(16, 2, 2.0, 0.0, attn_l2_norm=l2).eval()
+        with torch.no_grad():
+            for p in blk.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        mask = torch.ones(5, 5, dtype=torch.bool).tril()
+        out = blk(x, c, None, 0, mask)
+        if l2:  # the reference formula, written out
+            sh1, sc1, g1, sh2, sc2, g2 = blk.ada(c).chunk(6, dim=-1)
+            h = blk.norm1(x) * (1 + sc1[:, None]) + sh1[:, None]
+            q, k, v = blk.qkv(h).view(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)  # 3x (B, H, T, d)
+            s = blk.scale_mul_1H11.clamp_max(torch.log(torch.tensor(100.0))).exp()  # (1, H, 1, 1)
+            logits = (
+                s * torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).mT
+            )
+            a = logits.masked_fill(~mask, float("-inf")).softmax(-1) @ v  # (B, H, T, d)
+            y = x + g1[:, None] * blk.proj(a.transpose(1, 2).reshape(2, 5, 16))
+            ref = y + g2[:, None] * blk.mlp(blk.norm2(y) * (1 + sc2[:, None]) + sh2[:, None])
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            blk.qkv.weight[:32] *= 3.0  # q and k projections (and biases) times 3
+            blk.qkv.bias[:32] *= 3.0
+        same = torch.allclose(blk(x, c, None, 0, mask), out, atol=1e-5, rtol=1e-5)
+        assert same == l2
 
 
 def test_ids_decode_to_the_quantized_latent():
@@ -230,7 +271,18 @@ def test_sample_cli_runs_test_time_search(trained_var, tmp_path, sampler):
     metrics = json.load(open(tmp_path / "metrics.json"))
     if "best_of_n" in sampler[0]:  # 4 candidates through 4 scales, decoded once for the pick
         decoded, rows = 4, 4 * 4
-    else:  # N=2: 16, 12, 4, 2 candidates per scale; decoded before each drop and for the pick
-        decoded, rows = 16 + 12 + 4 + 2, 16 + 12 + 4 + 2
+    else:  # N=2: 16, 12, 4, 2 survive each scale, so scales run with 16, 16, 12, 4; decoded after
+        # scales 1, 2, 3 (each drop); the last scale's resampling rewards make the final pick
+        decoded, rows = 16 + 12 + 4, 16 + 16 + 12 + 4
     assert metrics["stats.decoded_images"] == 6 * decoded
     assert metrics["stats.candidate_forwards"] == 6 * rows
+
+
+def test_checkpoints_written_before_attn_l2_norm_still_resume():
+    """A model config recorded before the option existed equals one with it off, not on."""
+    from vargen.train.checkpoint import same_model_config
+
+    old = {"name": "var", "dim": 64, "depth": 4}
+    assert same_model_config(old, {**old, "attn_l2_norm": False})
+    assert not same_model_config(old, {**old, "attn_l2_norm": True})
+    assert not same_model_config(old, {**old, "dim": 32, "attn_l2_norm": False})

@@ -172,6 +172,11 @@ def test_phi_sharing_rule_and_identity():
     assert [phi_index(k, 10, 4) for k in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
     assert [phi_index(k, 10, 10) for k in range(10)] == list(range(10))
     assert [phi_index(k, 10, 1) for k in range(10)] == [0] * 10
+    # n != 4: ticks linspace(1/(2n), 1 - 1/(2n), n), for n = 3 at 1/6, 1/2, 5/6 with boundaries at
+    # 1/3 and 2/3; 4/13 and 9/13 lie between those and the 1/(3n) rule's boundaries (11/36, 25/36)
+    assert [phi_index(k, 14, 3) for k in range(14)] == [0] * 5 + [1] * 4 + [2] * 5
+    # n = 5: ticks 0.1, 0.3, ..., 0.9, boundaries 0.2, 0.4, 0.6, 0.8 (the 1/(3n) rule: 0.2167, ...)
+    assert [phi_index(k, 20, 5) for k in (4, 15)] == [1, 3]  # 4/19 = 0.2105, 15/19 = 0.7895
     assert len(msrq(phi_share=0).phis) == 4 and len(msrq(phi_share=1).phis) == 1
     assert len(msrq(scales=(2, 4), phi_share=4).phis) == 2  # one per scale, none idle
     q = msrq(**RESTRICTED)

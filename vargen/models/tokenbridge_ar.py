@@ -8,8 +8,8 @@ order); as the issue asks, ours is the library's next-token LlamaGen backbone (c
 position 0, 2-D RoPE, causal): position t's feature z_t conditions the head for token t.
 
 Quantizer settings must match the tokenizer's: ``vocab_size`` (= levels) and ``code_dim``
-(= channels) are filled from its tokens_spec by the generator task; ``lo``, ``hi``,
-``std_range`` and ``bins`` are checked in :meth:`attach_tokenizer`.
+(= channels), ``lo``, ``hi``, ``std_range`` and ``bins`` are filled from its tokens_spec by
+the generator task, and checked again in :meth:`attach_tokenizer`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ class TokenBridgeARConfig:
     code_dim: int = 0  # channels per token; 0 = from the tokenizer
     grid: list[int] = field(default_factory=lambda: [0, 0])
     num_classes: int = 0
-    lo: float = -3.0  # quantizer range, must equal the tokenizer's
-    hi: float = 3.0
+    lo: float = -5.0  # quantizer range, must equal the tokenizer's (filled from it)
+    hi: float = 5.0
     std_range: float = 3.0
     bins: str = "gaussian"
     dim: int = 64

@@ -51,6 +51,10 @@ class VARConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     class_dropout: float = 0.1  # label -> null class in training, for CFG
+    # VAR's attn_l2_norm: cosine attention, q and k unit-normalised, logits times a learned per-head
+    # scale (init 4, at most 100). VAR's default is on; ours is off because every trained digits /
+    # photos VAR (the zoo, the benchmarks' results and the trained-model tests) was trained without it.
+    attn_l2_norm: bool = False
 
 
 def modulate(x_BTC, shift_BC, scale_BC):
@@ -60,11 +64,15 @@ def modulate(x_BTC, shift_BC, scale_BC):
 class AdaLNBlock(nn.Module):
     """x + g1 * attn(mod(LN(x))); x + g2 * mlp(mod(LN(x))), modulation from the condition."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, attn_l2_norm: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} not divisible by heads {heads}")
         self.heads, self.head_dim = heads, dim // heads
+        if attn_l2_norm:  # VAR's log-scale per head, init log 4, clamped at log 100 in use
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
+        else:
+            self.scale_mul_1H11 = None
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -82,6 +90,10 @@ class AdaLNBlock(nn.Module):
         q, k, v = self.qkv(h).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x (B,H,T,d)
         if rope is not None:  # rotate before caching: cached keys keep their own positions
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.scale_mul_1H11 is not None:  # cosine attention (VAR), normalised before caching
+            # logits = scale_mul * cos(q, k); the sqrt(d) cancels attention()'s 1/sqrt(d)
+            scale_mul = self.scale_mul_1H11.clamp_max(math.log(100.0)).exp() * math.sqrt(self.head_dim)
+            q, k = F.normalize(q, dim=-1) * scale_mul, F.normalize(k, dim=-1)  # (B, H, T, d)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, H, S, d): earlier scales + this one
         y = attention(q, k, v, mask_TS=mask_TS)  # (B, H, T, d)
@@ -120,7 +132,7 @@ class NextScaleTransformer(nn.Module):
         self.lvl_emb = nn.Embedding(len(self.scales), C)
         self.word_embed = nn.Linear(cfg.code_dim, C)
         self.blocks = nn.ModuleList(
-            AdaLNBlock(C, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth)
+            AdaLNBlock(C, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.attn_l2_norm) for _ in range(cfg.depth)
         )
         self.head_norm = nn.LayerNorm(C, elementwise_affine=False, eps=1e-6)
         self.head_ada = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))

@@ -19,6 +19,7 @@ add up over the batches of :func:`vargen.sampling.generate.generate`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -26,13 +27,14 @@ import torch
 
 from vargen.diffusion.denoiser import predict_eps
 from vargen.diffusion.fkc import RESAMPLERS, fkc_cfg_ddpm
-from vargen.diffusion.time_shift import ExposureBiasTimeShift, ddim_sample
+from vargen.diffusion.time_shift import ExposureBiasTimeShift, calibrate_window, ddim_sample
 from vargen.registry import SAMPLERS
 
 
 @dataclass
 class TimeShiftConfig:
-    window: int = 0  # TS-DPM window on the full training grid; 0 = off (the base sampler, bit for bit)
+    window: int = 0  # TS-DPM window on the full training grid; 0 = off (the base sampler, bit for bit);
+    # -1 = chosen for the model's schedule, image size and step count by calibrate_window
     cutoff: int = 300  # shift only at steps t > cutoff
     variance: str = "paper"  # paper (1 - abar) | corrected (abar data_var + 1 - abar)
     data_var: float = 1.0  # per-entry Var(x0) in model space, for variance=corrected
@@ -84,6 +86,21 @@ def _pair(model, x, t_B, cond_B, stats):
     return e.chunk(2)
 
 
+_WINDOWS: dict = {}  # calibrated windows, per schedule / image size / steps / shift settings
+
+
+def resolve_window(ts: ExposureBiasTimeShift, abar, num_entries: int, steps: int, eta: float):
+    """``ts`` with window = -1 replaced by :func:`calibrate_window`'s choice (memoised)."""
+    a = abar.detach().double().cpu()
+    key = (a.numpy().tobytes(), num_entries, steps, eta, ts.cutoff, ts.variance, ts.data_var, ts.mode)
+    if key not in _WINDOWS:
+        _WINDOWS[key] = calibrate_window(
+            a, num_entries, steps, cutoff=ts.cutoff, variance=ts.variance, data_var=ts.data_var,
+            mode=ts.mode, eta=eta,
+        )[0]  # fmt: skip
+    return dataclasses.replace(ts, window=_WINDOWS[key])
+
+
 @torch.no_grad()
 def sample_ddim(
     model, cond_B, *, generator, steps=50, eta=0.0, cfg_scale=1.0, time_shift=None, progress=False
@@ -94,6 +111,9 @@ def sample_ddim(
     shape = (cond_B.shape[0], cfg.channels, cfg.resolution, cfg.resolution)
     stats = {"net_evals": 0}
     eps = guided_eps_fn(model, cond_B, cfg_scale, stats)
+    if time_shift is not None and time_shift.window < 0:
+        time_shift = resolve_window(time_shift, model.abar, shape[1] * shape[2] * shape[3], steps, eta)
+        stats["time_shift_window"] = time_shift.window
     ts = time_shift if time_shift is not None and time_shift.window > 0 else None
     x, st = ddim_sample(eps, shape, steps, generator, model.abar, eta, ts, dtype=_model_dtype(model))
     stats.update(st, seconds=time.perf_counter() - t0)

@@ -3,8 +3,13 @@
 Spec: /work/shared/specs/sampling-speculative.md sec. 4, read from ali-vilab/TTS-VAR
 (``utils_model.py::cus_autoregressive_infer_cfg_dino``). Per requested label the search
 starts ``b_0 * N`` candidates and walks the scales with a descending batch schedule
-``b_k * N``; where the schedule drops (``b_k < b_{k-1}``) it looks at every candidate's
-intermediate image (decoded from ``f_hat`` after scale k - 1) and keeps ``b_k * N``:
+``b_k * N`` (``b_k`` candidates *survive* scale k). Where the schedule drops
+(``b_k < b_{k-1}``), scale k is decoded with the ``b_{k-1} * N`` surviving candidates
+first, and only then is every candidate's image (decoded from ``f_hat`` after scales
+0..k) looked at and ``b_k * N`` kept: the reference's order (it samples scale ``si`` with
+``bs_sis[si-1]`` rows, decodes, then clusters or resamples to ``bs_sis[si]``). Selecting
+before scale k instead would judge scale-0 images of 1x1 tokens, whose reward does not
+predict the final one.
 
 - **clustering** (diversity search) at coarse scales, ``k / (K - 1) < switch``: features of
   each image (default: the dataset's FID feature net's last conv map as patch tokens),
@@ -18,7 +23,8 @@ intermediate image (decoded from ``f_hat`` after scale k - 1) and keeps ``b_k * 
   toward ``p(x) exp(lam r(x))``); weights that are not finite or sum to zero fall back to
   uniform.
 
-After the last scale the candidate with the highest reward wins. Candidates' state
+After the last scale the candidate with the highest reward wins (the rewards of a
+resampling at the last scale are reused: they score the same final images). Candidates' state
 (ids, summed codes, next input, KV cache, labels, reward history) is gathered by batch
 index (:meth:`VARState.gather`); every label's candidates sit in one batch, so the model
 runs one forward per scale for all labels together.
@@ -29,11 +35,19 @@ its split (clustering at scales 2 and 5 of 12, resampling at 6 and 9) becomes
 ``switch = 0.5``. Where the reference differs: it asserts that only VALUE is used and
 never records a history; here all four potentials run on a recorded history. With a
 constant schedule nothing is selected, and with N = 1 the output equals plain sampling
-(same generator, same ids); a constant schedule of N is best-of-N (:class:`BestOfN`).
+(same generator, same ids); a constant schedule of N is best-of-N (:class:`BestOfN`), and
+so is (M, ..., M, 1) with resampling at the last scale and a large ``lam``: the M full
+images are scored, then one is drawn (the argmax).
 
-Compute is counted in ``candidate_forwards`` (sum over scales of the rows forwarded),
-``token_forwards`` (the same weighted by the scale's token count, a FLOP proxy),
-``decoded_images`` and ``reward_images``; ``target_forwards`` counts batched model calls.
+Compute is counted per network, in rows pushed through it: ``candidate_forwards``
+(candidates through the AR model, summed over scales), ``ar_rows`` (the same with the
+unconditional rows of guidance), ``token_forwards`` (candidates weighted by the scale's
+token count, a FLOP proxy), ``decoded_images`` (tokenizer decodes), ``feature_images``
+(feature-net passes for clustering) and ``reward_images`` (reward-net passes);
+``network_passes`` sums ``ar_rows`` and the three image counts. On small models the
+decodes and the reward dominate, so wall time is reported beside the counts:
+``seconds`` in all and ``seconds_ar``, ``seconds_decode``, ``seconds_features``,
+``seconds_reward``. ``target_forwards`` counts batched model calls.
 """
 
 from __future__ import annotations
@@ -54,6 +68,15 @@ from vargen.sampling.var_decode import decode_scale, start_state
 
 REFERENCE_SCHEDULE = (8, 8, 6, 6, 6, 4, 2, 2, 2, 1, 1, 1, 1)  # b_k / N over Infinity's 13 scales
 POTENTIALS = ("value", "diff", "max", "sum")
+COUNTS = (
+    "candidate_forwards",
+    "ar_rows",
+    "token_forwards",
+    "decoded_images",
+    "feature_images",
+    "reward_images",
+)
+TIMES = ("seconds_ar", "seconds_decode", "seconds_features", "seconds_reward")
 
 
 def default_schedule(num_scales: int) -> list[int]:
@@ -266,42 +289,58 @@ class TTSVAR:
         warp = dict(cfg_scale=c.cfg_scale, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
         tok = model.tokenizer
         state = start_state(model, cond_B.repeat_interleave(sizes[0]), c.cfg_scale)
-        history = torch.zeros(B * sizes[0], 0)
-        stats = {**new_stats(), "candidate_forwards": 0, "token_forwards": 0, "decoded_images": 0}
-        stats["reward_images"] = 0
+        history = torch.zeros(B * sizes[0], 0)  # rewards recorded at resampling scales
+        stats = {**new_stats(), **{key: 0 for key in COUNTS}, **{key: 0.0 for key in TIMES}}
+
+        def timed(key, fn, *args, **kwargs):
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            stats[key] += time.perf_counter() - t
+            return out
 
         def images_now():
             stats["decoded_images"] += state.batch
-            return tok.decode_latent(state.f_hat).clamp(0, 1)
+            return timed("seconds_decode", lambda: tok.decode_latent(state.f_hat).clamp(0, 1))
 
+        def rewards(images):
+            stats["reward_images"] += state.batch
+            return timed("seconds_reward", lambda: self.reward_fn(images, state.cond_B).float().cpu())
+
+        final_reward = None  # rewards of the final images, when a last-scale resampling scored them
         for k in tqdm(range(K), desc="scales", disable=not progress, leave=False):
-            if k in plan:  # keep sizes[k] of each label's sizes[k - 1] candidates
-                M, keep = sizes[k - 1], sizes[k]
-                images = images_now()
-                if plan[k] == "cluster":
-                    feats = self._features(images).view(B, M, -1)
-                    picks = [
-                        cluster_select(feats[g], keep, int(torch.randint(2**31 - 1, (), generator=generator)))
-                        for g in range(B)
-                    ]
-                else:
-                    reward = self.reward_fn(images, state.cond_B).float().cpu()
-                    stats["reward_images"] += state.batch
-                    history = torch.cat([history, reward[:, None]], dim=1)
-                    phi = potential(history, c.potential).view(B, M)
-                    picks = [resample_select(phi[g], keep, c.lam, generator) for g in range(B)]
-                index = torch.cat([g * M + p for g, p in enumerate(picks)])  # (B * keep,)
-                state, history = state.gather(index), history[index]
-            decode_scale(model, state, generator, **warp)
-            stats["target_forwards"] += 1
-            stats["candidate_forwards"] += state.batch
+            stats["candidate_forwards"] += state.batch  # sizes[k - 1]: selection comes after the decode
+            stats["ar_rows"] += state.batch * (2 if state.guided else 1)
             stats["token_forwards"] += state.batch * model.scale_lengths[k]
+            stats["target_forwards"] += 1
+            timed("seconds_ar", decode_scale, model, state, generator, **warp)
+            if k not in plan:
+                continue
+            M, keep = sizes[k - 1], sizes[k]  # keep `keep` of each label's M candidates
+            images = images_now()  # scales 0..k
+            if plan[k] == "cluster":
+                stats["feature_images"] += state.batch
+                feats = timed("seconds_features", self._features, images).view(B, M, -1)
+                picks = [
+                    cluster_select(feats[g], keep, int(torch.randint(2**31 - 1, (), generator=generator)))
+                    for g in range(B)
+                ]
+            else:
+                history = torch.cat([history, rewards(images)[:, None]], dim=1)
+                phi = potential(history, c.potential).view(B, M)
+                picks = [resample_select(phi[g], keep, c.lam, generator) for g in range(B)]
+            index = torch.cat([g * M + p for g, p in enumerate(picks)])  # (B * keep,)
+            state, history = state.gather(index), history[index]
+            if k == K - 1 and plan[k] == "resample":
+                final_reward = history[:, -1]
         M = sizes[-1]
         if M > 1:  # the final pick: the highest reward among each label's last candidates
-            reward = self.reward_fn(images_now(), state.cond_B).float().cpu()
-            stats["reward_images"] += state.batch
-            best = reward.view(B, M).argmax(1) + torch.arange(B) * M  # (B,)
+            if final_reward is None:
+                final_reward = rewards(images_now())
+            best = final_reward.view(B, M).argmax(1) + torch.arange(B) * M  # (B,)
             state = state.gather(best)
+        stats["network_passes"] = sum(
+            stats[key] for key in ("ar_rows", "decoded_images", "feature_images", "reward_images")
+        )
         stats["tokens"] = stats["accepted"] = stats["proposed"] = B * model.num_tokens
         stats["seconds"] = time.perf_counter() - t0
         return state.ids, stats

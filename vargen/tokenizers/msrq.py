@@ -14,10 +14,11 @@ scale k of side s_k (2-D, s_k * s_k ids) or length r_k (1-D, r_k ids):
 
 ``phi(h) = (1 - ratio) h + ratio conv3x3(h)`` (VAR's ``quant_resi`` with ratio 0.5; a
 3-tap Conv1d in 1-D); ``phi_ratio == 0`` makes phi the identity. The sharing rule is
-VAR's: ``phi_share`` convs (0 = one per scale, 1 = a single one) sit at ticks
-``linspace(1/(3n), 1 - 1/(3n), n)`` and scale k uses the conv whose tick is nearest
-``k / (K - 1)``. Only ``min(n, K)`` convs are built: for n > K VAR's rule already gives
-every scale a conv of its own, and the idle ones would only trip DDP.
+VAR's (``PhiPartiallyShared``): ``phi_share`` convs (0 = one per scale, 1 = a single one)
+sit at ticks ``linspace(1/(3n), 1 - 1/(3n), n)`` when n = 4 and ``linspace(1/(2n), 1 - 1/(2n), n)``
+otherwise, and scale k uses the conv whose tick is nearest ``k / (K - 1)`` (the first on a
+tie). Only ``min(n, K)`` convs are built: for n > K VAR's rule already gives every scale a
+conv of its own, and the idle ones would only trip DDP.
 
 Loss (VAR): mean over scales of ``beta * |sg(f_hat_k) - f|^2 + |f_hat_k - sg(f)|^2``
 with ``f_hat_k`` the accumulation after k scales; the second term trains phi and, when
@@ -47,6 +48,7 @@ the input for scale k + 1 is ``down(f_hat after k scales, s_{k+1})`` as tokens;
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -71,10 +73,15 @@ class Phi(nn.Module):
 
 
 def phi_index(k: int, num_scales: int, num_phi: int) -> int:
-    """Which of ``num_phi`` shared convs scale k uses: the tick nearest k / (K - 1) (VAR)."""
-    ticks = torch.linspace(1 / (3 * num_phi), 1 - 1 / (3 * num_phi), num_phi, dtype=torch.float64)
+    """Which of ``num_phi`` shared convs scale k uses: the tick nearest k / (K - 1) (VAR).
+
+    VAR's ticks are ``linspace(1/(3n), 1 - 1/(3n), n)`` for n = 4 and ``linspace(1/(2n), ...)``
+    for every other n; for n = 1, 2 and n >= K both place scales the same way.
+    """
+    edge = 1 / 3 / num_phi if num_phi == 4 else 1 / 2 / num_phi  # VAR's expressions: same rounding
+    ticks = np.linspace(edge, 1 - edge, num_phi)  # numpy, as VAR: exact ties resolve as there
     at = k / (num_scales - 1) if num_scales > 1 else 0.0
-    return int((ticks - at).abs().argmin())
+    return int(np.argmin(np.abs(ticks - at)))
 
 
 class MultiScaleResidualQuantizer(nn.Module):

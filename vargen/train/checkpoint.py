@@ -35,6 +35,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 WEIGHTS = "model.safetensors"
+# Model options added after checkpoints were written, with the value that reproduces the older
+# models exactly: a checkpoint whose config lacks one equals a config holding that value.
+LATER_MODEL_KEYS = {"attn_l2_norm": False}
+
+
+def same_model_config(recorded: dict | None, now: dict | None) -> bool:
+    """Equal model configs, reading a key of :data:`LATER_MODEL_KEYS` missing from ``recorded``
+    as its old-behaviour value."""
+    if recorded is None or now is None:
+        return recorded == now
+    filled = {**{k: v for k, v in LATER_MODEL_KEYS.items() if k in now}, **recorded}
+    return filled == now
+
+
 STATE = "train_state.pt"
 CHECKSUMS = "checksums.json"
 

@@ -32,6 +32,7 @@ from vargen.train.checkpoint import (
     read_train_state,
     read_weights,
     remove_abandoned_writes,
+    same_model_config,
     save_checkpoint,
     set_aside,
 )
@@ -193,7 +194,7 @@ def _resume(model, opt, config: dict, out_dir: str, resume: bool, rank: int, log
             os.remove(_log_path(out_dir))
         return 0, {}
     state, meta = read_weights(os.path.join(existing, WEIGHTS))
-    if meta["config"].get("model") != config.get("model"):
+    if not same_model_config(meta["config"].get("model"), config.get("model")):
         raise CheckpointError(
             f"cannot resume from {existing}: its model config {meta['config'].get('model')} differs "
             f"from this run's {config.get('model')}"

@@ -188,6 +188,7 @@ def _fill_from_tokenizer(model_cfg, spec: dict, num_classes: int) -> None:
         "code_dim": spec.get("code_dim", 0),
         "num_classes": num_classes,
     }
+    fills.update(spec.get("quantizer", {}))  # TokenBridge: the range and bins to dequantize with
     for key, value in fills.items():
         if key in model_cfg:
             model_cfg[key] = value
