@@ -58,8 +58,9 @@ ZOO: dict[str, ZooEntry] = {  # in training order: the token-AR set first, the b
 }
 # Keys that say where or how visibly a run trains, not what it trains.
 UNHASHED = ("out_dir",)
-# progress, resume, device and the NaN guard change how a run is driven, never what a finite run learns
-UNHASHED_TRAIN = ("progress", "resume", "device", "max_nonfinite_steps")
+# How a run is driven or watched, never what a finite run learns: progress bars, resume, device,
+# the NaN guard, training previews (train.sample_every only draws pictures of the model).
+UNHASHED_TRAIN = ("progress", "resume", "device", "max_nonfinite_steps", "sample_every")
 # Model options added after entries were trained (vargen.train.checkpoint.LATER_MODEL_KEYS) are left
 # out while at the value that reproduces the old model (a new key alone would change every digest).
 
