@@ -474,7 +474,13 @@ def main(argv=None):
         ],
     )
     print(
-        "wrote", write_results("acceleration", flat, {**meta(args.quick, seeds), "zoo_quick": args.quick_zoo})
+        "wrote",
+        write_results(
+            "acceleration",
+            flat,
+            {**meta(args.quick, seeds), "zoo_quick": args.quick_zoo},
+            chart=("nfe_ratio", "wall_ratio"),
+        ),
     )
 
 

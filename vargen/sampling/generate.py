@@ -149,16 +149,23 @@ def finish_stats(total: dict, num_images: int) -> dict:
 
 
 def counting(sampler, per_batch: list):
-    """``sampler`` called one batch at a time, appending (model forwards, rows) of each batch to
-    ``per_batch``. What sample.py and :meth:`vargen.api.Pipeline.sample` both draw through, so
-    they draw the same images. (It carries no ``continuous`` attribute, so :func:`generate` does
-    not batch continuously here.)"""
+    """``sampler`` with the model forwards of each call recorded in ``per_batch`` as (forwards per
+    row, rows). What sample.py and :meth:`vargen.api.Pipeline.sample` both draw through, so they
+    draw the same images. A continuous sampler stays continuous (:func:`generate` gives it every
+    label at once with ``slots``); its one call records (row forwards, 1)."""
+    continuous = getattr(sampler, "continuous", False)
 
-    def counted(model, labels_B, generator):
-        out_B, batch_stats = sampler(model, labels_B, generator)
-        per_batch.append((batch_stats.get("target_forwards", 0), labels_B.shape[0]))
-        return out_B, batch_stats
+    def counted(model, labels_B, generator, progress=False, slots=0):
+        if continuous:
+            out_B, stats = sampler(model, labels_B, generator, progress, slots=slots)
+            rows = stats.get("row_target_forwards", stats.get("target_forwards", 0) * labels_B.shape[0])
+            per_batch.append((rows, 1))
+            return out_B, stats
+        out_B, stats = sampler(model, labels_B, generator)
+        per_batch.append((stats.get("target_forwards", 0), labels_B.shape[0]))
+        return out_B, stats
 
+    counted.continuous = continuous
     return counted
 
 
