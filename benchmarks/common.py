@@ -1,12 +1,21 @@
-"""Shared helpers for benchmark scripts: training a shipped config, results JSON with a meta entry,
-table printing."""
+"""Shared helpers for benchmark scripts: training a shipped config, the methods x seeds sweep
+(FID mean/std, forwards, seconds), results JSON with a meta entry, table printing.
+
+Every script runs as ``python -m benchmarks.<name> [--quick]`` from the repository root.
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,6 +36,52 @@ def train(config: str, out: str, quick: bool, extra=(), quick_steps: int = 300) 
         over += [f"train.steps={quick_steps}", "train.eval_every=0"]
     run(load_run_config(os.path.join(ROOT, "configs", f"{config}.yaml"), over), log=print)
     return out
+
+
+@dataclass
+class Method:
+    """One row of a sweep: a generator, its tokenizer (None for a pixel generator) and a sampler
+    ``(model, labels_B, generator) -> (out, stats)``."""
+
+    model: Any
+    tokenizer: Any
+    sampler: Callable
+
+
+def sweep(methods: dict[str, Method], labels_N, seeds, evaluator, batch_size: int, progress=False) -> dict:
+    """Each method draws ``labels_N`` with each seed, interleaved (seed-major, so a slow spell of a
+    shared machine hits every method alike), scored by ``evaluator.score``.
+
+    Returns ``{method: {"fid_mean", "fid_std", "fids", "nfe", "forwards", "seconds", "stats"}}``:
+    ``nfe`` is model forwards per batch (the ``target_forwards`` of the sampler stats averaged over
+    the batches of all seeds), ``seconds`` the sampling time summed over seeds (FID excluded),
+    ``stats`` the summed sampler stats of the last seed.
+    """
+    from vargen.sampling.generate import generate
+
+    out = {name: {"fids": [], "forwards": 0, "seconds": 0.0} for name in methods}
+    for seed in seeds:
+        for name, m in methods.items():
+            t0 = time.perf_counter()
+            images, _, stats = generate(
+                m.model, m.tokenizer, labels_N, m.sampler, torch.Generator().manual_seed(seed), batch_size, progress
+            )
+            r = out[name]
+            r["seconds"] += time.perf_counter() - t0
+            r["forwards"] += stats.get("target_forwards", 0)
+            r["stats"] = stats
+            r["fids"].append(evaluator.score(images))
+    batches = len(seeds) * math.ceil(len(labels_N) / batch_size)
+    for r in out.values():
+        r["fid_mean"] = statistics.mean(r["fids"])
+        r["fid_std"] = statistics.stdev(r["fids"]) if len(r["fids"]) > 1 else 0.0
+        r["nfe"] = r["forwards"] / batches
+    return out
+
+
+def flat_results(swept: dict, keys=("fid_mean", "fid_std", "nfe", "seconds")) -> dict:
+    """``{"<method>.<key>": value}`` for the results JSON, from a :func:`sweep` result."""
+    return {f"{name}.{k}": r[k] for name, r in swept.items() for k in keys}
 
 
 def commit() -> str:
