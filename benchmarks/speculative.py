@@ -35,10 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import meta, print_table, write_results  # noqa: E402
 
+from vargen.checkpoint import load_component, load_tokenizer_for  # noqa: E402
 from vargen.eval.fid import FIDEvaluator  # noqa: E402
 from vargen.registry import SAMPLERS  # noqa: E402
 from vargen.sampling.generate import generate  # noqa: E402
-from vargen.train.tasks import load_component, load_tokenizer_for  # noqa: E402
 
 
 def gsd_tv_on_toy(samples: int) -> float:

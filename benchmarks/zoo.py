@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ROOT, meta, print_table, write_results  # noqa: E402
-from vargen.train.checkpoint import LATER_MODEL_KEYS  # noqa: E402
+from vargen.checkpoint import LATER_MODEL_KEYS  # noqa: E402
 
 QUICK_STEPS = 150
 DONE = "zoo.json"
@@ -61,7 +61,7 @@ UNHASHED = ("out_dir",)
 # How a run is driven or watched, never what a finite run learns: progress bars, resume, device,
 # the NaN guard, training previews (train.sample_every only draws pictures of the model).
 UNHASHED_TRAIN = ("progress", "resume", "device", "max_nonfinite_steps", "sample_every")
-# Model options added after entries were trained (vargen.train.checkpoint.LATER_MODEL_KEYS) are left
+# Model options added after entries were trained (vargen.checkpoint.LATER_MODEL_KEYS) are left
 # out while at the value that reproduces the old model (a new key alone would change every digest).
 
 

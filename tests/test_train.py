@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vargen.train.checkpoint import CheckpointError, latest_checkpoint, read_train_state
+from vargen.checkpoint import CheckpointError, latest_checkpoint, load_component, read_train_state
 from vargen.train.loop import TrainingError, fit, read_log
-from vargen.train.tasks import load_component, run
+from vargen.train.tasks import run
 
 from .conftest import ROOT, task_config, vq_cfg
 
@@ -96,7 +96,7 @@ def test_corrupt_checkpoint_names_file(tmp_path, tiny_vq):
 def test_mismatched_checkpoint_names_file_and_keys(tmp_path, tiny_vq):
     from safetensors.torch import save_file
 
-    from vargen.train.checkpoint import read_weights
+    from vargen.checkpoint import read_weights
 
     state, meta = read_weights(str(tiny_vq))
     state.pop(sorted(state)[0])
@@ -112,7 +112,7 @@ def test_generator_checks_tokenizer_hash(tmp_path, tiny_vq):
     tok = tmp_path / "tok"
     shutil.copytree(tiny_vq, tok)
     run(ar_run_cfg(tmp_path / "gen", tok, 2), log=lambda m: None)
-    from vargen.train.tasks import load_tokenizer_for
+    from vargen.checkpoint import load_tokenizer_for
 
     _, gen_cfg = load_component(str(tmp_path / "gen"))
     load_tokenizer_for(gen_cfg)  # unchanged: fine
@@ -385,7 +385,7 @@ def test_resume_enforces_the_tokenizer_hash(one_thread, tmp_path, tiny_vq):
 
 
 def test_run_lock_refuses_a_second_training_and_takes_over_stale_locks(one_thread, tmp_path):
-    from vargen.train.checkpoint import run_lock
+    from vargen.checkpoint import run_lock
 
     run(vq_cfg(tmp_path, 2, ckpt_every=2), log=lambda m: None)
     record = (tmp_path / "config.yaml").read_bytes()
@@ -459,7 +459,7 @@ def test_sampler_that_does_not_fit_the_model_is_a_clear_error(
 
 
 def test_cuda_requested_without_cuda_is_an_error(monkeypatch):
-    from vargen.train import distributed as D
+    from vargen import distributed as D
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="device=cuda but CUDA is not available.*device=cpu"):
@@ -481,7 +481,7 @@ def test_abandoned_temporary_checkpoint_folders_are_removed(one_thread, tmp_path
 def test_full_disk_during_a_checkpoint_says_what_to_do(one_thread, tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
-    import vargen.train.checkpoint as C
+    import vargen.checkpoint as C
 
     calls, real = [], C.save_file
 

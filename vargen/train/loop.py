@@ -18,9 +18,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from vargen.config import to_plain
-from vargen.train import distributed as D
-from vargen.train.checkpoint import (
+from vargen import distributed as D
+from vargen.checkpoint import (
     WEIGHTS,
     CheckpointError,
     checkpoint_dirs,
@@ -36,6 +35,7 @@ from vargen.train.checkpoint import (
     save_checkpoint,
     set_aside,
 )
+from vargen.config import to_plain
 
 
 class TrainingError(RuntimeError):
