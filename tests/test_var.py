@@ -87,7 +87,7 @@ def test_teacher_forced_inputs_and_logits_equal_step_by_step_sampling(attn_l2_no
 def test_attn_l2_norm_is_vars_cosine_attention():
     """attn_l2_norm (VAR): logits = exp(min(s_h, log 100)) * cos(q, k) with softmax scale 1, so the
     block is unchanged when q's and k's projections are rescaled (not so without it)."""
-    from vargen.models.var import AdaLNBlock
+    from vargen.nn import AdaLNBlock
 
     torch.manual_seed(0)
     x, c = torch.randn(2, 5, 16), torch.randn(2, 16)

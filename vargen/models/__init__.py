@@ -13,9 +13,9 @@ from vargen.models import (  # noqa: F401  (register)
     xar,
 )
 from vargen.models.ar import ARConfig, ARTransformer
-from vargen.models.blocks import KVCache, attention
 from vargen.models.tarflow import TarFlow, TarFlowConfig
 from vargen.models.var import NextScaleTransformer, VARConfig
+from vargen.nn import KVCache, attention
 
 __all__ = [
     "ARConfig",
