@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from vargen.diffusion.analytic import GaussianMixtureDenoiser
+from vargen.diffusion.loops import ddim_sample
 from vargen.diffusion.minority import assign_levels, minority_score, minority_scores, quantile_levels
-from vargen.diffusion.minority_classifier import NoisyClassifierConfig, NoisyLevelClassifier
-from vargen.diffusion.time_shift import ddim_sample, linear_alphas_cumprod
+from vargen.diffusion.schedules import linear_alphas_cumprod
+from vargen.models.minority_classifier import NoisyClassifierConfig, NoisyLevelClassifier
 from vargen.sampling.minority_sampling import check_classifier, sample_minority
 
 ABAR = linear_alphas_cumprod()

@@ -6,6 +6,7 @@ from vargen.models import (  # noqa: F401  (register)
     diffusion_unet,
     lsd_student,
     mdm,
+    minority_classifier,
     tarflow,
     token_shuffle,
     tokenbridge_ar,
