@@ -27,6 +27,7 @@ from vargen.checkpoint import file_sha256, load_checked, model_registry, resolve
 from vargen.config import RunConfig, component
 from vargen.data import build_dataset
 from vargen.diffusion.minority import assign_levels, minority_scores, quantile_levels
+from vargen.eval.feature_net import get_feature_net
 from vargen.registry import TASKS
 from vargen.train.loop import fit, heldout_metrics
 from vargen.train.tasks import _device
@@ -89,8 +90,6 @@ def run_minority_classifier(cfg, log=print):
     step = min(max(cfg.score_step, 0), T - 1)
     feats = None
     if cfg.distance == "perceptual":
-        from vargen.eval.feature_net import get_feature_net
-
         feats = get_feature_net(cfg.data, device)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     kw = dict(t=step, n_iter=cfg.n_iter, distance=cfg.distance, feature_net=feats, batch_size=cfg.score_batch)

@@ -29,6 +29,7 @@ from vargen.checkpoint import (
 )
 from vargen.config import RunConfig, component, resolve_paths, to_plain
 from vargen.data import build_dataset
+from vargen.eval.feature_net import classify_accuracy
 from vargen.registry import TASKS
 from vargen.train.loop import fit, heldout_metrics, write_run_config
 from vargen.train.visuals import generator_preview
@@ -186,8 +187,6 @@ def run_pixel_generator(cfg, log=print):
 
 @TASKS.register("feature_net", FeatureNetRun)
 def run_feature_net(cfg, log=print):
-    from vargen.eval.feature_net import classify_accuracy
-
     net, data, device = _train_on_images(cfg, FeatureNetRun, log, fill_classes=True)
     acc = classify_accuracy(net, data.heldout_images.to(device), data.heldout_labels.to(device))
     _write_eval(cfg, {"heldout_acc": acc}, log)
