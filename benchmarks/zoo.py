@@ -211,7 +211,7 @@ class Zoo:
 def logged_seconds(run_dir: str) -> float:
     """Training wall time summed over every process that trained the run (log.jsonl's
     ``elapsed_s`` restarts at each resume)."""
-    from vargen.train.loop import read_log
+    from vargen.io import read_log
 
     total = last = 0.0
     for row in read_log(run_dir):

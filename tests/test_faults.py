@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from vargen.checkpoint import CheckpointError
-from vargen.train.loop import read_log
+from vargen.io import read_log
 from vargen.train.tasks import run
 
 from .conftest import vq_cfg

@@ -13,10 +13,10 @@ import torch
 
 from vargen.checkpoint import load_component, load_tokenizer_for
 from vargen.eval import FIDEvaluator, classify_accuracy, get_feature_net
+from vargen.io import read_log
 from vargen.models.ar import ARTransformer
 from vargen.sampling.ar_decode import sample_ar
 from vargen.sampling.generate import class_labels, generate
-from vargen.train.loop import read_log
 
 from .conftest import DIGITS
 

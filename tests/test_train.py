@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from vargen.checkpoint import CheckpointError, latest_checkpoint, load_component, read_train_state
-from vargen.train.loop import TrainingError, fit, read_log
+from vargen.io import read_log
+from vargen.train.loop import TrainingError, fit
 from vargen.train.tasks import run
 
 from .conftest import ROOT, task_config, vq_cfg
