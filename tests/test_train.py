@@ -515,3 +515,23 @@ def test_fid_against_a_small_reference_set_warns(one_thread, tiny_gen, tmp_path,
     assert sample.main(argv) == 0
     assert "warning: only 12 reference images" in capsys.readouterr().out
     assert "only 12 reference images" in json.load(open(tmp_path / "s" / "metrics.json"))["fid_warning"]
+
+
+def test_load_cached_memoises_per_file_and_device_and_reloads_a_rewritten_file(tmp_path, tiny_vq):
+    """Samplers share one loader: the same file on the same device is built once; another device
+    key or a rewritten file (new mtime) builds anew, with the file's current weights."""
+    import shutil
+
+    from vargen.checkpoint import WEIGHTS, load_cached
+
+    path = tmp_path / WEIGHTS
+    shutil.copyfile(tiny_vq / WEIGHTS, path)
+    a, cfg = load_cached(str(path))
+    assert load_cached(str(tmp_path))[0] is a  # a run dir names the same file
+    assert load_cached(str(path), torch.device("cpu"))[0] is a
+    assert load_cached(str(path), "cpu:0")[0] is not a  # another device key
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    b = load_cached(str(path))[0]
+    assert b is not a and cfg.task == "tokenizer"
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
