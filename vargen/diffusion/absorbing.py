@@ -1,8 +1,8 @@
 """Absorbing (masked) discrete diffusion: SEDD's log-linear schedule and the Euler / tau-leaping
 step of the reverse CTMC, as pure functions shared by the ``mdm`` sampler, the LSD student and
-its distillation (spec sampling-diffusion.md section 4).
+its distillation (LSD, Fu et al. NeurIPS'25).
 
-Schedule (SEDD, Lou et al. 2024): total noise sigma_bar(t) = -log(1 - (1 - eps) t), rate
+Schedule (SEDD, Lou et al. 2024, arXiv:2310.16834): total noise sigma_bar(t) = -log(1 - (1 - eps) t), rate
 sigma(t) = (1 - eps) / (1 - (1 - eps) t); a token is masked at time t with probability
 1 - e^{-sigma_bar(t)} = (1 - eps) t. The mask is token id V.
 
@@ -20,7 +20,7 @@ probability of unmasking in [t', t]: with the exact p0 the only error of a few-s
 that positions unmasked in the same step are drawn independently.
 
 LSD's coefficient c (Fu et al. 2025) multiplies the model's log-output before score conversion:
-log s -> c log s, i.e. s -> s^c = r^c p0^c (the spec's SEDD form). c = 1 is the base sampler.
+log s -> c log s, i.e. s -> s^c = r^c p0^c (in SEDD's score form). c = 1 is the base sampler.
 """
 
 from __future__ import annotations

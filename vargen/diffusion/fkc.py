@@ -1,8 +1,9 @@
-"""Feynman-Kac correctors (FKC, Skreta et al., ICML'25) with SMC resampling.
+"""Feynman-Kac correctors (FKC, Skreta et al., ICML'25, arXiv:2503.02819) with SMC
+resampling.
 
 Target path p_tau proportional to prod_i (q^i_{1-tau})^{beta_i}: annealing (one expert, beta),
 product of experts (beta_i = 1), CFG as a geometric average (betas (w, 1 - w)).
-One unified rule covers every case (spec sampling-diffusion.md section 2a), for any noise
+One unified rule covers every case (our restatement of the paper's weighted SDEs), for any noise
 multiplier b > 0 and any linear-drift schedule f = -c(t) x:
 
     dx     = [-f + (1+b)/2 g^2 S] dtau + sqrt(b) g dW,        S = sum_i beta_i s_i
@@ -49,7 +50,7 @@ RESAMPLERS = {"systematic": systematic_resample, "multinomial": multinomial_resa
 
 
 # --------------------------------------------------------------------------------------
-# FKC-CFG on discrete DDPM ancestral steps (spec sections 2a and 5)
+# FKC-CFG on discrete DDPM ancestral steps
 # --------------------------------------------------------------------------------------
 
 
@@ -66,7 +67,7 @@ def cfg_ancestral_increment(eps_c, eps_u, w: float, a_t: float, a_n: float) -> t
         dlog w = w (w - 1) / 2 * log(abar_n / abar_t) * |eps_c - eps_u|^2 / (1 - abar_t),
 
     with log(abar_n / abar_t) = -log(1 - beta_tilde_t), beta_tilde_t = 1 - abar_t / abar_n; to
-    first order this is spec section 5's 0.5 w (w-1) beta_tilde_t |eps_c - eps_u|^2 / (1 - abar_t).
+    first order this is 0.5 w (w-1) beta_tilde_t |eps_c - eps_u|^2 / (1 - abar_t).
     b = 1 makes the drift the usual CFG reverse SDE, whose discretisation is the DDPM ancestral
     step on the guided eps, so only weights and resampling are added.
     """

@@ -1,5 +1,5 @@
 """Learnable Sampler Distillation (LSD / LSD+, Fu et al. NeurIPS'25) for absorbing diffusion:
-the student's times and the distillation loss, as pure functions (spec sampling-diffusion.md 4a).
+the student's times and the distillation loss, as pure functions.
 
 Student: n Euler steps (vargen/diffusion/absorbing.py) from the same all-mask x_T as the teacher,
 with a coefficient c_i per step on the model's log-output (s -> s^{c_i}; c_i = 1 is the base
@@ -11,7 +11,8 @@ Teacher: the same network with N uniform steps (N >> n); its states x_{tau_k} on
 recorded. Student time t_i is aligned with the teacher state at the nearest teacher time
 (:func:`aligned_indices`; exact alignment for a uniform student grid when n divides N).
 
-Loss (the spec leaves L2 vs KL open; this is KL on transition probabilities): for each step i,
+Loss (the released code has no training loop, so L2 vs KL is open; this is KL on transition
+probabilities): for each step i,
 from the teacher's state x_a at the time aligned with t_i, the student's per-position transition
 probabilities q_i(. | x_a) (times t_i -> t_{i+1}, coefficient c_i) are scored on the teacher's
 state x_b at the time aligned with t_{i+1}:

@@ -1,6 +1,6 @@
-"""Minority guidance (Um et al., ICLR'24): minority score, quantile levels, guided sampling.
+"""Minority guidance (Um et al., ICLR'24, arXiv:2301.12334): minority score, quantile levels, guided sampling.
 
-Minority score of clean x0 (spec 3a.1): mean over n_iter noisings at step t of d(x0, x0_hat(x_t)),
+Minority score of clean x0: mean over n_iter noisings at step t of d(x0, x0_hat(x_t)),
 with d = squared L2 or a perceptual distance (any callable (B, ...) x2 -> (B,), e.g. the
 digits feature net). Levels are quantile bins (higher = more unique). Guidance toward level c*
 (score form): eps_tilde = eps - sqrt(1 - abar_t) w grad log p(c* | x_t, t) (a v-model is
@@ -97,7 +97,7 @@ def assign_levels(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tenso
 
 
 class QuadratureOracle:
-    """Exact grad_x log p(c | x_t, t) for 1-D data with density on a grid (spec 3c):
+    """Exact grad_x log p(c | x_t, t) for 1-D data with density on a grid:
     (sqrt(abar)/(1-abar)) (E[x0 | x_t, x0 in A_c] - E[x0 | x_t])."""
 
     def __init__(self, grid, density, grid_levels, abar):

@@ -1,9 +1,9 @@
-"""Exposure-bias time shift (TS-DPM, Li et al., ICLR'24): a step hook of the DDPM / DDIM loop
+"""Exposure-bias time shift (TS-DPM, Li et al., ICLR'24, arXiv:2305.15583): a step hook of the DDPM / DDIM loop
 (:func:`vargen.diffusion.loops.ddim_sample`) over a discrete VP grid.
 
 At a noisy step t > cutoff, the network is evaluated at the step t_s of the full training grid,
 inside the window |tau - t| <= window // 2, whose noise variance best matches the per-sample
-variance of x_t (spec section 1a). ``variance="paper"`` matches 1 - abar_tau as the reference
+variance of x_t (the variance over all entries of a sample). ``variance="paper"`` matches 1 - abar_tau as the reference
 code does; it ignores the data term and so shifts even *exact* marginal samples towards
 noisier steps. ``variance="corrected"`` matches abar_tau * data_var + 1 - abar_tau instead,
 which is a no-op on exact samples (the correct version we add). The first step (x_T, pure
@@ -53,7 +53,7 @@ class ExposureBiasTimeShift:
         t_B = torch.full((B,), t, dtype=torch.long)
         if h == 0 or t <= self.cutoff:
             return t_B
-        v_B = x.reshape(B, -1).double().var(dim=1)  # per-sample statistic (spec 1a.1)
+        v_B = x.reshape(B, -1).double().var(dim=1)  # per-sample statistic, as in every reference sampler
         taus = torch.arange(max(t - h, 0), min(t + h, T - 1) + 1, device=abar.device)  # (W,)
         a = abar[taus]
         target_W = 1 - a if self.variance == "paper" else a * self.data_var + 1 - a

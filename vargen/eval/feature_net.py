@@ -1,6 +1,6 @@
 """A small per-dataset classifier whose penultimate layer is the FID feature space.
 
-Why not Inception: its weights are a download (ecosystem spec, B1), it was trained on
+Why not Inception: its weights are a download (torchmetrics fetches them), it was trained on
 299x299 photos, and on 16x16 digits its features say little. A classifier trained on the
 dataset itself separates exactly the modes a generator must cover, trains in seconds on
 2 cores, and makes FID meaningful at these sizes (the scale is not comparable to

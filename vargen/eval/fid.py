@@ -7,7 +7,7 @@ Two feature spaces:
   (``inception_weights=PATH``). torchmetrics would otherwise download them, which fails
   offline; this module never attempts a download. That path needs torch-fidelity.
 
-FID from a few hundred images carries noise of a few units (ecosystem spec, Part C):
+FID from a few hundred images is noisy (see the ± std over seeds in the README's tables):
 compare methods over several seeds, against the same real set and feature net.
 """
 

@@ -1,4 +1,4 @@
-"""Heads: small modules that own their loss and their sampler (ARCHITECTURE.md "Head").
+"""Heads: small modules that own their loss and their sampler (MAR's split of backbone and head).
 
 ``diffusion``: MAR's per-token diffusion head over a continuous token (xAR, CSpD).
 ``flow``: xAR's flow-matching head (Euler ODE / Euler-Maruyama SDE sampler).

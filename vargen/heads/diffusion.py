@@ -1,16 +1,16 @@
-"""MAR's per-token diffusion head ("DiffLoss", SimpleMLPAdaLN), spec models.md section 2a.
+"""MAR's per-token diffusion head ("DiffLoss", SimpleMLPAdaLN; MAR, arXiv:2406.11838, sec. 3).
 
 A head owns its loss and its sampler (MAR's split): the backbone gives one condition
 vector z per token (``cond_NW``); the head models p(x | z) for that token's continuous
 latent x (``(N, C)``) with a small DDPM.
 
-Choices (documented deviations from the reference code, see the spec):
+Choices (deviations from the reference code):
 - Variance is **fixed**, not learned: the posterior variance beta~_t of the respaced chain,
   with ADM's "clipped" value at the last step (beta~ of the second step), so the loss is
-  the plain eps-MSE (the spec's learned-range variance + VLB term is optional).
+  the plain eps-MSE (MAR's learned-range variance + VLB term is optional).
 - The **last reverse step is stochastic**: x0 = mean + tau * sigma * xi. ADM (and MAR's
   released sampler) return the mean at t = 0, which makes the density of x0 degenerate and
-  breaks the continuous speculative-decoding ratio test (sampling-speculative spec).
+  breaks the continuous speculative-decoding ratio test (CSpD needs p(x0) of every step).
 - The x0 prediction is clamped to [-clip_x0, clip_x0] (default 5: the tokens are normalised
   per channel) before the posterior mean, as ADM's ``clip_denoised`` does for images. MAR does
   not clip; without it an under-trained head's chain explodes (1/sqrt(abar_T) ~ 2e4 multiplies

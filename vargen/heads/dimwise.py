@@ -1,4 +1,4 @@
-"""TokenBridge's dimension-wise autoregressive head (arXiv 2503.16430, spec tokenizers.md §1a).
+"""TokenBridge's dimension-wise autoregressive head (arXiv 2503.16430).
 
 Given a backbone feature z (one per token position) the head models the C quantized channels of
 that token autoregressively, p(q | z) = prod_k p(q_{o_k} | z, q_{o_1}, ..., q_{o_{k-1}}), with o
@@ -12,7 +12,7 @@ a channel order:
 - loss: cross-entropy over all positions and channels, teacher-forced.
 
 Channel order. The reference hard-codes a "frequency-based" order for MAR's KL-16
-([8, 1, 10, ...]) with no derivation (its criterion is unverified, spec §1a.5). Here ``order``
+([8, 1, 10, ...]) with no derivation. Here ``order``
 is configurable; :func:`channel_order_by_error` computes one from data with a documented rule:
 channels sorted by their share of the reconstruction error, largest first, where a channel's
 share is the pixel MSE caused by replacing that channel alone by its data mean. The
@@ -175,7 +175,7 @@ class DimwiseARHead(nn.Module):
 
 
 def guide_features(z_cond: torch.Tensor, z_uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance on backbone features: z_u + w (z_c - z_u) (TokenBridge, spec §1a)."""
+    """Classifier-free guidance on backbone features: z_u + w (z_c - z_u) (TokenBridge)."""
     return z_uncond + scale * (z_cond - z_uncond)
 
 

@@ -1,4 +1,4 @@
-"""Flow-matching head for continuous tokens (xAR, spec models.md section 1).
+"""Flow-matching head for continuous tokens (xAR, arXiv:2502.20388).
 
 Like MAR's diffusion head (:mod:`vargen.heads.diffusion`) this head owns its loss and its
 sampler; the backbone only gives a condition vector z per token. The path is the linear

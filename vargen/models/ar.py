@@ -145,10 +145,9 @@ class ARTransformer(nn.Module):
     def compile_decode(self, enable: bool = True) -> ARTransformer:
         """Run :meth:`forward_step`'s blocks through ``torch.compile`` (dynamic shapes: the cache
         length and batches > 1 vary without recompiling; batch 1 compiles on its own). Off by
-        default: on CPU it fuses the small ops around the matrix products, measured 1.35x at
-        batch 1 and 1.24x at batch 16 (one thread, width 256 x 6 layers, 256 tokens, the same
-        tokens as eager), but compiling took 3-4 minutes per batch shape on 2 busy cores, which
-        only a long sampling run repays."""
+        default: on CPU it fuses the small ops around the matrix products (speed-up in the README,
+        "Benchmarks"), but compiling takes minutes per batch shape, which only a long sampling run
+        repays."""
         self._compiled_step = torch.compile(self._cached_blocks, dynamic=True) if enable else None
         return self
 

@@ -1,8 +1,8 @@
-"""Coarse-to-fine token prediction (CTF, arXiv 2503.16194, spec tokenizers.md section 2).
+"""Coarse-to-fine token prediction (CTF, arXiv 2503.16194).
 
 One model holds both stages and is trained by `train.py` as a generator on VQ ids, with one loss sum
 (stage 1 + stage 2; the two stages share no parameters, so this equals training them independently
-on the same batches, which is the spec's reading of the paper):
+on the same batches, our reading of the paper):
 
 * coarse labels: k-means over the VQ codebook (`ctf_labels.kmeans`, K = `num_coarse`, seeded),
   computed when the tokenizer is attached and stored as a persistent buffer `coarse_of` (V,);

@@ -1,4 +1,4 @@
-"""xAR entities: how a (h, w) latent grid of tokens is grouped into prediction units (spec models.md 1a).
+"""xAR entities: how a (h, w) latent grid of tokens is grouped into prediction units (xAR, arXiv:2502.20388).
 
 An entity is the set of tokens predicted together in one AR step. Kinds:
 - "token": every token is its own entity (raster order), N entities;

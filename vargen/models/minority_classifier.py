@@ -1,11 +1,12 @@
-"""The noisy minority-level classifier p_psi(c | x_t, t) of minority guidance (Um et al., ICLR'24).
+"""The noisy minority-level classifier p_psi(c | x_t, t) of minority guidance (Um et al., ICLR'24,
+arXiv:2301.12334).
 
-Spec 3a.3: cross-entropy on (q_sample(x0, t), c) with t uniform on the denoiser's grid. The
+Training: cross-entropy on (q_sample(x0, t), c) with t uniform on the denoiser's grid. The
 reference freezes ADM's ImageNet noisy-classifier encoder and trains a small attention-pool head;
 at 16x16 a small conv net trained from scratch does the job: conv stages (3x3 conv, time-FiLM,
 SiLU, 2x down) to <= 4x4, then linear logits over the L levels from the flattened map. Not a
 global pool: on digits the minority score depends on *where* the ink is (a linear model of the
-pixels predicts the level well above chance; a translation-invariant pooled net reached chance).
+pixels predicts the level, a translation-invariant pooled one cannot).
 No normalisation: a per-sample GroupNorm would remove the image's mean intensity.
 
 The classifier carries what a sampler needs to check it against a denoiser, as buffers in its
@@ -87,7 +88,7 @@ class NoisyLevelClassifier(nn.Module):
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def loss(self, x0: torch.Tensor, level_B: torch.Tensor) -> dict:
-        """Cross-entropy and accuracy on (q_sample(x0, t), level), t ~ U{0..T-1} (spec 3a.3)."""
+        """Cross-entropy and accuracy on (q_sample(x0, t), level), t ~ U{0..T-1}."""
         t_B = torch.randint(0, self.num_steps, (x0.shape[0],), device=x0.device)
         logits = self(self.q_sample(x0, t_B, torch.randn_like(x0)), t_B)  # (B, L)
         return {

@@ -1,7 +1,7 @@
 """TarFlow: a normalizing flow made of causal transformer blocks over pixel patches.
 
-TarFlow (Zhai et al. 2024, "Normalizing Flows are Capable Generative Models"; spec
-models.md section 3). Images in [0, 1] are mapped to [-1, 1] and patchified into
+TarFlow (Zhai et al. 2024, "Normalizing Flows are Capable Generative Models",
+arXiv:2412.06329). Images in [0, 1] are mapped to [-1, 1] and patchified into
 T = (H/p)(W/p) tokens of C_p = C p^2 values. ``num_blocks`` flow blocks follow; block b
 reads the tokens in its own order, identity for even b and flipped for odd b, so the
 autoregressive direction alternates. In that order a block is an affine autoregressive

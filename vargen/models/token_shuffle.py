@@ -1,4 +1,4 @@
-"""Token-Shuffle next-token model (arXiv 2504.17789, spec tokenizers.md section 3).
+"""Token-Shuffle next-token model (arXiv 2504.17789).
 
 The LlamaGen model (`ar.py`) run on merged tokens: the ids of each s x s window are embedded, compressed
 and concatenated into one token (`TokenShuffle`), the causal transformer runs over (h/s)(w/s) merged

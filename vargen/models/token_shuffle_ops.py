@@ -1,4 +1,4 @@
-"""Token-Shuffle's merge / split of s x s token windows (arXiv 2504.17789, spec tokenizers.md section 3).
+"""Token-Shuffle's merge / split of s x s token windows (arXiv 2504.17789).
 
 `shuffle_windows` / `unshuffle_windows` are the pure rearrangement: a (B, H*W, D) raster sequence
 becomes (B, (H/s)*(W/s), s*s*D), each merged token holding its window's tokens concatenated along

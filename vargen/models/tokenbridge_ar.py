@@ -1,6 +1,6 @@
 """TokenBridge generator: next-token backbone on dequantized latents + dimension-wise AR head.
 
-TokenBridge (arXiv 2503.16430, spec tokenizers.md §1) feeds the backbone the *dequantized
+TokenBridge (arXiv 2503.16430) feeds the backbone the *dequantized
 continuous latent* of each token through a linear projection (not index embeddings), and
 predicts the next token's C quantized channels with the dimension-wise AR head
 (:mod:`vargen.heads.dimwise`). The reference backbone is MAR (bidirectional, masked, random

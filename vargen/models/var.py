@@ -2,7 +2,7 @@
 
 An image is K id maps, coarse to fine (sides s_1 < ... < s_K, from a multi-scale residual
 tokenizer such as VAT); the sequence is their concatenation, L = sum_k s_k^2 tokens.
-Spec: /work/shared/specs/models.md sec. 5 and tokenizers.md sec. 5 (VAR ``models/var.py``).
+Follows FoundationVision/VAR ``models/var.py``.
 
 Inputs (VAR ``idxBl_to_var_input``): scale 1's input is the start token(s), class
 embedding + ``pos_start``; scale k + 1's input is ``down(f_hat_k, s_{k+1})``, the running

@@ -1,4 +1,4 @@
-"""xAR: next-X prediction over continuous tokens (Ren et al. 2025, arXiv:2502.20388; spec models.md 1).
+"""xAR: next-X prediction over continuous tokens (Ren et al. 2025, arXiv:2502.20388).
 
 The KL tokenizer's latent (B, N, C) is grouped into entities (:mod:`vargen.models.entities`:
 token, k x k cell, subsample, scale or the whole image) and put in entity order, L positions.

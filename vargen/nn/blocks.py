@@ -46,9 +46,9 @@ class Block(nn.Module):
     def decode_weights(self) -> tuple[torch.Tensor, ...]:
         """The weights :meth:`forward_cached` multiplies by, as (in, out) matrices: qkv, proj,
         w1 and w3 side by side, w2. On CPU they are contiguous copies: MKL multiplies a few
-        rows by a (in, out) matrix 1.5-2x faster than by the transpose of an nn.Linear weight
-        (measured at 1 and 16 rows); elsewhere they are transposed views, and only w1|w3 is a
-        copy (one product instead of two)."""
+        rows by a (in, out) matrix faster than by the transpose of an nn.Linear weight (README,
+        "Benchmarks"); elsewhere they are transposed views, and only w1|w3 is a copy (one
+        product instead of two)."""
         a, m = self.attn, self.mlp
         w = (a.qkv.weight, a.proj.weight, torch.cat([m.w1.weight, m.w3.weight]), m.w2.weight)
         if w[0].device.type != "cpu":

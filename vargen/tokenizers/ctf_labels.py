@@ -1,4 +1,4 @@
-"""Coarse labels for coarse-to-fine token prediction (CTF, arXiv 2503.16194, spec tokenizers.md section 2).
+"""Coarse labels for coarse-to-fine token prediction (CTF, arXiv 2503.16194).
 
 K-means over a trained VQ codebook (V, D) groups the codes into K clusters; a code's coarse label is
 its nearest centroid. Deterministic given the seed (k-means++ seeding from an explicit generator,

@@ -1,8 +1,8 @@
 """Multi-scale residual quantizer (VAR, Tian et al. 2024, arXiv:2404.02905), 2-D and 1-D.
 
 A latent ``f`` (2-D: (B, D, S, S); 1-D: a set of tokens (B, M, D)) becomes K lists of
-ids, one per scale, coarse to fine. Spec: /work/shared/specs/tokenizers.md sec. 5, read
-from FoundationVision/VAR ``models/quant.py``. With ``f_rest = f`` and ``f_hat = 0``, for
+ids, one per scale, coarse to fine, as in FoundationVision/VAR ``models/quant.py``
+(arXiv:2404.02905, Algorithms 1 and 2). With ``f_rest = f`` and ``f_hat = 0``, for
 scale k of side s_k (2-D, s_k * s_k ids) or length r_k (1-D, r_k ids):
 
 1. area-down the residual to the scale: ``d_k = down(f_rest, s_k)``;
@@ -28,7 +28,7 @@ straight-through: forward value ``f_hat`` exactly (``f - sg(f)`` is exactly zero
 gradient copied to ``f``.
 
 Codebook: one table shared by every scale, initialised from N(0, codebook_std^2) because
-the VAT latent is regularised toward N(0, I) (spec sec. 4, "transfer to 2D"). With
+the VAT latent is regularised toward N(0, I) (:mod:`vargen.tokenizers.vat`). With
 ``ema_decay > 0`` it is an EMA buffer updated from the down-sampled residuals of all
 scales pooled, with Jukebox-style dead-code restarts: the same statistics, RNG use and
 all-reduce as ``VQTokenizer._update_codebook`` in ``vq.py`` (that one is a method bound to
@@ -37,7 +37,7 @@ to the zero vector: with phi = identity, every s_k dividing S, area-down and nea
 the mean squared residual then never increases across scales (per block, the change is
 the block size times ``|d - c|^2 - |d|^2 <= 0``, the zero code being a candidate);
 :meth:`residual_energies` exposes it for the test. Without the zero code, or with VAR's
-default quantizer (phi convs, bicubic, non-divisible scales), it fails (spec sec. 5), so
+default quantizer (phi convs, bicubic, non-divisible scales), it fails, so
 it is no general invariant.
 
 Next-scale model inputs (VAR ``idxBl_to_var_input`` / ``get_next_autoregressive_input``):

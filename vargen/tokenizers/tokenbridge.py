@@ -1,4 +1,4 @@
-"""TokenBridge's training-free dimension-wise quantizer (arXiv 2503.16430, spec tokenizers.md §1).
+"""TokenBridge's training-free dimension-wise quantizer (arXiv 2503.16430).
 
 Each scalar of a continuous latent token is quantized on its own to one of B levels:
 
@@ -18,11 +18,10 @@ variance is about 0.37, so the Gaussian-quantile bins do not match the data (bin
 (``bins``: "gaussian" | "uniform"), the range (``lo``, ``hi``, ``std_range``) and the
 assignment rule (``assign``: "nearest" | "bin") are configurable. Our KL tokenizer already
 normalises its tokens to about N(0, 1) per channel; the default is still the reference's
-``lo, hi = -5, 5``: on N(0, 1) data 64 levels give MSE 6.6e-4 at +-5 vs 4.0e-3 at
-``lo, hi = -r, r`` (identity normalisation clips the tails at 3 sd; tested), in line with
-the paper's range ablation.
+``lo, hi = -5, 5``: on N(0, 1) data it quantizes with a lower MSE than ``lo, hi = -r, r``,
+whose identity normalisation clips the tails at 3 sd, in line with the paper's range ablation.
 
-Error bound (spec §1c), for x in [lo, hi] with nearest assignment:
+Error bound (derived here, not in the paper), for x in [lo, hi] with nearest assignment:
 |x - x_hat| <= (hi - lo) / (2r) * max(max_i (c_{i+1} - c_i) / 2, c_0 + r);
 the edge term dominates (for B = 64 it is 0.563 normalised, not "half a bin"):
 see :meth:`DimQuantizer.error_bound`.
@@ -116,7 +115,7 @@ class DimQuantizer(nn.Module):
         return (self.values[idx] + r) / (2 * r) * (self.cfg.hi - self.cfg.lo) + self.cfg.lo
 
     def error_bound(self) -> float:
-        """Spec §1c: the largest |x - dequantize(quantize(x))| for x in [lo, hi] (nearest rule)."""
+        """The largest |x - dequantize(quantize(x))| for x in [lo, hi] (nearest rule)."""
         c = self.values.double()
         half_gap = ((c[1:] - c[:-1]) / 2).max().item()
         edge = (c[0] + self.cfg.std_range).item()  # c_0 - (-r); by symmetry also r - c_{B-1}

@@ -1,8 +1,8 @@
 """Variational tokenizer (VAT, arXiv:2412.02202) transferred to 2-D images.
 
-VAT's authors published no code (sparse-mvs-2/VAT holds a README and figures only), so
-this follows the spec's "transfer to 2D images" design (/work/shared/specs/tokenizers.md
-sec. 4) with VAR's quantizer (sec. 5, :mod:`vargen.tokenizers.msrq`):
+VAT's authors published no code (sparse-mvs-2/VAT holds a README and figures only), so this
+keeps the paper's Gaussian mapping on a conv latent and quantizes it with VAR's
+multi-scale quantizer (arXiv:2404.02905, :mod:`vargen.tokenizers.msrq`):
 
 1. conv encoder (``vq._encoder``) -> mean and log-variance heads (B, D, h, w), one conv
    with 2D output channels split in two;
@@ -17,7 +17,7 @@ sec. 4) with VAR's quantizer (sec. 5, :mod:`vargen.tokenizers.msrq`):
 
 Loss = MSE in [-1, 1] pixel space (4x ``recon_mse``) + the quantizer's loss + kl_weight *
 KL. The KL is reported per latent element (mean over B, D, h, w), so ``kl_weight`` does
-not depend on the latent size. The spec's perceptual and GAN terms are left out: they
+not depend on the latent size. The paper's perceptual and GAN terms are left out: they
 need pretrained nets and matter at 256px, not for 16-32px test sets. The log-variance is
 clamped to [-30, 20] as in latent diffusion's ``DiagonalGaussianDistribution``.
 """
@@ -50,7 +50,7 @@ class VATConfig:
     codebook_size: int = 256  # V: one codebook shared by every scale
     codebook_std: float = 1.0  # codes start as N(0, std^2) draws
     zero_code: bool = False  # pin code 0 to the zero vector
-    kl_weight: float = 1e-4  # lambda_KL (spec: 1e-6 .. 1e-4, to tune)
+    kl_weight: float = 1e-4  # lambda_KL (1e-6 .. 1e-4, to tune)
     beta: float = 0.25  # commitment weight
     phi_ratio: float = 0.5  # phi(h) = (1 - r) h + r conv(h); 0 = identity
     phi_share: int = 4  # number of shared phi convs; 0 = one per scale

@@ -1,8 +1,8 @@
-"""VAT's own 1-D form (arXiv:2412.02202, spec sec. 4 (a)): an unordered set (B, N, C) ->
+"""VAT's own 1-D form (arXiv:2412.02202): an unordered set (B, N, C) ->
 multi-scale ids along a token axis -> a reconstructed set (B, N_out, C).
 
 No reference code exists (the VAT repo holds only a README), so this is built from the
-abstract and figure as the spec reads them:
+paper's abstract and figures:
 
 1. **In-context encoder** (TiTok-style, not cross-attention): M learnable latent tokens
    are concatenated with the linearly embedded set and run through non-causal

@@ -1,50 +1,24 @@
 """Convolutional VQ autoencoder: image -> (h, w) grid of discrete ids -> image.
 
-Method (VQ-VAE, van den Oord et al. 2017, arXiv:1711.00937): a conv encoder maps an
-image in [-1, 1] to a latent ``z`` of shape (B, D, h, w) with ``h = w = resolution /
-downsample``; each position is replaced by its nearest codebook vector (squared L2) and
-the decoder reconstructs the image from those. Gradients pass the non-differentiable
-lookup by the straight-through estimator ``zq = z + sg(e - z)``; a commitment term
-``beta * |z - sg(e)|^2`` keeps the encoder close to its codes.
+VQ-VAE (van den Oord et al. 2017, arXiv:1711.00937, eq. 3): each encoder output is replaced by
+its nearest code (squared L2; cosine with ``l2_normalized``, ViT-VQGAN arXiv:2110.04627 sec. 3.2),
+gradients pass by the straight-through estimator ``zq = z + sg(e - z)``, and a commitment term
+``beta * |z - sg(e)|^2`` keeps the encoder near its codes. With ``ema_decay > 0`` the codebook is a
+buffer updated by exponential moving averages (arXiv:1711.00937 appendix A.1), else a parameter
+learnt by ``|sg(z) - e|^2``. Codes used less than ``dead_code_threshold`` times per batch are
+moved onto random encoder outputs (Jukebox, arXiv:2005.00341 sec. 3.1); counts start at 1, so
+this also initialises the codebook from data.
 
-Codebook learning, two modes:
+Determinism: the buffers change only in :meth:`VQTokenizer.loss` in training mode; restart
+candidates come from torch's global CPU generator (drawn every step), and under
+``torch.distributed`` counts and sums are all-reduced and candidates broadcast from rank 0, so
+every rank keeps bit-identical buffers (every rank must call ``loss`` equally often). Counts use
+a one-hot matmul because CUDA ``index_add_`` is not deterministic.
 
-* ``ema_decay > 0`` (default): the codebook is a buffer, not a parameter. Each training
-  step keeps exponential moving averages of the number of latents assigned to every code
-  (``ema_count``) and of their sum (``ema_sum``) and sets ``code = ema_sum / ema_count``:
-  an online k-means step (VQ-VAE paper, appendix A.1; Razavi et al. 2019, VQ-VAE-2).
-* ``ema_decay == 0``: the codebook is an ``nn.Parameter`` learnt by the codebook loss
-  ``|sg(z) - e|^2``. Usage counts for restarts are then averaged with decay 0.99.
-
-Dead codes (Dhariwal et al. 2020, Jukebox, sec. 3.1 "random restarts"): a code whose EMA
-usage count drops below ``dead_code_threshold`` latents per batch is moved onto a random
-encoder output of the current batch, and its count is reset to the threshold. Counts
-start at 1, so with the default threshold every code unused in the first step is moved
-onto data at once: a data-dependent initialisation for free. With ``l2_normalized``
-(ViT-VQGAN, Yu et al. 2021, arXiv:2110.04627) ``z`` and the codes are unit-normalised
-before the lookup, i.e. codes are matched by cosine similarity. A small ``code_dim``
-(16) follows ViT-VQGAN's low-dimensional lookup, which keeps codebook usage high.
-
-Determinism and distributed training. The codebook buffers change only inside
-:meth:`VQTokenizer.loss` in training mode. Restart candidates are drawn with torch's
-global CPU generator (``torch.randint``, V indices every training step whether or not a
-code is dead), so a run is reproducible from the global seed and resumable when the
-trainer saves and restores that generator. Under ``torch.distributed`` every rank
-all-reduces (sums) the per-code counts and latent sums before the EMA update and takes
-the restart candidates broadcast from rank 0, so the buffers stay bit-identical on all
-ranks without relying on DDP's buffer broadcast. Counts and sums are formed with a
-one-hot matmul rather than ``index_add_`` (atomic adds on CUDA are not deterministic).
-Every rank must therefore call ``loss`` in training mode the same number of times.
-
-Network: a small hand-written conv net (GroupNorm, SiLU, residual blocks) rather than
-diffusers' ``Encoder``/``Decoder``. Those are built for 256px latent diffusion (an
-attention mid-block by default, ``double_z``, a downsample after every block but the
-last, block types chosen by name) and their constructor arguments have shifted between
-diffusers releases; for 16-32px images on a CPU a plain conv net is as good, faster,
-and fits on one screen. Encoder stage ``i`` runs ``res_blocks`` residual blocks at width
-``hidden[i]``, then a stride-2 conv while fewer than ``log2(downsample)`` stages have
-downsampled; the decoder mirrors it (nearest 2x upsample + conv, then residual blocks)
-from the last stage to the first.
+The network is a small hand-written conv net rather than diffusers' Encoder/Decoder, which are
+built for 256px latents and whose arguments shift between releases: stage ``i`` runs
+``res_blocks`` residual blocks at width ``hidden[i]``, then a stride-2 conv until
+``log2(downsample)`` stages have downsampled; the decoder mirrors it.
 """
 
 from __future__ import annotations

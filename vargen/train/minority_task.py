@@ -1,11 +1,12 @@
-"""Task ``minority_classifier``: the noisy level classifier of minority guidance (Um et al., ICLR'24).
+"""Task ``minority_classifier``: the noisy level classifier of minority guidance (Um et al., ICLR'24,
+arXiv:2301.12334).
 
 Given a trained image denoiser (``denoiser_ckpt``, checked by sha256 like a generator's tokenizer):
 
-1. the minority score of every training and held-out image (spec 3a.1): mean over ``n_iter``
+1. the minority score of every training and held-out image: mean over ``n_iter``
    noisings at ``score_step`` of d(x0, clipped Tweedie x0_hat), d = squared L2 in model space or
    ``perceptual`` (squared L2 between the dataset feature net's penultimate features);
-2. ``num_levels`` quantile thresholds of the training scores and the level labels (spec 3a.2;
+2. ``num_levels`` quantile thresholds of the training scores and the level labels (as the paper;
    held-out images are labelled with the training thresholds);
 3. the classifier p_psi(c | x_t, t) (``model``, default ``noisy_classifier``) trained by the shared
    fit loop on (model-space images, levels); its weights carry the denoiser's ``abar`` and the
@@ -41,8 +42,8 @@ class MinorityClassifierRun(RunConfig):
     model: dict = component("MODELS", {"name": "noisy_classifier"})
     denoiser_ckpt: str = "???"  # weights file or run directory of a trained image denoiser (ddpm_unet)
     denoiser_sha256: str = ""  # filled in at training time
-    num_levels: int = 10  # L quantile levels (spec: 100 for LSUN; 10 for ~1500 digits)
-    score_step: int = 605  # spec 3a: index 60 of a 100-step respacing of 1000; clamped to the grid
+    num_levels: int = 10  # L quantile levels (the paper uses 100 on LSUN; 10 for ~1500 digits)
+    score_step: int = 605  # the reference's index 60 of a 100-step respacing of 1000; clamped to the grid
     n_iter: int = 5  # noisings averaged per score
     distance: str = "l2"  # l2 | perceptual
     score_batch: int = 256
