@@ -2,7 +2,8 @@
 
 Why 16x16: the source images are 8x8 (1797 of them, 4 bits per pixel); 16x16 is the
 smallest size that a stride-4 tokenizer turns into a 4x4 grid of 16 tokens, which keeps
-an AR transformer fast on 2 CPU cores while the bilinear upsampling adds no information the tokenizer must spend codes on.
+an AR transformer fast on 2 CPU cores while the bilinear upsampling adds no information
+the tokenizer must spend codes on.
 """
 
 from __future__ import annotations

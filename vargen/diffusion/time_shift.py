@@ -1,10 +1,10 @@
-"""Exposure-bias time shift (TS-DPM, Li et al., ICLR'24, arXiv:2305.15583): a step hook of the DDPM / DDIM loop
-(:func:`vargen.diffusion.loops.ddim_sample`) over a discrete VP grid.
+"""Exposure-bias time shift (TS-DPM, Li et al., ICLR'24, arXiv:2305.15583): a step hook of the
+DDPM / DDIM loop (:func:`vargen.diffusion.loops.ddim_sample`) over a discrete VP grid.
 
 At a noisy step t > cutoff, the network is evaluated at the step t_s of the full training grid,
 inside the window |tau - t| <= window // 2, whose noise variance best matches the per-sample
-variance of x_t (the variance over all entries of a sample). ``variance="paper"`` matches 1 - abar_tau as the reference
-code does; it ignores the data term and so shifts even *exact* marginal samples towards
+variance of x_t (the variance over all its entries). ``variance="paper"`` matches 1 - abar_tau
+as the reference code does; it ignores the data term and so shifts even *exact* marginal samples towards
 noisier steps. ``variance="corrected"`` matches abar_tau * data_var + 1 - abar_tau instead,
 which is a no-op on exact samples (the correct version we add). The first step (x_T, pure
 noise) is never shifted, as in both reference repos.
