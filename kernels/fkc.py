@@ -9,7 +9,7 @@ more sums, a softmax, a cumsum, a searchsorted and some masking, each with its t
 Triton kernel here does all of it with one program per group.
 
 Semantics, per group of K particles (the torch reference :func:`fkc_update_reference` defines
-them; it is exactly what ``fkc_cfg_ddpm`` has always computed, so the sampler draws the same
+them; it is exactly what ``fkc_cfg_ddpm`` computes, so the sampler draws the same
 particles whichever backend runs). Everything is float64.
 
 1. Increment (when ``eps_c``/``eps_u`` are given):

@@ -13,7 +13,7 @@ every group on the residual row) and draws the residual token with the caller's 
 Semantics: :func:`group_verify_reference`, which is :func:`verify_reference
 <vargen_kernels.speculative_verify.verify_reference>` with the group ratio of
 :func:`partition_ratio` and the residual :func:`group_residual` on :func:`rank_partition` -- the
-functions the sampler has always used, so it draws the same tokens whichever backend runs.
+functions the sampler uses, so it draws the same tokens whichever backend runs.
 The kernel's group sums run in another order than ``scatter_add``'s (identical for G <= 2, a few
 ulps otherwise), so an acceptance can differ only for a uniform within ulps of the ratio and a
 residual token only for Gumbel scores within ulps; ties between residual scores are not

@@ -4,7 +4,7 @@ TokenBridge (arXiv 2503.16430) feeds the backbone the *dequantized
 continuous latent* of each token through a linear projection (not index embeddings), and
 predicts the next token's C quantized channels with the dimension-wise AR head
 (:mod:`vargen.heads.dimwise`). The reference backbone is MAR (bidirectional, masked, random
-order); as the issue asks, ours is the library's next-token LlamaGen backbone (class token at
+order); ours is the library's next-token LlamaGen backbone (class token at
 position 0, 2-D RoPE, causal): position t's feature z_t conditions the head for token t.
 
 Quantizer settings must match the tokenizer's: ``vocab_size`` (= levels) and ``code_dim``
