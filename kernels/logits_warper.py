@@ -173,8 +173,8 @@ if TRITON_AVAILABLE:
         reference reads off a sorted row. The tail sum only changes at values present in ``x``, so
         the smallest key (float in int order) that passes is such a value, and bisection over the
         keys between ``min(x)`` and ``max(x)`` finds it exactly in 32 steps. This replaces a bitonic
-        ``tl.sort`` of the row (~log2(V)**2 / 2 compare-swap stages; 4-8x slower than this under the
-        interpreter at V ~ 100) by 32 reductions. The predicate must hold at ``max(x)``: ``k >= 1``,
+        ``tl.sort`` of the row (~log2(V)**2 / 2 compare-swap stages; slower, see the README's
+        "Fused kernels") by 32 reductions. The predicate must hold at ``max(x)``: ``k >= 1``,
         ``top_p > 0``.
         """
         key = _order_key(x.to(tl.int32, bitcast=True)).to(tl.int64)  # int64: hi - lo may overflow int32
