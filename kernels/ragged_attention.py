@@ -35,7 +35,8 @@ def ragged_window_mask(length_B: torch.Tensor, width: int, slots: int, dtype=tor
     """Additive mask (B, 1, W, S): 0 where query i of row b may attend to slot s (s <= L_b + i),
     -inf elsewhere; what :meth:`RaggedKVCache.begin` builds for ``scaled_dot_product_attention``."""
     s_S = torch.arange(slots, device=length_B.device)
-    allowed_BWS = s_S[None, None, :] <= (length_B[:, None] + torch.arange(width, device=length_B.device))[..., None]
+    slot_BW = length_B[:, None] + torch.arange(width, device=length_B.device)  # the window's slots
+    allowed_BWS = s_S[None, None, :] <= slot_BW[:, :, None]
     mask_BWS = torch.zeros(allowed_BWS.shape, dtype=dtype, device=length_B.device)
     return mask_BWS.masked_fill_(~allowed_BWS, float("-inf"))[:, None]
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vargen_kernels.ragged_attention import ragged_attention
+
 
 @functools.lru_cache(maxsize=1)
 def _xformers_ops():
@@ -34,13 +36,18 @@ def _xformers_ops():
         return None
 
 
-def attention(q_BHTd, k_BHSd, v_BHSd, mask_TS: torch.Tensor | None = None, causal: bool = False):
+def attention(q_BHTd, k_BHSd, v_BHSd, mask_TS: torch.Tensor | None = None, causal: bool = False, cache=None):
     """Softmax attention. ``mask_TS`` is a boolean "may attend" mask broadcast over (B, H),
     (T, S), or an additive float mask (B, 1, T, S) for per-row masks (the ragged cache's).
 
     ``causal`` aligns the causal mask to the bottom-right (query t sees keys <= S - T + t),
-    which is what cached decoding needs; it is ignored when ``mask_TS`` is given.
+    which is what cached decoding needs; it is ignored when ``mask_TS`` is given. With a
+    :class:`RaggedKVCache` ``cache`` and its window mask, the attention runs as
+    :func:`vargen_kernels.ragged_attention.ragged_attention` under ``cache.backend`` (the fused
+    kernel, which needs no mask, on CUDA; this same SDPA call on the reference path).
     """
+    if mask_TS is not None and isinstance(cache, RaggedKVCache):
+        return ragged_attention(q_BHTd, k_BHSd, v_BHSd, cache.length_B, mask_TS, backend=cache.backend)
     T, S = q_BHTd.shape[-2], k_BHSd.shape[-2]
     if causal and mask_TS is None and T > 1:
         mask_TS = torch.ones(T, S, dtype=torch.bool, device=q_BHTd.device).tril(S - T)
@@ -209,6 +216,7 @@ class RaggedKVCache:
         self._slots_BW = None
         self._used = 0
         self.weights = None  # the model's prepared decode weights for this run (forward_window)
+        self.backend = "auto"  # how attention over it runs (vargen_kernels.dispatch.backend_for)
 
     def positions(self, width: int) -> torch.Tensor:
         """(B, W) sequence positions L_b .. L_b+W-1 of the next window (= its cache slots)."""
@@ -278,7 +286,7 @@ class SelfAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, H, S, d) with S = cached + T
-        y = attention(q, k, v, mask_TS=mask_TS, causal=mask_TS is None)  # (B, H, T, d)
+        y = attention(q, k, v, mask_TS=mask_TS, causal=mask_TS is None, cache=cache)  # (B, H, T, d)
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))  # (B, T, C)
 
 
@@ -327,7 +335,7 @@ class Block(nn.Module):
         qk = rotate_pairs(qkv[:, :, :2], cos, sin, swap_dd)  # (B, T, 2, H, d)
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         k, v = cache.append(layer, k, v)  # (B, H, S, d)
-        y_BTC = attention(q, k, v, mask, causal=mask is None).transpose(1, 2).reshape(B, T, C)
+        y_BTC = attention(q, k, v, mask, causal=mask is None, cache=cache).transpose(1, 2).reshape(B, T, C)
         x_BTC = x_BTC + y_BTC @ w_proj
         g1, g3 = (self.norm2(x_BTC) @ w_13).chunk(2, dim=-1)  # (B, T, hidden) x 2
         return x_BTC.add_(F.silu(g1).mul_(g3) @ w_2)

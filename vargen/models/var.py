@@ -96,7 +96,7 @@ class AdaLNBlock(nn.Module):
             q, k = F.normalize(q, dim=-1) * scale_mul, F.normalize(k, dim=-1)  # (B, H, T, d)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, H, S, d): earlier scales + this one
-        y = attention(q, k, v, mask_TS=mask_TS)  # (B, H, T, d)
+        y = attention(q, k, v, mask_TS=mask_TS, cache=cache)  # (B, H, T, d)
         y = self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))  # (B, T, C)
         x_BTC = x_BTC + g1[:, None] * y
         h = modulate(self.norm2(x_BTC), sh2, sc2)
