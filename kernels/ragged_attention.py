@@ -17,7 +17,8 @@ output (B, H, W, d) in q's dtype. Slot 0 is always visible, so no query is empty
 
 The kernel reads only slots ``s < min(S, L_b + W)``; slots past a row's window (stale entries of
 a rolled-back cache) never enter, even if they hold NaN. It computes in fp32 (tensor-core dots in
-full fp32 precision, not tf32) and matches the reference to float rounding (sums in another order).
+full fp32 precision, not tf32), in fp64 for fp64 inputs (the exactness tests' models; products
+summed in registers, no dot), and matches the reference to float rounding (sums in another order).
 It has no backward: with autograd recording, ``auto`` picks the reference.
 """
 
@@ -89,6 +90,7 @@ if TRITON_AVAILABLE:
         sv_b,
         sv_h,
         sv_s,
+        ACC: tl.constexpr,
         BLOCK_W: tl.constexpr,
         BLOCK_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -105,18 +107,22 @@ if TRITON_AVAILABLE:
             q_ptr + b * sq_b + h * sq_h + ws[:, None] * sq_w + ds[None, :],
             mask=(ws < W)[:, None] & md[None, :],
             other=0.0,
-        ).to(tl.float32)
+        ).to(ACC)
         q = q * scale
-        m_i = tl.full((BLOCK_W,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_W,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_W, BLOCK_D), dtype=tl.float32)
+        m_i = tl.full((BLOCK_W,), float("-inf"), dtype=ACC)
+        l_i = tl.zeros((BLOCK_W,), dtype=ACC)
+        acc = tl.zeros((BLOCK_W, BLOCK_D), dtype=ACC)
         hi = tl.minimum(S, L + W)  # the last query sees slot L + W - 1
         for s0 in range(0, hi, BLOCK_S):
             ss = s0 + tl.arange(0, BLOCK_S)
             ms = ss < hi
             kv_m = ms[:, None] & md[None, :]
             k = tl.load(k_ptr + b * sk_b + h * sk_h + ss[:, None] * sk_s + ds[None, :], mask=kv_m, other=0.0)
-            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")  # (BLOCK_W, BLOCK_S)
+            k = k.to(ACC)
+            if ACC == tl.float64:
+                scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (BLOCK_W, BLOCK_S)
+            else:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
             allowed = ms[None, :] & (ss[None, :] <= L + ws[:, None])
             scores = tl.where(allowed, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: slot 0 is in the first block
@@ -124,7 +130,12 @@ if TRITON_AVAILABLE:
             p = tl.where(allowed, tl.exp(scores - m_new[:, None]), 0.0)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_ptr + b * sv_b + h * sv_h + ss[:, None] * sv_s + ds[None, :], mask=kv_m, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            v = v.to(ACC)
+            if ACC == tl.float64:
+                pv = tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # (BLOCK_W, BLOCK_D)
+            else:
+                pv = tl.dot(p, v, input_precision="ieee")
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
         out = acc / l_i[:, None]
         o_off = ((b * H + h) * W + ws[:, None]) * D + ds[None, :]
@@ -165,6 +176,7 @@ def ragged_attention(q_BHWd, k_BHSd, v_BHSd, length_B, mask_B1WS=None, *, backen
         *q.stride()[:3],
         *k.stride()[:3],
         *v.stride()[:3],
+        ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
         BLOCK_W=max(16, triton.next_power_of_2(W)),
         BLOCK_S=32,
         BLOCK_D=max(16, triton.next_power_of_2(d)),
