@@ -110,9 +110,12 @@ if TRITON_AVAILABLE:
     import triton.language as tl
 
     @triton.jit
-    def _logpdf_terms(x, m, s, HALF_LOG_2PI: tl.constexpr):
+    def _logpdf_terms(x, m, s, ACC: tl.constexpr, HALF_LOG_2PI: tl.constexpr):
         """Per-dimension Gaussian log density terms (summed by the caller)."""
-        z = tl.math.div_rn(x - m, s)  # IEEE division, as torch
+        if ACC == tl.float32:
+            z = tl.math.div_rn(x - m, s)  # IEEE division, as torch (fp64 division always is)
+        else:
+            z = (x - m) / s
         return -0.5 * (z * z) - tl.log(s) - HALF_LOG_2PI
 
     @triton.jit
@@ -161,8 +164,8 @@ if TRITON_AVAILABLE:
             sp = tl.load(sp_ptr + b * ssp_b + j * ssp_g + cs * ssp_c, mask=mc, other=1.0).to(ACC)
             mq = tl.load(mq_ptr + b * smq_b + j * smq_g + cs * smq_c, mask=mc, other=0.0).to(ACC)
             sq = tl.load(sq_ptr + b * ssq_b + j * ssq_g + cs * ssq_c, mask=mc, other=1.0).to(ACC)
-            lp = tl.sum(tl.where(mc, _logpdf_terms(x, mp, sp, HALF_LOG_2PI), 0.0), axis=0)
-            lq = tl.sum(tl.where(mc, _logpdf_terms(x, mq, sq, HALF_LOG_2PI), 0.0), axis=0)
+            lp = tl.sum(tl.where(mc, _logpdf_terms(x, mp, sp, ACC, HALF_LOG_2PI), 0.0), axis=0)
+            lq = tl.sum(tl.where(mc, _logpdf_terms(x, mq, sq, ACC, HALF_LOG_2PI), 0.0), axis=0)
             log_r = lp + tl.load(ls_ptr + b * sls_b + j).to(ACC) - lq
             tl.store(logr_ptr + b * g + j, log_r.to(logr_ptr.dtype.element_ty))
             u = tl.load(u_ptr + b * su_b + j).to(ACC)
@@ -212,8 +215,8 @@ if TRITON_AVAILABLE:
         y = (mp + sp * e).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + rows[:, None] * C + c, y, mask=m)
         y = y.to(ACC)  # the stored proposal is the one whose densities are compared
-        lq = tl.sum(tl.where(m, _logpdf_terms(y, mq, sq, HALF_LOG_2PI), 0.0), axis=1)
-        lp = tl.sum(tl.where(m, _logpdf_terms(y, mp, sp, HALF_LOG_2PI), 0.0), axis=1)
+        lq = tl.sum(tl.where(m, _logpdf_terms(y, mq, sq, ACC, HALF_LOG_2PI), 0.0), axis=1)
+        lp = tl.sum(tl.where(m, _logpdf_terms(y, mp, sp, ACC, HALF_LOG_2PI), 0.0), axis=1)
         ls = tl.load(ls_ptr + rows % B, mask=in_r, other=0.0).to(ACC)
         tl.store(lqp_ptr + rows, (lq - lp - ls).to(lqp_ptr.dtype.element_ty), mask=in_r)
 
