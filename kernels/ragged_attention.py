@@ -1,7 +1,7 @@
 """Fused ragged-window attention over a KV cache with one length per row (windowed decoding).
 
 Speculative and CSpD decoding run a window of W new positions per row on a
-:class:`vargen.models.blocks.RaggedKVCache`, where row b has its own committed length L_b. With
+:class:`vargen.nn.kv_cache.RaggedKVCache`, where row b has its own committed length L_b. With
 ``scaled_dot_product_attention`` that needs a materialised additive mask (B, 1, W, S) over every
 slot any row may use, and every row pays for S = max_b L_b + W slots, including the stale slots
 past its own window. The Triton kernel here builds the mask from the lengths in registers and

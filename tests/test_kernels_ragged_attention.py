@@ -26,7 +26,8 @@ def interpreter():
 
 def _qkv(B, H, W, S, d, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(*s, generator=g, dtype=dtype) for s in ((B, H, W, d), (B, H, S, d), (B, H, S, d)))
+    shapes = ((B, H, W, d), (B, H, S, d), (B, H, S, d))  # q, k, v
+    return tuple(torch.randn(*s, generator=g, dtype=dtype) for s in shapes)
 
 
 @pytest.mark.parametrize(
@@ -73,7 +74,7 @@ def test_masked_slots_never_read(interpreter):
 
 def test_float64_and_the_cache_mask(interpreter):
     """fp64 inputs accumulate in fp64; the reference's mask is the RaggedKVCache's."""
-    from vargen.models.blocks import RaggedKVCache
+    from vargen.nn.kv_cache import RaggedKVCache
 
     L = torch.tensor([3, 0, 11])
     q, k, v = _qkv(3, 2, 4, 16, 8, seed=2, dtype=torch.float64)
