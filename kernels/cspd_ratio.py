@@ -9,7 +9,7 @@ cumulative product and a sum), and each round of the residual sampler does as ma
 (K, B, C) proposals. The two Triton kernels here read every input once per token.
 
 Semantics (the torch references define them; they are exactly the computations
-:mod:`vargen.sampling.cspd` has always done, so the CSpD sampler draws the same tokens from the
+:mod:`vargen.sampling.cspd` does, so the CSpD sampler draws the same tokens from the
 same generator whichever backend runs). ``logN(x; m, s) = sum_C (-z^2 / 2 - log s - log(2 pi) / 2)``
 with ``z = (x - m) / s``.
 

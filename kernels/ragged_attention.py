@@ -9,7 +9,7 @@ stops each row at its own last visible slot, with a streaming (online) softmax o
 slots: no mask tensor, no (B, H, W, S) score tensor, and no read of a slot no query may see.
 
 Semantics (the torch reference :func:`ragged_attention_reference` defines them: it is exactly the
-attention the models have always run on a ragged cache, so forwards, hence samplers, are unchanged
+attention the models run on a ragged cache, so forwards, hence samplers, are unchanged
 on the reference path): for queries q (B, H, W, d), keys and values (B, H, S, d) and lengths
 ``length_B``, query i of row b attends to the slots ``s < S`` with ``s <= L_b + i`` (its committed
 prefix and its own causal window, :func:`ragged_window_mask`), softmax of ``q.k / sqrt(d)``;
