@@ -345,7 +345,9 @@ def test_stop_threshold_is_per_element_independent_of_batch_size():
 def test_calibration_picks_jacobi_where_it_converges_and_gs_where_the_cap_bites():
     m = tiny(std=0.005, blocks=3)
     with torch.no_grad():
-        m.blocks[1].proj_out.weight.mul_(100.0)  # a strongly coupled block: Jacobi crawls
+        # a strongly coupled block: Jacobi crawls (x20: without a final norm, x100 blew its output
+        # up so far that the next block's near-identity weights coupled its tokens as strongly)
+        m.blocks[1].proj_out.weight.mul_(20.0)
     labels = torch.tensor([0, 1, 2, 0])
     plans_, cal = ts.calibrate_policy(m, labels, torch.Generator().manual_seed(0), max_iters=6, tol=1e-6)
     assert [p.method for p in plans_] == ["jacobi", "gs_jacobi", "jacobi"]  # sampling order

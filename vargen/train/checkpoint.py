@@ -37,7 +37,14 @@ from safetensors.torch import load_file, save_file
 WEIGHTS = "model.safetensors"
 # Model options added after checkpoints were written, with the value that reproduces the older
 # models exactly: a checkpoint whose config lacks one equals a config holding that value.
-LATER_MODEL_KEYS = {"attn_l2_norm": False}
+LATER_MODEL_KEYS = {"attn_l2_norm": False, "final_norm": True}
+
+
+def with_later_keys(recorded: dict, known) -> dict:
+    """A checkpoint's recorded model config with each key of :data:`LATER_MODEL_KEYS` that its
+    schema knows (``known``: field names) but the record lacks set to its old-behaviour value,
+    so an older checkpoint rebuilds the model it was trained as (e.g. TarFlow's ``final_norm``)."""
+    return {**{k: v for k, v in LATER_MODEL_KEYS.items() if k in known and k not in recorded}, **recorded}
 
 
 def same_model_config(recorded: dict | None, now: dict | None) -> bool:

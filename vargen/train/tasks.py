@@ -29,6 +29,7 @@ from vargen.train.checkpoint import (
     read_weights,
     resolve_weights_path,
     run_lock,
+    with_later_keys,
 )
 from vargen.train.loop import fit, heldout_metrics, write_run_config
 from vargen.train.visuals import generator_preview
@@ -67,6 +68,19 @@ def _model_registry(schema: type):
     return REGISTRIES[f.metadata["registry"]]
 
 
+def _with_later_model_keys(raw: dict) -> dict:
+    """``raw`` (a stored run config) with model keys added since it was written at their old
+    values (:func:`vargen.train.checkpoint.with_later_keys`); unchanged when its task or model is
+    unknown (validation then names the problem)."""
+    model = raw.get("model")
+    try:
+        schema = _model_registry(TASKS.get(raw["task"]).schema).get(model["name"]).schema
+    except (KeyError, TypeError):
+        return raw
+    known = {f.name for f in dataclasses.fields(schema)}
+    return {**raw, "model": with_later_keys(dict(model), known)}
+
+
 def load_component(path: str, device="cpu"):
     """Rebuild a trained component from one weights file (or run dir); returns (module, cfg).
 
@@ -76,7 +90,7 @@ def load_component(path: str, device="cpu"):
     wpath = resolve_weights_path(path)
     state, meta = read_weights(wpath)
     try:
-        cfg = from_dict(meta["config"])
+        cfg = from_dict(_with_later_model_keys(meta["config"]))
     except ValueError as e:
         raise CheckpointError(f"checkpoint {wpath}: its stored config is not valid here: {e}") from None
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
