@@ -34,7 +34,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def flow(dtype=torch.float64, blocks=2, final_norm=False, seed=0, scale=0.3):
+def flow(dtype=torch.float64, blocks=2, seed=0, scale=0.3):
     """A random flow; every parameter (LayerNorm affines too) drawn with std ``scale``, proj_out
     with std 0.05 (non-zero: a coupled flow)."""
     torch.manual_seed(seed)
@@ -46,8 +46,7 @@ def flow(dtype=torch.float64, blocks=2, final_norm=False, seed=0, scale=0.3):
         layers_per_block=2,
         num_blocks=blocks,
         heads=HEADS,
-        final_norm=final_norm,
-    )
+    )  # the default architecture
     m = TarFlow(cfg).to(dtype).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
