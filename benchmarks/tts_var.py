@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """TTS-VAR vs best-of-N vs plain next-scale sampling, same model, every network pass counted.
 
-    python benchmarks/tts_var.py [--quick]
+    python -m benchmarks.tts_var [--quick] [--seeds 0 1 2] [--no-potentials]
 
 Uses the VAT + next-scale pair of benchmarks/vat.py (trained or resumed into
 runs/bench_vat_{quick,full}). Three feature nets of the same recipe and different seeds
@@ -21,7 +21,8 @@ sum plus the one decode every method ends with; wall time (seconds per image) si
 them. ``compute_ratio`` (token forwards, the AR FLOP proxy), ``passes_ratio`` and
 ``wall_ratio`` are relative to best-of-8. "plain" is TTS-VAR with N = 1 and the constant
 schedule 1 (identical ids to ``sample_var``, tested), so it reports the same counts.
-Writes benchmarks/results/tts_var.json.
+The seeds x methods loop is its own, not ``common.sweep``: the held-out reward and the
+diversity need each method's images. Writes benchmarks/results/tts_var.json.
 """
 
 from __future__ import annotations
@@ -29,13 +30,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import meta, print_table, train, write_results  # noqa: E402
+from benchmarks.common import ROOT, meta, print_table, train, write_results
 
 COUNTS = ("ar_rows", "decoded_images", "feature_images", "reward_images", "token_forwards")
 
@@ -68,8 +67,7 @@ def main(argv=None):
     from vargen.sampling.tts_var import TTSVAR, BestOfN, BestOfNConfig, ClassifierReward, TTSVARConfig
     from vargen.train.tasks import load_component, load_tokenizer_for
 
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs")
-    root = os.path.join(root, f"bench_vat_{'quick' if args.quick else 'full'}")
+    root = os.path.join(ROOT, "runs", f"bench_vat_{'quick' if args.quick else 'full'}")
     vat_dir = train("digits_vat", os.path.join(root, "vat"), args.quick)
     var_dir = train("digits_var", os.path.join(root, "var"), args.quick, [f"tokenizer_ckpt={vat_dir}"])
     model, cfg = load_component(var_dir)
