@@ -12,7 +12,10 @@ flow (MAF / IAF):
     u_i = z_i exp(a_i) + b_i                       z -> x (sampling, token by token)
 
 so the Jacobian is triangular and log|det| = -sum(a). The output projection starts at
-zero, which makes a fresh model the identity flow. Class conditioning adds a learned
+zero, which makes a fresh model the identity flow. The architecture is apple/ml-tarflow's
+MetaBlock (pre-LN layers, the residual stream straight into proj_out): with its weights
+copied in, the forward agrees to float32 rounding and the KV-cached inverse bit for bit
+(tests/test_tarflow_reference.py); ``final_norm`` adds the LayerNorm older vargen models had. Class conditioning adds a learned
 per-block class embedding to every token; the null class (index ``num_classes``, used for
 dropped labels and the unconditional guidance stream) takes the MEAN class embedding.
 
