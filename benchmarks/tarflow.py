@@ -24,8 +24,9 @@ from benchmarks.common import ROOT, Method, meta, print_table, sweep, write_resu
 
 
 def trained_model(args):
+    from vargen.checkpoint import load_component
     from vargen.config import load_run_config
-    from vargen.train.tasks import load_component, run
+    from vargen.train.tasks import run
 
     ckpt = args.ckpt
     if ckpt is None:

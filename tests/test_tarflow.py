@@ -474,8 +474,7 @@ def test_loss_decreases_on_digits():
 def test_checkpoint_without_final_norm_key_loads_as_trained_with_it(tmp_path):
     """Models trained before issue 20 had a LayerNorm before proj_out; their stored config has no
     ``final_norm`` key, so loading reads it as True (checkpoint.LATER_MODEL_KEYS) and rebuilds them."""
-    from vargen.train.checkpoint import WEIGHTS, same_model_config, save_weights
-    from vargen.train.tasks import load_component
+    from vargen.checkpoint import WEIGHTS, load_component, same_model_config, save_weights
 
     old = tiny_tarflow(dtype=torch.float32)
     old_model = dict(vars(old.cfg))
