@@ -2,7 +2,7 @@
 """Minority guidance (Um et al., ICLR'24) on the digits DDPM, measured as the paper does: cFID
 against the minority reference set.
 
-    python -m benchmarks.diffusion_minority [--quick] [--w 3.0]
+    python -m benchmarks.diffusion_minority [--quick] [--w 3.0] [--seeds 3] [--steps S] [--samples N]
 
 Trains (or resumes) the class-conditional DDPM (configs/digits_ddpm.yaml) and its noisy minority
 level classifier (configs/digits_minority.yaml) into runs/bench_minority_{quick,full}, then
@@ -43,22 +43,23 @@ class _Scores:
     """The sweep's evaluator: returns the cFID and records FID vs held-out and the mean minority
     score of each scored set (sweep calls it seed-major, methods in order)."""
 
-    def __init__(self, cfid, fid, score_fn, names):
-        self.cfid, self.fid, self.score_fn, self.names = cfid, fid, score_fn, names
+    def __init__(self, cfid, fid, score_fn, names, seeds):
+        self.cfid, self.fid, self.score_fn, self.names, self.seeds = cfid, fid, score_fn, names, seeds
         self.calls = 0
         self.extra = {n: {"fid": [], "score": []} for n in names}
 
     def score(self, images):
         name = self.names[self.calls % len(self.names)]
-        seed = SEEDS[self.calls // len(self.names)]
+        seed = self.seeds[self.calls // len(self.names)]
         self.calls += 1
         self.extra[name]["fid"].append(self.fid.score(images))
         self.extra[name]["score"].append(float(self.score_fn(images, seed).mean()))
         return self.cfid.score(images)
 
 
-def run(quick: bool, root: str, ddpm_ckpt: str, w: float = 3.0) -> dict:
-    """Train the classifier for ``ddpm_ckpt`` under ``root`` and measure; returns the flat results."""
+def run(quick: bool, root: str, ddpm_ckpt: str, w: float = 3.0, seeds=SEEDS, steps=None, samples=None) -> dict:
+    """Train the classifier for ``ddpm_ckpt`` under ``root`` and measure; returns the flat results.
+    ``steps`` / ``samples`` (None: 50 / 200 with ``quick``, else 250 / 1000) per sampling seed."""
     from vargen.data import build_dataset
     from vargen.diffusion.minority import minority_scores
     from vargen.eval import FIDEvaluator, get_feature_net
@@ -75,7 +76,8 @@ def run(quick: bool, root: str, ddpm_ckpt: str, w: float = 3.0) -> dict:
     with open(os.path.join(clf_dir, "eval.json")) as f:
         clf_eval = json.load(f)
     data_cfg = dict(den_cfg.data)
-    n, steps, batch = (200 if quick else 1000), (50 if quick else 250), 200
+    n = samples or (200 if quick else 1000)
+    steps, batch = steps or (50 if quick else 250), 200
     labels = class_labels(n, den.num_classes, [])
     score_kw = dict(t=clf_eval["score_step"], n_iter=clf_cfg.n_iter)
     data = build_dataset(data_cfg)
@@ -96,8 +98,8 @@ def run(quick: bool, root: str, ddpm_ckpt: str, w: float = 3.0) -> dict:
         )
         for name, s in scales.items()
     }
-    scorer = _Scores(cfid, fid, score_fn, list(methods))
-    swept = sweep(methods, labels, list(SEEDS), scorer, batch)
+    scorer = _Scores(cfid, fid, score_fn, list(methods), list(seeds))
+    swept = sweep(methods, labels, list(seeds), scorer, batch)
     flat = {k.replace(".fid_", ".cfid_"): v for k, v in flat_results(swept).items()}
     for name, r in scorer.extra.items():
         for k in ("fid", "score"):
@@ -152,13 +154,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short training, 200 samples x 50 steps per seed")
     p.add_argument("--w", type=float, default=3.0, help="minority guidance scale of the guided run")
+    p.add_argument("--seeds", type=int, default=len(SEEDS), help="sampling seeds 0..n-1 (at least 2)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default 50 quick, 250 full)")
+    p.add_argument("--samples", type=int, default=None, help="samples per seed (default 200 quick, 1000 full)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     root = os.path.join(ROOT, "runs", f"bench_minority_{'quick' if args.quick else 'full'}")
     ddpm = train("digits_ddpm", os.path.join(root, "ddpm"), args.quick, quick_steps=800)
-    flat = run(args.quick, root, ddpm, args.w)
+    seeds = tuple(range(args.seeds))
+    flat = run(args.quick, root, ddpm, args.w, seeds, args.steps, args.samples)
     print_summary(flat, args.w)
-    print("wrote", write_results("diffusion_minority", flat, meta(args.quick, SEEDS), chart=("score_mean", "cfid_mean")))
+    chart = ("score_mean", "cfid_mean")
+    print("wrote", write_results("diffusion_minority", flat, meta(args.quick, seeds), chart=chart))
 
 
 if __name__ == "__main__":
