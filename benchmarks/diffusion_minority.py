@@ -57,7 +57,9 @@ class _Scores:
         return self.cfid.score(images)
 
 
-def run(quick: bool, root: str, ddpm_ckpt: str, w: float = 3.0, seeds=SEEDS, steps=None, samples=None) -> dict:
+def run(
+    quick: bool, root: str, ddpm_ckpt: str, w: float = 3.0, seeds=SEEDS, steps=None, samples=None, clf_steps=600
+) -> dict:
     """Train the classifier for ``ddpm_ckpt`` under ``root`` and measure; returns the flat results.
     ``steps`` / ``samples`` (None: 50 / 200 with ``quick``, else 250 / 1000) per sampling seed."""
     from vargen.data import build_dataset
@@ -68,7 +70,7 @@ def run(quick: bool, root: str, ddpm_ckpt: str, w: float = 3.0, seeds=SEEDS, ste
     from vargen.train.tasks import load_component
 
     clf_dir = train(
-        "digits_minority", os.path.join(root, "minority"), quick, [f"denoiser_ckpt={ddpm_ckpt}"], 600
+        "digits_minority", os.path.join(root, "minority"), quick, [f"denoiser_ckpt={ddpm_ckpt}"], clf_steps
     )
     den, den_cfg = load_component(ddpm_ckpt)
     clf, clf_cfg = load_component(clf_dir)
@@ -157,12 +159,16 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=len(SEEDS), help="sampling seeds 0..n-1 (at least 2)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default 50 quick, 250 full)")
     p.add_argument("--samples", type=int, default=None, help="samples per seed (default 200 quick, 1000 full)")
+    p.add_argument("--ddpm-steps", type=int, default=800, help="DDPM training steps with --quick")
+    p.add_argument("--clf-steps", type=int, default=600, help="classifier training steps with --quick")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     root = os.path.join(ROOT, "runs", f"bench_minority_{'quick' if args.quick else 'full'}")
-    ddpm = train("digits_ddpm", os.path.join(root, "ddpm"), args.quick, quick_steps=800)
+    ddpm = train("digits_ddpm", os.path.join(root, "ddpm"), args.quick, quick_steps=args.ddpm_steps)
     seeds = tuple(range(args.seeds))
-    flat = run(args.quick, root, ddpm, args.w, seeds, args.steps, args.samples)
+    flat = run(args.quick, root, ddpm, args.w, seeds, args.steps, args.samples, args.clf_steps)
+    flat["minority.ddpm_train_steps"] = args.ddpm_steps if args.quick else None
+    flat["minority.classifier_train_steps"] = args.clf_steps if args.quick else None
     print_summary(flat, args.w)
     chart = ("score_mean", "cfid_mean")
     print("wrote", write_results("diffusion_minority", flat, meta(args.quick, seeds), chart=chart))
