@@ -39,24 +39,6 @@ NOISE_SIGMA = 0.2
 TOP_FRACTION = 0.1  # the minority reference set: the top decile of training scores
 
 
-class _Scores:
-    """The sweep's evaluator: returns the cFID and records FID vs held-out and the mean minority
-    score of each scored set (sweep calls it seed-major, methods in order)."""
-
-    def __init__(self, cfid, fid, score_fn, names, seeds):
-        self.cfid, self.fid, self.score_fn, self.names, self.seeds = cfid, fid, score_fn, names, seeds
-        self.calls = 0
-        self.extra = {n: {"fid": [], "score": []} for n in names}
-
-    def score(self, images):
-        name = self.names[self.calls % len(self.names)]
-        seed = self.seeds[self.calls // len(self.names)]
-        self.calls += 1
-        self.extra[name]["fid"].append(self.fid.score(images))
-        self.extra[name]["score"].append(float(self.score_fn(images, seed).mean()))
-        return self.cfid.score(images)
-
-
 def run(
     quick: bool, root: str, ddpm_ckpt: str, w: float = 3.0, seeds=SEEDS, steps=None, samples=None, clf_steps=600
 ) -> dict:
@@ -100,10 +82,15 @@ def run(
         )
         for name, s in scales.items()
     }
-    scorer = _Scores(cfid, fid, score_fn, list(methods), list(seeds))
-    swept = sweep(methods, labels, list(seeds), scorer, batch)
+    extra = {name: {"fid": [], "score": []} for name in methods}
+
+    def on_draw(name, seed, images, ids, stats):  # FID vs held-out and the score of every draw
+        extra[name]["fid"].append(fid.score(images))
+        extra[name]["score"].append(float(score_fn(images, seed).mean()))
+
+    swept = sweep(methods, labels, list(seeds), cfid, batch, on_draw=on_draw)  # fid_* here: the cFID
     flat = {k.replace(".fid_", ".cfid_"): v for k, v in flat_results(swept).items()}
-    for name, r in scorer.extra.items():
+    for name, r in extra.items():
         for k in ("fid", "score"):
             flat[f"{name}.{k}_mean"] = statistics.mean(r[k])
             flat[f"{name}.{k}_std"] = statistics.stdev(r[k])
