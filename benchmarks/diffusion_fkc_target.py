@@ -75,7 +75,7 @@ def sample(w: float, steps: int, particles: int, weighted: bool, n: int, seed: i
     """n draws (n,) of the FKC-CFG chain (``weighted``) or plain CFG on the exact mixture denoisers."""
     from vargen.diffusion.analytic import GaussianMixtureDenoiser
     from vargen.diffusion.fkc import fkc_cfg_ddpm
-    from vargen.diffusion.time_shift import linear_alphas_cumprod
+    from vargen.diffusion.schedules import linear_alphas_cumprod
 
     abar = linear_alphas_cumprod(1000)
     cond, unc = GaussianMixtureDenoiser(*COND, abar), GaussianMixtureDenoiser(*UNCOND, abar)

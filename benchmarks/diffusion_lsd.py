@@ -98,10 +98,10 @@ def _tv_exact(d, V):
 
 def run(quick: bool, root: str) -> dict:
     """Train what is missing under ``root``, sample every method; returns the flat results."""
+    from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.eval import FIDEvaluator
     from vargen.sampling.generate import class_labels
     from vargen.sampling.mdm_sampling import sample_lsd, sample_mdm
-    from vargen.train.tasks import load_component, load_tokenizer_for
 
     vq = train("digits_vq", os.path.join(root, "vq"), quick)
     mdm = train("digits_mdm", os.path.join(root, "mdm"), quick, [f"tokenizer_ckpt={vq}"], quick_steps=1000)

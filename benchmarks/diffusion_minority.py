@@ -44,12 +44,12 @@ def run(
 ) -> dict:
     """Train the classifier for ``ddpm_ckpt`` under ``root`` and measure; returns the flat results.
     ``steps`` / ``samples`` (None: 50 / 200 with ``quick``, else 250 / 1000) per sampling seed."""
+    from vargen.checkpoint import load_component
     from vargen.data import build_dataset
     from vargen.diffusion.minority import minority_scores
     from vargen.eval import FIDEvaluator, get_feature_net
     from vargen.sampling.generate import class_labels
     from vargen.sampling.minority_sampling import sample_minority
-    from vargen.train.tasks import load_component
 
     clf_dir = train(
         "digits_minority", os.path.join(root, "minority"), quick, [f"denoiser_ckpt={ddpm_ckpt}"], clf_steps

@@ -21,7 +21,7 @@ import torch
 
 from vargen.diffusion.analytic import GaussianMixtureDenoiser
 from vargen.diffusion.fkc import fkc_cfg_ddpm
-from vargen.diffusion.time_shift import linear_alphas_cumprod
+from vargen.diffusion.schedules import linear_alphas_cumprod
 from vargen.models.ar import ARConfig, ARTransformer
 from vargen.sampling.jacobi import exact_group_fns, sample_jacobi
 from vargen.sampling.speculative import sample_speculative

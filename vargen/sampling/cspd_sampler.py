@@ -21,7 +21,7 @@ tokenizer (the draft smaller). One iteration over the rows in flight:
    a target sample at the next position (the bonus token).
 
 KV cache (``use_cache``, default): both backbones run only new positions per call on a
-:class:`~vargen.models.blocks.RaggedKVCache` (:meth:`XAR.forward_window`), rolled back to each
+:class:`~vargen.nn.kv_cache.RaggedKVCache` (:meth:`XAR.forward_window`), rolled back to each
 row's committed length after verification; ``use_cache=False`` recomputes every sequence through
 ``entity_conditions`` (the reference: same tokens from the same generator).
 
@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from vargen.checkpoint import load_cached
 from vargen.models.xar import cfg_ramp
 from vargen.registry import SAMPLERS
 from vargen.sampling.ar_decode import new_stats
@@ -463,18 +464,13 @@ def build_cspd(cfg):
         raise ValueError(f"sampler.gamma must be >= 1, got {cfg['gamma']}")
     if cfg["verify"] not in VERIFY:
         raise ValueError(f"sampler.verify must be one of {VERIFY}, got {cfg['verify']!r}")
-    loaded = {}
 
     def run(model, cond_B, generator, progress=False, slots=0):
-        if "draft" not in loaded:
-            from vargen.train.tasks import load_component
-
-            draft, _ = load_component(cfg["draft_ckpt"], model.start_1nC.device)
-            _check_pair(model, draft)
-            loaded["draft"] = draft.eval()
+        draft, _ = load_cached(cfg["draft_ckpt"], model.start_1nC.device)
+        _check_pair(model, draft)
         return sample_cspd(
             model,
-            loaded["draft"],
+            draft,
             cond_B,
             generator=generator,
             gamma=cfg["gamma"],

@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from vargen.checkpoint import load_cached
 from vargen.registry import SAMPLERS
 from vargen.sampling.ar_decode import new_stats
 from vargen_kernels.group_verify import group_verify
@@ -406,20 +407,15 @@ def build_speculative(cfg):
         raise ValueError("sampler.draft_ckpt must name a trained draft llamagen run for 'speculative'")
     if cfg["gamma"] < 1:
         raise ValueError(f"sampler.gamma must be >= 1, got {cfg['gamma']}")
-    loaded = {}
 
     def run(model, cond_N, generator, progress=False, slots=0):
-        if "draft" not in loaded:
-            from vargen.train.tasks import load_component
-
-            draft, _ = load_component(cfg["draft_ckpt"], model.tok_emb.weight.device)
-            if draft.vocab_size != model.vocab_size or draft.num_tokens != model.num_tokens:
-                raise ValueError("sampler.draft_ckpt: draft and target must share the tokenizer")
-            loaded["draft"] = draft.eval()
+        draft, _ = load_cached(cfg["draft_ckpt"], model.tok_emb.weight.device)
+        if draft.vocab_size != model.vocab_size or draft.num_tokens != model.num_tokens:
+            raise ValueError("sampler.draft_ckpt: draft and target must share the tokenizer")
         cond_N = cond_N.to(model.tok_emb.weight.device)
         return sample_speculative(
             model,
-            loaded["draft"],
+            draft,
             cond_N,
             generator=generator,
             gamma=cfg["gamma"],
