@@ -42,12 +42,19 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from vargen.config import from_dict
-from vargen.registry import REGISTRIES, TASKS
+from vargen.registry import REGISTRIES, TASKS, import_components
 
 WEIGHTS = "model.safetensors"
 # Model options added after checkpoints were written, with the value that reproduces the older
 # models exactly: a checkpoint whose config lacks one equals a config holding that value.
-LATER_MODEL_KEYS = {"attn_l2_norm": False}
+LATER_MODEL_KEYS = {"attn_l2_norm": False, "final_norm": True}
+
+
+def with_later_keys(recorded: dict, known) -> dict:
+    """A checkpoint's recorded model config with each key of :data:`LATER_MODEL_KEYS` that its
+    schema knows (``known``: field names) but the record lacks set to its old-behaviour value,
+    so an older checkpoint rebuilds the model it was trained as (e.g. TarFlow's ``final_norm``)."""
+    return {**{k: v for k, v in LATER_MODEL_KEYS.items() if k in known and k not in recorded}, **recorded}
 
 
 def same_model_config(recorded: dict | None, now: dict | None) -> bool:
@@ -369,6 +376,20 @@ def model_registry(schema: type):
     return REGISTRIES[f.metadata["registry"]]
 
 
+def _with_later_model_keys(raw: dict) -> dict:
+    """``raw`` (a stored run config) with model keys added since it was written at their old
+    values (:func:`with_later_keys`); unchanged when its task or model is unknown (validation
+    then names the problem)."""
+    import_components()  # the registries know every task and model
+    model = raw.get("model")
+    try:
+        schema = model_registry(TASKS.get(raw["task"]).schema).get(model["name"]).schema
+    except (KeyError, TypeError):
+        return raw
+    known = {f.name for f in dataclasses.fields(schema)}
+    return {**raw, "model": with_later_keys(dict(model), known)}
+
+
 def load_component(path: str, device="cpu"):
     """Rebuild a trained component from one weights file (or run dir); returns (module, cfg).
 
@@ -378,7 +399,7 @@ def load_component(path: str, device="cpu"):
     wpath = resolve_weights_path(path)
     state, meta = read_weights(wpath)
     try:
-        cfg = from_dict(meta["config"])  # imports the registering packages (vargen.registry)
+        cfg = from_dict(_with_later_model_keys(meta["config"]))  # imports the registering packages
     except ValueError as e:
         raise CheckpointError(f"checkpoint {wpath}: its stored config is not valid here: {e}") from None
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]

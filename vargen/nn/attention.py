@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from vargen.nn.kv_cache import KVCache, RaggedKVCache
 from vargen.nn.rope import apply_rope
+from vargen_kernels.ragged_attention import ragged_attention
 
 
 @functools.lru_cache(maxsize=1)
@@ -35,13 +36,18 @@ def _xformers_ops():
         return None
 
 
-def attention(q_BHTd, k_BHSd, v_BHSd, mask_TS: torch.Tensor | None = None, causal: bool = False):
+def attention(q_BHTd, k_BHSd, v_BHSd, mask_TS: torch.Tensor | None = None, causal: bool = False, cache=None):
     """Softmax attention. ``mask_TS`` is a boolean "may attend" mask broadcast over (B, H),
     (T, S), or an additive float mask (B, 1, T, S) for per-row masks (the ragged cache's).
 
     ``causal`` aligns the causal mask to the bottom-right (query t sees keys <= S - T + t),
-    which is what cached decoding needs; it is ignored when ``mask_TS`` is given.
+    which is what cached decoding needs; it is ignored when ``mask_TS`` is given. With a
+    :class:`RaggedKVCache` ``cache`` and its window mask, the attention runs as
+    :func:`vargen_kernels.ragged_attention.ragged_attention` under ``cache.backend`` (the fused
+    kernel, which needs no mask, on CUDA; this same SDPA call on the reference path).
     """
+    if mask_TS is not None and isinstance(cache, RaggedKVCache):
+        return ragged_attention(q_BHTd, k_BHSd, v_BHSd, cache.length_B, mask_TS, backend=cache.backend)
     T, S = q_BHTd.shape[-2], k_BHSd.shape[-2]
     if causal and mask_TS is None and T > 1:
         mask_TS = torch.ones(T, S, dtype=torch.bool, device=q_BHTd.device).tril(S - T)
@@ -73,5 +79,5 @@ class SelfAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, H, S, d) with S = cached + T
-        y = attention(q, k, v, mask_TS=mask_TS, causal=mask_TS is None)  # (B, H, T, d)
+        y = attention(q, k, v, mask_TS=mask_TS, causal=mask_TS is None, cache=cache)  # (B, H, T, d)
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))  # (B, T, C)

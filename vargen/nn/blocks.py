@@ -75,7 +75,7 @@ class Block(nn.Module):
         qk = rotate_pairs(qkv[:, :, :2], cos, sin, swap_dd)  # (B, T, 2, H, d)
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         k, v = cache.append(layer, k, v)  # (B, H, S, d)
-        y_BTC = attention(q, k, v, mask, causal=mask is None).transpose(1, 2).reshape(B, T, C)
+        y_BTC = attention(q, k, v, mask, causal=mask is None, cache=cache).transpose(1, 2).reshape(B, T, C)
         x_BTC = x_BTC + y_BTC @ w_proj
         g1, g3 = (self.norm2(x_BTC) @ w_13).chunk(2, dim=-1)  # (B, T, hidden) x 2
         return x_BTC.add_(F.silu(g1).mul_(g3) @ w_2)
@@ -120,7 +120,7 @@ class AdaLNBlock(nn.Module):
             q, k = F.normalize(q, dim=-1) * scale_mul, F.normalize(k, dim=-1)  # (B, H, T, d)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, H, S, d): earlier scales + this one
-        y = attention(q, k, v, mask_TS=mask_TS)  # (B, H, T, d)
+        y = attention(q, k, v, mask_TS=mask_TS, cache=cache)  # (B, H, T, d)
         y = self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))  # (B, T, C)
         x_BTC = x_BTC + g1[:, None] * y
         h = modulate(self.norm2(x_BTC), sh2, sc2)

@@ -76,6 +76,7 @@ class RaggedKVCache:
         self._slots_BW = None
         self._used = 0
         self.weights = None  # the model's prepared decode weights for this run (forward_window)
+        self.backend = "auto"  # how attention over it runs (vargen_kernels.dispatch.backend_for)
 
     def positions(self, width: int) -> torch.Tensor:
         """(B, W) sequence positions L_b .. L_b+W-1 of the next window (= its cache slots)."""
