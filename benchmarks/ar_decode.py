@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import meta, print_table, write_results  # noqa: E402
 
 from vargen.models.ar import ARConfig, ARTransformer  # noqa: E402
-from vargen.sampling.ar_decode import sample_ar  # noqa: E402
+from vargen.sampling.decoders.ar import sample_ar  # noqa: E402
 
 
 def time_decode(model, batch, use_cache, reps, seed, cfg_scale):

@@ -41,7 +41,8 @@ def train(config: str, out: str, quick: bool, extra=(), quick_steps: int = 300) 
 @dataclass
 class Method:
     """One row of a sweep: a generator, its tokenizer (None for a pixel generator) and a sampler
-    ``(model, labels_B, generator) -> (out, stats)``."""
+    (a :class:`~vargen.sampling.base.Sampler`, or a function ``(model, labels_B, generator) ->
+    (out, stats)``)."""
 
     model: Any
     tokenizer: Any
@@ -57,6 +58,7 @@ def sweep(methods: dict[str, Method], labels_N, seeds, evaluator, batch_size: in
     the batches of all seeds), ``seconds`` the sampling time summed over seeds (FID excluded),
     ``stats`` the summed sampler stats of the last seed.
     """
+    from vargen.sampling.base import as_sampler
     from vargen.sampling.generate import generate
 
     out = {name: {"fids": [], "forwards": 0, "seconds": 0.0} for name in methods}
@@ -64,7 +66,13 @@ def sweep(methods: dict[str, Method], labels_N, seeds, evaluator, batch_size: in
         for name, m in methods.items():
             t0 = time.perf_counter()
             images, _, stats = generate(
-                m.model, m.tokenizer, labels_N, m.sampler, torch.Generator().manual_seed(seed), batch_size, progress
+                m.model,
+                m.tokenizer,
+                labels_N,
+                as_sampler(m.sampler),
+                torch.Generator().manual_seed(seed),
+                batch_size,
+                progress,
             )
             r = out[name]
             r["seconds"] += time.perf_counter() - t0

@@ -36,14 +36,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import meta, print_table, write_results  # noqa: E402
 
 from vargen.eval.fid import FIDEvaluator  # noqa: E402
-from vargen.registry import SAMPLERS  # noqa: E402
-from vargen.sampling.generate import generate  # noqa: E402
+from vargen.sampling.generate import build_sampler, generate  # noqa: E402
 from vargen.train.tasks import load_component, load_tokenizer_for  # noqa: E402
 
 
 def gsd_tv_on_toy(samples: int) -> float:
     from tests.test_speculative import T, ToyAR, V
-    from vargen.sampling.jacobi import gsd_ratio, sample_jacobi
+    from vargen.sampling.speculative.gsd import gsd_ratio
+    from vargen.sampling.speculative.jacobi import sample_jacobi
 
     target = ToyAR(0, zero_frac=0.3)
     cond = torch.zeros(samples, dtype=torch.long)
@@ -73,9 +73,9 @@ def cspd_entries(quick: bool, cfg_scale: float) -> tuple[dict, dict]:
 def long_sequence_costs(batch: int = 8) -> dict:
     """Wall ratios against KV-cached "ar" of cached and uncached SD / SJD on 256 tokens."""
     from vargen.models.ar import ARConfig, ARTransformer
-    from vargen.sampling.ar_decode import sample_ar
-    from vargen.sampling.jacobi import sample_jacobi
-    from vargen.sampling.speculative import sample_speculative
+    from vargen.sampling.decoders.ar import sample_ar
+    from vargen.sampling.speculative.draft import sample_speculative
+    from vargen.sampling.speculative.jacobi import sample_jacobi
 
     torch.manual_seed(0)  # random weights (benchmark data only)
 
@@ -135,7 +135,9 @@ def main(argv=None):
     def run(scfg, seed, score):
         g = torch.Generator().manual_seed(seed)
         t0 = time.perf_counter()
-        images, ids, stats = generate(model, tokenizer, labels, SAMPLERS.build(scfg), g, batch_size=num)
+        images, ids, stats = generate(
+            model, tokenizer, labels, build_sampler(scfg, model, gen_cfg, "cpu"), g, batch_size=num
+        )
         secs = time.perf_counter() - t0
         return secs, ids, stats, (fid.score(images) if score else None)
 

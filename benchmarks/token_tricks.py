@@ -78,7 +78,7 @@ def main(argv=None):
     from vargen.data import build_dataset
     from vargen.eval import FIDEvaluator
     from vargen.registry import MODELS, SAMPLERS
-    from vargen.sampling.generate import DEFAULT_SAMPLER, class_labels, generate
+    from vargen.sampling.generate import class_labels, default_sampler_for, generate
     from vargen.train.tasks import encode_all, load_component, load_tokenizer_for
 
     root = os.path.join(ROOT, "runs", f"bench_token_tricks_{'quick' if args.quick else 'full'}")
@@ -107,7 +107,7 @@ def main(argv=None):
     forwards = {k: 0 for k in runs}
     for seed in seeds:
         for key, (model, tok, _, model_cfg) in runs.items():
-            name = DEFAULT_SAMPLER[model_cfg["name"]]
+            name = default_sampler_for(model_cfg["name"])
             sampler = SAMPLERS.build({"name": name, "cfg_scale": args.cfg_scale})
             g = torch.Generator().manual_seed(seed)
             t0 = time.perf_counter()

@@ -48,9 +48,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     from vargen.data import build_dataset
     from vargen.eval import FIDEvaluator
-    from vargen.sampling.ar_decode import sample_ar
+    from vargen.sampling.base import as_sampler
+    from vargen.sampling.decoders.ar import sample_ar
+    from vargen.sampling.decoders.var import sample_var
     from vargen.sampling.generate import class_labels, generate
-    from vargen.sampling.var_decode import sample_var
     from vargen.tokenizers.vat import gaussian_kl
     from vargen.train.tasks import load_component, load_tokenizer_for
 
@@ -88,7 +89,7 @@ def main(argv=None):
         for name, (model, tok, sampler) in samplers.items():
             t0 = time.perf_counter()
             images, _, stats = generate(
-                model, tok, labels, sampler, torch.Generator().manual_seed(seed), batch
+                model, tok, labels, as_sampler(sampler), torch.Generator().manual_seed(seed), batch
             )
             seconds[name] += time.perf_counter() - t0
             forwards[name] += stats["target_forwards"]

@@ -12,7 +12,7 @@ import sample
 from vargen.diffusion.time_shift import ExposureBiasTimeShift
 from vargen.eval import FIDEvaluator
 from vargen.models.diffusion_unet import DiffusionUNet
-from vargen.sampling.diffusion_sampling import sample_ddim
+from vargen.sampling.decoders.diffusion import sample_ddim
 from vargen.sampling.generate import class_labels
 from vargen.train.tasks import load_component, run
 

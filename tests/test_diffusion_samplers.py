@@ -7,7 +7,7 @@ from vargen.diffusion.analytic import GaussianMixtureDenoiser
 from vargen.diffusion.fkc import cfg_ancestral_increment, fkc_cfg_ddpm, resample_groups
 from vargen.diffusion.time_shift import ddim_sample, linear_alphas_cumprod
 from vargen.models.diffusion_unet import DiffusionUNet, DiffusionUNetConfig
-from vargen.sampling.diffusion_sampling import sample_ddim
+from vargen.sampling.decoders.diffusion import sample_ddim
 
 ABAR = linear_alphas_cumprod()
 

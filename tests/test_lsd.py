@@ -234,8 +234,8 @@ def mdm_runs(tmp_path_factory):
 def test_trained_mdm_scores_far_below_untrained(mdm_runs, one_thread):
     from vargen.eval import FIDEvaluator
     from vargen.models.mdm import MaskedDiffusionTransformer
+    from vargen.sampling.decoders.mdm import sample_mdm
     from vargen.sampling.generate import class_labels, generate
-    from vargen.sampling.mdm_sampling import sample_mdm
     from vargen.train.tasks import load_component, load_tokenizer_for
 
     from .conftest import DIGITS
@@ -262,7 +262,7 @@ def test_lsd_checkpoint_loads_and_samples_with_learned_coefficients(mdm_runs, tm
     import numpy as np
 
     import sample
-    from vargen.sampling.mdm_sampling import sample_lsd, sample_mdm
+    from vargen.sampling.decoders.mdm import sample_lsd, sample_mdm
     from vargen.train.tasks import load_component
 
     student, cfg = load_component(str(mdm_runs / "lsd"))

@@ -13,7 +13,7 @@ import torch
 
 from vargen.eval import FIDEvaluator, classify_accuracy, get_feature_net
 from vargen.models.ar import ARTransformer
-from vargen.sampling.ar_decode import sample_ar
+from vargen.sampling.decoders.ar import sample_ar
 from vargen.sampling.generate import class_labels, generate
 from vargen.train.loop import read_log
 from vargen.train.tasks import load_component, load_tokenizer_for

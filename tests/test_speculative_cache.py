@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from vargen.models.ar import ARConfig, ARTransformer
-from vargen.sampling.jacobi import gsd_ratio, sample_jacobi
-from vargen.sampling.speculative import sample_speculative, window_inputs
+from vargen.sampling.speculative.draft import sample_speculative
+from vargen.sampling.speculative.gsd import gsd_ratio
+from vargen.sampling.speculative.jacobi import sample_jacobi
+from vargen.sampling.speculative.verify import window_inputs
 
 V, GRID, CLASSES = 24, [3, 4], 3
 

@@ -9,7 +9,7 @@ import torch
 
 from vargen.models.tarflow import TarFlow, TarFlowConfig, build_tarflow
 from vargen.registry import SAMPLERS
-from vargen.sampling import tarflow_sampling as ts
+from vargen.sampling.decoders import tarflow as ts
 
 T, CP = 16, 4  # 8x8 gray images, patch 2
 

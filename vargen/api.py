@@ -40,9 +40,9 @@ class Pipeline:
 
     @property
     def default_sampler(self) -> str:
-        from vargen.sampling.generate import DEFAULT_SAMPLER
+        from vargen.sampling.generate import default_sampler_for
 
-        return DEFAULT_SAMPLER.get(self.config.model.name, "ar")
+        return default_sampler_for(self.config.model.name)
 
     def sample(
         self,

@@ -16,7 +16,7 @@ zero, which makes a fresh model the identity flow. Class conditioning adds a lea
 per-block class embedding to every token; the null class (index ``num_classes``, used for
 dropped labels and the unconditional guidance stream) takes the MEAN class embedding.
 
-The model never samples: :mod:`vargen.sampling.tarflow_sampling` inverts the blocks with
+The model never samples: :mod:`vargen.sampling.decoders.tarflow` inverts the blocks with
 :meth:`FlowBlock.params` and a :class:`~vargen.models.blocks.KVCache`.
 """
 
@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from vargen.models.blocks import KVCache, RaggedKVCache, attention
+from vargen.models.generator import Generator, drop_labels
 from vargen.registry import MODELS
 
 
@@ -147,7 +148,7 @@ class FlowBlock(nn.Module):
         return self.permute(z), -a.mean(dim=(1, 2))
 
 
-class TarFlow(nn.Module):
+class TarFlow(Generator):
     def __init__(self, cfg: TarFlowConfig):
         super().__init__()
         if cfg.channels <= 0 or cfg.resolution <= 0 or cfg.num_classes <= 0:
@@ -213,9 +214,7 @@ class TarFlow(nn.Module):
         if self.training:
             if self.cfg.noise_std > 0:
                 x = x + self.cfg.noise_std * torch.randn_like(x)
-            if self.cfg.class_dropout > 0:
-                drop = torch.rand(labels_B.shape, device=labels_B.device) < self.cfg.class_dropout
-                labels_B = torch.where(drop, torch.full_like(labels_B, self.null_class), labels_B)
+            labels_B = drop_labels(labels_B, self.null_class, self.cfg.class_dropout)
         z, logdet_B = self(x, labels_B)
         prior = 0.5 * z.pow(2).mean()
         loss = prior - logdet_B.mean()
@@ -247,7 +246,7 @@ class TarFlow(nn.Module):
             w.copy_(std * noise.to(w.device))
 
 
-@MODELS.register("tarflow", TarFlowConfig)
+@MODELS.register("tarflow", TarFlowConfig, samplers=("tarflow",))
 def build_tarflow(cfg) -> TarFlow:
     return TarFlow(TarFlowConfig(**dict(cfg)))
 
