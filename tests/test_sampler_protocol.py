@@ -130,6 +130,7 @@ def _loads(factory):
 
 
 REWARD = {"reward": "tests.test_sampler_protocol:brightness"}
+FEATURES = {"feature_net": "tests.test_sampler_protocol:pixels"}
 # kind -> (sampler config, model factory, labels, checkpoint loader of the context or None)
 CASES = {
     "ar": ({"name": "ar", "cfg_scale": 2.0}, _llamagen, 3, None),
@@ -139,8 +140,7 @@ CASES = {
     "gsd": ({"name": "gsd", "window": 3, "group": 4}, _llamagen, 3, None),
     "ctf": ({"name": "ctf", "cfg_scale": 1.5}, _ctf, 3, None),
     "var": ({"name": "var", "cfg_scale": 1.5}, _var, 3, None),
-    "tts_var": ({"name": "tts_var", "n": 2, "feature_net": "tests.test_sampler_protocol:pixels", **REWARD}, _var, 2,
-                None),
+    "tts_var": ({"name": "tts_var", "n": 2, **FEATURES, **REWARD}, _var, 2, None),
     "best_of_n": ({"name": "best_of_n", "n": 2, **REWARD}, _var, 2, None),
     "token_shuffle": ({"name": "token_shuffle", "cfg_scale": 1.5}, _ts, 3, None),
     "tokenbridge": ({"name": "tokenbridge", "cfg_scale": 1.5}, _tokenbridge, 3, None),
