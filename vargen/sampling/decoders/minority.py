@@ -13,7 +13,7 @@ the one that also holds for DDIM. ``cfg_scale`` != 1 adds classifier-free guidan
 labels (one batched forward of both branches per step); the minority gradient is added on top.
 The classifier's ``abar`` must equal the denoiser's (same grid), else the sampler stops.
 
-Stats, as the ``ddim`` sampler counts them (diffusion_sampling.py): ``target_forwards`` (denoiser
+Stats, as the ``ddim`` sampler counts them (decoders/diffusion.py): ``target_forwards`` (denoiser
 calls; a guided step's two branches are one batched call), ``net_evals`` (rows through the
 network), ``classifier_forwards`` (classifier forward + backward passes, one per step when
 w != 0), ``seconds``.
