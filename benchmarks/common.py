@@ -41,8 +41,7 @@ def train(config: str, out: str, quick: bool, extra=(), quick_steps: int = 300) 
 @dataclass
 class Method:
     """One row of a sweep: a generator, its tokenizer (None for a pixel generator) and a sampler
-    (a :class:`~vargen.sampling.base.Sampler`, or a function ``(model, labels_B, generator) ->
-    (out, stats)``)."""
+    ``(model, labels_B, generator) -> (out, stats)``."""
 
     model: Any
     tokenizer: Any
@@ -58,7 +57,6 @@ def sweep(methods: dict[str, Method], labels_N, seeds, evaluator, batch_size: in
     the batches of all seeds), ``seconds`` the sampling time summed over seeds (FID excluded),
     ``stats`` the summed sampler stats of the last seed.
     """
-    from vargen.sampling.base import as_sampler
     from vargen.sampling.generate import generate
 
     out = {name: {"fids": [], "forwards": 0, "seconds": 0.0} for name in methods}
@@ -69,7 +67,7 @@ def sweep(methods: dict[str, Method], labels_N, seeds, evaluator, batch_size: in
                 m.model,
                 m.tokenizer,
                 labels_N,
-                as_sampler(m.sampler),
+                m.sampler,
                 torch.Generator().manual_seed(seed),
                 batch_size,
                 progress,

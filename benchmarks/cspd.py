@@ -69,7 +69,6 @@ def measure(env: dict, cfg_scale: float = 1.0, gamma: int = 4, paper: bool = Tru
     """Baseline ``xar`` vs ``cspd`` (and ``cspd_paper``) at one ``cfg_scale``: flat keys
     ``<method>.{nfe, fid_mean, fid_std, seconds}`` and, for the CSpD methods, ``acceptance``,
     ``nfe_ratio`` and ``wall_ratio`` against the baseline."""
-    from vargen.sampling.base import as_sampler
     from vargen.sampling.decoders.xar import sample_xar
     from vargen.sampling.generate import generate
     from vargen.sampling.speculative.cspd import sample_cspd
@@ -88,7 +87,7 @@ def measure(env: dict, cfg_scale: float = 1.0, gamma: int = 4, paper: bool = Tru
         for name, fn in methods.items():
             t0 = time.perf_counter()
             images, _, st = generate(
-                target, env["tokenizer"], labels, as_sampler(fn), torch.Generator().manual_seed(seed), batch
+                target, env["tokenizer"], labels, fn, torch.Generator().manual_seed(seed), batch
             )
             r = res[name]
             r["sec"] += time.perf_counter() - t0

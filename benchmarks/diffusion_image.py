@@ -49,7 +49,6 @@ def run(quick: bool, root: str) -> dict:
     from vargen.data import build_dataset
     from vargen.diffusion.time_shift import ExposureBiasTimeShift
     from vargen.eval import FIDEvaluator
-    from vargen.sampling.base import as_sampler
     from vargen.sampling.decoders.diffusion import sample_ddim, sample_fkc_cfg
     from vargen.sampling.generate import class_labels, generate
     from vargen.train.tasks import load_component
@@ -91,9 +90,7 @@ def run(quick: bool, root: str) -> dict:
     for seed in SEEDS:
         for name, (batch, fn) in methods.items():
             t0 = time.perf_counter()
-            images, _, st = generate(
-                model, None, labels, as_sampler(fn), torch.Generator().manual_seed(seed), batch
-            )
+            images, _, st = generate(model, None, labels, fn, torch.Generator().manual_seed(seed), batch)
             r = res[name]
             r["sec"] += time.perf_counter() - t0
             r["fid"].append(evaluator.score(images))

@@ -32,7 +32,6 @@ TEACHER_STEPS = 64
 def run(quick: bool, root: str) -> dict:
     """Train what is missing under ``root``, sample every method; returns the flat results."""
     from vargen.eval import FIDEvaluator
-    from vargen.sampling.base import as_sampler
     from vargen.sampling.decoders.mdm import sample_lsd, sample_mdm
     from vargen.sampling.generate import class_labels, generate
     from vargen.train.tasks import load_component, load_tokenizer_for
@@ -64,9 +63,7 @@ def run(quick: bool, root: str) -> dict:
         fids, fwd, sec = [], 0, 0.0
         for seed in seeds:
             t0 = time.perf_counter()
-            images, _, st = generate(
-                net, tok, labels, as_sampler(fn), torch.Generator().manual_seed(seed), batch
-            )
+            images, _, st = generate(net, tok, labels, fn, torch.Generator().manual_seed(seed), batch)
             sec += time.perf_counter() - t0
             fids.append(evaluator.score(images))
             fwd += st["target_forwards"]

@@ -35,7 +35,6 @@ def run(quick: bool, root: str, ddpm_ckpt: str, w: float = 3.0) -> dict:
     from vargen.data import build_dataset
     from vargen.diffusion.minority import minority_scores
     from vargen.eval import FIDEvaluator
-    from vargen.sampling.base import as_sampler
     from vargen.sampling.decoders.minority import sample_minority
     from vargen.sampling.generate import class_labels, generate
     from vargen.train.tasks import load_component
@@ -61,9 +60,7 @@ def run(quick: bool, root: str, ddpm_ckpt: str, w: float = 3.0) -> dict:
             def sampler(m, c, g, scale=scale):
                 return sample_minority(m, clf, c, g, level=-1, w=scale, steps=steps, eta=1.0)
 
-            images, _, _ = generate(
-                den, None, labels, as_sampler(sampler), torch.Generator().manual_seed(seed), batch
-            )
+            images, _, _ = generate(den, None, labels, sampler, torch.Generator().manual_seed(seed), batch)
             scores = minority_scores(images, den, torch.Generator().manual_seed(1000 + seed), **score_kw)
             res[name]["score"].append(float(scores.mean()))
             res[name]["fid"].append(evaluator.score(images))

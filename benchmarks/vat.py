@@ -48,7 +48,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     from vargen.data import build_dataset
     from vargen.eval import FIDEvaluator
-    from vargen.sampling.base import as_sampler
     from vargen.sampling.decoders.ar import sample_ar
     from vargen.sampling.decoders.var import sample_var
     from vargen.sampling.generate import class_labels, generate
@@ -89,7 +88,7 @@ def main(argv=None):
         for name, (model, tok, sampler) in samplers.items():
             t0 = time.perf_counter()
             images, _, stats = generate(
-                model, tok, labels, as_sampler(sampler), torch.Generator().manual_seed(seed), batch
+                model, tok, labels, sampler, torch.Generator().manual_seed(seed), batch
             )
             seconds[name] += time.perf_counter() - t0
             forwards[name] += stats["target_forwards"]

@@ -42,7 +42,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from vargen.eval import FIDEvaluator
-    from vargen.sampling.base import as_sampler
     from vargen.sampling.decoders.xar import sample_xar
     from vargen.sampling.generate import class_labels, generate
     from vargen.train.tasks import load_component, load_tokenizer_for
@@ -63,7 +62,7 @@ def main(argv=None):
                 model,
                 tok,
                 labels,
-                as_sampler(lambda m, c, g: sample_xar(m, c, generator=g, cfg_scale=args.cfg_scale)),
+                lambda m, c, g: sample_xar(m, c, generator=g, cfg_scale=args.cfg_scale),
                 torch.Generator().manual_seed(seed),
                 batch,
             )

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from vargen.config import DEVICE, component, ranged
 from vargen.registry import MODELS, SAMPLERS, import_components
-from vargen.sampling.base import Sampler, SamplerContext
+from vargen.sampling.base import Sampler, SamplerContext, as_sampler
 from vargen.sampling.stats import add_stats, finish_stats
 
 
@@ -84,10 +84,9 @@ def batch_rows(out, i: int, n: int):
     return [o[i : i + n] for o in out] if isinstance(out, list) else out[i : i + n]
 
 
-def generate(
-    model, tokenizer, labels_B: torch.Tensor, sampler: Sampler, generator, batch_size: int, progress=False
-):
-    """Sample (and decode, when there is a tokenizer) in batches.
+def generate(model, tokenizer, labels_B: torch.Tensor, sampler, generator, batch_size: int, progress=False):
+    """Sample (and decode, when there is a tokenizer) in batches with a :class:`Sampler` (or a
+    plain function ``(model, cond_B, generator) -> (out, stats)``, see :func:`as_sampler`).
 
     A ``continuous`` sampler (continuous batching: it refills a finished row with the next
     pending sample itself) gets every label at once, with ``slots=batch_size`` rows at a time;
@@ -97,6 +96,7 @@ def generate(
     over batches except list-valued entries (per-block counts), which are concatenated.
     """
     images, tokens, total = [], [], {}
+    sampler = as_sampler(sampler)
     chunks = range(0, labels_B.shape[0], batch_size)
     if sampler.continuous:
         out_all, stats = sampler(model, labels_B, generator, progress, slots=batch_size)
