@@ -44,7 +44,7 @@ def pixels(images):
 
 
 def _llamagen(seed=0, **kw):
-    from tests.test_speculative_cache import tiny_llamagen
+    from tests.toys import tiny_llamagen
 
     return tiny_llamagen(seed, **kw)
 
@@ -91,9 +91,9 @@ def _xar(seed=0):
 
 
 def _tarflow():
-    from tests.test_tarflow import tiny
+    from tests.toys import tiny_tarflow
 
-    return tiny(std=0.05, dtype=torch.float32)
+    return tiny_tarflow(std=0.05, dtype=torch.float32)
 
 
 def _mdm():

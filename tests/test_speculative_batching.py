@@ -8,9 +8,10 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from tests.test_speculative import T, ToyAR, V
-from tests.test_speculative_cache import CLASSES, tiny_llamagen
+from tests.toys import LLAMAGEN_CLASSES as CLASSES
+from tests.toys import tiny_llamagen
 from vargen.models.ar import ARConfig, ARTransformer
+from vargen.models.toy_ar import ToyAR
 from vargen.registry import SAMPLERS
 from vargen.sampling.decoders.ar import sample_ar
 from vargen.sampling.generate import generate
@@ -18,6 +19,7 @@ from vargen.sampling.speculative.draft import sample_speculative
 from vargen.sampling.speculative.gsd import GSDConfig, gsd_ratio, rank_window, relative_embeddings
 from vargen.sampling.speculative.jacobi import sample_jacobi
 
+T, V = 3, 6  # ToyAR's default length and vocabulary
 N_TOY, SLOTS = 40_000, 503  # N not a multiple of SLOTS: the tail runs with idle rows
 
 
