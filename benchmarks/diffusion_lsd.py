@@ -31,10 +31,10 @@ TEACHER_STEPS = 64
 
 def run(quick: bool, root: str) -> dict:
     """Train what is missing under ``root``, sample every method; returns the flat results."""
+    from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.eval import FIDEvaluator
     from vargen.sampling.decoders.mdm import sample_lsd, sample_mdm
     from vargen.sampling.generate import class_labels, generate
-    from vargen.train.tasks import load_component, load_tokenizer_for
 
     vq = train("digits_vq", os.path.join(root, "vq"), quick)
     mdm = train("digits_mdm", os.path.join(root, "mdm"), quick, [f"tokenizer_ckpt={vq}"], quick_steps=1000)

@@ -32,12 +32,12 @@ SEEDS = (0, 1, 2)
 
 def run(quick: bool, root: str, ddpm_ckpt: str, w: float = 3.0) -> dict:
     """Train the classifier for ``ddpm_ckpt`` under ``root`` and measure; returns the flat results."""
+    from vargen.checkpoint import load_component
     from vargen.data import build_dataset
     from vargen.diffusion.minority import minority_scores
     from vargen.eval import FIDEvaluator
     from vargen.sampling.decoders.minority import sample_minority
     from vargen.sampling.generate import class_labels, generate
-    from vargen.train.tasks import load_component
 
     clf_dir = train(
         "digits_minority", os.path.join(root, "minority"), quick, [f"denoiser_ckpt={ddpm_ckpt}"], 600

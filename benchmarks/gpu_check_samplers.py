@@ -21,7 +21,7 @@ import torch
 
 from vargen.diffusion.analytic import GaussianMixtureDenoiser
 from vargen.diffusion.fkc import fkc_cfg_ddpm
-from vargen.diffusion.time_shift import linear_alphas_cumprod
+from vargen.diffusion.schedules import linear_alphas_cumprod
 from vargen.models.ar import ARConfig, ARTransformer
 from vargen.sampling.speculative.draft import sample_speculative
 from vargen.sampling.speculative.gsd import exact_group_fns

@@ -27,8 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def trained_model(args):
+    from vargen.checkpoint import load_component
     from vargen.config import load_run_config
-    from vargen.train.tasks import load_component, run
+    from vargen.train.tasks import run
 
     ckpt = args.ckpt
     if ckpt is None:

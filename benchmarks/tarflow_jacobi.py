@@ -77,7 +77,7 @@ def main(argv=None):
     print("shape  batch  N sampler              calls/img token_rows syncs/img max|diff|  wall_ratio")
     for shape in ["ckpt"] if args.ckpt else args.shapes.split(","):
         if args.ckpt:
-            from vargen.train.tasks import load_component
+            from vargen.checkpoint import load_component
 
             model = load_component(args.ckpt)[0].eval()
         else:

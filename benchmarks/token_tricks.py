@@ -75,11 +75,12 @@ def main(argv=None):
     p.add_argument("--cfg-scale", type=float, default=1.5)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.data import build_dataset
     from vargen.eval import FIDEvaluator
     from vargen.registry import MODELS, SAMPLERS
     from vargen.sampling.generate import class_labels, default_sampler_for, generate
-    from vargen.train.tasks import encode_all, load_component, load_tokenizer_for
+    from vargen.train.tasks import encode_all
 
     root = os.path.join(ROOT, "runs", f"bench_token_tricks_{'quick' if args.quick else 'full'}")
     kl = load_component(train("digits_kl", os.path.join(root, "kl"), args.quick))[0]

@@ -61,13 +61,13 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--no-potentials", action="store_true", help="skip the diff / max / sum rows")
     args = p.parse_args(argv)
+    from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.data import build_dataset
     from vargen.eval import FIDEvaluator, get_feature_net
     from vargen.eval.feature_net import _full_data_config
     from vargen.sampling.base import SamplerContext
     from vargen.sampling.generate import class_labels, generate
     from vargen.sampling.search.tts_var import TTSVAR, BestOfN, BestOfNConfig, ClassifierReward, TTSVARConfig
-    from vargen.train.tasks import load_component, load_tokenizer_for
 
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs")
     root = os.path.join(root, f"bench_vat_{'quick' if args.quick else 'full'}")

@@ -232,11 +232,11 @@ def mdm_runs(tmp_path_factory):
 
 
 def test_trained_mdm_scores_far_below_untrained(mdm_runs, one_thread):
+    from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.eval import FIDEvaluator
     from vargen.models.mdm import MaskedDiffusionTransformer
     from vargen.sampling.decoders.mdm import sample_mdm
     from vargen.sampling.generate import class_labels, generate
-    from vargen.train.tasks import load_component, load_tokenizer_for
 
     from .conftest import DIGITS
 
@@ -262,8 +262,8 @@ def test_lsd_checkpoint_loads_and_samples_with_learned_coefficients(mdm_runs, tm
     import numpy as np
 
     import sample
+    from vargen.checkpoint import load_component
     from vargen.sampling.decoders.mdm import sample_lsd, sample_mdm
-    from vargen.train.tasks import load_component
 
     student, cfg = load_component(str(mdm_runs / "lsd"))
     teacher, _ = load_component(str(mdm_runs / "mdm"))
@@ -298,7 +298,7 @@ def test_lsd_checkpoint_loads_and_samples_with_learned_coefficients(mdm_runs, tm
 
 
 def test_lsd_task_checks_the_teacher(mdm_runs, tmp_path):
-    from vargen.train.checkpoint import CheckpointError
+    from vargen.checkpoint import CheckpointError
     from vargen.train.tasks import run
 
     from .conftest import task_config

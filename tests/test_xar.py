@@ -213,10 +213,10 @@ def test_trained_xar_samples_beat_an_untrained_one(trained_xar, tmp_path):
     import json
 
     import sample
+    from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.eval import FIDEvaluator
     from vargen.registry import MODELS
     from vargen.sampling.generate import class_labels, generate
-    from vargen.train.tasks import load_component, load_tokenizer_for
 
     out = tmp_path / "samples"
     argv = ["--ckpt", str(trained_xar / "xar"), f"out={out}", "num_samples=200", "fid=true", "progress=false"]

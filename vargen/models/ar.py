@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vargen.models.blocks import (
+from vargen.models.generator import Generator, drop_labels
+from vargen.nn import (
     Block,
     KVCache,
     RaggedKVCache,
@@ -29,7 +30,6 @@ from vargen.models.blocks import (
     rope_2d_table,
     rope_pair_tables,
 )
-from vargen.models.generator import Generator, drop_labels
 from vargen.registry import MODELS
 
 

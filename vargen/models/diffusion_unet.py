@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from vargen.diffusion.time_shift import cosine_alphas_cumprod, linear_alphas_cumprod
+from vargen.diffusion.schedules import cosine_alphas_cumprod, linear_alphas_cumprod
 from vargen.models.generator import Generator, drop_labels
 from vargen.registry import MODELS
 

@@ -13,8 +13,9 @@ Samplers use these members instead of a model's internals:
 
 Token-AR models additionally expose ``next_token_model`` (the module drawn token by token,
 with ``logits``, ``new_ragged_cache``, ``forward_window`` and ``token_embeddings``) and
-``complete(ids_BN, cond_B, generator, stats)`` (that sequence -> the model's output): the
-speculative samplers (SD, SJD, GSD) draw from every model that has them.
+``completion_logits(ids_BN, cond_B)`` (None when the drawn ids are the output; else the logits
+that complete them, CTF's stage 2): the speculative samplers (SD, SJD, GSD) draw from every
+model that has them (:func:`vargen.sampling.decoders.ar.complete`).
 
 The default sampler of a model is declared where it is registered:
 ``MODELS.register(name, schema, samplers=(default, ...))`` lists the samplers that can draw

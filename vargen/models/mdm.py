@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vargen.models.blocks import Block, RMSNorm, gpt2_init_, rope_2d_table
 from vargen.models.generator import Generator, drop_labels
+from vargen.nn import Block, RMSNorm, gpt2_init_, rope_2d_table
 from vargen.registry import MODELS
 
 

@@ -17,7 +17,7 @@ per-block class embedding to every token; the null class (index ``num_classes``,
 dropped labels and the unconditional guidance stream) takes the MEAN class embedding.
 
 The model never samples: :mod:`vargen.sampling.decoders.tarflow` inverts the blocks with
-:meth:`FlowBlock.params` and a :class:`~vargen.models.blocks.KVCache`.
+:meth:`FlowBlock.params` and a :class:`~vargen.nn.kv_cache.KVCache`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from vargen.models.blocks import KVCache, RaggedKVCache, attention
 from vargen.models.generator import Generator, drop_labels
+from vargen.nn import KVCache, RaggedKVCache, attention
 from vargen.registry import MODELS
 
 

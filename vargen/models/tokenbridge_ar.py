@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from vargen.heads.dimwise import DimwiseARHead, DimwiseHeadConfig
-from vargen.models.blocks import Block, KVCache, RMSNorm, rope_2d_table
 from vargen.models.generator import Generator, drop_labels
+from vargen.nn import Block, KVCache, RMSNorm, rope_2d_table
 from vargen.registry import MODELS
 from vargen.tokenizers.tokenbridge import DimQuantConfig, DimQuantizer
 

@@ -12,7 +12,7 @@ feeds the previous scale), projected to the width, plus a learned position embed
 order), an entity embedding and the embedding of the context's noise time. Attention is
 block-causal (bidirectional inside an entity, causal across), so entity e's conditions see
 entity e - 1's tokens and, through earlier positions, all before it. Blocks are VAR's
-AdaLN-Zero blocks conditioned on the class (:class:`vargen.models.var.AdaLNBlock`), which
+AdaLN-Zero blocks conditioned on the class (:class:`vargen.nn.blocks.AdaLNBlock`), which
 also gives the KV cache across entities.
 
 Noisy context learning (the paper's exposure-bias fix): in training every (sample, entity)
@@ -36,10 +36,9 @@ from torch import nn
 
 from vargen.config import component
 from vargen.heads.diffusion import timestep_embedding
-from vargen.models.blocks import KVCache, RaggedKVCache, rope_2d_angles
 from vargen.models.entities import Entities
 from vargen.models.generator import Generator, drop_labels
-from vargen.models.var import AdaLNBlock, modulate
+from vargen.nn import AdaLNBlock, KVCache, RaggedKVCache, modulate, rope_2d_angles
 from vargen.registry import HEADS, MODELS
 
 

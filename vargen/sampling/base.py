@@ -22,12 +22,14 @@ from typing import Any
 
 import torch
 
+from vargen.checkpoint import load_cached
+
 
 def load_checkpoint(ckpt: str, device) -> tuple[Any, Any]:
-    """(model in eval mode, run config) of a checkpoint (weights file or run dir) on ``device``."""
-    from vargen.train.tasks import load_component  # deferred: train/ imports sampling/
-
-    model, cfg = load_component(ckpt, device)
+    """(model in eval mode, run config) of a checkpoint (weights file or run dir) on ``device``,
+    through :func:`vargen.checkpoint.load_cached` (the one memo of helper models: a draft or
+    classifier loaded for one run is shared with the next on the same file and device)."""
+    model, cfg = load_cached(ckpt, device)
     return model.eval(), cfg
 
 

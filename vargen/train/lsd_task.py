@@ -8,7 +8,7 @@ student's coefficients (and, with ``model.learn_steps``, its step logits) to low
 (vargen/diffusion/lsd.py). The network itself is the teacher's and stays frozen. The batch of step
 s depends only on (seed, s), so ``train.resume=true`` continues exactly.
 
-Writes ``model.safetensors`` + ``checkpoints/`` (atomic, vargen/train/checkpoint.py; the teacher's
+Writes ``model.safetensors`` + ``checkpoints/`` (atomic, vargen/checkpoint.py; the teacher's
 weights + ``coef`` + ``step_logits``; its config names the tokenizer so sample.py decodes) and
 ``eval.json``: the loss on a fixed evaluation batch before (c = 1, uniform steps) and after.
 """
@@ -22,23 +22,24 @@ from dataclasses import dataclass
 
 import torch
 
-from vargen.config import RunConfig, component, to_plain
-from vargen.diffusion.absorbing import all_mask, sample_chain, uniform_times
-from vargen.diffusion.lsd import distill_loss
-from vargen.registry import MODELS, TASKS
-from vargen.train.checkpoint import (
+from vargen.checkpoint import (
     WEIGHTS,
     CheckpointError,
     file_sha256,
     latest_checkpoint,
+    load_checked,
     load_state_into,
     read_train_state,
     read_weights,
     resolve_weights_path,
     save_checkpoint,
 )
+from vargen.config import RunConfig, component, to_plain
+from vargen.diffusion.absorbing import all_mask, sample_chain, uniform_times
+from vargen.diffusion.lsd import distill_loss
+from vargen.registry import MODELS, TASKS
 from vargen.train.loop import TrainingError
-from vargen.train.tasks import _device, _write_eval, load_checked
+from vargen.train.tasks import _device, _write_eval
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Sampler ``minority``: minority guidance (Um et al., ICLR'24) on a trained image denoiser.
 
 Ancestral DDPM (``eta=1``) or DDIM (``eta=0``) on ``steps`` evenly respaced steps of the
-denoiser's grid (:func:`vargen.diffusion.time_shift.ddim_sample`), with the score-form guidance of
+denoiser's grid (:func:`vargen.diffusion.loops.ddim_sample`), with the score-form guidance of
 spec 3a.4 toward the minority level c* (``level``; -1 = L-1, the rarest):
 
     eps_tilde = eps_theta(x_t, t) - sqrt(1 - abar_t) w grad_x log p_psi(c* | x_t, t),
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vargen.diffusion.loops import ddim_sample
 from vargen.diffusion.minority import guided_eps_fn as minority_eps_fn
-from vargen.diffusion.time_shift import ddim_sample
 from vargen.registry import SAMPLERS
 from vargen.sampling.base import Sampler
 from vargen.sampling.decoders.diffusion import guided_eps_fn as cfg_eps_fn

@@ -266,7 +266,7 @@ def invert_block_continuous(
     """Frozen-prefix Jacobi for N rows through ``slots`` batch rows with refilling (issue 16).
 
     Each slot holds one row with its own committed length c_b in a
-    :class:`~vargen.models.blocks.RaggedKVCache`. A pass runs inputs c_b .. c_b+w-1 of
+    :class:`~vargen.nn.kv_cache.RaggedKVCache`. A pass runs inputs c_b .. c_b+w-1 of
     every slot, w = ``window`` (0 = T-1) or less when no row has that many inputs left
     (positions past a row's sequence are padding, counted in ``token_rows``), and
     commits per row as :func:`_solve_segment` does (input c_b, then the run of inputs whose

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from vargen.models.blocks import KVCache
+from vargen.nn import KVCache
 from vargen.registry import SAMPLERS
 from vargen.sampling.base import Sampler
 from vargen.sampling.stats import new_stats

@@ -23,7 +23,7 @@ tokenizer (the draft smaller). One iteration over the rows in flight:
    a target sample at the next position (the bonus token).
 
 KV cache (``use_cache``, default): both backbones run only new positions per call on a
-:class:`~vargen.models.blocks.RaggedKVCache` (:meth:`XAR.forward_window`), rolled back to each
+:class:`~vargen.nn.kv_cache.RaggedKVCache` (:meth:`XAR.forward_window`), rolled back to each
 row's committed length after verification; ``use_cache=False`` recomputes every sequence through
 ``entity_conditions`` (the reference: same tokens from the same generator).
 
