@@ -65,8 +65,8 @@ def measure(env: dict, cfg_scale: float = 1.0, gamma: int = 4, paper: bool = Tru
     """Baseline ``xar`` vs ``cspd`` (and ``cspd_paper``) at one ``cfg_scale``: flat keys
     ``<method>.{nfe, fid_mean, fid_std, seconds}`` and, for the CSpD methods, ``acceptance``,
     ``nfe_ratio`` and ``wall_ratio`` against the baseline."""
-    from vargen.sampling.cspd_sampler import sample_cspd
-    from vargen.sampling.xar_sampling import sample_xar
+    from vargen.sampling.decoders.xar import sample_xar
+    from vargen.sampling.speculative.cspd import sample_cspd
 
     target, draft, tok = env["target"], env["draft"], env["tokenizer"]
     methods = {

@@ -43,8 +43,8 @@ def main(argv=None):
     torch.set_num_threads(1)
     from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.eval import FIDEvaluator
+    from vargen.sampling.decoders.xar import sample_xar
     from vargen.sampling.generate import class_labels, generate
-    from vargen.sampling.xar_sampling import sample_xar
 
     root = os.path.join(ROOT, "runs", f"bench_xar_{'quick' if args.quick else 'full'}")
     kl_dir = train("digits_kl", os.path.join(root, "kl"), args.quick)

@@ -8,8 +8,8 @@ import torch
 from scipy import stats as sps
 
 from vargen.models.xar import XAR, XARConfig
-from vargen.sampling.cspd_sampler import sample_cspd
-from vargen.sampling.xar_sampling import sample_xar
+from vargen.sampling.decoders.xar import sample_xar
+from vargen.sampling.speculative.cspd import sample_cspd
 
 
 def _xar(seed, dim=32):

@@ -8,7 +8,7 @@ import torch
 
 from vargen.heads.flow import FlowHead, FlowHeadConfig, euler_maruyama, euler_ode
 from vargen.models.xar import XAR, XARConfig, cfg_ramp
-from vargen.sampling.xar_sampling import sample_xar
+from vargen.sampling.decoders.xar import sample_xar
 
 KINDS = ["token", "cell", "subsample", "scale", "image"]
 

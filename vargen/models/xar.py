@@ -37,6 +37,7 @@ from torch import nn
 from vargen.config import component
 from vargen.heads.diffusion import timestep_embedding
 from vargen.models.entities import Entities
+from vargen.models.generator import Generator, drop_labels
 from vargen.nn import AdaLNBlock, KVCache, RaggedKVCache, modulate, rope_2d_angles
 from vargen.registry import HEADS, MODELS
 
@@ -61,7 +62,7 @@ class XARConfig:
     head: dict = component("HEADS", {"name": "flow"})
 
 
-class XAR(nn.Module):
+class XAR(Generator):
     token_kind = "continuous"
 
     def __init__(self, cfg: XARConfig):
@@ -224,9 +225,8 @@ class XAR(nn.Module):
         return torch.zeros(B, self.num_entities, device=device)
 
     def loss(self, tokens_BNC: torch.Tensor, labels_B: torch.Tensor) -> dict:
-        if self.training and self.cfg.class_dropout > 0:
-            drop = torch.rand(labels_B.shape, device=labels_B.device) < self.cfg.class_dropout
-            labels_B = torch.where(drop, torch.full_like(labels_B, self.null_class), labels_B)
+        if self.training:
+            labels_B = drop_labels(labels_B, self.null_class, self.cfg.class_dropout)
         x_BLD = self.entities.clusterify(tokens_BNC)
         t_BE = self.context_times(x_BLD.shape[0], x_BLD.device)
         t_BL1 = t_BE[:, self.entity_L, None]  # (B, L, 1)
@@ -246,7 +246,7 @@ def cfg_ramp(e: int, num_entities: int, w: float) -> float:
     return 1.0 + (w - 1.0) * e / (num_entities - 1)
 
 
-@MODELS.register("xar", XARConfig)
+@MODELS.register("xar", XARConfig, samplers=("xar", "cspd"))
 def build_xar(cfg) -> XAR:
     fields = dict(cfg)
     fields["head"] = dict(fields.get("head") or {"name": "flow"})

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from vargen.models.xar import cfg_ramp
 from vargen.registry import SAMPLERS
-from vargen.sampling.ar_decode import keyword_sampler, new_stats
+from vargen.sampling.base import Sampler
+from vargen.sampling.stats import new_stats
 
 
 @dataclass
@@ -36,11 +37,11 @@ class XARSamplerConfig:
 @torch.no_grad()
 def sample_xar(model, cond_B, *, generator, cfg_scale=1.0, temperature=1.0, num_steps=0, progress=False):
     t0 = time.perf_counter()
-    device = model.start_1nC.device
+    device = model.device
     cond_B = cond_B.to(device)
     B, E = cond_B.shape[0], model.num_entities
     guided = cfg_scale != 1.0
-    cond_in = torch.cat([cond_B, torch.full_like(cond_B, model.null_class)]) if guided else cond_B
+    cond_in = model.guidance_labels(cond_B, guided)  # (2B,) guided: labels, then the null class
     cache = model.new_cache(cond_in.shape[0])
     steps = int(num_steps or model.head.num_sampling_steps)
     stats = new_stats()
@@ -66,5 +67,8 @@ def sample_xar(model, cond_B, *, generator, cfg_scale=1.0, temperature=1.0, num_
 
 
 @SAMPLERS.register("xar", XARSamplerConfig)
-def build_xar_sampler(cfg):
-    return keyword_sampler(sample_xar, cfg)
+class XARSampler(Sampler):
+    """Entity-by-entity decoding with the model's head (:func:`sample_xar`)."""
+
+    def __call__(self, model, cond_B, generator, progress=False, slots=0):
+        return sample_xar(model, cond_B, generator=generator, progress=progress, **self.options())
