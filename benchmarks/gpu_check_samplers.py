@@ -114,7 +114,7 @@ def main():
     out["samplers.tarflow.equal"] = bool(torch.allclose(imgs[0][0], imgs[1][0], rtol=1e-4, atol=1e-4))
     out["samplers.tarflow.passes_equal"] = imgs[0][1]["passes_per_block"] == imgs[1][1]["passes_per_block"]
     from vargen.models.xar import XAR, XARConfig
-    from vargen.sampling.cspd_sampler import sample_cspd
+    from vargen.sampling.speculative.cspd import sample_cspd
 
     xcfg = dict(grid=[1, 4] if args.small else [4, 4], code_dim=4, num_classes=4, entity="token", dim=32)
     head = {"name": "mar_diffusion", "width": 32, "depth": 2, "num_sampling_steps": 8}

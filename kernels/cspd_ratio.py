@@ -1,6 +1,6 @@
 """Fused CSpD last-step verification: density ratio and acceptance, and the residual's proposals.
 
-Continuous speculative decoding (:mod:`vargen.sampling.cspd`) tests each continuous draft token
+Continuous speculative decoding (:mod:`vargen.sampling.speculative.cspd_verify`) tests each continuous draft token
 x0 on the last reverse step of the diffusion head, where draft and target (run with the same
 noise) are diagonal Gaussians N(mu_q, s_q^2) and N(mu_p, s_p^2). In torch, the ratio and the
 leading-acceptance count are a dozen passes over the (B, g, C) block (a subtraction, a division,
@@ -9,7 +9,7 @@ cumulative product and a sum), and each round of the residual sampler does as ma
 (K, B, C) proposals. The two Triton kernels here read every input once per token.
 
 Semantics (the torch references define them; they are exactly the computations
-:mod:`vargen.sampling.cspd` has always done, so the CSpD sampler draws the same tokens from the
+:mod:`vargen.sampling.speculative.cspd_verify` has always done, so the CSpD sampler draws the same tokens from the
 same generator whichever backend runs). ``logN(x; m, s) = sum_C (-z^2 / 2 - log s - log(2 pi) / 2)``
 with ``z = (x - m) / s``.
 
@@ -28,7 +28,7 @@ position, with the target's and draft's last-step Gaussians ``(mp, sp)``, ``(mq,
 
 1. proposals ``y = mp + sp * e`` (K, B, C), draws from p;
 2. ``log_qp = logN(y; mq, sq) - logN(y; mp, sp) - log_sigma``, (K, B): the residual accepts y
-   with probability ``max(0, 1 - exp(log_qp))`` (:func:`vargen.sampling.cspd.residual_rounds`).
+   with probability ``max(0, 1 - exp(log_qp))`` (:func:`vargen.sampling.speculative.cspd_verify.residual_rounds`).
 
 Returns ``(y_KBC, log_qp_KB)``.
 

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from vargen.eval.feature_net import get_feature_net
 from vargen.registry import SAMPLERS
 from vargen.sampling.base import Sampler
 from vargen.sampling.decoders.var import decode_scale, start_state
@@ -265,8 +266,6 @@ class TTSVAR(Sampler):
     def setup(self, ctx) -> None:
         """Use the feature net of the run's dataset where the config says 'classifier'."""
         if self.reward_fn is None or self.feature_fn is None:
-            from vargen.eval.feature_net import get_feature_net
-
             net = get_feature_net(dict(ctx.run_cfg.data), ctx.device)
             self.reward_fn = self.reward_fn or ClassifierReward(net)
             self.feature_fn = self.feature_fn or ClassifierPatchTokens(net)
