@@ -37,7 +37,18 @@ from safetensors.torch import load_file, save_file
 WEIGHTS = "model.safetensors"
 # Model options added after checkpoints were written, with the value that reproduces the older
 # models exactly: a checkpoint whose config lacks one equals a config holding that value.
-LATER_MODEL_KEYS = {"attn_l2_norm": False}
+# ``denoiser``: xAR's per-token head (MAR's design) was its only design before the backbone flow.
+LATER_MODEL_KEYS = {"attn_l2_norm": False, "denoiser": "head"}
+
+
+def fill_later_keys(model: dict, schema: type) -> dict:
+    """``model`` (a recorded model config) with each key of :data:`LATER_MODEL_KEYS` that
+    ``schema`` has and ``model`` lacks set to its old-behaviour value: an old checkpoint rebuilds
+    the model it was trained as, even where the key's default has since changed."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(schema)}
+    return {**{k: v for k, v in LATER_MODEL_KEYS.items() if k in fields and k not in model}, **model}
 
 
 def same_model_config(recorded: dict | None, now: dict | None) -> bool:

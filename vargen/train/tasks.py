@@ -20,11 +20,12 @@ import torch
 
 from vargen.config import RunConfig, component, from_dict, resolve_paths
 from vargen.data import build_dataset
-from vargen.registry import REGISTRIES, TASKS
+from vargen.registry import REGISTRIES, TASKS, import_components
 from vargen.train import distributed as D
 from vargen.train.checkpoint import (
     CheckpointError,
     file_sha256,
+    fill_later_keys,
     load_state_into,
     read_weights,
     resolve_weights_path,
@@ -76,7 +77,13 @@ def load_component(path: str, device="cpu"):
     wpath = resolve_weights_path(path)
     state, meta = read_weights(wpath)
     try:
-        cfg = from_dict(meta["config"])
+        raw = dict(meta["config"])
+        import_components()
+        if isinstance(raw.get("model"), dict) and "name" in raw["model"] and "task" in raw:
+            registry = _model_registry(TASKS.get(raw["task"]).schema)
+            if raw["model"]["name"] in registry.names():
+                raw["model"] = fill_later_keys(raw["model"], registry.get(raw["model"]["name"]).schema)
+        cfg = from_dict(raw)
     except ValueError as e:
         raise CheckpointError(f"checkpoint {wpath}: its stored config is not valid here: {e}") from None
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
