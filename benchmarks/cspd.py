@@ -31,7 +31,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, meta, print_table, train, write_results  # noqa: E402
 
-TOKEN_MAR = ["model.entity=token", "model.denoiser=head", "model.head.name=mar_diffusion", "model.head.num_sampling_steps=25"]
+TOKEN_MAR = [
+    "model.entity=token",
+    "model.denoiser=head",
+    "model.head.name=mar_diffusion",
+    "model.head.num_sampling_steps=25",
+]
 SMALL = ["model.dim=32", "model.depth=2", "model.head.width=64", "model.head.depth=2"]
 SEEDS = [0, 1, 2]
 

@@ -43,7 +43,12 @@ VARIANTS = {  # result key -> overrides of configs/digits_xar.yaml
     "xar.teacher_forcing": ["model.entity=cell", "model.noisy_context=false"],
     "head.flow.cell": [*HEAD, "model.entity=cell"],
     "head.flow.image": [*HEAD, "model.entity=image"],
-    "mar_head": [*HEAD, "model.entity=token", "model.head.name=mar_diffusion", "model.head.num_sampling_steps=50"],
+    "mar_head": [
+        *HEAD,
+        "model.entity=token",
+        "model.head.name=mar_diffusion",
+        "model.head.num_sampling_steps=50",
+    ],
 }
 
 
@@ -64,7 +69,9 @@ def main(argv=None):
     n, seeds, batch = (200 if args.quick else 1000), [0, 1, 2], 250
     methods, evaluator, labels = {}, None, None
     for key in args.only or VARIANTS:
-        out = train("digits_xar", os.path.join(root, key), args.quick, [f"tokenizer_ckpt={kl_dir}", *VARIANTS[key]])
+        out = train(
+            "digits_xar", os.path.join(root, key), args.quick, [f"tokenizer_ckpt={kl_dir}", *VARIANTS[key]]
+        )
         model, cfg = load_component(out)
         evaluator = evaluator or FIDEvaluator.for_dataset(dict(cfg.data), split="heldout")
         labels = class_labels(n, model.num_classes, []) if labels is None else labels

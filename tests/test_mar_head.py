@@ -155,5 +155,7 @@ def test_temperature_scales_a_gaussian_targets_spread_exactly():
     head.net = Oracle()
     head.cfg.clip_x0 = 0.0  # the clamp is not affine
     cond = torch.zeros(500, 8, dtype=torch.float64)
-    out = {tau: head.sample(cond, torch.Generator().manual_seed(0), temperature=tau) for tau in (0.0, 0.6, 1.0)}
+    out = {
+        tau: head.sample(cond, torch.Generator().manual_seed(0), temperature=tau) for tau in (0.0, 0.6, 1.0)
+    }
     torch.testing.assert_close(out[0.6], out[0.0] + 0.6 * (out[1.0] - out[0.0]))

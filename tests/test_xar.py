@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from vargen.heads.flow import DEFAULT_STEPS, FlowHead, FlowHeadConfig, euler_maruyama, euler_ode, integrate
+from vargen.heads.flow import DEFAULT_STEPS, FlowHead, FlowHeadConfig, euler_maruyama, integrate
 from vargen.models.xar import XAR, XARConfig, cfg_ramp
 from vargen.sampling.xar_sampling import sample_xar
 
@@ -184,7 +184,9 @@ def test_sde_is_the_reference_euler_maruyama():
         vel = v(x, t)
         x = x + (t_next - t) * (vel + (x + (1 - t) * vel))  # -t score = x + (1 - t) v
         if i < 2:
-            x = x + 0.8 * math.sqrt(2 * t * abs(t_next - t)) * torch.randn(5, 2, generator=g, dtype=torch.float64)
+            x = x + 0.8 * math.sqrt(2 * t * abs(t_next - t)) * torch.randn(
+                5, 2, generator=g, dtype=torch.float64
+            )
     torch.testing.assert_close(got, x)
 
 
@@ -194,7 +196,9 @@ def test_temperature_scales_a_gaussian_targets_spread_exactly(solver):
     tau is m + tau (x_1 - m), m the noise-free (tau = 0) output, draw for draw."""
     v = _gaussian_velocity(1.5, 0.5)
     eps = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    out = {tau: integrate(v, eps, 20, solver, torch.Generator().manual_seed(1), tau) for tau in (0.0, 0.6, 1.0)}
+    out = {
+        tau: integrate(v, eps, 20, solver, torch.Generator().manual_seed(1), tau) for tau in (0.0, 0.6, 1.0)
+    }
     m = out[0.0]
     torch.testing.assert_close(out[0.6], m + 0.6 * (out[1.0] - m))
     assert (out[1.0] - m).std() > 0.3  # the draws do reach the sample
@@ -361,8 +365,17 @@ def _joint_toy(kind, denoiser, steps=80):
     grid = [2, 2] if kind == "image" else [2, 4]
     head = {"name": "flow", "width": 32, "depth": 2, "num_sampling_steps": 20}
     cfg = XARConfig(
-        grid=grid, code_dim=1, num_classes=1, entity=kind, cell=2, dim=32, depth=2, heads=2,
-        class_dropout=0.0, denoiser=denoiser, head=head,
+        grid=grid,
+        code_dim=1,
+        num_classes=1,
+        entity=kind,
+        cell=2,
+        dim=32,
+        depth=2,
+        heads=2,
+        class_dropout=0.0,
+        denoiser=denoiser,
+        head=head,
     )
     model = XAR(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -379,7 +392,7 @@ def _joint_toy(kind, denoiser, steps=80):
     y = torch.zeros(400, dtype=torch.long)
     x, _ = sample_xar(model, y, generator=torch.Generator().manual_seed(0), num_steps=20)
     x_BL = model.entities.clusterify(x)[..., 0]
-    a, b = model.starts[-2], model.starts[-1]
+    a = model.starts[-1] - model.sizes[-1]
     return torch.corrcoef(x_BL[:, [a, a + 1]].T)[0, 1].item()  # two tokens of the last entity
 
 
@@ -390,3 +403,15 @@ def test_joint_toy_tokens_of_an_entity_come_out_correlated(one_thread, kind):
     corr = _joint_toy(kind, "backbone")
     print(f"{kind}: within-entity correlation {corr:.3f}")
     assert corr >= 0.9
+
+
+def test_a_checkpoint_config_without_denoiser_rebuilds_the_per_token_head_model():
+    """Checkpoints from before ``denoiser`` existed were the head design (LATER_MODEL_KEYS)."""
+    from vargen.models.var import VARConfig
+    from vargen.train.checkpoint import fill_later_keys
+
+    old = {"name": "xar", "entity": "token"}
+    assert fill_later_keys(old, XARConfig)["denoiser"] == "head"
+    assert fill_later_keys({**old, "denoiser": "backbone"}, XARConfig)["denoiser"] == "backbone"
+    assert "denoiser" not in fill_later_keys({"name": "var"}, VARConfig)  # only keys the schema has
+    assert XARConfig().denoiser == "backbone"  # while new configs get the paper's design

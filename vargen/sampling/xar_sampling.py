@@ -69,7 +69,9 @@ def sample_xar(
             model, cond_B, generator, cfg_scale, temperature, steps, solver, use_cache, progress
         )
     else:
-        tokens_BND, stats = _sample_head(model, cond_B, generator, cfg_scale, temperature, num_steps, progress)
+        tokens_BND, stats = _sample_head(
+            model, cond_B, generator, cfg_scale, temperature, num_steps, progress
+        )
     B = cond_B.shape[0]
     stats["ar_steps"] = model.num_entities
     stats["tokens"] = stats["accepted"] = stats["proposed"] = B * model.length
@@ -93,7 +95,7 @@ def _sample_backbone(model, cond_B, generator, cfg_scale, temperature, steps, so
         prev = [double(entities[-1])] if (use_cache and entities) else [None]  # consumed by step 1
         prefix = double(torch.cat(entities, dim=1)) if (entities and not use_cache) else None
 
-        def velocity(x_BnD, t, e=e, prev=prev, prefix=prefix):
+        def velocity(x_BnD, t, e=e, n=n, w=w, prev=prev, prefix=prefix):
             x = double(x_BnD)  # (rows, n, D)
             m = 0 if prev[0] is None else prev[0].shape[1]  # the clean entity riding along
             if use_cache:
