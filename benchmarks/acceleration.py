@@ -41,17 +41,12 @@ FID (``<m>.fid_mean`` / ``fid_std`` beside ``<m>.baseline_fid_mean`` / ``_std``)
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import meta, print_table, write_results  # noqa: E402
+from benchmarks.common import meta, print_table, write_results
 
 BATCHES = (1, 16)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """KV-cached vs uncached next-token decoding of the same model, side by side.
 
-    python benchmarks/ar_decode.py [--quick] [--ckpt runs/digits_ar]
+    python -m benchmarks.ar_decode [--quick] [--ckpt runs/digits_ar]
 
 Without --ckpt, randomly initialised models of the demo's width are timed (decoding cost
 does not depend on the weights) on the digits grid (4x4 = 16 tokens) and the shapes grid
@@ -25,17 +25,13 @@ transformers the race is skipped with a message.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import meta, print_table, write_results  # noqa: E402
-
-from vargen.models.ar import ARConfig, ARTransformer  # noqa: E402
-from vargen.sampling.ar_decode import sample_ar  # noqa: E402
+from benchmarks.common import meta, print_table, write_results
+from vargen.models.ar import ARConfig, ARTransformer
+from vargen.sampling.ar_decode import sample_ar
 
 
 def time_decode(model, batch, use_cache, reps, seed, cfg_scale):

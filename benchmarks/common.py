@@ -41,40 +41,62 @@ def train(config: str, out: str, quick: bool, extra=(), quick_steps: int = 300) 
 @dataclass
 class Method:
     """One row of a sweep: a generator, its tokenizer (None for a pixel generator) and a sampler
-    ``(model, labels_B, generator) -> (out, stats)``."""
+    ``(model, labels_B, generator) -> (out, stats)``.
+
+    ``batch_size`` overrides the sweep's batch size for this method (a sampler whose batch holds
+    several particles per image wants fewer images per batch); ``score=False`` draws without
+    computing FID (a variant run only for its time or its tokens: no ``fid_*`` entries)."""
 
     model: Any
     tokenizer: Any
     sampler: Callable
+    batch_size: int | None = None
+    score: bool = True
 
 
-def sweep(methods: dict[str, Method], labels_N, seeds, evaluator, batch_size: int, progress=False) -> dict:
+def sweep(
+    methods: dict[str, Method], labels_N, seeds, evaluator, batch_size: int, progress=False, on_draw=None
+) -> dict:
     """Each method draws ``labels_N`` with each seed, interleaved (seed-major, so a slow spell of a
     shared machine hits every method alike), scored by ``evaluator.score``.
 
-    Returns ``{method: {"fid_mean", "fid_std", "fids", "nfe", "forwards", "seconds", "stats"}}``:
-    ``nfe`` is model forwards per batch (the ``target_forwards`` of the sampler stats averaged over
-    the batches of all seeds), ``seconds`` the sampling time summed over seeds (FID excluded),
-    ``stats`` the summed sampler stats of the last seed.
+    Returns ``{method: {"fid_mean", "fid_std", "fids", "nfe", "forwards", "seconds", "stats",
+    "seed_stats"}}``: ``nfe`` is model forwards per batch (the ``target_forwards`` of the sampler
+    stats averaged over the batches of all seeds, at the method's batch size), ``seconds`` the
+    sampling time summed over seeds (FID excluded), ``seed_stats`` each seed's sampler stats (summed
+    over its batches, as :func:`generate` returns them) and ``stats`` the last seed's. A method with
+    ``score=False`` has no ``fid_*`` entries. ``on_draw(name, seed, images, ids, stats)``, when
+    given, sees every draw (e.g. to compare two methods' tokens) before the next one.
     """
     from vargen.sampling.generate import generate
 
-    out = {name: {"fids": [], "forwards": 0, "seconds": 0.0} for name in methods}
+    out = {name: {"fids": [], "forwards": 0, "seconds": 0.0, "seed_stats": []} for name in methods}
     for seed in seeds:
         for name, m in methods.items():
             t0 = time.perf_counter()
-            images, _, stats = generate(
-                m.model, m.tokenizer, labels_N, m.sampler, torch.Generator().manual_seed(seed), batch_size, progress
+            images, ids, stats = generate(
+                m.model,
+                m.tokenizer,
+                labels_N,
+                m.sampler,
+                torch.Generator().manual_seed(seed),
+                m.batch_size or batch_size,
+                progress,
             )
             r = out[name]
             r["seconds"] += time.perf_counter() - t0
             r["forwards"] += stats.get("target_forwards", 0)
+            r["seed_stats"].append(stats)
             r["stats"] = stats
-            r["fids"].append(evaluator.score(images))
-    batches = len(seeds) * math.ceil(len(labels_N) / batch_size)
-    for r in out.values():
-        r["fid_mean"] = statistics.mean(r["fids"])
-        r["fid_std"] = statistics.stdev(r["fids"]) if len(r["fids"]) > 1 else 0.0
+            if m.score:
+                r["fids"].append(evaluator.score(images))
+            if on_draw is not None:
+                on_draw(name, seed, images, ids, stats)
+    for name, r in out.items():
+        if methods[name].score:
+            r["fid_mean"] = statistics.mean(r["fids"])
+            r["fid_std"] = statistics.stdev(r["fids"]) if len(r["fids"]) > 1 else 0.0
+        batches = len(seeds) * math.ceil(len(labels_N) / (methods[name].batch_size or batch_size))
         r["nfe"] = r["forwards"] / batches
     return out
 

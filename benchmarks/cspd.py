@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Continuous speculative decoding (CSpD) vs the target's own sampler, on digits.
 
-    python benchmarks/cspd.py [--quick] [--cfg [--cfg-scale 1.5]]
+    python -m benchmarks.cspd [--quick] [--cfg [--cfg-scale 1.5]]
 
 Trains (or resumes) the KL tokenizer and two xAR models with entity ``token`` and MAR's
 diffusion head (configs/digits_xar.yaml): the target (dim 64, depth 4) and a smaller draft
@@ -14,7 +14,7 @@ method target forwards), ``wall_ratio`` (baseline / method time) and the accepta
 ramp; a CFG pair of rows is one backbone call in both): keys ``baseline_cfg.*`` and ``cspd_cfg.*``.
 Writes benchmarks/results/cspd.json (the issue's ``cspd.*`` keys).
 
-:func:`run` (train, load, measure at one scale) is what benchmarks/speculative.py calls for its
+:func:`run` (train, load, measure at one scale) is what ``benchmarks.speculative`` calls for its
 ``cspd.*`` entries.
 """
 
@@ -22,14 +22,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, meta, print_table, train, write_results  # noqa: E402
+from benchmarks.common import ROOT, Method, flat_results, meta, print_table, sweep, train, write_results
 
 TOKEN_MAR = [
     "model.entity=token",
@@ -75,42 +71,35 @@ def measure(env: dict, cfg_scale: float = 1.0, gamma: int = 4, paper: bool = Tru
     ``<method>.{nfe, fid_mean, fid_std, seconds}`` and, for the CSpD methods, ``acceptance``,
     ``nfe_ratio`` and ``wall_ratio`` against the baseline."""
     from vargen.sampling.cspd_sampler import sample_cspd
-    from vargen.sampling.generate import generate
     from vargen.sampling.xar_sampling import sample_xar
 
-    target, draft, labels, batch = env["target"], env["draft"], env["labels"], env["batch"]
+    target, draft, tok = env["target"], env["draft"], env["tokenizer"]
     methods = {
-        "baseline": lambda m, c, g: sample_xar(m, c, generator=g, cfg_scale=cfg_scale),
-        "cspd": lambda m, c, g: sample_cspd(m, draft, c, generator=g, gamma=gamma, cfg_scale=cfg_scale),
+        "baseline": Method(target, tok, lambda m, c, g: sample_xar(m, c, generator=g, cfg_scale=cfg_scale)),
+        "cspd": Method(
+            target,
+            tok,
+            lambda m, c, g: sample_cspd(m, draft, c, generator=g, gamma=gamma, cfg_scale=cfg_scale),
+        ),
     }
     if paper:
-        methods["cspd_paper"] = lambda m, c, g: sample_cspd(
-            m, draft, c, generator=g, gamma=gamma, cfg_scale=cfg_scale, mode="paper"
+        methods["cspd_paper"] = Method(
+            target,
+            tok,
+            lambda m, c, g: sample_cspd(
+                m, draft, c, generator=g, gamma=gamma, cfg_scale=cfg_scale, mode="paper"
+            ),
         )
-    res = {k: {"fid": [], "fwd": 0, "sec": 0.0, "acc": 0, "prop": 0} for k in methods}
-    for seed in SEEDS:
-        for name, fn in methods.items():
-            t0 = time.perf_counter()
-            images, _, st = generate(
-                target, env["tokenizer"], labels, fn, torch.Generator().manual_seed(seed), batch
-            )
-            r = res[name]
-            r["sec"] += time.perf_counter() - t0
-            r["fid"].append(env["evaluator"].score(images))
-            r["fwd"] += st["target_forwards"]
-            r["acc"] += st.get("accepted", 0)
-            r["prop"] += st.get("proposed", 0)
-    batches = len(SEEDS) * -(-len(labels) // batch)
+    res = sweep(methods, env["labels"], SEEDS, env["evaluator"], env["batch"])
     flat = {}
     for name, r in res.items():
-        flat[f"{name}.nfe"] = r["fwd"] / batches
-        flat[f"{name}.fid_mean"] = statistics.mean(r["fid"])
-        flat[f"{name}.fid_std"] = statistics.stdev(r["fid"])
-        flat[f"{name}.seconds"] = r["sec"]
+        flat.update(flat_results({name: r}, ("nfe", "fid_mean", "fid_std", "seconds")))
         if name != "baseline":
-            flat[f"{name}.acceptance"] = r["acc"] / max(1, r["prop"])
-            flat[f"{name}.nfe_ratio"] = res["baseline"]["fwd"] / r["fwd"]
-            flat[f"{name}.wall_ratio"] = res["baseline"]["sec"] / r["sec"]
+            accepted = sum(st.get("accepted", 0) for st in r["seed_stats"])
+            proposed = sum(st.get("proposed", 0) for st in r["seed_stats"])
+            flat[f"{name}.acceptance"] = accepted / max(1, proposed)
+            flat[f"{name}.nfe_ratio"] = res["baseline"]["forwards"] / r["forwards"]
+            flat[f"{name}.wall_ratio"] = res["baseline"]["seconds"] / r["seconds"]
     return flat
 
 

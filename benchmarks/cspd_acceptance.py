@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Why CSpD accepts nothing on a trained pair, and what raises acceptance (issue 16 item 6).
 
-    python benchmarks/cspd_acceptance.py [--root runs/bench_cspd_quick] [--reps 8]
+    python -m benchmarks.cspd_acceptance [--root runs/bench_cspd_quick] [--reps 8]
 
-Uses the digits target/draft pair of ``benchmarks/cspd.py`` (``prepare(quick=True, root=...)``,
+Uses the digits target/draft pair of ``benchmarks.cspd`` (``prepare(quick=True, root=...)``,
 trained if missing). Part 1, diagnosis at one position on target samples: the last reverse
 step's std, |mu_p - mu_q| per dim, the log-ratio of ``verify="last"`` and of ``verify="path"``
 and each reverse step's share of the path log-ratio, for both head variances. Part 2, wall time
@@ -15,13 +15,11 @@ same head variance (the target distribution CSpD then samples).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import cspd
 
 
 @torch.no_grad()
@@ -104,8 +102,6 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=8)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    import cspd
-
     env = cspd.prepare(True, args.root)
     t, d = env["target"].eval(), env["draft"].eval()
     diagnose(t, d)

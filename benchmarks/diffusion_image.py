@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Diffusion samplers on the digits DDPM: exposure-bias time shift, and FKC-CFG vs plain CFG.
 
-    python benchmarks/diffusion_image.py [--quick]
+    python -m benchmarks.diffusion_image [--quick]
 
 Trains (or resumes) configs/digits_ddpm.yaml into <root>/bench_ddpm (quick and full train the
 same 800 steps: a shorter eps-model samples noise) and compares, side by side, FID (mean and
@@ -26,14 +26,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, meta, print_table, train, write_results  # noqa: E402
+from benchmarks.common import ROOT, Method, meta, print_table, sweep, train, write_results
 
 SEEDS = (0, 1, 2)
 TS = {"window": 80, "cutoff": 300}  # spec section 1b, ADM CIFAR-10 DDIM-5
@@ -50,7 +46,7 @@ def run(quick: bool, root: str) -> dict:
     from vargen.diffusion.time_shift import ExposureBiasTimeShift
     from vargen.eval import FIDEvaluator
     from vargen.sampling.diffusion_sampling import sample_ddim, sample_fkc_cfg
-    from vargen.sampling.generate import class_labels, generate
+    from vargen.sampling.generate import class_labels
     from vargen.train.tasks import load_component
 
     ckpt = train("digits_ddpm", os.path.join(root, "bench_ddpm"), quick, quick_steps=800)
@@ -63,7 +59,7 @@ def run(quick: bool, root: str) -> dict:
     x0 = model.data_to_x(build_dataset(cfg.data).train_images)  # (N, C, H, W)
     data_var = float(x0.flatten(1).var(dim=1).mean())
     shift_c = ExposureBiasTimeShift(**TS, variance="corrected", data_var=data_var)
-    methods = {
+    methods = {  # per method its images per batch: FKC's batch holds K particles per image
         "ts.ddim10": (200, lambda m, c, g: sample_ddim(m, c, generator=g, steps=10)),
         "ts.ddim10_shifted": (
             200,
@@ -86,18 +82,17 @@ def run(quick: bool, root: str) -> dict:
             lambda m, c, g: sample_fkc_cfg(m, c, generator=g, steps=S, cfg_scale=CFG_SCALE, particles=K),
         ),
     }
-    res = {k: {"fid": [], "evals": 0, "sec": 0.0, "resamples": 0, "shifted": 0} for k in methods}
-    for seed in SEEDS:
-        for name, (batch, fn) in methods.items():
-            t0 = time.perf_counter()
-            images, _, st = generate(model, None, labels, fn, torch.Generator().manual_seed(seed), batch)
-            r = res[name]
-            r["sec"] += time.perf_counter() - t0
-            r["fid"].append(evaluator.score(images))
-            r["evals"] += st["net_evals"]
-            r["resamples"] += st.get("resamples", 0)
-            r["shifted"] += st.get("shifted_steps", 0)
-    total = len(SEEDS) * s["n"]
+    res = sweep(
+        {name: Method(model, None, fn, batch_size=batch) for name, (batch, fn) in methods.items()},
+        labels,
+        SEEDS,
+        evaluator,
+        batch_size=200,
+    )
+
+    def total(name, key):
+        return sum(st.get(key, 0) for st in res[name]["seed_stats"])
+
     keys = {  # method -> (FID key, prefix of its nfe / seconds keys)
         "ts.ddim10": ("ts.fid_ddim10", "ts.ddim10_"),
         "ts.ddim10_shifted": ("ts.fid_ddim10_shifted", "ts.ddim10_shifted_"),
@@ -109,22 +104,22 @@ def run(quick: bool, root: str) -> dict:
     flat = {}
     for name, (fid_key, prefix) in keys.items():
         r = res[name]
-        flat[fid_key] = statistics.mean(r["fid"])
-        flat[f"{fid_key}_std"] = statistics.stdev(r["fid"])
-        flat[f"{prefix}nfe"] = r["evals"] / total
-        flat[f"{prefix}seconds"] = r["sec"]
+        flat[fid_key] = r["fid_mean"]
+        flat[f"{fid_key}_std"] = r["fid_std"]
+        flat[f"{prefix}nfe"] = total(name, "net_evals") / (len(SEEDS) * s["n"])  # UNet rows per image
+        flat[f"{prefix}seconds"] = r["seconds"]
     flat.update(
         {
             "ts.window": TS["window"],
             "ts.cutoff": TS["cutoff"],
             "ts.data_var": data_var,
-            "ts.shifted_steps_per_batch": res["ts.ddim10_shifted"]["shifted"]
+            "ts.shifted_steps_per_batch": total("ts.ddim10_shifted", "shifted_steps")
             / (len(SEEDS) * -(-s["n"] // 200)),
             "cfg.scale": CFG_SCALE,
             "cfg.steps": K * S,
             "fkc.steps": S,
             "fkc.particles": K,
-            "fkc.resamples": res["fkc"]["resamples"],
+            "fkc.resamples": total("fkc", "resamples"),
             "samples_per_seed": s["n"],
         }
     )

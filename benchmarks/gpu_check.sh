@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU-only check of the fused kernels in one call, for a session lent a GPU:
-#   1. benchmarks/kernels.py: each compiled Triton kernel vs its torch reference on sampler-sized
+#   1. benchmarks.kernels: each compiled Triton kernel vs its torch reference on sampler-sized
 #      problems (equality, speed-up) -> benchmarks/results/kernels.json;
 #   2. the samplers wired to the kernels (SD, SJD, GSD group-exact, FKC-CFG) on CUDA: the same ids /
 #      particles with backend="triton" as with backend="torch" from the same generator.
@@ -17,10 +17,10 @@ unset TRITON_INTERPRET  # compiled kernels
 mkdir -p benchmarks/results
 tmp=$(mktemp -d)
 
-timeout 300 "$PY" benchmarks/kernels.py > "$tmp/kernels.log" 2>&1
+timeout 300 "$PY" -m benchmarks.kernels > "$tmp/kernels.log" 2>&1
 echo $? > "$tmp/kernels.rc"
 
-timeout 240 "$PY" benchmarks/gpu_check_samplers.py > "$tmp/samplers.log" 2>&1
+timeout 240 "$PY" -m benchmarks.gpu_check_samplers > "$tmp/samplers.log" 2>&1
 echo $? > "$tmp/samplers.rc"
 
 "$PY" - "$tmp" <<'PYEOF'

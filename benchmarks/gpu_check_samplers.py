@@ -4,8 +4,8 @@ torch references, from the same generator: SD, SJD, GSD group-exact (ids), FKC-C
 and continuous TarFlow Jacobi (images, passes; fp32, so a convergence test at tol may flip for a
 token within an ulp of it: ``passes_equal`` is reported, not required).
 
-    python benchmarks/gpu_check_samplers.py            (CUDA: compiled kernels; run by gpu_check.sh)
-    TRITON_INTERPRET=1 python benchmarks/gpu_check_samplers.py --small   (CPU smoke test)
+    python -m benchmarks.gpu_check_samplers            (CUDA: compiled kernels; run by gpu_check.sh)
+    TRITON_INTERPRET=1 python -m benchmarks.gpu_check_samplers --small   (CPU smoke test)
 
 Prints one line ``RESULT {json}`` with ``samplers.<name>.equal`` and mismatch counts; exits 1 when
 any differs.
@@ -78,10 +78,22 @@ def main():
     ]
     out["samplers.fkc_cfg.max_abs_diff"] = float((xs[0] - xs[1]).abs().max())
     out["samplers.fkc_cfg.equal"] = bool(torch.allclose(xs[0], xs[1], rtol=1e-9, atol=1e-9))
-    from tests.test_tarflow import tiny  # a 2-block TarFlow on 8x8 images
+    from vargen.models.tarflow import TarFlow, TarFlowConfig
     from vargen.sampling.tarflow_sampling import sample_tarflow_continuous
 
-    m = tiny(std=0.1, blocks=1 if args.small else 2, dtype=torch.float32).to(dev)
+    torch.manual_seed(0)  # a 2-block TarFlow on 8x8 images, random weights (check data only)
+    tf_cfg = TarFlowConfig(
+        channels=1,
+        resolution=8,
+        num_classes=3,
+        dim=16,
+        layers_per_block=1,
+        num_blocks=1 if args.small else 2,
+        heads=2,
+    )
+    m = TarFlow(tf_cfg).eval()
+    m.init_output_(0.1, torch.Generator().manual_seed(1))  # every block transforms its input
+    m = m.to(dev)
     imgs = [
         sample_tarflow_continuous(
             m,

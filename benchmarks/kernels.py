@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Every fused Triton kernel of ``vargen_kernels`` against its torch reference.
 
-    python benchmarks/kernels.py [--quick]
+    python -m benchmarks.kernels [--quick]
 
 On CUDA: each kernel runs compiled on a sampler-sized problem, its outputs are compared with the
 reference's (``kernels.<name>.equal``: integer outputs identical, float outputs within 1e-9
@@ -37,9 +37,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA:  # before the first `import triton` (vargen_kernels imports it)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import meta, print_table, write_results  # noqa: E402
-
+from benchmarks.common import meta, print_table, write_results  # noqa: E402
 from vargen_kernels.dispatch import TRITON_AVAILABLE  # noqa: E402
 from vargen_kernels.fkc import fkc_update  # noqa: E402
 from vargen_kernels.group_verify import group_verify  # noqa: E402

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Speculative samplers against plain next-token decoding of the same trained llamagen.
 
-    python benchmarks/speculative.py [--quick] --target runs/digits_ar --draft runs/digits_ar_draft
+    python -m benchmarks.speculative [--quick] --target runs/digits_ar --draft runs/digits_ar_draft
 
 Side by side in one run on the trained digits models (16 tokens per image): baseline KV-cached
 decoding ("ar"), exact speculative sampling with the draft model ("sd"), speculative Jacobi
@@ -17,7 +17,7 @@ comparison on random-weight llamagens with a 16x16 grid (256 tokens), where the 
 recompute repeats is long; their near-uniform conditionals make acceptance high, so only the
 cost is meaningful there (no FID).
 ``cspd.*``: continuous speculative decoding on its own model family (xAR + MAR head on the KL
-tokenizer, benchmarks/cspd.py's models) against its own baseline, the ``xar`` sampler at the same
+tokenizer, ``benchmarks.cspd``'s models) against its own baseline, the ``xar`` sampler at the same
 ``--cfg-scale`` (``cspd.baseline_*``).
 Writes benchmarks/results/speculative.json.
 """
@@ -25,24 +25,19 @@ Writes benchmarks/results/speculative.json.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import meta, print_table, write_results  # noqa: E402
-
-from vargen.eval.fid import FIDEvaluator  # noqa: E402
-from vargen.registry import SAMPLERS  # noqa: E402
-from vargen.sampling.generate import generate  # noqa: E402
-from vargen.train.tasks import load_component, load_tokenizer_for  # noqa: E402
+from benchmarks import cspd
+from benchmarks.common import Method, flat_results, meta, print_table, sweep, write_results
+from vargen.eval.fid import FIDEvaluator
+from vargen.registry import SAMPLERS
+from vargen.train.tasks import load_component, load_tokenizer_for
 
 
 def gsd_tv_on_toy(samples: int) -> float:
-    from tests.test_speculative import T, ToyAR, V
+    from vargen.models.toy_ar import ToyAR
     from vargen.sampling.jacobi import gsd_ratio, sample_jacobi
 
     target = ToyAR(0, zero_frac=0.3)
@@ -53,15 +48,12 @@ def gsd_tv_on_toy(samples: int) -> float:
 
     g = torch.Generator().manual_seed(0)
     ids, _ = sample_jacobi(target, cond, generator=g, window=3, ratio_fn=ratio, use_cache=False)
-    code = ids[:, 0] * V**2 + ids[:, 1] * V + ids[:, 2]
-    emp = torch.bincount(code, minlength=V**T).double() / samples
+    emp = torch.bincount(target.index(ids), minlength=len(target.joint())).double() / samples
     return 0.5 * (emp - target.joint()).abs().sum().item()
 
 
 def cspd_entries(quick: bool, cfg_scale: float) -> tuple[dict, dict]:
-    """``cspd.*`` keys from benchmarks/cspd.py's :func:`run` (exact mode) and a table row."""
-    import cspd
-
+    """``cspd.*`` keys from :func:`benchmarks.cspd.run` (exact mode) and a table row."""
     r = cspd.run(quick, cfg_scale=cfg_scale, paper=False)
     keys = ("nfe", "seconds", "nfe_ratio", "wall_ratio", "acceptance", "fid_mean", "fid_std")
     res = {f"cspd.{k}": r[f"cspd.{k}"] for k in keys}
@@ -131,34 +123,34 @@ def main(argv=None):
         "gsd_exact": {"name": "gsd", "window": 16, "exact_groups": True, **warp},
     }
     labels = torch.arange(num) % model.num_classes
-
-    def run(scfg, seed, score):
-        g = torch.Generator().manual_seed(seed)
-        t0 = time.perf_counter()
-        images, ids, stats = generate(model, tokenizer, labels, SAMPLERS.build(scfg), g, batch_size=num)
-        secs = time.perf_counter() - t0
-        return secs, ids, stats, (fid.score(images) if score else None)
-
-    res, rows = {}, []
-    for m, scfg in methods.items():
-        fids, secs, secs_nc, nfe, acc, same = [], 0.0, 0.0, 0, [], []
-        for seed in range(3):
-            t, ids, stats, f = run(scfg, seed, score=True)
-            secs += t
-            nfe += stats["target_forwards"]
-            acc.append(stats.get("acceptance", 1.0))
-            fids.append(f)
-            if m != "baseline":
-                t, ids_nc, _, _ = run({**scfg, "use_cache": False}, seed, score=False)
-                secs_nc += t
-                same.append((ids == ids_nc).all(1).float().mean().item())
-        f = torch.tensor(fids)
-        res[f"{m}.nfe"], res[f"{m}.seconds"] = nfe / 3, secs / 3
-        res[f"{m}.acceptance"] = sum(acc) / 3
-        res[f"{m}.fid_mean"], res[f"{m}.fid_std"] = f.mean().item(), f.std().item()
+    swept_methods = {}
+    for m, scfg in methods.items():  # each speculative method beside its full-recompute variant
+        swept_methods[m] = Method(model, tokenizer, SAMPLERS.build(scfg))
         if m != "baseline":
-            res[f"{m}.seconds_nocache"] = secs_nc / 3
-            res[f"{m}.same_tokens_nocache"] = sum(same) / 3
+            swept_methods[f"{m}_nocache"] = Method(
+                model, tokenizer, SAMPLERS.build({**scfg, "use_cache": False}), score=False
+            )
+    ids_of, same = {}, {m: [] for m in methods}
+
+    def same_tokens(name, seed, images, ids, stats):
+        """Fraction of images whose tokens the cached and uncached variants drew identically."""
+        if name.endswith("_nocache"):
+            m = name[: -len("_nocache")]
+            same[m].append((ids_of.pop(m) == ids).all(1).float().mean().item())
+        elif name != "baseline":
+            ids_of[name] = ids
+
+    seeds = range(3)
+    swept = sweep(swept_methods, labels, seeds, fid, batch_size=num, on_draw=same_tokens)
+    res, rows = {}, []
+    for m in methods:
+        r = swept[m]
+        res[f"{m}.nfe"], res[f"{m}.seconds"] = r["nfe"], r["seconds"] / len(seeds)  # seconds per seed
+        res[f"{m}.acceptance"] = sum(st.get("acceptance", 1.0) for st in r["seed_stats"]) / len(seeds)
+        res.update(flat_results({m: r}, ("fid_mean", "fid_std")))
+        if m != "baseline":
+            res[f"{m}.seconds_nocache"] = swept[f"{m}_nocache"]["seconds"] / len(seeds)
+            res[f"{m}.same_tokens_nocache"] = sum(same[m]) / len(seeds)
     for m in methods:
         if m != "baseline":
             res[f"{m}.nfe_ratio"] = res["baseline.nfe"] / res[f"{m}.nfe"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """TS-DPM window sweep per schedule, image size and step count, on exact denoisers.
 
-    python benchmarks/ts_window.py
+    python -m benchmarks.ts_window
 
 The reference window (80) is its CIFAR-10 cosine DDIM-5 setting. For the linear and cosine
 schedules, 256 and 3072 entries per image and DDIM-5 / DDIM-10 this reports, per variance
@@ -15,13 +15,9 @@ reference window and the calibrated one. Writes benchmarks/results/ts_window.jso
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import meta, print_table, write_results  # noqa: E402
+from benchmarks.common import meta, print_table, write_results
 
 
 def main():

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """VAT + next-scale model vs the spine's VQ + next-token model, side by side on digits.
 
-    python benchmarks/vat.py [--quick]
+    python -m benchmarks.vat [--quick]
 
 Trains (or resumes) four models with the shipped configs into runs/bench_vat_{quick,full}:
 the VAT tokenizer (configs/digits_vat.yaml), the VQ tokenizer (configs/digits_vq.yaml),
@@ -20,14 +20,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, meta, print_table, train, write_results  # noqa: E402
+from benchmarks.common import ROOT, Method, flat_results, meta, print_table, sweep, train, write_results
 
 
 @torch.no_grad()
@@ -49,7 +46,7 @@ def main(argv=None):
     from vargen.data import build_dataset
     from vargen.eval import FIDEvaluator
     from vargen.sampling.ar_decode import sample_ar
-    from vargen.sampling.generate import class_labels, generate
+    from vargen.sampling.generate import class_labels
     from vargen.sampling.var_decode import sample_var
     from vargen.tokenizers.vat import gaussian_kl
     from vargen.train.tasks import load_component, load_tokenizer_for
@@ -78,33 +75,21 @@ def main(argv=None):
     n, seeds, batch = (200 if args.quick else 1000), [0, 1, 2], 250
     labels = class_labels(n, var.num_classes, [])
     samplers = {
-        "vat": (var, vat, lambda m, c, g: sample_var(m, c, generator=g, cfg_scale=args.cfg_scale)),
-        "ar": (ar, vq, lambda m, c, g: sample_ar(m, c, generator=g, cfg_scale=args.cfg_scale)),
+        "vat": Method(var, vat, lambda m, c, g: sample_var(m, c, generator=g, cfg_scale=args.cfg_scale)),
+        "ar": Method(ar, vq, lambda m, c, g: sample_ar(m, c, generator=g, cfg_scale=args.cfg_scale)),
     }
-    fids = {k: [] for k in samplers}
-    seconds = {k: 0.0 for k in samplers}
-    forwards = {k: 0 for k in samplers}
-    for seed in seeds:
-        for name, (model, tok, sampler) in samplers.items():
-            t0 = time.perf_counter()
-            images, _, stats = generate(
-                model, tok, labels, sampler, torch.Generator().manual_seed(seed), batch
-            )
-            seconds[name] += time.perf_counter() - t0
-            forwards[name] += stats["target_forwards"]
-            fids[name].append(evaluator.score(images))
+    swept = sweep(samplers, labels, seeds, evaluator, batch)
 
     # latency at batch 1, where a forward costs about the same whatever its token count
     single = {k: 0.0 for k in samplers}
     one = class_labels(20, var.num_classes, [])
-    for name, (model, _, sampler) in samplers.items():
+    for name, m in samplers.items():
         g = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
         for i in range(len(one)):
-            sampler(model, one[i : i + 1], g)
+            m.sampler(m.model, one[i : i + 1], g)
         single[name] = time.perf_counter() - t0
 
-    batches = len(seeds) * math.ceil(n / batch)
     bits = {"vat": var.num_tokens * math.log2(var.vocab_size), "vq": ar.num_tokens * math.log2(ar.vocab_size)}
     flat = {
         "vat.recon_mse_by_scales": by_scales,
@@ -115,13 +100,8 @@ def main(argv=None):
         "vq.tokens_per_image": ar.num_tokens,
         "vat.bits_per_image": bits["vat"],
         "vq.bits_per_image": bits["vq"],
-        "vat.fid_mean": statistics.mean(fids["vat"]),
-        "vat.fid_std": statistics.stdev(fids["vat"]),
-        "ar.fid_mean": statistics.mean(fids["ar"]),
-        "ar.fid_std": statistics.stdev(fids["ar"]),
-        "vat.nfe": forwards["vat"] / batches,
-        "ar.nfe": forwards["ar"] / batches,
-        "vat.sample_speedup": seconds["ar"] / seconds["vat"],
+        **flat_results(swept, ("fid_mean", "fid_std", "nfe")),
+        "vat.sample_speedup": swept["ar"]["seconds"] / swept["vat"]["seconds"],
         "vat.sample_speedup_batch1": single["ar"] / single["vat"],
         "samples_per_seed": n,
         "cfg_scale": args.cfg_scale,
@@ -137,7 +117,7 @@ def main(argv=None):
                 "recon_mse": mse,
                 "fid": f"{flat[name + '.fid_mean']:.2f} ± {flat[name + '.fid_std']:.2f}",
                 "nfe": flat[name + ".nfe"],
-                "sample_s": seconds[name],
+                "sample_s": swept[name]["seconds"],
             }
         )
     print_table(rows, ["model", "tokens", "bits", "recon_mse", "fid", "nfe", "sample_s"])

@@ -26,11 +26,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import ROOT, meta, print_table, write_results  # noqa: E402
-from vargen.train.checkpoint import LATER_MODEL_KEYS  # noqa: E402
+from benchmarks.common import ROOT, meta, print_table, write_results
+from vargen.train.checkpoint import LATER_MODEL_KEYS
 
 QUICK_STEPS = 150
 DONE = "zoo.json"

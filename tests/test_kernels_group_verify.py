@@ -9,6 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.toys import verify_case  # noqa: E402
 from vargen_kernels import dispatch  # noqa: E402
 from vargen_kernels.group_verify import (  # noqa: E402
     group_residual,
@@ -25,33 +26,6 @@ def interpreter():
         pytest.skip("TRITON_INTERPRET is off, so the kernel cannot run on CPU")
 
 
-def _case(B, W, V, seed, zero_frac=0.3, q_equals_p=False, room=None, levels=0):
-    """Target rows with ~zero_frac zero-probability tokens (``levels`` > 0: probabilities on a few
-    levels, so ranks tie and the id order decides), draft rows, drafts ~ q, uniforms."""
-    g = torch.Generator().manual_seed(seed)
-    logits = (
-        torch.randint(0, levels, (B, W, V), generator=g).float()
-        if levels
-        else 2 * torch.randn(B, W, V, generator=g)
-    )
-    p_BWV = torch.softmax(logits, -1) * (torch.rand(B, W, V, generator=g) >= zero_frac)
-    p_BWV[..., 0] += 1e-3
-    p_BWV = p_BWV / p_BWV.sum(-1, keepdim=True)
-    q_BgV = (
-        p_BWV[:, : W - 1].clone() if q_equals_p else torch.softmax(torch.randn(B, W - 1, V, generator=g), -1)
-    )
-    x_Bg = (
-        torch.multinomial(q_BgV.reshape(-1, V), 1, generator=g).view(B, W - 1) if W > 1 else torch.zeros(B, 0)
-    )
-    room_B = torch.randint(0, W + 2, (B,), generator=g) if room is None else torch.full((B,), room)
-    draws = (
-        torch.rand(B, W, V, generator=g),
-        torch.rand(B, W - 1, generator=g),
-        torch.rand(B, V, generator=g),
-    )
-    return p_BWV, q_BgV, x_Bg.long(), room_B, *draws
-
-
 def _check(args, group):
     ref = group_verify_reference(*args, group=group)
     ker = group_verify(*args, group=group, backend="interpret")
@@ -63,36 +37,38 @@ def _check(args, group):
 
 @pytest.mark.parametrize("group,B,W,V", [(1, 1, 4, 16), (2, 4, 3, 13), (3, 3, 3, 13), (5, 1, 4, 16)])
 def test_kernel_matches_reference(interpreter, group, B, W, V):
-    _check(_case(B, W, V, seed=group * 100 + V, room=W + 1), group)
+    _check(verify_case(B, W, V, seed=group * 100 + V, room=W + 1), group)
 
 
 def test_kernel_ties_ragged_rooms_and_whole_vocab_group(interpreter):
     """Probabilities on 3 levels (rank ties broken by id), rooms 0 .. W+1, a group >= V."""
-    _check(_case(4, 3, 11, seed=1, levels=3), 2)
-    _check(_case(3, 3, 9, seed=2, levels=2, zero_frac=0.5), 4)
-    _check(_case(1, 3, 6, seed=3), 10)
+    _check(verify_case(4, 3, 11, seed=1, levels=3), 2)
+    _check(verify_case(3, 3, 9, seed=2, levels=2, zero_frac=0.5), 4)
+    _check(verify_case(1, 3, 6, seed=3), 10)
 
 
 def test_kernel_all_accepted_all_rejected_and_empty_window(interpreter):
     """q = p accepts every draft; drafts with p(x) = 0 (ratio 0) are rejected and the group
     residual never emits a zero-probability token; W = 1 emits y_0; B = 0."""
-    n, z, y, cap = _check(_case(3, 4, 12, seed=4, q_equals_p=True, room=9), 3)
+    n, z, y, cap = _check(verify_case(3, 4, 12, seed=4, q_equals_p=True, room=9), 3)
     assert torch.equal(n, cap) and torch.equal(z, y[:, 3])
-    p_BWV, q_BgV, x_Bg, *rest = _case(3, 3, 12, seed=5, room=9)
+    p_BWV, q_BgV, x_Bg, *rest = verify_case(3, 3, 12, seed=5, room=9)
     x_Bg[:, 0] = (p_BWV[:, 0] == 0).float().argmax(-1)
     n, z, *_ = _check((p_BWV, q_BgV, x_Bg, *rest), 2)
     assert (n == 0).all() and (p_BWV[:, 0].gather(1, z[:, None]) > 0).all()
     res = group_residual(p_BWV[:, 0], q_BgV[:, 0], rank_partition(p_BWV[:, 0], 2))
     assert (res.gather(1, z[:, None]) > 0).all()
-    n, z, y, cap = _check(_case(2, 1, 8, seed=6, room=5), 2)
+    n, z, y, cap = _check(verify_case(2, 1, 8, seed=6, room=5), 2)
     assert (n == 0).all() and torch.equal(z, y[:, 0])
-    assert all(t.shape[0] == 0 for t in group_verify(*_case(0, 3, 5, seed=7), group=2, backend="interpret"))
+    assert all(
+        t.shape[0] == 0 for t in group_verify(*verify_case(0, 3, 5, seed=7), group=2, backend="interpret")
+    )
 
 
 def test_kernel_residual_draws(interpreter, group=3):
     """Uniforms at 1 - 2**-24 reject every draft whose group ratio is below one, so most rows
     emit a group-residual draw: those must match the reference token for token."""
-    p_BWV, q_BgV, x_Bg, room_B, u_BWV, a_Bg, u_res_BV = _case(24, 2, 16, seed=13, room=5)
+    p_BWV, q_BgV, x_Bg, room_B, u_BWV, a_Bg, u_res_BV = verify_case(24, 2, 16, seed=13, room=5)
     n, z, *_ = _check((p_BWV, q_BgV, x_Bg, room_B, u_BWV, torch.full_like(a_Bg, 1 - 2**-24), u_res_BV), group)
     assert (n == 0).sum() >= 12
     res = group_residual(p_BWV[:, 0], q_BgV[:, 0], rank_partition(p_BWV[:, 0], group))

@@ -9,6 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.toys import verify_case  # noqa: E402
 from vargen.sampling.speculative import accept_and_correct  # noqa: E402
 from vargen_kernels import dispatch  # noqa: E402
 from vargen_kernels.speculative_verify import verify, verify_reference  # noqa: E402
@@ -19,28 +20,6 @@ def interpreter():
     pytest.importorskip("triton")
     if not dispatch.interpret_requested():
         pytest.skip("TRITON_INTERPRET is off, so the kernel cannot run on CPU")
-
-
-def _case(B, W, V, seed, zero_frac=0.3, q_equals_p=False, room=None):
-    """Random target rows with ~zero_frac zero-probability tokens, draft rows, drafts ~ q, noise."""
-    g = torch.Generator().manual_seed(seed)
-    p_BWV = torch.softmax(2 * torch.randn(B, W, V, generator=g), -1)
-    p_BWV = p_BWV * (torch.rand(B, W, V, generator=g) >= zero_frac)
-    p_BWV[..., 0] += 1e-3  # never a whole row of zeros
-    p_BWV = p_BWV / p_BWV.sum(-1, keepdim=True)
-    q_BgV = (
-        p_BWV[:, : W - 1].clone() if q_equals_p else torch.softmax(torch.randn(B, W - 1, V, generator=g), -1)
-    )
-    x_Bg = (
-        torch.multinomial(q_BgV.reshape(-1, V), 1, generator=g).view(B, W - 1) if W > 1 else torch.zeros(B, 0)
-    )
-    room_B = torch.randint(0, W + 2, (B,), generator=g) if room is None else torch.full((B,), room)
-    draws = (
-        torch.rand(B, W, V, generator=g),
-        torch.rand(B, W - 1, generator=g),
-        torch.rand(B, V, generator=g),
-    )
-    return p_BWV, q_BgV, x_Bg.long(), room_B, *draws
 
 
 def _check(args, ratio_Bg=None):
@@ -55,18 +34,18 @@ def _check(args, ratio_Bg=None):
 @pytest.mark.parametrize("B,W,V", [(1, 4, 16), (4, 3, 33), (3, 1, 9), (5, 5, 7)])
 def test_kernel_matches_reference(interpreter, B, W, V):
     """Random windows, ragged rooms (0 .. W+1: capped rows, rows with no room at all)."""
-    n, z, y, cap = _check(_case(B, W, V, seed=B * 100 + W * 10 + V))
+    n, z, y, cap = _check(verify_case(B, W, V, seed=B * 100 + W * 10 + V))
     assert (n <= cap).all()
 
 
 def test_kernel_all_accepted_and_all_rejected(interpreter):
     """q = p accepts every draft (z is the bonus sample y_n); uniforms at 1 - 2**-24 and ratios
     below one reject the first draft (z is a residual draw, never a token the residual lacks)."""
-    args = _case(3, 4, 20, seed=1, q_equals_p=True, room=10)
+    args = verify_case(3, 4, 20, seed=1, q_equals_p=True, room=10)
     n, z, y, cap = _check(args)
     assert torch.equal(n, cap) and torch.equal(cap, torch.full((3,), 3))
     assert torch.equal(z, y[:, 3])
-    p_BWV, q_BgV, x_Bg, room_B, u_BWV, a_Bg, u_res_BV = _case(3, 4, 20, seed=2, room=10)
+    p_BWV, q_BgV, x_Bg, room_B, u_BWV, a_Bg, u_res_BV = verify_case(3, 4, 20, seed=2, room=10)
     a_Bg = torch.full_like(a_Bg, 1 - 2**-24)
     n, z, y, cap = _check((p_BWV, q_BgV, x_Bg, room_B, u_BWV, a_Bg, u_res_BV))
     ratio_B = p_BWV[:, 0].gather(1, x_Bg[:, :1])[:, 0] / q_BgV[:, 0].gather(1, x_Bg[:, :1])[:, 0]
@@ -79,12 +58,12 @@ def test_kernel_all_accepted_and_all_rejected(interpreter):
 def test_kernel_zero_probability_drafts_and_given_ratio(interpreter):
     """Drafts with p(x) = 0 are always rejected; a given ratio (GSD) replaces p/q, and with p = q
     a rejection's residual has no mass, so it falls back to p."""
-    p_BWV, q_BgV, x_Bg, room_B, u_BWV, a_Bg, u_res_BV = _case(4, 3, 12, seed=3, room=9)
+    p_BWV, q_BgV, x_Bg, room_B, u_BWV, a_Bg, u_res_BV = verify_case(4, 3, 12, seed=3, room=9)
     x_Bg[:, 0] = (p_BWV[:, 0] == 0).float().argmax(-1)  # a zero-probability token per row
     assert (p_BWV[:, 0].gather(1, x_Bg[:, :1]) == 0).all()
     n, z, *_ = _check((p_BWV, q_BgV, x_Bg, room_B, u_BWV, a_Bg, u_res_BV))
     assert (n == 0).all() and (p_BWV[:, 0].gather(1, z[:, None]) > 0).all()
-    args = _case(4, 3, 12, seed=4, q_equals_p=True, room=9)
+    args = verify_case(4, 3, 12, seed=4, q_equals_p=True, room=9)
     ratio_Bg = torch.tensor([[0.0, 1.0], [1.0, 0.0], [2.0, 0.5], [float("nan"), 1.0]])
     n, z, y, _ = _check(args, ratio_Bg)
     assert n[0] == 0 and n[3] == 0 and n[1] == 1  # NaN rejects, as torch's clamp + compare
@@ -93,21 +72,21 @@ def test_kernel_zero_probability_drafts_and_given_ratio(interpreter):
 
 def test_kernel_strided_views_and_empty_batch(interpreter):
     """Views with a strided window axis (p at the draft positions of a longer buffer); B = 0."""
-    p_BWV, q_BgV, x_Bg, room_B, u_BWV, a_Bg, u_res_BV = _case(2, 6, 10, seed=5)
+    p_BWV, q_BgV, x_Bg, room_B, u_BWV, a_Bg, u_res_BV = verify_case(2, 6, 10, seed=5)
     q_wide = torch.cat([q_BgV, q_BgV], -1)[..., :10]  # rows of stride 2V
     s = slice(0, 4, 2)  # drafts 0 and 2 before window positions 0, 2, 4
     _check((p_BWV[:, ::2], q_wide[:, s], x_Bg[:, s], room_B, u_BWV[:, ::2], a_Bg[:, s], u_res_BV))
-    empty = _case(0, 3, 5, seed=6)
+    empty = verify_case(0, 3, 5, seed=6)
     assert all(t.shape[0] == 0 for t in verify(*empty, backend="interpret"))
 
 
 def test_kernel_mode_mismatch_is_a_clear_error(interpreter):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        verify(*_case(1, 2, 4, seed=7), backend="triton")
+        verify(*verify_case(1, 2, 4, seed=7), backend="triton")
 
 
 def test_shape_errors():
-    args = list(_case(2, 3, 5, seed=8))
+    args = list(verify_case(2, 3, 5, seed=8))
     args[5] = args[5][:, :1]
     with pytest.raises(ValueError, match="a_Bg"):
         verify(*args, backend="torch")
@@ -142,7 +121,7 @@ def _frozen_accept_and_correct(p_BWV, q_BgV, x_Bg, ratio_Bg, room_B, generator):
 @pytest.mark.parametrize("backend", ["torch", "interpret"])
 def test_accept_and_correct_draws_what_it_drew_before(interpreter, backend):
     for W in (1, 4):
-        p_BWV, q_BgV, x_Bg, room_B, *_ = _case(6, W, 11, seed=W)
+        p_BWV, q_BgV, x_Bg, room_B, *_ = verify_case(6, W, 11, seed=W)
         ratio_Bg = (
             p_BWV[:, : W - 1].gather(2, x_Bg[..., None])[..., 0] / q_BgV.gather(2, x_Bg[..., None])[..., 0]
         )

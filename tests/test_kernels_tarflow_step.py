@@ -68,10 +68,10 @@ def test_kernel_float64_is_exact_to_fp64_rounding(interpreter):
 def test_continuous_sampler_equal_under_interpreter_and_reference(interpreter):
     """sample_tarflow_continuous (refilling slots, guidance, a tolerance) gives the same images and
     passes with the interpreted step as with the reference."""
-    from tests.test_tarflow import tiny
+    from tests.toys import tiny_tarflow
     from vargen.sampling import tarflow_sampling as ts
 
-    m = tiny(std=0.1, blocks=1)
+    m = tiny_tarflow(std=0.1, blocks=1)
     c = torch.tensor([0, 1, 3])
     out = {}
     for backend in ("interpret", "torch"):

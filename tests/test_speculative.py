@@ -7,48 +7,11 @@ import pytest
 import torch
 from scipy.stats import chi2, chisquare
 
+from vargen.models.toy_ar import ToyAR
 from vargen.sampling.jacobi import exact_group_fns, gsd_ratio, partition_ratio, rank_partition, sample_jacobi
 from vargen.sampling.speculative import sample_speculative
 
-V, T, SAMPLES = 6, 3, 100_000
-
-
-class ToyAR:
-    """An AR model given by tables: logits of token t = table_t[prefix index], (V**t, V) each.
-
-    It has no KV cache, so the samplers run on it with ``use_cache=False`` (full recompute);
-    tests/test_speculative_cache.py shows the cached samplers draw the same tokens."""
-
-    null_class = 0
-
-    def __init__(self, seed, zero_frac=0.0, scale=1.5):
-        g = torch.Generator().manual_seed(seed)
-        self.num_tokens, self.vocab_size = T, V
-        self.tables = []
-        for t in range(T):
-            tab = torch.randn(V**t, V, generator=g) * scale
-            if zero_frac:  # tokens the model can never emit (p = 0), never a whole row
-                dead = torch.rand(V**t, V, generator=g) < zero_frac
-                dead[:, 0] = False
-                tab = tab.masked_fill(dead, float("-inf"))
-            self.tables.append(tab)
-
-    def logits(self, ids_Bn, cond_B):
-        B, n = ids_Bn.shape
-        out, idx = [], torch.zeros(B, dtype=torch.long)
-        for t in range(n + 1):
-            out.append(self.tables[t][idx])
-            if t < n:
-                idx = idx * V + ids_Bn[:, t]
-        return torch.stack(out, 1)  # (B, n+1, V)
-
-    def joint(self):
-        """Exact probability of every sequence, (V**T,) in lexicographic order."""
-        probs = torch.ones(1)
-        for t in range(T):
-            cond = torch.softmax(self.tables[t].double(), -1)  # (V**t, V)
-            probs = (probs[:, None] * cond).reshape(-1)
-        return probs
+V, T, SAMPLES = 6, 3, 100_000  # ToyAR's default vocabulary and length
 
 
 def chi2_pvalue(ids_BN, joint):

@@ -8,9 +8,10 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from tests.test_speculative import T, ToyAR, V
-from tests.test_speculative_cache import CLASSES, tiny_llamagen
+from tests.toys import LLAMAGEN_CLASSES as CLASSES
+from tests.toys import tiny_llamagen
 from vargen.models.ar import ARConfig, ARTransformer
+from vargen.models.toy_ar import ToyAR
 from vargen.sampling.ar_decode import sample_ar
 from vargen.sampling.generate import generate
 from vargen.sampling.jacobi import (
@@ -24,6 +25,7 @@ from vargen.sampling.jacobi import (
 )
 from vargen.sampling.speculative import sample_speculative
 
+T, V = 3, 6  # ToyAR's default length and vocabulary
 N_TOY, SLOTS = 40_000, 503  # N not a multiple of SLOTS: the tail runs with idle rows
 
 

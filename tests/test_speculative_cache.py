@@ -5,19 +5,11 @@ versions from the same generator (float64 models, so no argmax can flip on round
 import pytest
 import torch
 
-from vargen.models.ar import ARConfig, ARTransformer
+from tests.toys import LLAMAGEN_CLASSES as CLASSES
+from tests.toys import LLAMAGEN_VOCAB as V
+from tests.toys import tiny_llamagen
 from vargen.sampling.jacobi import gsd_ratio, sample_jacobi
 from vargen.sampling.speculative import sample_speculative, window_inputs
-
-V, GRID, CLASSES = 24, [3, 4], 3
-
-
-def tiny_llamagen(seed, dim=16, depth=2):
-    torch.manual_seed(seed)  # weight init uses the global RNG (test data only)
-    m = ARTransformer(ARConfig(vocab_size=V, grid=GRID, num_classes=CLASSES, dim=dim, depth=depth, heads=2))
-    for p in m.parameters():  # larger weights than the init: peaked, varied conditionals
-        torch.nn.init.normal_(p, std=0.4)
-    return m.double().eval()
 
 
 @pytest.fixture(scope="module")

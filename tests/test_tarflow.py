@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from tests.toys import tiny_tarflow
 from vargen.models.tarflow import TarFlow, TarFlowConfig, build_tarflow
 from vargen.registry import SAMPLERS
 from vargen.sampling import tarflow_sampling as ts
@@ -21,17 +22,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def tiny(std=0.1, blocks=2, seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    cfg = TarFlowConfig(
-        channels=1, resolution=8, num_classes=3, dim=16, layers_per_block=1, num_blocks=blocks, heads=2
-    )
-    m = TarFlow(cfg).to(dtype).eval()
-    if std > 0:
-        m.init_output_(std, torch.Generator().manual_seed(seed + 1))
-    return m
 
 
 def data(B=3, seed=0):
@@ -55,7 +45,7 @@ def test_builder_validates_and_shapes():
 
 
 def test_fresh_model_is_identity_and_flip_is_involution():
-    m = tiny(std=0)
+    m = tiny_tarflow(std=0)
     x, c = data()
     z, logdet = m(x, c)
     assert torch.equal(z, x) and torch.equal(logdet, torch.zeros(3, dtype=torch.float64))
@@ -67,7 +57,7 @@ def test_fresh_model_is_identity_and_flip_is_involution():
 
 
 def test_reverse_of_forward_is_identity():
-    m = tiny(blocks=3)
+    m = tiny_tarflow(blocks=3)
     x, c = data()
     z, _ = m(x, c)
     assert (z - x).abs().max() > 1e-2  # a non-trivial flow
@@ -76,7 +66,7 @@ def test_reverse_of_forward_is_identity():
 
 
 def test_logdet_equals_autograd_log_abs_det():
-    m = tiny()
+    m = tiny_tarflow()
     x, c = data(B=1)
     _, logdet = m(x, c)
     J = torch.autograd.functional.jacobian(lambda v: m(v.view(1, T, CP), c)[0].flatten(), x.flatten())
@@ -86,7 +76,7 @@ def test_logdet_equals_autograd_log_abs_det():
 
 
 def test_each_block_is_causal_in_its_permuted_order():
-    m = tiny()
+    m = tiny_tarflow()
     x, c = data(B=1)
     for block in m.blocks:
 
@@ -102,7 +92,7 @@ def test_each_block_is_causal_in_its_permuted_order():
 
 @pytest.mark.parametrize("guidance", [None, 1.5])
 def test_jacobi_and_gs_jacobi_equal_sequential(guidance):
-    m = tiny(blocks=3)
+    m = tiny_tarflow(blocks=3)
     x, c = data()
     z, _ = m(x, c)
     ref, _ = ts.invert_tarflow(m, z, c, plans(m, "sequential"), guidance=guidance)
@@ -118,7 +108,7 @@ def test_jacobi_and_gs_jacobi_equal_sequential(guidance):
 
 
 def test_after_k_jacobi_iterations_tokens_0_to_k_are_exact():
-    m = tiny()
+    m = tiny_tarflow()
     block = m.blocks[1]
     x, c = data()
     z = block(x, c)[0]
@@ -133,7 +123,7 @@ def test_after_k_jacobi_iterations_tokens_0_to_k_are_exact():
 
 @pytest.mark.parametrize("guidance", [None, 2.0])
 def test_single_token_segments_reproduce_sequential_bit_for_bit(guidance):
-    m = tiny()
+    m = tiny_tarflow()
     x, c = data()
     z, _ = m(x, c)
     seq, _ = ts.invert_tarflow(m, z, c, plans(m, "sequential"), guidance=guidance)
@@ -144,7 +134,7 @@ def test_single_token_segments_reproduce_sequential_bit_for_bit(guidance):
 
 def test_gs_segments_attend_to_keys_values_of_final_values():
     """A segment stopped early (cap 1) must leave K/V of its FINAL values for later segments."""
-    m = tiny()
+    m = tiny_tarflow()
     block = m.blocks[0]
     x, c = data()
     zp = block.permute(block(x, c)[0])
@@ -159,7 +149,7 @@ def test_gs_segments_attend_to_keys_values_of_final_values():
 
 
 def test_initial_guess_changes_iterations_never_the_result():
-    m = tiny(std=0.005, blocks=3)  # near-identity blocks converge in a few iterations
+    m = tiny_tarflow(std=0.005, blocks=3)  # near-identity blocks converge in a few iterations
     x, c = data()
     z, _ = m(x, c)
     out_z, info_z = ts.invert_tarflow(m, z, c, plans(m, "jacobi", init="z"), tol=1e-14)
@@ -174,7 +164,7 @@ def test_initial_guess_changes_iterations_never_the_result():
 @pytest.mark.parametrize("w", [None, 1.5])
 def test_cached_sequential_inverse_equals_naive_recompute(w):
     """Also pins the guidance: a <- a + g_i (a - a_null), annealed g_i = i / (T - 1) w."""
-    m = tiny()
+    m = tiny_tarflow()
     block = m.blocks[1]
     x, c = data()
     zp = block.permute(block(x, c)[0])
@@ -192,7 +182,7 @@ def test_cached_sequential_inverse_equals_naive_recompute(w):
 
 
 def test_guidance_weight_zero_equals_conditional_and_nonzero_differs():
-    m = tiny()
+    m = tiny_tarflow()
     x, c = data()
     z, _ = m(x, c)
     cond, _ = ts.invert_tarflow(m, z, c, plans(m, "sequential"))
@@ -205,7 +195,7 @@ def test_guidance_weight_zero_equals_conditional_and_nonzero_differs():
 
 
 def test_inactive_clamp_changes_nothing():
-    m = tiny(std=0.05)
+    m = tiny_tarflow(std=0.05)
     x, c = data()
     z = 0.1 * x
     for block in m.blocks:  # every block's input and output, hence every solution, is inside
@@ -218,7 +208,7 @@ def test_inactive_clamp_changes_nothing():
 
 
 def test_tweedie_on_gaussian_model_is_posterior_mean():
-    m = tiny(std=0)  # identity flow: the model density is N(0, I)
+    m = tiny_tarflow(std=0)  # identity flow: the model density is N(0, I)
     x, c = data()
     s2 = m.cfg.noise_std**2
     # noisy x ~ N(0, 1) = clean N(0, 1 - s2) + noise N(0, s2): E[clean | x] = (1 - s2) x
@@ -226,7 +216,7 @@ def test_tweedie_on_gaussian_model_is_posterior_mean():
 
 
 def test_crm_igm_and_policy():
-    m = tiny(blocks=3)
+    m = tiny_tarflow(blocks=3)
     images = torch.rand(6, 1, 8, 8, dtype=torch.float64)
     met = ts.crm_igm(m, images)
     for k in ("crm", "igm_z", "igm_zero"):
@@ -251,7 +241,7 @@ def test_crm_igm_and_policy():
 
 
 def test_samples_finite_in_range_and_seeded():
-    m = tiny(std=0.05, dtype=torch.float32)
+    m = tiny_tarflow(std=0.05, dtype=torch.float32)
     c = torch.tensor([0, 1, 2, 3])
     run = SAMPLERS.build({**vars(ts.TarFlowSamplerConfig()), "method": "gs_jacobi", "cfg_scale": 2.0})
     a, stats = run(m, c, torch.Generator().manual_seed(0))
@@ -275,7 +265,7 @@ def test_samples_finite_in_range_and_seeded():
 def test_windowed_jacobi_equals_sequential(window, guidance):
     """tol 0 commits a token early only when its update is exactly zero: the windowed solve
     is the sequential solution (float64: to rounding; window 1 IS the sequential loop)."""
-    m = tiny(blocks=3)
+    m = tiny_tarflow(blocks=3)
     x, c = data()
     z, _ = m(x, c)
     seq, _ = ts.invert_tarflow(m, z, c, plans(m, "sequential"), guidance=guidance)
@@ -291,7 +281,7 @@ def test_windowed_jacobi_equals_sequential(window, guidance):
 
 @pytest.mark.parametrize("window", [1, 4, 0])
 def test_windowed_jacobi_float32_within_1e5_of_sequential(window):
-    m = tiny(std=0.05, blocks=3, dtype=torch.float32)
+    m = tiny_tarflow(std=0.05, blocks=3, dtype=torch.float32)
     x, c = data()
     z, _ = m(x.float(), c)
     seq, _ = ts.invert_tarflow(m, z, c, plans(m, "sequential"), guidance=1.0)
@@ -306,13 +296,13 @@ def test_token_rows_and_passes_exact_counts(window):
     guarantee makes exact: L passes over min(W, L - c) inputs each; (2) the identity flow
     from the z-init never moves a token: every pass commits its whole window."""
     L, W = T - 1, window or T - 1
-    m = tiny(blocks=2)
+    m = tiny_tarflow(blocks=2)
     x, c = data()
     zp = m.blocks[0].permute(x)
     _, info = ts.invert_block_jacobi(m.blocks[0], zp, c, window=window, tol=-1.0)
     assert info["passes"] == L and info["syncs"] == 0
     assert info["token_rows"] == sum(min(W, L - i) for i in range(L))
-    ident = tiny(std=0).blocks[0]
+    ident = tiny_tarflow(std=0).blocks[0]
     _, info = ts.invert_block_jacobi(ident, zp, c, window=window, tol=0.0)
     assert info["passes"] == math.ceil(L / W) and info["token_rows"] == L
     assert info["syncs"] == (info["passes"] if W > 1 else 0)  # a 1-token window has nothing to check
@@ -321,7 +311,7 @@ def test_token_rows_and_passes_exact_counts(window):
 def test_check_every_reads_convergence_on_the_host_only_every_k_passes():
     """Identity flow, z-init, L = 15, window 4, a read every 2nd pass: unread passes commit
     one token (windows [0,4) [1,5) [5,9) [6,10) [10,14) [11,15)), read ones the whole window."""
-    ident = tiny(std=0).blocks[0]
+    ident = tiny_tarflow(std=0).blocks[0]
     zp, c = data()
     u, info = ts.invert_block_jacobi(ident, zp, c, window=4, tol=0.0, check_every=2)
     assert (info["passes"], info["token_rows"], info["syncs"]) == (6, 24, 3)
@@ -331,7 +321,7 @@ def test_check_every_reads_convergence_on_the_host_only_every_k_passes():
 def test_stop_threshold_is_per_element_independent_of_batch_size():
     """The same row alone and repeated 8 times commits at the same passes (a threshold like
     ||delta||_F / (B C) would loosen by sqrt(8) and stop the batch of 8 earlier)."""
-    m = tiny(std=0.05, blocks=2)
+    m = tiny_tarflow(std=0.05, blocks=2)
     x, c = data(B=1)
     zp = m.blocks[1].permute(m(x, c)[0])
     for tol in (1e-3, 1e-4, 1e-5):
@@ -343,7 +333,7 @@ def test_stop_threshold_is_per_element_independent_of_batch_size():
 
 
 def test_calibration_picks_jacobi_where_it_converges_and_gs_where_the_cap_bites():
-    m = tiny(std=0.005, blocks=3)
+    m = tiny_tarflow(std=0.005, blocks=3)
     with torch.no_grad():
         m.blocks[1].proj_out.weight.mul_(100.0)  # a strongly coupled block: Jacobi crawls
     labels = torch.tensor([0, 1, 2, 0])
@@ -356,7 +346,7 @@ def test_calibration_picks_jacobi_where_it_converges_and_gs_where_the_cap_bites(
 
 
 def test_auto_sampler_records_plan_and_window_stats():
-    m = tiny(std=0.05, dtype=torch.float32)
+    m = tiny_tarflow(std=0.05, dtype=torch.float32)
     c = torch.tensor([0, 1, 2, 3])
     cfg = {**vars(ts.TarFlowSamplerConfig()), "method": "auto", "window": 4, "cfg_scale": 1.5, "calib": 4}
     run = SAMPLERS.build(cfg)
@@ -378,7 +368,7 @@ def test_auto_sampler_records_plan_and_window_stats():
 def test_continuous_jacobi_stays_exact_under_refilling(window, guidance):
     """7 rows through 1, 3 or 8 slots: rows finish, slots refill and the batch shrinks at the
     end, yet with tol 0 every image is the sequential one from the same noise."""
-    m = tiny(std=0.1, blocks=3)
+    m = tiny_tarflow(std=0.1, blocks=3)
     c = torch.tensor([0, 1, 2, 3, 0, 1, 2])
     ref, _ = ts.sample_tarflow(m, c, generator=torch.Generator().manual_seed(0), cfg_scale=guidance)
     for slots in (1, 3, 8):
@@ -399,7 +389,7 @@ def test_continuous_rows_are_independent_of_slots_and_keep_calls_per_image():
     """A row's passes and result do not depend on its slot or neighbours: model calls per image
     are the same with 1, 5 or 16 slots, below the batch-synchronous loop where a batch of 16
     runs until its slowest row converges."""
-    m = tiny(std=0.1, blocks=2)
+    m = tiny_tarflow(std=0.1, blocks=2)
     c = torch.arange(24) % 4
     kw = dict(window=0, tol=1e-4, cfg_scale=1.5)
     res = {}
@@ -424,7 +414,7 @@ def test_continuous_rows_are_independent_of_slots_and_keep_calls_per_image():
 
 
 def test_continuous_exact_counts_and_builder():
-    m = tiny(std=0.1, blocks=2)
+    m = tiny_tarflow(std=0.1, blocks=2)
     c = torch.arange(5) % 3
     eager, st = ts.sample_tarflow_continuous(
         m, c, generator=torch.Generator().manual_seed(0), slots=2, tol=-1.0
