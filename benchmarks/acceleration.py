@@ -350,8 +350,8 @@ def run(
 
 def zoo_workload(zoo, fid: bool = True, device: str = "cpu") -> Workload:
     """The photos workload from the zoo (trains what is missing)."""
+    from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.eval.fid import FIDEvaluator
-    from vargen.train.tasks import load_component, load_tokenizer_for
 
     paths = zoo.ensure(
         ["photos_ar", "photos_ar_draft", "photos_var", "photos_xar", "photos_xar_draft", "photos_tarflow"]

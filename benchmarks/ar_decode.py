@@ -164,7 +164,7 @@ def main(argv=None):
 
     models = []
     if args.ckpt:
-        from vargen.train.tasks import load_component
+        from vargen.checkpoint import load_component
 
         m, _ = load_component(args.ckpt)
         models.append((f"ckpt {m.cfg.grid[0]}x{m.cfg.grid[1]}", m))

@@ -43,9 +43,9 @@ def default_root(quick: bool) -> str:
 
 def prepare(quick: bool, root: str | None = None) -> dict:
     """Train (or resume) tokenizer, target and draft under ``root``; load them and the evaluator."""
+    from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.eval import FIDEvaluator
     from vargen.sampling.generate import class_labels
-    from vargen.train.tasks import load_component, load_tokenizer_for
 
     root = root or default_root(quick)
     kl = train("digits_kl", os.path.join(root, "kl"), quick)

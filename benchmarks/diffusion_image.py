@@ -42,12 +42,12 @@ def _settings(quick: bool) -> dict:
 
 def run(quick: bool, root: str) -> dict:
     torch.set_num_threads(1)
+    from vargen.checkpoint import load_component
     from vargen.data import build_dataset
     from vargen.diffusion.time_shift import ExposureBiasTimeShift
     from vargen.eval import FIDEvaluator
     from vargen.sampling.diffusion_sampling import sample_ddim, sample_fkc_cfg
     from vargen.sampling.generate import class_labels
-    from vargen.train.tasks import load_component
 
     ckpt = train("digits_ddpm", os.path.join(root, "bench_ddpm"), quick, quick_steps=800)
     model, cfg = load_component(ckpt)

@@ -1,15 +1,20 @@
 #!/usr/bin/env python
-"""LSD / LSD+ students vs the Euler sampler of a masked diffusion model, on digits.
+"""LSD / LSD+ students vs the Euler sampler of a masked diffusion model, on digits, and the
+objective on the enumerable toy.
 
-    python benchmarks/diffusion_lsd.py [--quick]
+    python -m benchmarks.diffusion_lsd [--quick]
 
 Trains (or resumes) into runs/bench_lsd_{quick,full}: the VQ tokenizer (configs/digits_vq.yaml),
 the masked diffusion model (configs/digits_mdm.yaml) and, from its 64-step Euler sampler as the
-teacher (configs/digits_lsd.yaml), students for 8 and 4 steps: LSD+ (coefficients and step sizes)
-and LSD (coefficients only). Samples class-balanced sets, without guidance, with the teacher, the
-uniform Euler sampler at 8 and 4 steps and each student: FID (mean and std over 3 sampling seeds,
-vs the held-out split) and model forwards per sample (nfe). Writes
-benchmarks/results/diffusion_lsd.json (the issue's ``lsd.*`` keys).
+teacher (configs/digits_lsd.yaml, the paper's own-trajectory objective), students: LSD+
+(coefficients and step sizes) at 8 and 4 steps, LSD (coefficients only) at 4, and a 4-step LSD+
+student with the earlier ``teacher_forced`` objective. Samples class-balanced sets, without
+guidance, with the teacher, the uniform Euler sampler at 8 and 4 steps and each student
+(:func:`benchmarks.common.sweep`: FID mean and std over 3 sampling seeds vs the held-out split,
+model forwards per batch). ``lsd.toy.*``: exact TV to p0 on the enumerable toy of tests/test_lsd.py
+(L = 2, V = 3, exact network) of the 4-step base sampler, of the students the two objectives
+distil (LSD, and LSD+ for the paper's) and of the coefficients that minimise the TV directly.
+Writes benchmarks/results/diffusion_lsd.json.
 """
 
 from __future__ import annotations
@@ -17,70 +22,124 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, meta, print_table, train, write_results  # noqa: E402
+from benchmarks.common import ROOT, Method, flat_results, meta, print_table, sweep, train, write_results
 
 TEACHER_STEPS = 64
+SEEDS = (0, 1, 2)
+# (name, student steps, LSD+, objective)
+STUDENTS = (
+    ("student8", 8, True, "own_trajectory"),
+    ("student4", 4, True, "own_trajectory"),
+    ("student4_lsd", 4, False, "own_trajectory"),
+    ("student4_teacher_forced", 4, True, "teacher_forced"),
+)
+
+
+def toy(n: int = 4, iters: int = 100, batch: int = 4096, teacher_steps: int = 64) -> dict:
+    """Exact TVs on the enumerable toy (module docstring); deterministic (fixed generators)."""
+    from tests.test_lsd import EPS, L, V, exact_terminal, toy_logp0, tv_to_p0
+    from vargen.diffusion.absorbing import all_mask, sample_chain, uniform_times
+    from vargen.diffusion.lsd import distill_loss, student_rollout, student_times, teacher_forced_loss
+
+    teacher_times = uniform_times(teacher_steps, EPS)
+
+    def distil(objective: str, plus: bool):
+        coef, logits = torch.nn.Parameter(torch.ones(n)), torch.nn.Parameter(torch.zeros(n))
+        opt = torch.optim.Adam([coef] + ([logits] if plus else []), lr=0.02)
+        for it in range(iters):
+            g = torch.Generator().manual_seed(it)
+            x_T = all_mask(batch, L, V)
+            _, teacher = sample_chain(toy_logp0, x_T, teacher_times, EPS, g, record=True)
+            times = student_times(logits, EPS)
+            if objective == "teacher_forced":
+                loss = teacher_forced_loss(toy_logp0, teacher, teacher_times, times, coef, EPS)[0]
+            else:
+                own, own_logp0 = student_rollout(toy_logp0, x_T, times, coef, EPS, g)
+                loss = distill_loss(own_logp0, own, toy_logp0, teacher, teacher_times, times, coef, EPS)[0]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        times = student_times(logits, EPS).detach()
+        return tv_to_p0(exact_terminal(times, coef.detach())), coef.detach().tolist(), times.tolist()
+
+    base = uniform_times(n, EPS)
+    out = {"lsd.toy.steps": n, "lsd.toy.tv_base": tv_to_p0(exact_terminal(base))}
+    for name, objective, plus in (
+        ("own_trajectory_lsd", "own_trajectory", False),
+        ("own_trajectory_lsd_plus", "own_trajectory", True),
+        ("teacher_forced_lsd", "teacher_forced", False),
+    ):
+        tv, coef, times = distil(objective, plus)
+        out[f"lsd.toy.tv_{name}"], out[f"lsd.toy.coef_{name}"] = tv, coef
+        if plus:
+            out[f"lsd.toy.times_{name}"] = times
+    coef = torch.nn.Parameter(torch.ones(n, dtype=torch.float64))  # direct TV minimisation
+    opt = torch.optim.Adam([coef], lr=0.02)
+    for _ in range(300):
+        tv = _tv_exact(exact_terminal(base, coef), V)
+        opt.zero_grad()
+        tv.backward()
+        opt.step()
+    out["lsd.toy.tv_direct"] = tv_to_p0(exact_terminal(base, coef.detach()))
+    out["lsd.toy.coef_direct"] = coef.detach().tolist()
+    return out
+
+
+def _tv_exact(d, V):
+    """Differentiable TV to the toy's p0 (the masked mass counts as error)."""
+    from tests.test_lsd import P0
+
+    clean = d.view(V + 1, V + 1)[:V, :V]
+    return 0.5 * ((clean - P0.double()).abs().sum() + (1 - clean.sum()))
 
 
 def run(quick: bool, root: str) -> dict:
     """Train what is missing under ``root``, sample every method; returns the flat results."""
+    from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.eval import FIDEvaluator
-    from vargen.sampling.generate import class_labels, generate
+    from vargen.sampling.generate import class_labels
     from vargen.sampling.mdm_sampling import sample_lsd, sample_mdm
-    from vargen.train.tasks import load_component, load_tokenizer_for
 
     vq = train("digits_vq", os.path.join(root, "vq"), quick)
     mdm = train("digits_mdm", os.path.join(root, "mdm"), quick, [f"tokenizer_ckpt={vq}"], quick_steps=1000)
     distil = [f"teacher_ckpt={mdm}", f"teacher_steps={TEACHER_STEPS}"]
     distil += ["train.batch_size=32"] if quick else []
     students = {}
-    for n in (8, 4):
-        for plus in (True, False):
-            name = f"student{n}" + ("" if plus else "_lsd")
-            over = [*distil, f"model.student_steps={n}", f"model.learn_steps={str(plus).lower()}"]
-            students[name] = train("digits_lsd", os.path.join(root, name), quick, over, quick_steps=40)
+    for name, n, plus, objective in STUDENTS:
+        over = [*distil, f"model.student_steps={n}", f"model.learn_steps={str(plus).lower()}"]
+        over += [f"objective={objective}"]
+        students[name] = train("digits_lsd", os.path.join(root, name), quick, over, quick_steps=40)
     model, cfg = load_component(mdm)
     tok = load_tokenizer_for(cfg)
     evaluator = FIDEvaluator.for_dataset(dict(cfg.data), split="heldout")
-    n_samples, seeds, batch = (200 if quick else 1000), [0, 1, 2], 250
+    n_samples, batch = (200 if quick else 1000), 250
     labels = class_labels(n_samples, model.num_classes, [])
 
     def euler(steps):
-        return model, lambda m, c, g: sample_mdm(m, c, generator=g, steps=steps)
+        return Method(model, tok, lambda m, c, g: sample_mdm(m, c, generator=g, steps=steps))
 
-    methods = {"teacher": euler(TEACHER_STEPS), "euler8": euler(8), "euler4": euler(4)}
+    methods = {"lsd.teacher": euler(TEACHER_STEPS), "lsd.euler8": euler(8), "lsd.euler4": euler(4)}
     for name, path in students.items():
-        methods[name] = (load_component(path)[0], lambda m, c, g: sample_lsd(m, c, generator=g))
-    flat, rows = {}, []
-    for name, (net, fn) in methods.items():
-        fids, fwd, sec = [], 0, 0.0
-        for seed in seeds:
-            t0 = time.perf_counter()
-            images, _, st = generate(net, tok, labels, fn, torch.Generator().manual_seed(seed), batch)
-            sec += time.perf_counter() - t0
-            fids.append(evaluator.score(images))
-            fwd += st["target_forwards"]
-        flat[f"lsd.fid_{name}"] = statistics.mean(fids)
-        flat[f"lsd.fid_{name}_std"] = statistics.stdev(fids)
-        flat[f"lsd.nfe_{name}"] = fwd / (len(seeds) * -(-n_samples // batch))
-        flat[f"lsd.seconds_{name}"] = sec
-        fid = f"{flat[f'lsd.fid_{name}']:.2f} ± {flat[f'lsd.fid_{name}_std']:.2f}"
-        rows.append({"sampler": name, "fid": fid, "nfe": flat[f"lsd.nfe_{name}"], "seconds": sec})
+        methods[f"lsd.{name}"] = Method(load_component(path)[0], tok, lambda m, c, g: sample_lsd(m, c, generator=g))
+    swept = sweep(methods, labels, list(SEEDS), evaluator, batch)
+    flat = flat_results(swept)
+    rows = [
+        {"sampler": k, "fid": f"{r['fid_mean']:.2f} ± {r['fid_std']:.2f}", "nfe": r["nfe"], "seconds": r["seconds"]}
+        for k, r in swept.items()
+    ]
     for name, path in students.items():
         ev = json.load(open(os.path.join(path, "eval.json")))
-        flat[f"lsd.distill_loss_{name}"] = ev["eval_loss"]
-        flat[f"lsd.distill_loss_base_{name}"] = ev["eval_loss_base"]
+        flat[f"lsd.{name}.distill_loss"] = ev["eval_loss"]
+        flat[f"lsd.{name}.distill_loss_base"] = ev["eval_loss_base"]
         sched = json.load(open(os.path.join(path, "lsd_schedule.json")))
-        flat[f"lsd.coef_{name}"], flat[f"lsd.times_{name}"] = sched["coef"], sched["times"]
+        flat[f"lsd.{name}.coef"], flat[f"lsd.{name}.times"] = sched["coef"], sched["times"]
     flat["lsd.samples_per_seed"] = n_samples
     print_table(rows, ["sampler", "fid", "nfe", "seconds"])
+    flat.update(toy())
+    print({k: v for k, v in flat.items() if k.startswith("lsd.toy.tv")})
     return flat
 
 
@@ -91,7 +150,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     root = os.path.join(ROOT, "runs", f"bench_lsd_{'quick' if args.quick else 'full'}")
     flat = run(args.quick, root)
-    print("wrote", write_results("diffusion_lsd", flat, meta(args.quick, [0, 1, 2])))
+    print("wrote", write_results("diffusion_lsd", flat, meta(args.quick, SEEDS)))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 # Every GPU-only check of the fused kernels in one call, for a session lent a GPU:
 #   1. benchmarks.kernels: each compiled Triton kernel vs its torch reference on sampler-sized
 #      problems (equality, speed-up) -> benchmarks/results/kernels.json;
-#   2. the samplers wired to the kernels (SD, SJD, GSD group-exact, FKC-CFG) on CUDA: the same ids /
-#      particles with backend="triton" as with backend="torch" from the same generator.
+#   2. the samplers wired to the kernels (SD, SJD, GSD group-exact, FKC-CFG, TarFlow, CSpD; the
+#      cached windows' ragged attention) on CUDA: the same ids / particles / tokens with
+#      backend="triton" as with backend="torch" from the same generator.
 # Writes benchmarks/results/gpu_check.json (one JSON: each step's exit code and results) in a few
 # minutes. Until it has run on a GPU, the compiled path is unverified: the tests and the CPU
 # benchmark only run the kernels under the Triton interpreter.

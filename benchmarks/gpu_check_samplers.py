@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """The samplers wired to the fused kernels draw the same output with the kernels as with the
-torch references, from the same generator: SD, SJD, GSD group-exact (ids), FKC-CFG (particles)
-and continuous TarFlow Jacobi (images, passes; fp32, so a convergence test at tol may flip for a
-token within an ulp of it: ``passes_equal`` is reported, not required).
+torch references, from the same generator: SD, SJD, GSD group-exact (ids; their KV-cached windows
+also run the ragged-window attention kernel), FKC-CFG (particles), continuous TarFlow Jacobi
+(images, passes; fp32, so a convergence test at tol may flip for a token within an ulp of it:
+``passes_equal`` is reported, not required) and CSpD (fp32 xAR pair: continuous tokens within
+1e-4, the same acceptances; last-step test, residual proposals and window attention fused).
 
     python -m benchmarks.gpu_check_samplers            (CUDA: compiled kernels; run by gpu_check.sh)
     TRITON_INTERPRET=1 python -m benchmarks.gpu_check_samplers --small   (CPU smoke test)
@@ -21,7 +23,7 @@ import torch
 
 from vargen.diffusion.analytic import GaussianMixtureDenoiser
 from vargen.diffusion.fkc import fkc_cfg_ddpm
-from vargen.diffusion.time_shift import linear_alphas_cumprod
+from vargen.diffusion.schedules import linear_alphas_cumprod
 from vargen.models.ar import ARConfig, ARTransformer
 from vargen.sampling.jacobi import exact_group_fns, sample_jacobi
 from vargen.sampling.speculative import sample_speculative
@@ -110,6 +112,25 @@ def main():
     out["samplers.tarflow.max_abs_diff"] = float((imgs[0][0] - imgs[1][0]).abs().max())
     out["samplers.tarflow.equal"] = bool(torch.allclose(imgs[0][0], imgs[1][0], rtol=1e-4, atol=1e-4))
     out["samplers.tarflow.passes_equal"] = imgs[0][1]["passes_per_block"] == imgs[1][1]["passes_per_block"]
+    from vargen.models.xar import XAR, XARConfig
+    from vargen.sampling.cspd_sampler import sample_cspd
+
+    xcfg = dict(grid=[1, 4] if args.small else [4, 4], code_dim=4, num_classes=4, entity="token", dim=32)
+    head = {"name": "mar_diffusion", "width": 32, "depth": 2, "num_sampling_steps": 8}
+    torch.manual_seed(4)
+    xt = XAR(XARConfig(**xcfg, depth=2, heads=2, head=head)).to(dev).eval()
+    xd = XAR(XARConfig(**xcfg, depth=1, heads=2, head=head)).to(dev).eval()
+    ys = torch.arange(3 if args.small else 12, device=dev) % 4
+    ckw = dict(gamma=3, cfg_scale=2.0)
+    runs = [
+        sample_cspd(xt, xd, ys, generator=torch.Generator(device=dev).manual_seed(5), backend=be, **ckw)
+        for be in (kernel, "torch")
+    ]
+    out["samplers.cspd.max_abs_diff"] = float((runs[0][0] - runs[1][0]).abs().max())
+    out["samplers.cspd.equal"] = bool(torch.allclose(runs[0][0], runs[1][0], rtol=1e-4, atol=1e-4)) and (
+        runs[0][1]["accepted"] == runs[1][1]["accepted"]
+    )
+    out["samplers.cspd.accepted"] = [r[1]["accepted"] for r in runs]
     out["samplers.device"] = torch.cuda.get_device_name() if cuda else "cpu (interpreter)"
     print("RESULT " + json.dumps(out))
     sys.exit(0 if all(v for k, v in out.items() if k.endswith(".equal")) else 1)

@@ -19,8 +19,11 @@ compiled path is unverified until this runs on a GPU** (``benchmarks/gpu_check.s
 Problems (full / ``--quick`` halves the batch): ``logits_warper`` B=32 rows of V=16384 with CFG,
 top-k 1000, top-p 0.9; ``speculative_verify`` and ``group_verify`` (G=14) B=16 rows, W=8 window
 positions, V=16384; ``fkc_update`` G=16 groups of K=8 particles of 3x32x32 with systematic
-resampling; ``tarflow_step`` 64 rows x 64 window tokens x C=48 (fp32, clamp 4). Writes
-benchmarks/results/kernels.json.
+resampling; ``tarflow_step`` 64 rows x 64 window tokens x C=48 (fp32, clamp 4);
+``cspd_accept`` B=64 rows of g=4 drafts of C=16 (the MAR head's token width; std per token) and
+``cspd_propose`` K=16 residual proposals for those 64 rows; ``ragged_attention`` B=32 rows x H=8
+heads, a W=5 verification window of d=64 over a cache of S=1024 slots with rows' lengths spread
+over 0..1019. Writes benchmarks/results/kernels.json.
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ if not CUDA:  # before the first `import triton` (vargen_kernels imports it)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.common import meta, print_table, write_results  # noqa: E402
+from vargen_kernels.cspd_ratio import cspd_accept, cspd_propose  # noqa: E402
 from vargen_kernels.dispatch import TRITON_AVAILABLE  # noqa: E402
 from vargen_kernels.fkc import fkc_update  # noqa: E402
 from vargen_kernels.group_verify import group_verify  # noqa: E402
 from vargen_kernels.logits_warper import warp_and_sample  # noqa: E402
+from vargen_kernels.ragged_attention import ragged_attention  # noqa: E402
 from vargen_kernels.speculative_verify import verify  # noqa: E402
 from vargen_kernels.tarflow_step import tarflow_step  # noqa: E402
 
@@ -90,6 +95,24 @@ def problems(scale: float, dev):
     R, Wt = max(2, int(64 * scale)), 64 if scale >= 0.1 else 3
     zab = [torch.randn(R, Wt, 48, generator=g).to(dev) for _ in range(4)]
     out["tarflow_step"] = (lambda b: tarflow_step(*zab, 4.0, backend=b), f"rows={R} width={Wt} C=48")
+    Bc, gc, Cc, Kc = max(2, int(64 * scale)), 4 if scale >= 0.1 else 2, 16, 16 if scale >= 0.1 else 3
+    x0 = torch.randn(Bc, gc, Cc, generator=g)
+    mp, mq = x0 + 0.3 * torch.randn(Bc, gc, Cc, generator=g), x0 + 0.3 * torch.randn(Bc, gc, Cc, generator=g)
+    sd = 0.5 + torch.rand(Bc, gc, 1, generator=g)
+    acc = [t.to(dev) for t in (x0, mp, sd, mq, sd, torch.zeros(Bc, gc), torch.rand(Bc, gc, generator=g))]
+    acc.append(torch.full((Bc,), gc, device=dev))
+    out["cspd_accept"] = (lambda b: cspd_accept(*acc, backend=b), f"B={Bc} g={gc} C={Cc}")
+    e = torch.randn(Kc, Bc, Cc, generator=g).to(dev)
+    prop = [t[:, 0].to(dev) for t in (mp, sd, mq, sd)] + [torch.zeros(Bc, device=dev), e]
+    out["cspd_propose"] = (lambda b: cspd_propose(*prop, backend=b), f"K={Kc} B={Bc} C={Cc}")
+    Ba, Ha, Sa = max(2, int(32 * scale)), 8 if scale >= 0.1 else 2, 1024 if scale >= 0.1 else 24
+    Wa, da = 5, 64
+    qkv = [torch.randn(Ba, Ha, n, da, generator=g).to(dev) for n in (Wa, Sa, Sa)]
+    lens = torch.randint(0, Sa - Wa + 1, (Ba,), generator=g).to(dev)
+    out["ragged_attention"] = (
+        lambda b: (ragged_attention(*qkv, lens, backend=b),),
+        f"B={Ba} H={Ha} W={Wa} S={Sa} d={da}",
+    )
     return out
 
 

@@ -31,9 +31,9 @@ import torch
 
 from benchmarks import cspd
 from benchmarks.common import Method, flat_results, meta, print_table, sweep, write_results
+from vargen.checkpoint import load_component, load_tokenizer_for
 from vargen.eval.fid import FIDEvaluator
 from vargen.registry import SAMPLERS
-from vargen.train.tasks import load_component, load_tokenizer_for
 
 
 def gsd_tv_on_toy(samples: int) -> float:

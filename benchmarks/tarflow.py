@@ -2,12 +2,14 @@
 """TarFlow sampling: the sequential KV-cached inverse vs the Jacobi-family policy measured on a
 calibration batch (frozen-prefix windows), side by side on the same trained model and noise.
 
-    python benchmarks/tarflow.py [--quick] [--ckpt runs/digits_tarflow] [--window 16]
+    python -m benchmarks.tarflow [--quick] [--ckpt runs/digits_tarflow] [--window 16]
 
-Without --ckpt a model is trained with configs/digits_tarflow.yaml into
-runs/bench_tarflow_{quick,full} (resumed if present). Reports FID (mean, std over 3
-seeds) of both samplers, the largest pixel difference between them, wall-time ratio and
-model passes. Writes benchmarks/results/tarflow.json.
+Without --ckpt a model is trained with configs/digits_tarflow.yaml (apple/ml-tarflow's
+architecture) into runs/bench_tarflow_{quick,full} (resumed if present). Reports FID (mean,
+std over 3 seeds) of both samplers, the largest pixel difference between them, wall-time
+ratio and model passes, and the GS-Jacobi paper's CRM / IGM per block (null class, spectral
+norms, as its reference). Both samplers run through ``common.sweep`` (one batch per seed);
+its ``on_draw`` compares their images of each seed. Writes benchmarks/results/tarflow.json.
 """
 
 from __future__ import annotations
@@ -15,20 +17,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import meta, print_table, write_results  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.common import ROOT, Method, meta, print_table, sweep, write_results
 
 
 def trained_model(args):
+    from vargen.checkpoint import load_component
     from vargen.config import load_run_config
-    from vargen.train.tasks import load_component, run
+    from vargen.train.tasks import run
 
     ckpt = args.ckpt
     if ckpt is None:
@@ -55,7 +53,7 @@ def main(argv=None):
     model, cfg = trained_model(args)
     data = build_dataset(cfg.data)
     pick = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(0))[:256]
-    m = crm_igm(model, data.train_images[pick], data.train_labels[pick])
+    m = crm_igm(model, data.train_images[pick])  # null class, as the reference
     calib = class_labels(32, model.num_classes, [])
     policy, _ = calibrate_policy(
         model,
@@ -69,38 +67,40 @@ def main(argv=None):
     seeds = [0, 1, 2]
     labels = class_labels(n, model.num_classes, [])
 
-    res = {"seq": [], "gsj": []}
-    times = {"seq": 0.0, "gsj": 0.0}
-    passes = {"seq": 0, "gsj": 0}
-    token_rows = {"seq": 0.0, "gsj": 0.0}
-    max_diff = 0.0
-    for seed in seeds:
-        out = {}
-        for name, kw in (("seq", {}), ("gsj", {"policy": policy})):
-            g = torch.Generator().manual_seed(seed)
-            t0 = time.perf_counter()
-            out[name], stats = sample_tarflow(model, labels, generator=g, cfg_scale=args.cfg_scale, **kw)
-            times[name] += time.perf_counter() - t0
-            passes[name] += stats["target_forwards"]
-            token_rows[name] += stats["token_rows"]
-            res[name].append(evaluator.score(out[name]))
-        max_diff = max(max_diff, (out["seq"] - out["gsj"]).abs().max().item())
+    def sampler(**kw):
+        return lambda mod, lab, g: sample_tarflow(mod, lab, generator=g, cfg_scale=args.cfg_scale, **kw)
+
+    methods = {"seq": Method(model, None, sampler()), "gsj": Method(model, None, sampler(policy=policy))}
+    drawn, diffs = {}, []
+
+    def on_draw(name, seed, images, ids, stats):  # the exactness check: both samplers, same noise
+        drawn[name] = images
+        if name == "gsj":
+            diffs.append((drawn["seq"] - images).abs().max().item())
+
+    res = sweep(methods, labels, seeds, evaluator, batch_size=n, on_draw=on_draw)
+    times = {k: r["seconds"] for k, r in res.items()}
+    max_diff = max(diffs)
+    token_rows = {k: statistics.mean(s["token_rows"] for s in r["seed_stats"]) for k, r in res.items()}
 
     flat = {
-        "tarflow.fid_sequential": statistics.mean(res["seq"]),
-        "tarflow.fid_sequential_std": statistics.stdev(res["seq"]),
-        "tarflow.fid_gsj": statistics.mean(res["gsj"]),
-        "tarflow.fid_gsj_std": statistics.stdev(res["gsj"]),
+        "tarflow.fid_sequential": res["seq"]["fid_mean"],
+        "tarflow.fid_sequential_std": res["seq"]["fid_std"],
+        "tarflow.fid_gsj": res["gsj"]["fid_mean"],
+        "tarflow.fid_gsj_std": res["gsj"]["fid_std"],
         "tarflow.max_abs_diff": max_diff,
         "tarflow.speedup_wall": times["seq"] / times["gsj"],
-        "tarflow.passes_sequential": passes["seq"] // len(seeds),
-        "tarflow.passes_gsj": passes["gsj"] // len(seeds),
-        "tarflow.token_rows_sequential": token_rows["seq"] / len(seeds),
-        "tarflow.token_rows_gsj": token_rows["gsj"] / len(seeds),
+        "tarflow.passes_sequential": res["seq"]["nfe"],
+        "tarflow.passes_gsj": res["gsj"]["nfe"],
+        "tarflow.token_rows_sequential": token_rows["seq"],
+        "tarflow.token_rows_gsj": token_rows["gsj"],
         "tarflow.policy": [
             f"{pl.method}:{pl.segments}x{pl.max_iters}:{pl.init}:w{pl.window}" for pl in policy
         ],
         "tarflow.crm": m["crm"].tolist(),
+        "tarflow.crm_percent": (100 * m["crm"] / m["crm"].sum()).tolist(),
+        "tarflow.igm_z": m["igm_z"].tolist(),
+        "tarflow.igm_zero": m["igm_zero"].tolist(),
     }
     rows = [
         {
@@ -127,6 +127,7 @@ def main(argv=None):
             "samples_per_seed": n,
             "cfg_scale": args.cfg_scale,
             "window": args.window,
+            "final_norm": bool(cfg.model.get("final_norm", True)),
         },
     )
     print(

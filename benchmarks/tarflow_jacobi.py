@@ -2,8 +2,8 @@
 """TarFlow Jacobi family on random-weight flows: model calls and token-rows per image and
 wall time against the sequential KV-cached loop, at batch 1 and 16, one thread (issue 16).
 
-    python benchmarks/tarflow_jacobi.py [--std 0.02] [--tol 1e-5] [--window 16] [--reps 1]
-    python benchmarks/tarflow_jacobi.py --ckpt runs/bench_tarflow_quick   # a trained flow instead
+    python -m benchmarks.tarflow_jacobi [--std 0.02] [--tol 1e-5] [--window 16] [--reps 1]
+    python -m benchmarks.tarflow_jacobi --ckpt runs/bench_tarflow_quick   # a trained flow instead
 
 Two shapes: "digits" (16x16x1, patch 2, 64 tokens, dim 64, 4 blocks x 2 layers) and
 "photos" (32x32x3, patch 2, 256 tokens, dim 128, 4 blocks x 2 layers). A fresh TarFlow is
@@ -77,7 +77,7 @@ def main(argv=None):
     print("shape  batch  N sampler              calls/img token_rows syncs/img max|diff|  wall_ratio")
     for shape in ["ckpt"] if args.ckpt else args.shapes.split(","):
         if args.ckpt:
-            from vargen.train.tasks import load_component
+            from vargen.checkpoint import load_component
 
             model = load_component(args.ckpt)[0].eval()
         else:

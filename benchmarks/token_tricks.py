@@ -2,7 +2,7 @@
 """Issue 4 side by side on digits: TokenBridge, coarse-to-fine labels (CTF) and Token-Shuffle
 against the spine's VQ + next-token model.
 
-    python benchmarks/token_tricks.py [--quick]
+    python -m benchmarks.token_tricks [--quick]
 
 Trains (or resumes) with the shipped configs into runs/bench_token_tricks_{quick,full}: the KL
 tokenizer, TokenBridge's wrapper of it (no training), the VQ tokenizer, and four generators for
@@ -27,14 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, meta, print_table, train, write_results  # noqa: E402
+from benchmarks.common import ROOT, Method, meta, print_table, sweep, train, write_results
 
 GENERATORS = {  # result key -> (config, tokenizer run)
     "ar": ("digits_ar", "vq"),
@@ -75,11 +72,12 @@ def main(argv=None):
     p.add_argument("--cfg-scale", type=float, default=1.5)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.data import build_dataset
     from vargen.eval import FIDEvaluator
     from vargen.registry import MODELS, SAMPLERS
-    from vargen.sampling.generate import DEFAULT_SAMPLER, class_labels, generate
-    from vargen.train.tasks import encode_all, load_component, load_tokenizer_for
+    from vargen.sampling.generate import DEFAULT_SAMPLER, class_labels
+    from vargen.train.tasks import encode_all
 
     root = os.path.join(ROOT, "runs", f"bench_token_tricks_{'quick' if args.quick else 'full'}")
     kl = load_component(train("digits_kl", os.path.join(root, "kl"), args.quick))[0]
@@ -102,25 +100,19 @@ def main(argv=None):
     evaluator = FIDEvaluator.for_dataset(dict(cfg.data), split="heldout")
     n, seeds, batch = (200 if args.quick else 1000), [0, 1, 2], 250
     labels = class_labels(n, data.num_classes, [])
-    fids = {k: [] for k in runs}
-    seconds = {k: 0.0 for k in runs}
-    forwards = {k: 0 for k in runs}
-    for seed in seeds:
-        for key, (model, tok, _, model_cfg) in runs.items():
-            name = DEFAULT_SAMPLER[model_cfg["name"]]
-            sampler = SAMPLERS.build({"name": name, "cfg_scale": args.cfg_scale})
-            g = torch.Generator().manual_seed(seed)
-            t0 = time.perf_counter()
-            images, _, stats = generate(model, tok, labels, sampler, g, batch)
-            seconds[key] += time.perf_counter() - t0
-            forwards[key] += stats["target_forwards"]
-            fids[key].append(evaluator.score(images))
-    batches = len(seeds) * -(-n // batch)
-    for key in runs:
-        flat[f"{key}.fid_mean"] = statistics.mean(fids[key])
-        flat[f"{key}.fid_std"] = statistics.stdev(fids[key])
-        flat[f"{key}.nfe"] = forwards[key] / batches
-        flat[f"{key}.sample_seconds"] = seconds[key]
+    methods = {
+        key: Method(
+            model, tok, SAMPLERS.build({"name": DEFAULT_SAMPLER[mc["name"]], "cfg_scale": args.cfg_scale})
+        )
+        for key, (model, tok, _, mc) in runs.items()
+    }
+    swept = sweep(methods, labels, seeds, evaluator, batch)
+    seconds = {key: r["seconds"] for key, r in swept.items()}
+    for key, r in swept.items():
+        flat.update(
+            {f"{key}.fid_mean": r["fid_mean"], f"{key}.fid_std": r["fid_std"], f"{key}.nfe": r["nfe"]}
+        )
+        flat[f"{key}.sample_seconds"] = r["seconds"]
 
     flat["ctf.sample_time_ratio"] = seconds["ctf"] / seconds["ar"]
     flat["ctf.stage1_loss"] = runs["ctf"][2]["heldout_stage1_loss"]  # CE over K coarse labels

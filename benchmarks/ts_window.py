@@ -25,13 +25,9 @@ def main():
     from scipy.stats import wasserstein_distance
 
     from vargen.diffusion.analytic import GaussianMixtureDenoiser
-    from vargen.diffusion.time_shift import (
-        ExposureBiasTimeShift,
-        calibrate_window,
-        cosine_alphas_cumprod,
-        ddim_sample,
-        linear_alphas_cumprod,
-    )
+    from vargen.diffusion.loops import ddim_sample
+    from vargen.diffusion.schedules import cosine_alphas_cumprod, linear_alphas_cumprod
+    from vargen.diffusion.time_shift import ExposureBiasTimeShift, calibrate_window
 
     w, mu, var, data_var = [0.5, 0.5], [-0.6, 0.6], [0.05, 0.05], 0.41
     g = torch.Generator().manual_seed(0)
@@ -51,7 +47,7 @@ def main():
                     for name, window in (("none", 0), ("ref80", 80), ("calibrated", win)):
                         ts = ExposureBiasTimeShift(window, 300, rule, data_var) if window else None
                         x, _ = ddim_sample(den, (51_200 // D, D), steps, torch.Generator().manual_seed(1),
-                                           abar, time_shift=ts)  # fmt: skip
+                                           abar, hook=ts)  # fmt: skip
                         w1[name] = wasserstein_distance(x.flatten().numpy(), data)
                         flat[f"{key}.{rule}.w1_{name}"] = w1[name]
                     rows.append({"setting": f"{key} {rule}", "window": win, "var_err@0": err[0],

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """TTS-VAR vs best-of-N vs plain next-scale sampling, same model, every network pass counted.
 
-    python benchmarks/tts_var.py [--quick]
+    python -m benchmarks.tts_var [--quick] [--seeds 0 1 2] [--no-potentials]
 
 Uses the VAT + next-scale pair of benchmarks/vat.py (trained or resumed into
 runs/bench_vat_{quick,full}). Three feature nets of the same recipe and different seeds
@@ -21,7 +21,8 @@ sum plus the one decode every method ends with; wall time (seconds per image) si
 them. ``compute_ratio`` (token forwards, the AR FLOP proxy), ``passes_ratio`` and
 ``wall_ratio`` are relative to best-of-8. "plain" is TTS-VAR with N = 1 and the constant
 schedule 1 (identical ids to ``sample_var``, tested), so it reports the same counts.
-Writes benchmarks/results/tts_var.json.
+The methods run through ``common.sweep``; its ``on_draw`` scores each draw's held-out reward and
+diversity. Writes benchmarks/results/tts_var.json.
 """
 
 from __future__ import annotations
@@ -29,13 +30,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import meta, print_table, train, write_results  # noqa: E402
+from benchmarks.common import ROOT, Method, meta, print_table, sweep, train, write_results
 
 COUNTS = ("ar_rows", "decoded_images", "feature_images", "reward_images", "token_forwards")
 
@@ -61,15 +59,14 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--no-potentials", action="store_true", help="skip the diff / max / sum rows")
     args = p.parse_args(argv)
+    from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.data import build_dataset
     from vargen.eval import FIDEvaluator, get_feature_net
     from vargen.eval.feature_net import _full_data_config
-    from vargen.sampling.generate import class_labels, generate
+    from vargen.sampling.generate import class_labels
     from vargen.sampling.tts_var import TTSVAR, BestOfN, BestOfNConfig, ClassifierReward, TTSVARConfig
-    from vargen.train.tasks import load_component, load_tokenizer_for
 
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs")
-    root = os.path.join(root, f"bench_vat_{'quick' if args.quick else 'full'}")
+    root = os.path.join(ROOT, "runs", f"bench_vat_{'quick' if args.quick else 'full'}")
     vat_dir = train("digits_vat", os.path.join(root, "vat"), args.quick)
     var_dir = train("digits_var", os.path.join(root, "var"), args.quick, [f"tokenizer_ckpt={vat_dir}"])
     model, cfg = load_component(var_dir)
@@ -101,7 +98,7 @@ def main(argv=None):
         sampler.bind_run(cfg)  # clustering features: the seed-0 feature net's patch tokens
     n_labels, seeds, batch = (60 if args.quick else 300), list(args.seeds), 20
     labels = class_labels(n_labels, model.num_classes, [])
-    res = {name: {"reward": [], "reward_sel": [], "fid": [], "div": [], "sec": 0.0} for name in methods}
+    res = {name: {"reward": [], "reward_sel": [], "div": []} for name in methods}
     for r in res.values():
         r.update({key: 0 for key in COUNTS})
     real_div = []
@@ -115,24 +112,30 @@ def main(argv=None):
             ]
         )  # as many real images per class
         real_div.append(within_class_distance(real[pick], real_labels[pick]))
-        for name, sampler in methods.items():
-            t0 = time.perf_counter()
-            images, _, stats = generate(
-                model, tok, labels, sampler, torch.Generator().manual_seed(seed), batch
-            )
-            r = res[name]
-            r["sec"] += time.perf_counter() - t0
-            r["reward"].append(heldout_reward(images, labels).mean().item())
-            r["reward_sel"].append(select_reward(images, labels).mean().item())
-            r["fid"].append(evaluator.score(images))
-            r["div"].append(within_class_distance(images, labels))
-            for key in COUNTS:
-                r[key] += stats[key]
-            print(
-                f"seed {seed} {name}: held-out reward {r['reward'][-1]:.4f} (selecting net "
-                f"{r['reward_sel'][-1]:.4f}) fid {r['fid'][-1]:.2f} diversity {r['div'][-1]:.3f}",
-                flush=True,
-            )
+
+    def on_draw(name, seed, images, ids, stats):
+        r = res[name]
+        r["reward"].append(heldout_reward(images, labels).mean().item())
+        r["reward_sel"].append(select_reward(images, labels).mean().item())
+        r["div"].append(within_class_distance(images, labels))
+        for key in COUNTS:
+            r[key] += stats[key]
+        print(
+            f"seed {seed} {name}: held-out reward {r['reward'][-1]:.4f} (selecting net "
+            f"{r['reward_sel'][-1]:.4f}) diversity {r['div'][-1]:.3f}",
+            flush=True,
+        )
+
+    swept = sweep(
+        {k: Method(model, tok, v) for k, v in methods.items()},
+        labels,
+        seeds,
+        evaluator,
+        batch,
+        on_draw=on_draw,
+    )
+    for name, r in res.items():
+        r["fid"], r["sec"] = swept[name]["fids"], swept[name]["seconds"]
     res["tts_var8.potential.value"] = res["tts_var8"]
 
     flat, rows = {"real.diversity": statistics.mean(real_div)}, []

@@ -43,13 +43,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="300-step models and 200 samples per seed")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     args = p.parse_args(argv)
+    from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.data import build_dataset
     from vargen.eval import FIDEvaluator
     from vargen.sampling.ar_decode import sample_ar
     from vargen.sampling.generate import class_labels
     from vargen.sampling.var_decode import sample_var
     from vargen.tokenizers.vat import gaussian_kl
-    from vargen.train.tasks import load_component, load_tokenizer_for
 
     root = os.path.join(ROOT, "runs", f"bench_vat_{'quick' if args.quick else 'full'}")
     vat_dir = train("digits_vat", os.path.join(root, "vat"), args.quick)

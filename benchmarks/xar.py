@@ -59,10 +59,10 @@ def main(argv=None):
     p.add_argument("--only", nargs="*", default=None, help="a subset of the variants")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.eval import FIDEvaluator
     from vargen.sampling.generate import class_labels
     from vargen.sampling.xar_sampling import sample_xar
-    from vargen.train.tasks import load_component, load_tokenizer_for
 
     root = os.path.join(ROOT, "runs", f"bench_xar_{'quick' if args.quick else 'full'}")
     kl_dir = train("digits_kl", os.path.join(root, "kl"), args.quick)

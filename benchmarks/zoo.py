@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from benchmarks.common import ROOT, meta, print_table, write_results
-from vargen.train.checkpoint import LATER_MODEL_KEYS
+from vargen.checkpoint import LATER_MODEL_KEYS
 
 QUICK_STEPS = 150
 DONE = "zoo.json"
@@ -58,7 +58,7 @@ UNHASHED = ("out_dir",)
 # How a run is driven or watched, never what a finite run learns: progress bars, resume, device,
 # the NaN guard, training previews (train.sample_every only draws pictures of the model).
 UNHASHED_TRAIN = ("progress", "resume", "device", "max_nonfinite_steps", "sample_every")
-# Model options added after entries were trained (vargen.train.checkpoint.LATER_MODEL_KEYS) are left
+# Model options added after entries were trained (vargen.checkpoint.LATER_MODEL_KEYS) are left
 # out while at the value that reproduces the old model (a new key alone would change every digest).
 
 
@@ -208,7 +208,7 @@ class Zoo:
 def logged_seconds(run_dir: str) -> float:
     """Training wall time summed over every process that trained the run (log.jsonl's
     ``elapsed_s`` restarts at each resume)."""
-    from vargen.train.loop import read_log
+    from vargen.io import read_log
 
     total = last = 0.0
     for row in read_log(run_dir):

@@ -87,8 +87,8 @@ def test_bad_sampler_options_and_labels_are_refused(one_thread, tiny_gen):
 def test_train_overrides_keywords_and_strings(one_thread, tiny_vq, tmp_path, monkeypatch):
     """Nested, dotted and string overrides reach the run; a misspelt key fails before any work."""
     import vargen
+    from vargen.checkpoint import read_weights
     from vargen.config import ConfigError
-    from vargen.train.checkpoint import read_weights
 
     monkeypatch.chdir(tmp_path)
     out = vargen.train(

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vargen.models.ar import ARConfig, ARTransformer
-from vargen.models.blocks import RMSNorm, apply_rope, rope_2d_table, rope_pair_tables, rotate_pairs
+from vargen.nn import RMSNorm, apply_rope, rope_2d_table, rope_pair_tables, rotate_pairs
 from vargen.sampling.ar_decode import sample_ar
 
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import sample
+from vargen.checkpoint import load_component
 from vargen.diffusion.time_shift import ExposureBiasTimeShift
 from vargen.eval import FIDEvaluator
 from vargen.models.diffusion_unet import DiffusionUNet
 from vargen.sampling.diffusion_sampling import sample_ddim
 from vargen.sampling.generate import class_labels
-from vargen.train.tasks import load_component, run
+from vargen.train.tasks import run
 
 from .conftest import DIGITS, task_config
 

@@ -3,6 +3,7 @@
 import torch
 
 from vargen.diffusion.denoiser import eps_to
+from vargen.diffusion.loops import ddim_sample
 from vargen.diffusion.minority import (
     QuadratureOracle,
     assign_levels,
@@ -10,7 +11,7 @@ from vargen.diffusion.minority import (
     minority_score,
     quantile_levels,
 )
-from vargen.diffusion.time_shift import ddim_sample, linear_alphas_cumprod
+from vargen.diffusion.schedules import linear_alphas_cumprod
 
 ABAR = linear_alphas_cumprod()
 W, MU, VAR = torch.tensor([0.85, 0.15]), torch.tensor([-1.0, 2.0]), torch.tensor([0.25, 0.25])

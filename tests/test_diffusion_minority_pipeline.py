@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from vargen.diffusion.analytic import GaussianMixtureDenoiser
+from vargen.diffusion.loops import ddim_sample
 from vargen.diffusion.minority import assign_levels, minority_score, minority_scores, quantile_levels
-from vargen.diffusion.minority_classifier import NoisyClassifierConfig, NoisyLevelClassifier
-from vargen.diffusion.time_shift import ddim_sample, linear_alphas_cumprod
+from vargen.diffusion.schedules import linear_alphas_cumprod
+from vargen.models.minority_classifier import NoisyClassifierConfig, NoisyLevelClassifier
 from vargen.sampling.minority_sampling import check_classifier, sample_minority
 
 ABAR = linear_alphas_cumprod()
@@ -206,9 +207,8 @@ def minority_runs(tmp_path_factory):
 def test_classifier_task_records_grid_thresholds_and_denoiser_hash(minority_runs):
     import json
 
-    from vargen.train.checkpoint import CheckpointError, file_sha256
+    from vargen.checkpoint import CheckpointError, file_sha256, load_component
     from vargen.train.minority_task import load_denoiser_for
-    from vargen.train.tasks import load_component
 
     clf, cfg = load_component(str(minority_runs / "mino"))
     den, _ = load_component(str(minority_runs / "ddpm"))
@@ -232,7 +232,7 @@ def test_sample_py_minority_guidance_raises_the_mean_minority_score(minority_run
     import numpy as np
 
     import sample as sample_cli
-    from vargen.train.tasks import load_component
+    from vargen.checkpoint import load_component
 
     den, _ = load_component(str(minority_runs / "ddpm"))
     scores = {}
@@ -264,7 +264,7 @@ def test_sample_py_minority_guidance_raises_the_mean_minority_score(minority_run
 
 
 def test_classifier_task_fails_before_work_on_bad_distance_or_missing_denoiser(tmp_path):
-    from vargen.train.checkpoint import CheckpointError
+    from vargen.checkpoint import CheckpointError
     from vargen.train.tasks import run
 
     from .conftest import task_config
@@ -279,8 +279,8 @@ def test_classifier_task_fails_before_work_on_bad_distance_or_missing_denoiser(t
 
 def test_w0_equals_the_ddim_sampler_with_cfg_draw_for_draw(minority_runs):
     """At w = 0 the minority sampler is the ``ddim`` sampler (same grid, eta, CFG, noise draws)."""
+    from vargen.checkpoint import load_component
     from vargen.sampling.diffusion_sampling import sample_ddim
-    from vargen.train.tasks import load_component
 
     den, _ = load_component(str(minority_runs / "ddpm"))
     clf, _ = load_component(str(minority_runs / "mino"))

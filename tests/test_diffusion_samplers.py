@@ -5,7 +5,8 @@ import torch
 
 from vargen.diffusion.analytic import GaussianMixtureDenoiser
 from vargen.diffusion.fkc import cfg_ancestral_increment, fkc_cfg_ddpm, resample_groups
-from vargen.diffusion.time_shift import ddim_sample, linear_alphas_cumprod
+from vargen.diffusion.loops import ddim_sample
+from vargen.diffusion.schedules import linear_alphas_cumprod
 from vargen.models.diffusion_unet import DiffusionUNet, DiffusionUNetConfig
 from vargen.sampling.diffusion_sampling import sample_ddim
 
@@ -137,31 +138,6 @@ def test_fkc_groups_share_their_label_and_are_reproducible(one_thread):
     # target N(m', v'): precision 1.5 / 0.25 - 0.5 = 5.5, mean 1.5 m / 0.25 / 5.5
     for g, m in enumerate((-2.0, 0.0, 3.0)):
         assert abs(x1[g * 500 : (g + 1) * 500].mean().item() - 6 * m / 5.5) < 0.1
-
-
-def test_rectified_flow_schedule_fkc_annealing(one_thread):
-    """Annealing N(1, 0.5) to beta = 2 (target var 0.25) under rectified flow in sigma-time.
-    Measured (3 seeds, 4000 particles, 200 steps): FKC 0.245, unweighted 0.168."""
-    from vargen.diffusion.analytic import GaussianMixture1D
-    from vargen.diffusion.fkc import fkc_sample
-    from vargen.diffusion.schedules import RectifiedFlowSchedule
-
-    sch = RectifiedFlowSchedule()
-    assert sch.alpha(1.0) + sch.sigma(1.0) == pytest.approx(1.0) and sch.sigma(1.0) < 1
-    g = GaussianMixture1D([1.0], [1.0], [0.5], sch)
-    var = {}
-    for weighted in (True, False):
-        vs = [
-            fkc_sample(
-                [g.score], [2.0], sch, 4000, 1, 200, torch.Generator().manual_seed(s), weighted=weighted
-            )[0]
-            .var()
-            .item()
-            for s in range(3)
-        ]
-        var[weighted] = sum(vs) / 3
-    assert abs(var[True] / 0.25 - 1) < 0.1, var
-    assert abs(var[False] / 0.25 - 1) > 0.2, var
 
 
 def test_ess_threshold_controls_resampling():

@@ -1,11 +1,12 @@
-"""TS-DPM exposure-bias time shift, ScheduleShift (applied once through diffusers), conversions."""
+"""TS-DPM exposure-bias time shift (a hook of the DDIM loop), eps/v/x0 conversions."""
 
 import pytest
 import torch
 
 from vargen.diffusion.denoiser import PARAMETERISATIONS, eps_to, to_eps
-from vargen.diffusion.schedules import ScheduleShift
-from vargen.diffusion.time_shift import ExposureBiasTimeShift, ddim_sample, linear_alphas_cumprod
+from vargen.diffusion.loops import ddim_sample
+from vargen.diffusion.schedules import linear_alphas_cumprod
+from vargen.diffusion.time_shift import ExposureBiasTimeShift, calibrate_window
 
 ABAR = linear_alphas_cumprod()
 
@@ -27,7 +28,7 @@ def test_disabled_time_shift_is_bit_exact(eta, mode, window, cutoff):
     ts = ExposureBiasTimeShift(window=window, cutoff=cutoff, mode=mode)
     eps = _gauss_eps(0.5)
     base, _ = ddim_sample(eps, (8, 16), 10, torch.Generator().manual_seed(0), eta=eta)
-    off, st = ddim_sample(eps, (8, 16), 10, torch.Generator().manual_seed(0), eta=eta, time_shift=ts)
+    off, st = ddim_sample(eps, (8, 16), 10, torch.Generator().manual_seed(0), eta=eta, hook=ts)
     assert torch.equal(base, off) and st["shifted_steps"] == 0
 
 
@@ -36,7 +37,7 @@ def test_enabled_time_shift_changes_output(mode):
     eps = _gauss_eps(0.5)
     base, _ = ddim_sample(eps, (8, 16), 10, torch.Generator().manual_seed(0))
     ts = ExposureBiasTimeShift(40, mode=mode)
-    on, st = ddim_sample(eps, (8, 16), 10, torch.Generator().manual_seed(0), time_shift=ts)
+    on, st = ddim_sample(eps, (8, 16), 10, torch.Generator().manual_seed(0), hook=ts)
     assert st["shifted_steps"] > 0 and not torch.equal(base, on)
 
 
@@ -50,7 +51,7 @@ def test_adm_target_transfers_to_the_shifted_step_minus_stride():
         seen_t.append(t_B.clone())
         return torch.zeros_like(x)
 
-    ddim_sample(eps, (64, 16), 3, torch.Generator().manual_seed(0), time_shift=ts)  # grid 999, 500, 0
+    ddim_sample(eps, (64, 16), 3, torch.Generator().manual_seed(0), hook=ts)  # grid 999, 500, 0
     assert [int(t.unique()) for t in seen_t] == [999, 500, 0]  # never a shifted network time
     target = (ts.shifted(seen_x[1], 500, ABAR) - 500).clamp(min=0)  # (B,) the stride is 500
     want = (ABAR[target] / ABAR[500]).sqrt()[:, None] * seen_x[1]
@@ -104,30 +105,6 @@ def test_time_shift_bad_config_names_key():
         ExposureBiasTimeShift(window=4, variance="data")
 
 
-def test_schedule_shift_forms():
-    sig = torch.linspace(1.0, 0.01, 50, dtype=torch.float64)
-    sd3 = ScheduleShift("sd3", 3.0)(sig)
-    assert torch.allclose(ScheduleShift("exponential", torch.tensor(3.0).log().item())(sig), sd3)
-    assert torch.all(sd3 >= sig) and sd3[0] == 1.0
-    assert torch.allclose(ScheduleShift("linear", 1.0)(sig), sig)
-    assert ScheduleShift.mu_for_resolution(256) == pytest.approx(0.5)
-    assert ScheduleShift.mu_for_resolution(4096) == pytest.approx(1.15)
-    with pytest.raises(ValueError, match="ScheduleShift.kind"):
-        ScheduleShift("double", 2.0)
-
-
-def test_diffusers_flowmatch_with_explicit_sigmas_shifts_once():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    sig = torch.linspace(1.0, 1 / 30, 30, dtype=torch.float64)
-    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    sched.set_timesteps(sigmas=sig.numpy())
-    expected = ScheduleShift("sd3", 3.0)(sig)
-    assert torch.allclose(sched.sigmas[:-1].double(), expected, atol=1e-6)
-    twice = ScheduleShift("sd3", 3.0)(expected)
-    assert not torch.allclose(sched.sigmas[:-1].double(), twice, atol=1e-3)
-
-
 @pytest.mark.parametrize("kind", PARAMETERISATIONS)
 def test_parameterisation_round_trip(kind):
     g = torch.Generator().manual_seed(0)
@@ -151,7 +128,7 @@ def test_first_step_is_never_shifted(mode):
     ts = ExposureBiasTimeShift(window=200, cutoff=400 if mode == "pndm_target" else 600, mode=mode)
     eps = _gauss_eps(0.5)
     base, _ = ddim_sample(eps, (64, 16), 3, torch.Generator().manual_seed(0))
-    shifted, st = ddim_sample(eps, (64, 16), 3, torch.Generator().manual_seed(0), time_shift=ts)
+    shifted, st = ddim_sample(eps, (64, 16), 3, torch.Generator().manual_seed(0), hook=ts)
     assert torch.equal(base, shifted) and st["shifted_steps"] == 0
     x_T = torch.randn((64, 16), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert (
@@ -177,7 +154,7 @@ def test_corrected_variance_improves_wasserstein_on_an_exact_denoiser(one_thread
     w1 = {}
     for rule in ("none", "paper", "corrected"):
         ts = None if rule == "none" else ExposureBiasTimeShift(80, 300, rule, data_var=0.05 + 0.36)
-        x, _ = ddim_sample(den, (100, 256), 10, torch.Generator().manual_seed(1), time_shift=ts)
+        x, _ = ddim_sample(den, (100, 256), 10, torch.Generator().manual_seed(1), hook=ts)
         w1[rule] = wasserstein_distance(x.flatten().numpy(), data.numpy())
     assert w1["corrected"] < w1["none"] - 0.003 and w1["paper"] > w1["none"] + 0.003, w1
 
@@ -185,8 +162,6 @@ def test_corrected_variance_improves_wasserstein_on_an_exact_denoiser(one_thread
 def test_calibrated_window_per_schedule_and_size():
     """calibrate_window: on the exact Gaussian denoiser the paper rule only hurts (window 0), the
     corrected rule wants a wide window; the sweep it returns shows the error it minimised."""
-    from vargen.diffusion.time_shift import calibrate_window
-
     w, err = calibrate_window(ABAR, 256, 10, variance="paper", data_var=0.41, samples=64)
     assert w == 0 and err[80] > err[0]
     w, err = calibrate_window(ABAR, 256, 10, variance="corrected", data_var=0.41, samples=64)

@@ -21,8 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vargen.train.checkpoint import CheckpointError
-from vargen.train.loop import read_log
+from vargen.checkpoint import CheckpointError
+from vargen.io import read_log
 from vargen.train.tasks import run
 
 from .conftest import vq_cfg
@@ -99,7 +99,7 @@ def _die():
 def _train_and_die_at(out, point: str, step: int) -> None:
     """Train ``cfg(out)`` in this (child) process and SIGKILL it at ``point`` of the write of
     checkpoint ``step``, leaving the files exactly as a kill there leaves them."""
-    import vargen.train.checkpoint as C
+    import vargen.checkpoint as C
 
     torch.set_num_threads(1)
     name = f"step_{step:07d}"

@@ -11,7 +11,7 @@ import torch  # noqa: E402
 
 from vargen.diffusion.analytic import GaussianMixtureDenoiser  # noqa: E402
 from vargen.diffusion.fkc import cfg_ancestral_increment, ess, fkc_cfg_ddpm, resample_groups  # noqa: E402
-from vargen.diffusion.time_shift import linear_alphas_cumprod  # noqa: E402
+from vargen.diffusion.schedules import linear_alphas_cumprod  # noqa: E402
 from vargen_kernels import dispatch  # noqa: E402
 from vargen_kernels.fkc import fkc_update, fkc_update_reference  # noqa: E402
 

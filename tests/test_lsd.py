@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vargen.diffusion.absorbing import all_mask, sample_chain, transition_probs, uniform_times
-from vargen.diffusion.lsd import distill_loss, student_times
+from vargen.diffusion.lsd import distill_loss, student_rollout, student_times, teacher_forced_loss
 
 V, L, EPS = 3, 2, 1e-3
 P0 = torch.tensor([[0.30, 0.04, 0.02], [0.03, 0.22, 0.05], [0.02, 0.07, 0.25]])
@@ -114,7 +114,7 @@ def _distil(n, learn_steps, c0, B, N, iters=100, lr=0.05, seed=1):
     opt = torch.optim.Adam([coef] + ([logits] if learn_steps else []), lr=lr)
 
     def loss():
-        return distill_loss(toy_logp0, states, teacher_times, student_times(logits, EPS), coef, EPS)[0]
+        return teacher_forced_loss(toy_logp0, states, teacher_times, student_times(logits, EPS), coef, EPS)[0]
 
     def tv():
         return tv_to_p0(exact_terminal(student_times(logits, EPS).detach(), coef.detach()))
@@ -130,7 +130,7 @@ def _distil(n, learn_steps, c0, B, N, iters=100, lr=0.05, seed=1):
     return before, (loss().item(), tv()), coef.detach(), student_times(logits, EPS).detach()
 
 
-def test_optimising_coefficients_lowers_the_loss_and_does_not_raise_tv():
+def test_teacher_forced_objective_lowers_its_loss_and_does_not_raise_tv():
     # From c = 1: on the exact toy the base sampler is already the loss's optimum up to the
     # teacher's error and Monte-Carlo noise (positions' unmasking is exact for the log-linear
     # chain; the per-position KL cannot see joint errors), so the loss falls a little and the
@@ -149,6 +149,55 @@ def test_lsd_plus_times_strictly_decrease_and_end_at_eps():
         assert t[0] == 1 and t[-1] == EPS and (t[1:] < t[:-1]).all(), t
     _, _, _, times = _distil(4, True, 0.5, B=2048, N=64, iters=60)  # asserts the invariant every step
     assert not torch.equal(times, uniform_times(4, EPS))  # the step sizes did move
+
+
+def _own_loss(times, coefs, teacher_times, seed=0, B=512, student_seed=None):
+    g = torch.Generator().manual_seed(seed)
+    _, teacher = sample_chain(toy_logp0, all_mask(B, L, V), teacher_times, EPS, g, record=True)
+    gs = torch.Generator().manual_seed(seed if student_seed is None else student_seed)
+    own, own_logp0 = student_rollout(toy_logp0, all_mask(B, L, V), times, coefs, EPS, gs)
+    return distill_loss(own_logp0, own, toy_logp0, teacher, teacher_times, times, coefs, EPS)
+
+
+def test_own_trajectory_loss_vanishes_exactly_when_the_student_is_the_teacher():
+    # n = N, c = 1, uniform steps, the same generator: the student's own trajectory is the
+    # teacher's state for state, so every aligned pair of rows is equal (a misaligned teacher
+    # index or a student scored on other states would leave a positive KL).
+    times = uniform_times(8, EPS)
+    coef = torch.ones(8, requires_grad=True)
+    loss, per_step = _own_loss(times, coef, times)
+    loss.backward()
+    assert loss.item() == 0 and (per_step == 0).all() and coef.grad.abs().max() < 1e-6, (per_step, coef.grad)
+    # another coefficient changes the student's own later states, not only its step-0 row
+    coef2 = torch.ones(8)
+    coef2[0] = 3.0
+    _, per_step2 = _own_loss(times, coef2, times)
+    assert per_step2[0] > 0 and per_step2[1:].sum() > 0, per_step2
+
+
+def test_own_trajectory_teacher_is_evaluated_at_the_student_time_not_a_snapped_one():
+    # A 3-step student with t = (1, 0.6, 0.45, eps), off the teacher's grid (N = 4: 0.75, 0.5, 0.25):
+    # given the same states on both sides and c = 1, the KL vanishes only if the teacher's rows are
+    # computed for the student's steps (snapped, 0.6 and 0.45 both become 0.5: a zero-length step).
+    teacher_times = uniform_times(4, EPS)
+    times = torch.tensor([1.0, 0.6, 0.45, EPS])
+    g = torch.Generator().manual_seed(3)
+    _, teacher = sample_chain(toy_logp0, all_mask(256, L, V), teacher_times, EPS, g, record=True)
+    own = [teacher[0], teacher[1], teacher[2]]  # the states the teacher holds at t = 1, 0.6, 0.45
+    coef = torch.ones(3, requires_grad=True)
+    logp0 = [toy_logp0(x) for x in own]
+    loss, _ = distill_loss(logp0, own, toy_logp0, teacher, teacher_times, times, coef, EPS)
+    assert loss.item() < 1e-9, loss
+    x = all_mask(4, L, V)
+    p = transition_probs(toy_logp0(x), x, times[1], times[2], EPS, 1.0)
+    snapped = transition_probs(toy_logp0(x), x, 0.5, 0.5, EPS, 1.0)
+    assert (p - snapped).abs().max() > 0.2  # ... which is not the row a snapped teacher would give
+    # and LSD+'s times get a gradient through both rows
+    logits = torch.zeros(3, requires_grad=True)
+    t3 = student_times(logits, EPS)
+    loss3, _ = _own_loss(t3, torch.full((3,), 1.2), teacher_times)
+    loss3.backward()
+    assert logits.grad.abs().max() > 0, logits.grad
 
 
 # ------------------------------------------------------------------ the masked diffusion model
@@ -232,11 +281,11 @@ def mdm_runs(tmp_path_factory):
 
 
 def test_trained_mdm_scores_far_below_untrained(mdm_runs, one_thread):
+    from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.eval import FIDEvaluator
     from vargen.models.mdm import MaskedDiffusionTransformer
     from vargen.sampling.generate import class_labels, generate
     from vargen.sampling.mdm_sampling import sample_mdm
-    from vargen.train.tasks import load_component, load_tokenizer_for
 
     from .conftest import DIGITS
 
@@ -262,8 +311,8 @@ def test_lsd_checkpoint_loads_and_samples_with_learned_coefficients(mdm_runs, tm
     import numpy as np
 
     import sample
+    from vargen.checkpoint import load_component
     from vargen.sampling.mdm_sampling import sample_lsd, sample_mdm
-    from vargen.train.tasks import load_component
 
     student, cfg = load_component(str(mdm_runs / "lsd"))
     teacher, _ = load_component(str(mdm_runs / "mdm"))
@@ -298,7 +347,7 @@ def test_lsd_checkpoint_loads_and_samples_with_learned_coefficients(mdm_runs, tm
 
 
 def test_lsd_task_checks_the_teacher(mdm_runs, tmp_path):
-    from vargen.train.checkpoint import CheckpointError
+    from vargen.checkpoint import CheckpointError
     from vargen.train.tasks import run
 
     from .conftest import task_config

@@ -24,9 +24,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def data(B=3, seed=0):
+def data(B=3, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, T, CP, generator=g, dtype=torch.float64)
+    x = torch.randn(B, T, CP, generator=g, dtype=dtype)
     return x, torch.tensor([0, 2, 3])[:B]  # 3 = the null class
 
 
@@ -335,7 +335,9 @@ def test_stop_threshold_is_per_element_independent_of_batch_size():
 def test_calibration_picks_jacobi_where_it_converges_and_gs_where_the_cap_bites():
     m = tiny_tarflow(std=0.005, blocks=3)
     with torch.no_grad():
-        m.blocks[1].proj_out.weight.mul_(100.0)  # a strongly coupled block: Jacobi crawls
+        # a strongly coupled block: Jacobi crawls (x20: without a final norm, x100 blew its output
+        # up so far that the next block's near-identity weights coupled its tokens as strongly)
+        m.blocks[1].proj_out.weight.mul_(20.0)
     labels = torch.tensor([0, 1, 2, 0])
     plans_, cal = ts.calibrate_policy(m, labels, torch.Generator().manual_seed(0), max_iters=6, tol=1e-6)
     assert [p.method for p in plans_] == ["jacobi", "gs_jacobi", "jacobi"]  # sampling order
@@ -467,3 +469,25 @@ def test_loss_decreases_on_digits():
     assert set(out) == {"loss", "bpd", "logdet", "prior"}
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.3
     assert math.isfinite(out["bpd"].item())
+
+
+def test_checkpoint_without_final_norm_key_loads_as_trained_with_it(tmp_path):
+    """Models trained before issue 20 had a LayerNorm before proj_out; their stored config has no
+    ``final_norm`` key, so loading reads it as True (checkpoint.LATER_MODEL_KEYS) and rebuilds them."""
+    from vargen.checkpoint import WEIGHTS, load_component, same_model_config, save_weights
+
+    old = tiny_tarflow(dtype=torch.float32)
+    old_model = dict(vars(old.cfg))
+    assert old_model.pop("final_norm") is False  # the reference architecture is the default
+    normed = TarFlow(TarFlowConfig(**{**old_model, "final_norm": True})).eval()
+    normed.blocks[0].norm.weight.data.fill_(2.0)  # a norm that matters
+    save_weights(
+        str(tmp_path / WEIGHTS), normed, {"task": "pixel_generator", "model": old_model}, 1, "pixel_generator"
+    )
+    loaded, cfg = load_component(str(tmp_path))
+    assert cfg.model.final_norm is True
+    assert torch.equal(loaded.blocks[0].norm.weight, normed.blocks[0].norm.weight)
+    x, c = data(dtype=torch.float32)
+    assert torch.equal(loaded(x, c)[0], normed(x, c)[0])
+    assert same_model_config(old_model, {**old_model, "final_norm": True})
+    assert not same_model_config(old_model, {**old_model, "final_norm": False})

@@ -12,7 +12,8 @@ from .conftest import task_config
 @pytest.mark.parametrize("model", [{"name": "ctf", "num_coarse": 8}, {"name": "token_shuffle", "window": 2}])
 def test_train_and_sample(trained_pipeline, tmp_path, model):
     import sample
-    from vargen.train.tasks import load_component, run
+    from vargen.checkpoint import load_component
+    from vargen.train.tasks import run
 
     torch.manual_seed(0)
     cfg = task_config(

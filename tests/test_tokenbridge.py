@@ -236,8 +236,9 @@ def test_sampler_cache_matches_uncached_greedy_and_is_seeded():
 
 def test_pipeline_train_py_tasks_and_sampler(tmp_path, one_thread):
     """kl -> tokenbridge (no training) -> tokenbridge_ar through the real tasks, then the sampler."""
+    from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.sampling.generate import default_sampler
-    from vargen.train.tasks import load_component, load_tokenizer_for, run
+    from vargen.train.tasks import run
 
     from .conftest import task_config
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vargen.train.checkpoint import CheckpointError, latest_checkpoint, read_train_state
-from vargen.train.loop import TrainingError, fit, read_log
-from vargen.train.tasks import load_component, run
+from vargen.checkpoint import CheckpointError, latest_checkpoint, load_component, read_train_state
+from vargen.io import read_log
+from vargen.train.loop import TrainingError, fit
+from vargen.train.tasks import run
 
 from .conftest import ROOT, task_config, vq_cfg
 
@@ -96,7 +97,7 @@ def test_corrupt_checkpoint_names_file(tmp_path, tiny_vq):
 def test_mismatched_checkpoint_names_file_and_keys(tmp_path, tiny_vq):
     from safetensors.torch import save_file
 
-    from vargen.train.checkpoint import read_weights
+    from vargen.checkpoint import read_weights
 
     state, meta = read_weights(str(tiny_vq))
     state.pop(sorted(state)[0])
@@ -112,7 +113,7 @@ def test_generator_checks_tokenizer_hash(tmp_path, tiny_vq):
     tok = tmp_path / "tok"
     shutil.copytree(tiny_vq, tok)
     run(ar_run_cfg(tmp_path / "gen", tok, 2), log=lambda m: None)
-    from vargen.train.tasks import load_tokenizer_for
+    from vargen.checkpoint import load_tokenizer_for
 
     _, gen_cfg = load_component(str(tmp_path / "gen"))
     load_tokenizer_for(gen_cfg)  # unchanged: fine
@@ -385,7 +386,7 @@ def test_resume_enforces_the_tokenizer_hash(one_thread, tmp_path, tiny_vq):
 
 
 def test_run_lock_refuses_a_second_training_and_takes_over_stale_locks(one_thread, tmp_path):
-    from vargen.train.checkpoint import run_lock
+    from vargen.checkpoint import run_lock
 
     run(vq_cfg(tmp_path, 2, ckpt_every=2), log=lambda m: None)
     record = (tmp_path / "config.yaml").read_bytes()
@@ -459,7 +460,7 @@ def test_sampler_that_does_not_fit_the_model_is_a_clear_error(
 
 
 def test_cuda_requested_without_cuda_is_an_error(monkeypatch):
-    from vargen.train import distributed as D
+    from vargen import distributed as D
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="device=cuda but CUDA is not available.*device=cpu"):
@@ -481,7 +482,7 @@ def test_abandoned_temporary_checkpoint_folders_are_removed(one_thread, tmp_path
 def test_full_disk_during_a_checkpoint_says_what_to_do(one_thread, tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
-    import vargen.train.checkpoint as C
+    import vargen.checkpoint as C
 
     calls, real = [], C.save_file
 
@@ -514,3 +515,23 @@ def test_fid_against_a_small_reference_set_warns(one_thread, tiny_gen, tmp_path,
     assert sample.main(argv) == 0
     assert "warning: only 12 reference images" in capsys.readouterr().out
     assert "only 12 reference images" in json.load(open(tmp_path / "s" / "metrics.json"))["fid_warning"]
+
+
+def test_load_cached_memoises_per_file_and_device_and_reloads_a_rewritten_file(tmp_path, tiny_vq):
+    """Samplers share one loader: the same file on the same device is built once; another device
+    key or a rewritten file (new mtime) builds anew, with the file's current weights."""
+    import shutil
+
+    from vargen.checkpoint import WEIGHTS, load_cached
+
+    path = tmp_path / WEIGHTS
+    shutil.copyfile(tiny_vq / WEIGHTS, path)
+    a, cfg = load_cached(str(path))
+    assert load_cached(str(tmp_path))[0] is a  # a run dir names the same file
+    assert load_cached(str(path), torch.device("cpu"))[0] is a
+    assert load_cached(str(path), "cpu:0")[0] is not a  # another device key
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    b = load_cached(str(path))[0]
+    assert b is not a and cfg.task == "tokenizer"
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -10,12 +10,13 @@ import json
 import pytest
 import torch
 
+from vargen.checkpoint import load_component, load_tokenizer_for
 from vargen.eval import FIDEvaluator
 from vargen.models.var import NextScaleTransformer, VARConfig
 from vargen.sampling.generate import class_labels, generate
 from vargen.sampling.var_decode import decode_scale, guidance_at, sample_var, start_state
 from vargen.tokenizers.vat import VATConfig, VATokenizer
-from vargen.train.tasks import load_component, load_tokenizer_for, run
+from vargen.train.tasks import run
 
 from .conftest import DIGITS, task_config
 
@@ -86,7 +87,7 @@ def test_teacher_forced_inputs_and_logits_equal_step_by_step_sampling(attn_l2_no
 def test_attn_l2_norm_is_vars_cosine_attention():
     """attn_l2_norm (VAR): logits = exp(min(s_h, log 100)) * cos(q, k) with softmax scale 1, so the
     block is unchanged when q's and k's projections are rescaled (not so without it)."""
-    from vargen.models.var import AdaLNBlock
+    from vargen.nn import AdaLNBlock
 
     torch.manual_seed(0)
     x, c = torch.randn(2, 5, 16), torch.randn(2, 16)
@@ -280,7 +281,7 @@ def test_sample_cli_runs_test_time_search(trained_var, tmp_path, sampler):
 
 def test_checkpoints_written_before_attn_l2_norm_still_resume():
     """A model config recorded before the option existed equals one with it off, not on."""
-    from vargen.train.checkpoint import same_model_config
+    from vargen.checkpoint import same_model_config
 
     old = {"name": "var", "dim": 64, "depth": 4}
     assert same_model_config(old, {**old, "attn_l2_norm": False})

@@ -52,8 +52,7 @@ def test_sample_grids_and_loss_png_leave_training_unchanged(one_thread, tiny_vq,
     from PIL import Image
 
     import vargen
-    from vargen.io import make_grid
-    from vargen.train.loop import read_log
+    from vargen.io import make_grid, read_log
     from vargen.train.tasks import run
 
     run(_gen_cfg(tmp_path / "plain", tiny_vq), log=lambda m: None)

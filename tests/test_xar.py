@@ -259,10 +259,10 @@ def test_trained_xar_samples_beat_an_untrained_one(trained_xar, tmp_path):
     import json
 
     import sample
+    from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.eval import FIDEvaluator
     from vargen.registry import MODELS
     from vargen.sampling.generate import class_labels, generate
-    from vargen.train.tasks import load_component, load_tokenizer_for
 
     out = tmp_path / "samples"
     argv = ["--ckpt", str(trained_xar / "xar"), f"out={out}", "num_samples=200", "fid=true", "progress=false"]
@@ -407,11 +407,12 @@ def test_joint_toy_tokens_of_an_entity_come_out_correlated(one_thread, kind):
 
 def test_a_checkpoint_config_without_denoiser_rebuilds_the_per_token_head_model():
     """Checkpoints from before ``denoiser`` existed were the head design (LATER_MODEL_KEYS)."""
-    from vargen.models.var import VARConfig
-    from vargen.train.checkpoint import fill_later_keys
+    import dataclasses
 
+    from vargen.checkpoint import with_later_keys
+
+    known = {f.name for f in dataclasses.fields(XARConfig)}
     old = {"name": "xar", "entity": "token"}
-    assert fill_later_keys(old, XARConfig)["denoiser"] == "head"
-    assert fill_later_keys({**old, "denoiser": "backbone"}, XARConfig)["denoiser"] == "backbone"
-    assert "denoiser" not in fill_later_keys({"name": "var"}, VARConfig)  # only keys the schema has
+    assert with_later_keys(old, known)["denoiser"] == "head"
+    assert with_later_keys({**old, "denoiser": "backbone"}, known)["denoiser"] == "backbone"
     assert XARConfig().denoiser == "backbone"  # while new configs get the paper's design

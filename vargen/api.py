@@ -4,17 +4,27 @@ What ``sample.py`` and ``train.py`` do, callable from a notebook or script in an
 directory: the same checkpoint loading (:func:`vargen.sampling.generate.load_generator`), the
 same sampler construction and validation (:func:`~vargen.sampling.generate.build_sampler`), the
 same batched drawing (:func:`~vargen.sampling.generate.generate`) and the same training entry
-(:func:`vargen.train.tasks.run`); images come back as tensors instead of files.
+(:func:`vargen.train.entry.train`, which runs :func:`vargen.train.tasks.run`); images come back
+as tensors instead of files.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where configs/ ships
+from vargen.eval.fid import FIDEvaluator
+from vargen.registry import import_components
+from vargen.sampling.generate import (
+    DEFAULT_SAMPLER,
+    build_sampler,
+    class_labels,
+    counting,
+    generate,
+    load_generator,
+)
+from vargen.train.entry import config_path, train  # noqa: F401  (vargen.api.train: the training entry)
 
 
 def _device(device) -> torch.device:
@@ -40,8 +50,6 @@ class Pipeline:
 
     @property
     def default_sampler(self) -> str:
-        from vargen.sampling.generate import DEFAULT_SAMPLER
-
         return DEFAULT_SAMPLER.get(self.config.model.name, "ar")
 
     def sample(
@@ -63,8 +71,6 @@ class Pipeline:
         same images: the draw is what ``sample.py`` with that seed, batch size and labels writes.
         Returns (images (N, C, H, W) float in [0, 1] on the CPU, sampler stats summed over batches).
         """
-        from vargen.sampling.generate import build_sampler, class_labels, counting, generate
-
         if labels is None:
             labels_B = class_labels(num_samples or self.num_classes, self.num_classes, [])
         else:
@@ -84,8 +90,6 @@ class Pipeline:
         """FID of ``images`` (N, C, H, W) in [0, 1] against a split of the run's dataset, in the
         features ``sample.py fid=true`` uses (the dataset's cached classifier, or Inception when
         a local weights file is given). Only comparable between image sets of equal size."""
-        from vargen.eval.fid import FIDEvaluator
-
         key = (split, inception_weights)
         if key not in self._fid:
             self._fid[key] = FIDEvaluator.for_dataset(
@@ -102,55 +106,8 @@ def load(path: str, device: str | None = "auto", tokenizer_ckpt: str = "", log=N
     """A generator checkpoint (weights file, run directory or ``checkpoints/step_N``) as a
     :class:`Pipeline`. Its tokenizer is the one recorded at training time (absolute path,
     sha256-checked), found next to the run when both were moved together, or ``tokenizer_ckpt``."""
-    from vargen.registry import import_components
-    from vargen.sampling.generate import load_generator
-
     import_components()
     dev = _device(device)
     path = os.path.abspath(os.path.expanduser(str(path)))
     model, run_cfg, tokenizer = load_generator(path, dev, tokenizer_ckpt, log or (lambda m: None))
     return Pipeline(model, tokenizer, run_cfg, path, dev)
-
-
-def _dotlist(overrides: dict, prefix: str = "") -> list[str]:
-    """``{"train": {"steps": 4}, "model.dim": 32}`` -> ``["train.steps=4", "model.dim=32"]``;
-    values are written as JSON (valid YAML), so strings, lists and booleans keep their type."""
-    out = []
-    for key, value in overrides.items():
-        if isinstance(value, dict) and value:
-            out += _dotlist(value, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}={json.dumps(value)}")
-    return out
-
-
-def config_path(path: str) -> str:
-    """``path`` when it is a file, else a config shipped with the repository under that name
-    (``"configs/digits_ar.yaml"``, ``"digits_ar.yaml"`` or ``"digits_ar"``), so a notebook in any
-    folder can name one."""
-    path = os.path.expanduser(str(path))
-    if os.path.isfile(path) or os.path.isabs(path):
-        return path
-    for base in (_REPO, os.path.join(_REPO, "configs")):
-        for name in (path, path + ".yaml"):
-            if os.path.isfile(os.path.join(base, name)):
-                return os.path.join(base, name)
-    return path  # load_run_config says "config file not found"
-
-
-def train(config: str, overrides: list[str] | tuple = (), log=print, **kw) -> str:
-    """Train what the config at ``config`` describes (as ``train.py --config``); returns the
-    absolute run directory.
-
-    Overrides are ``key=value`` strings (``"train.steps=200"``) and/or keyword arguments, nested
-    (``train={"steps": 200}``) or dotted (``**{"train.steps": 200}``). A bad key raises
-    ``vargen.config.ConfigError`` before any work; relative paths are taken from the current
-    working directory and stored absolute.
-    """
-    from vargen.config import load_run_config, resolve_paths
-    from vargen.train.tasks import run
-
-    cfg = load_run_config(config_path(config), [*overrides, *_dotlist(kw)])
-    resolve_paths(cfg)
-    run(cfg, log=log)
-    return cfg.out_dir

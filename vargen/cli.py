@@ -57,8 +57,8 @@ def train_main(argv=None) -> int:
         print(OmegaConf.to_yaml(cfg))
         return 0
 
+    from vargen.checkpoint import CheckpointError
     from vargen.data import DataError
-    from vargen.train.checkpoint import CheckpointError
     from vargen.train.loop import TrainingError
     from vargen.train.tasks import run
 
@@ -82,11 +82,11 @@ def sample_main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. num_samples=100 sampler.top_k=10")
     args = p.parse_args(argv)
 
+    from vargen.checkpoint import CheckpointError
     from vargen.config import ConfigError, load_config
     from vargen.data import DataError
+    from vargen.distributed import teardown
     from vargen.sampling.generate import SampleConfig, default_sampler, run_sampling
-    from vargen.train.checkpoint import CheckpointError
-    from vargen.train.distributed import teardown
 
     try:
         base = {"sampler": {"name": default_sampler(args.ckpt)}}

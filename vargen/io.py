@@ -1,7 +1,8 @@
-"""Writing what a person looks at: PNG image grids and .npz sample archives."""
+"""Files a person looks at: PNG image grids, .npz sample archives, a run's ``log.jsonl``."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -39,3 +40,23 @@ def save_grid(images_BCHW: torch.Tensor, path: str, nrow: int = 0, scale: int = 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
     return path
+
+
+def log_path(out_dir: str) -> str:
+    """The training log of a run: one JSON object per line (step, loss, ...)."""
+    return os.path.join(out_dir, "log.jsonl")
+
+
+def read_log(out_dir: str) -> list[dict]:
+    """The rows of a run's training log, oldest first; [] before the first row."""
+    path = log_path(out_dir)
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a kill mid-append: dropped on resume
+                continue
+    return rows

@@ -12,6 +12,8 @@ import argparse
 import math
 import os
 
+from vargen.io import read_log
+
 # Distinct colours (matplotlib's "tab10"): series i of a chart gets COLORS[i % 10].
 COLORS = [
     (31, 119, 180),
@@ -127,8 +129,6 @@ def line_chart(
 def loss_series(run_dir: str, metric: str = "loss", label: str = "", color=None) -> list[dict]:
     """The training curve of ``metric`` and its held-out curve (``heldout_<metric>``, dots) from
     ``<run_dir>/log.jsonl``; a curve with no logged value is left out."""
-    from vargen.train.loop import read_log
-
     rows = read_log(run_dir)
     out = []
     for key, dots, kind in ((metric, False, "train"), (f"heldout_{metric}", True, "held-out")):

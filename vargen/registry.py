@@ -23,7 +23,6 @@ _COMPONENT_MODULES = (
     "vargen.heads",
     "vargen.sampling",
     "vargen.eval",
-    "vargen.diffusion",
     "vargen.train.tasks",
     "vargen.train.lsd_task",
     "vargen.train.minority_task",

@@ -8,21 +8,20 @@ multiplier b > 0 and any linear-drift schedule f = -c(t) x:
     dx     = [-f + (1+b)/2 g^2 S] dtau + sqrt(b) g dW,        S = sum_i beta_i s_i
     dlog w = [(sum beta - 1) div f + g^2/2 (|S|^2 - sum_i beta_i |s_i|^2)] dtau
 
-The reference code has one hand-derived weight per case (notebook / molecules / EDM);
-we build the single rule, which reduces to each of them (CFG: w(w-1)/2 g^2 |s_c - s_u|^2).
+The reference code has one hand-derived weight per case (notebook / molecules / EDM).
+vargen samples the CFG case, to which the rule reduces as w(w-1)/2 g^2 |s_c - s_u|^2, on the
+DDPM ancestral steps of a discrete VP grid (:func:`fkc_cfg_ddpm`, the ``fkc_cfg`` sampler).
 Weights are accumulated at the pre-step x (Euler), kept in float64, reset after resampling.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 
 import torch
 
+from vargen.diffusion.schedules import ddim_step, respaced_grid
 from vargen_kernels.fkc import fkc_update
-
-ScoreFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 
 def ess(log_w: torch.Tensor) -> torch.Tensor:
@@ -47,67 +46,6 @@ def multinomial_resample(log_w: torch.Tensor, generator: torch.Generator) -> tor
 
 
 RESAMPLERS = {"systematic": systematic_resample, "multinomial": multinomial_resample}
-
-
-def log_weight_rate(scores: Sequence[torch.Tensor], betas: Sequence[float], div_f, g2: float) -> torch.Tensor:
-    """The unified FKC rate per particle (K,); scores: list of (K, D); div_f: scalar div of f."""
-    S = sum(b * s for b, s in zip(betas, scores, strict=True))  # (K, D)
-    quad = (S * S).sum(-1) - sum(b * (s * s).sum(-1) for b, s in zip(betas, scores, strict=True))  # (K,)
-    return (sum(betas) - 1.0) * div_f + 0.5 * g2 * quad
-
-
-def fkc_sample(
-    experts: Sequence[ScoreFn],
-    betas: Sequence[float],
-    schedule,
-    num_particles: int,
-    dim: int,
-    steps: int,
-    generator: torch.Generator,
-    noise_mult: float = 1.0,
-    weighted: bool = True,
-    resampler: str = "systematic",
-    ess_threshold: float = 1.0,
-    final_resample: bool = True,
-    t_end: float = 1e-3,
-):
-    """Reverse-time Euler-Maruyama of the weighted SDE with SMC resampling.
-
-    ``ess_threshold`` kappa: resample when ESS < kappa K (kappa >= 1: every step).
-    ``weighted=False`` runs the same SDE without weights (the biased baseline).
-    Returns x (K, D), log_w (K,) and a stats dict (forwards = steps * len(experts)).
-    """
-    if resampler not in RESAMPLERS:
-        raise ValueError(f"resampler must be one of {sorted(RESAMPLERS)}, got {resampler!r}")
-    if noise_mult <= 0:
-        raise ValueError(f"noise_mult must be > 0, got {noise_mult}")
-    K, D, b = num_particles, dim, noise_mult
-    x = torch.randn(K, D, generator=generator, dtype=torch.float64)
-    x = x * schedule.sigma(1.0) / math.sqrt(sum(betas))  # p_T ~ N(0, sigma_T^2 / sum beta)
-    log_w = torch.zeros(K, dtype=torch.float64)
-    ts = torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64).tolist()
-    stats = {"target_forwards": 0, "resamples": 0, "min_ess": float(K)}
-    for k in range(steps):
-        t, dt = ts[k], ts[k] - ts[k + 1]
-        scores = [e(x, t) for e in experts]  # each (K, D)
-        stats["target_forwards"] += len(experts)
-        c, g2 = schedule.drift_coef(t), schedule.g2(t)
-        if weighted:
-            log_w = log_w + log_weight_rate(scores, betas, -c * D, g2) * dt
-        S = sum(bi * s for bi, s in zip(betas, scores, strict=True))  # (K, D)
-        z = torch.randn(K, D, generator=generator, dtype=torch.float64)
-        x = x + (c * x + 0.5 * (1 + b) * g2 * S) * dt + math.sqrt(b * g2 * dt) * z
-        last = k == steps - 1
-        if weighted and not last:
-            e_now = float(ess(log_w))
-            stats["min_ess"] = min(stats["min_ess"], e_now)
-            if ess_threshold >= 1.0 or e_now < ess_threshold * K:
-                idx = RESAMPLERS[resampler](log_w, generator)
-                x, log_w = x[idx], torch.zeros_like(log_w)
-                stats["resamples"] += 1
-    if weighted and final_resample:
-        x, log_w = x[RESAMPLERS[resampler](log_w, generator)], torch.zeros_like(log_w)
-    return x, log_w, stats
 
 
 # --------------------------------------------------------------------------------------
@@ -199,7 +137,7 @@ def fkc_cfg_ddpm(
 
     ``shape`` = (G K, ...): G groups of K = ``particles`` consecutive particles, each group one
     condition. ``eps_pair_fn(x, t_B) -> (eps_c, eps_u)``. Per step on the grid of
-    :func:`vargen.diffusion.time_shift.ddim_sample` (linspace(T-1, 0, steps) rounded):
+    :func:`vargen.diffusion.loops.ddim_sample` (linspace(T-1, 0, steps) rounded):
     accumulate :func:`cfg_ancestral_increment` at the pre-step x, take the ancestral step
     (eta = 1) on eps_u + w (eps_c - eps_u), then resample every group whose ESS < kappa K
     (kappa = ``ess_threshold`` >= 1: every step), log-weights reset to 0; never after the last
@@ -215,8 +153,6 @@ def fkc_cfg_ddpm(
     fused kernel under ``backend``, see :func:`vargen_kernels.dispatch.backend_for`); every backend
     draws the same particles.
     """
-    from vargen.diffusion.time_shift import ddim_step
-
     if resampler not in RESAMPLERS:
         raise ValueError(f"resampler must be one of {sorted(RESAMPLERS)}, got {resampler!r}")
     K = particles
@@ -224,7 +160,7 @@ def fkc_cfg_ddpm(
     if N % K:
         raise ValueError(f"{N} particles are not a whole number of groups of {K}")
     G, T = N // K, abar.shape[0]
-    grid = torch.linspace(T - 1, 0, steps).round().long().tolist()
+    grid = respaced_grid(T, steps)
     bshape = (N,) + (1,) * (len(shape) - 1)
     device = generator.device
     x = torch.randn(shape, generator=generator, dtype=dtype, device=device)  # p_T ~ N(0, 1): sum beta = 1

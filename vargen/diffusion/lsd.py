@@ -1,44 +1,52 @@
 """Learnable Sampler Distillation (LSD / LSD+, Fu et al. NeurIPS'25) for absorbing diffusion:
-the student's times and the distillation loss, as pure functions (spec sampling-diffusion.md 4a).
+the student's times and the distillation losses, as pure functions (spec sampling-diffusion.md 4a).
 
 Student: n Euler steps (vargen/diffusion/absorbing.py) from the same all-mask x_T as the teacher,
 with a coefficient c_i per step on the model's log-output (s -> s^{c_i}; c_i = 1 is the base
 sampler). LSD+ also learns the step sizes: t_i = 1 - (1 - eps) sum_{k<i} softmax(logits)_k (with a
-1e-4 uniform floor), so
-the times are strictly decreasing from 1 and end at eps (:func:`student_times`).
+1e-4 uniform floor), so the times are strictly decreasing from 1 and end at eps
+(:func:`student_times`).
 
 Teacher: the same network with N uniform steps (N >> n); its states x_{tau_k} on its grid are
-recorded. Student time t_i is aligned with the teacher state at the nearest teacher time
-(:func:`aligned_indices`; exact alignment for a uniform student grid when n divides N).
+recorded. The chain's state at a continuous time t in (tau_{k+1}, tau_k] is x_{tau_k} (the last
+jump happened at or before tau_k): :func:`teacher_index_at`.
 
-Loss (the spec leaves L2 vs KL open; this is KL on transition probabilities): for each step i,
-from the teacher's state x_a at the time aligned with t_i, the student's per-position transition
-probabilities q_i(. | x_a) (times t_i -> t_{i+1}, coefficient c_i) are scored on the teacher's
-state x_b at the time aligned with t_{i+1}:
+The paper's objective (:func:`distill_loss`, objective ``own_trajectory``; the reference's
+``StudentSolverDiscrete`` in feiyangfu/LSD): the student runs on *its own* trajectory x^s_{t_i}
+(sampled with its current c and times, no gradient) and at every step its output is aligned with
+the teacher's output along the teacher trajectory at the same time t_i. The teacher is evaluated
+at the student's time t_i (the network on the teacher's state there, the step t_i -> t_{i+1}), not
+at a snapped teacher grid time, so LSD+'s times get a gradient through both sides. The distance
+(the paper leaves it open; the reference stores log-scores and transition probabilities) is the
+per-position KL on transition probabilities, over positions masked in both states (elsewhere
+both rows are deterministic):
 
-    L = sum_i E_teacher [ -(1/L) sum_l log q_i(x_b,l | x_a) ]
-      = sum_i E [ (1/L) sum_l KL(p_teacher,l(. | x_a) || q_i,l(. | x_a)) ] + const,
+    L = sum_i E [ (1/L) sum_{l masked in x^s and x^T} KL(p_l(. | x^T_{t_i}; t_i -> t_{i+1}, c=1)
+                                                    || q_l(. | x^s_{t_i}; t_i -> t_{i+1}, c_i)) ].
 
-the KL from the teacher's per-position transition marginals over [t_{i+1}, t_i] to the
-student's, estimated with teacher samples; the constant (the teacher's entropy) does not depend
-on c. The states are samples and carry no gradient: c_i and the step logits get gradients only
-through the per-step transition probabilities, never through sampling.
+The states are samples and carry no gradient: c_i and the step logits get gradients only through
+the per-step outputs, never through sampling (as in the reference).
 
-What this loss can and cannot do (measured on the enumerable toy, tests/test_lsd.py): for the
-log-linear absorbing chain each position's unmasking is already exact at c = 1, and a per-position
-KL is minimised by the teacher's marginals, so with an exact network the base sampler is the
-loss's optimum; the few-step error is joint (tokens unmasked in one step are drawn independently)
-and this loss does not see it. Optimising the exact TV directly on the toy finds c > 1
-(sharpening) with TV 0.028 instead of 0.109 at 4 steps: a joint-aware objective would be needed
-for that gain. Learned times change which teacher states are aligned, so loss values of different
-schedules are not comparable (the teacher's entropy term moves with them).
+What it does on the enumerable toy (L = 2, V = 3, exact network; benchmarks/diffusion_lsd.py
+``lsd.toy_*``): student and teacher states are unpaired draws, so the loss is minimised by a
+student row near the average of the teacher's rows, i.e. a *flatter* distribution (c < 1), and the
+exact TV of the 4-step student rises above the base sampler's; the TV-optimal coefficients are
+sharpening (c > 1). With an exact network every per-position distance has the base sampler's
+marginals at its optimum; the few-step error is joint (tokens unmasked in one step are drawn
+independently), which no per-position alignment sees.
+
+:func:`teacher_forced_loss` (objective ``teacher_forced``) is the earlier vargen objective: it
+scores the student's transition from the *teacher's* state (snapped to the nearest teacher time),
+whose optimum is exactly the base sampler on the toy.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vargen.diffusion.absorbing import step_fractions, times_from_fractions, transition_probs
+from vargen.diffusion.absorbing import sample_chain, step_fractions, times_from_fractions, transition_probs
+
+OBJECTIVES = ("own_trajectory", "teacher_forced")
 
 
 def student_times(step_logits_n: torch.Tensor, eps: float) -> torch.Tensor:
@@ -47,16 +55,69 @@ def student_times(step_logits_n: torch.Tensor, eps: float) -> torch.Tensor:
     return times_from_fractions(step_fractions(step_logits_n), eps)
 
 
+def teacher_index_at(teacher_times: torch.Tensor, times: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+    """Index k of the teacher state held at each time t: the smallest teacher time tau_k >= t
+    (within ``tol``, so a student time on the teacher grid up to rounding picks that grid point)."""
+    return (teacher_times[None, :] >= times.detach()[:, None] - tol).sum(1) - 1
+
+
 def aligned_indices(teacher_times: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest teacher time for each student time (no gradient)."""
+    """Index of the nearest teacher time for each student time (no gradient; teacher_forced only)."""
     return (times.detach()[:, None] - teacher_times[None, :]).abs().argmin(1)
 
 
-def distill_loss(logp0_fn, teacher_states, teacher_times, times_n1, coefs_n, eps: float):
-    """The LSD loss (module docstring); returns (loss, per-step losses (n,)).
+@torch.no_grad()
+def student_rollout(logp0_fn, x_BL, times_n1, coefs_n, eps: float, generator):
+    """The student's own trajectory (n forwards, no gradient): its states x^s_{t_i} (i < n) and the
+    network's log p0 (B, L, V) on each, the inputs :func:`distill_loss` needs."""
+    outs = []
 
-    ``logp0_fn(x_BL) -> (B, L, V)`` the network's log p0 (called without gradient);
-    ``teacher_states`` the teacher's K+1 recorded states (B, L) at ``teacher_times`` (K+1,).
+    def record(x_BL):
+        out = logp0_fn(x_BL)
+        outs.append(out)
+        return out
+
+    _, states = sample_chain(record, x_BL, times_n1.detach(), eps, generator, coefs_n.detach(), record=True)
+    return states[:-1], outs
+
+
+def distill_loss(
+    student_logp0, student_states, teacher_logp0, teacher_states, teacher_times, times_n1, coefs_n, eps: float
+):
+    """The paper's LSD loss (module docstring): returns (loss, per-step losses (n,)).
+
+    ``student_logp0[i]`` / ``student_states[i]`` (i < n): the network's log p0 (B, L, V) on the
+    student's own state x^s_{t_i} (B, L); ``teacher_logp0`` a function ``x_BL -> (B, L, V)`` (called
+    without gradient on the teacher's state at each t_i); ``teacher_states`` the teacher's K+1
+    recorded states at ``teacher_times`` (K+1,).
+    """
+    n = times_n1.shape[0] - 1
+    idx = teacher_index_at(teacher_times, times_n1[:-1]).tolist()
+    per_step = []
+    for i in range(n):
+        x_s, x_t = student_states[i], teacher_states[idx[i]]
+        V = student_logp0[i].shape[-1]
+        with torch.no_grad():
+            lp_t = teacher_logp0(x_t)  # (B, L, V)
+        last = i == n - 1
+        t, t_next = times_n1[i], times_n1[i + 1]
+        q = transition_probs(student_logp0[i], x_s, t, t_next, eps, coefs_n[i], last)  # (B, L, V+1)
+        p = transition_probs(lp_t, x_t, t, t_next, eps, 1.0, last)  # teacher at the student's times
+        kl = torch.xlogy(p, p) - p * torch.log(q.clamp_min(1e-30))  # (B, L, V+1)
+        both = (x_s == V) & (x_t == V)  # (B, L)
+        per_step.append((kl.sum(-1) * both).sum() / both.numel())
+    per_step = torch.stack(per_step)
+    return per_step.sum(), per_step
+
+
+def teacher_forced_loss(logp0_fn, teacher_states, teacher_times, times_n1, coefs_n, eps: float):
+    """Objective ``teacher_forced`` (vargen before issue 20, not the paper's): the student's
+    transition from the teacher's state x_a at the teacher time nearest t_i, scored on the teacher's
+    state x_b nearest t_{i+1}: sum_i E[-(1/L) sum_l log q_i(x_b,l | x_a)]; returns (loss, per-step (n,)).
+
+    Its optimum on an exact network is the base sampler (c = 1; per-position KL to the teacher's
+    transition marginals), and the snapped times give LSD+ no smooth schedule gradient.
+    ``logp0_fn(x_BL) -> (B, L, V)`` (called without gradient).
     """
     idx = aligned_indices(teacher_times, times_n1).tolist()
     n = times_n1.shape[0] - 1

@@ -5,7 +5,7 @@ with d = squared L2 or a perceptual distance (any callable (B, ...) x2 -> (B,), 
 digits feature net). Levels are quantile bins (higher = more unique). Guidance toward level c*
 (score form): eps_tilde = eps - sqrt(1 - abar_t) w grad log p(c* | x_t, t) (a v-model is
 converted to eps first, see denoiser.py). ``minority_scores`` scores images (N, C, H, W) in [0, 1]
-under a trained image denoiser; the noisy level classifier is in minority_classifier.py.
+under a trained image denoiser; the noisy level classifier is in vargen/models/minority_classifier.py.
 ``QuadratureOracle`` gives the exact classifier gradient for 1-D data by quadrature, for tests
 without training.
 """

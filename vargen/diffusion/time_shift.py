@@ -1,4 +1,5 @@
-"""Exposure-bias time shift (TS-DPM, Li et al., ICLR'24) on DDPM / DDIM over a discrete VP grid.
+"""Exposure-bias time shift (TS-DPM, Li et al., ICLR'24): a step hook of the DDPM / DDIM loop
+(:func:`vargen.diffusion.loops.ddim_sample`) over a discrete VP grid.
 
 At a noisy step t > cutoff, the network is evaluated at the step t_s of the full training grid,
 inside the window |tau - t| <= window // 2, whose noise variance best matches the per-sample
@@ -19,25 +20,13 @@ the variance model above (1 - abar_tau, or its corrected form), the quantity it 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from vargen.diffusion.loops import ddim_sample
+
 MODES = ("canonical", "pndm_target", "adm_target")
-EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, ...), t (B,) long) -> eps
-
-
-def linear_alphas_cumprod(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """abar_t for the DDPM linear beta schedule (Ho et al. 2020), float64 (T,)."""
-    return torch.cumprod(1 - torch.linspace(beta_start, beta_end, T, dtype=torch.float64), 0)
-
-
-def cosine_alphas_cumprod(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
-    """abar_t of the cosine schedule (Nichol & Dhariwal 2021, eq. 17), betas capped at max_beta."""
-    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * torch.pi / 2) ** 2
-    betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
-    return torch.cumprod(1 - betas, 0)
 
 
 @dataclass
@@ -69,6 +58,24 @@ class ExposureBiasTimeShift:
         a = abar[taus]
         target_W = 1 - a if self.variance == "paper" else a * self.data_var + 1 - a
         return taus[(v_B[:, None] - target_W[None]).abs().argmin(1)]  # (B,)
+
+    def adjust_step(self, x, i: int, t: int, t_next: int, abar, t_B, a_next_B):
+        """The loop's :class:`~vargen.diffusion.loops.StepHook`: (t_net_B, t_coef_B, a_next_B) of
+        step ``i`` as ``mode`` says; the first step (x_T, pure noise) is never shifted."""
+        if i == 0:
+            return t_B, t_B, a_next_B
+        if self.mode == "canonical":
+            t_s = self.shifted(x, t, abar)
+            return t_s, t_s, a_next_B
+        if t_next < 0:
+            return t_B, t_B, a_next_B
+        if self.mode == "pndm_target":  # the shifted next step is the target
+            return t_B, t_B, abar[self.shifted(x, t_next, abar)]
+        return (
+            t_B,
+            t_B,
+            abar[(self.shifted(x, t, abar) - (t - t_next)).clamp(min=0)],
+        )  # adm_target: t_s - stride
 
 
 WINDOWS = (0, 5, 10, 20, 40, 80, 160, 320)  # candidates of :func:`calibrate_window`
@@ -112,65 +119,3 @@ def calibrate_window(
         errors[int(w)] = abs(float(x.var()) / v0 - 1)
     best = min(errors, key=lambda w: (errors[w], w))
     return best, errors
-
-
-def ddim_sample(
-    eps_fn: EpsFn,
-    shape: tuple,
-    steps: int,
-    generator: torch.Generator,
-    abar: torch.Tensor | None = None,
-    eta: float = 0.0,
-    time_shift: ExposureBiasTimeShift | None = None,
-    dtype: torch.dtype = torch.float64,
-):
-    """DDIM (eta=0) / DDPM-like (eta=1) sampling on an evenly respaced grid (Song et al. 2021, eq. 12).
-
-    The state (and the noise) is kept in ``dtype``: float64 for analytic denoisers, the model's
-    dtype for a network, on the generator's device. Returns x0 (shape) and stats
-    {"target_forwards", "shifted_steps"} (steps where any sample shifted).
-    """
-    device = generator.device
-    abar = (linear_alphas_cumprod() if abar is None else abar).to(device)
-    T = abar.shape[0]
-    grid = torch.linspace(T - 1, 0, steps).round().long().tolist()
-    x = torch.randn(shape, generator=generator, dtype=dtype, device=device)
-    B = shape[0]
-    bshape = (B,) + (1,) * (len(shape) - 1)
-    stats = {"target_forwards": 0, "shifted_steps": 0}
-    for i, t in enumerate(grid):
-        t_next = grid[i + 1] if i + 1 < len(grid) else -1
-        t_net = torch.full((B,), t, dtype=torch.long, device=device)
-        t_coef = t_net
-        a_next = abar[t_next].expand(B) if t_next >= 0 else torch.ones(B, dtype=abar.dtype, device=device)
-        shift = time_shift is not None and i > 0  # never at x_T: pure noise, as both references
-        if shift and time_shift.mode == "canonical":
-            t_net = t_coef = time_shift.shifted(x, t, abar)
-        elif shift and t_next >= 0 and time_shift.mode == "pndm_target":
-            a_next = abar[time_shift.shifted(x, t_next, abar)]  # the shifted next step is the target
-        elif shift and t_next >= 0:  # adm_target: t_s - stride is the target
-            a_next = abar[(time_shift.shifted(x, t, abar) - (t - t_next)).clamp(min=0)]
-        stats["shifted_steps"] += int((t_coef != t).any() or (t_next >= 0 and (a_next != abar[t_next]).any()))
-        eps = eps_fn(x, t_net)
-        stats["target_forwards"] += 1
-        a_t = abar[t_coef].view(bshape).to(dtype)
-        a_n = a_next.view(bshape).to(dtype)
-        if t_next < 0:
-            x = ddim_step(x, eps, a_t, a_n, 0.0)  # a_n = 1: x = x0-estimate
-            break
-        noise = torch.randn(shape, generator=generator, dtype=dtype, device=device) if eta > 0 else None
-        x = ddim_step(x, eps, a_t, a_n, eta, noise)
-    return x, stats
-
-
-def ddim_step(x, eps, a_t, a_n, eta: float, noise=None):
-    """One DDIM transfer abar_t -> abar_n (Song et al. 2021, eq. 12); a_t, a_n broadcast with x.
-
-    x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t), x' = sqrt(a_n) x0 + sqrt(1 - a_n - s^2) eps + s z with
-    s = eta sqrt((1 - a_n) / (1 - a_t)) sqrt(1 - a_t / a_n); eta = 1 is the DDPM ancestral step
-    on the respaced grid (posterior variance beta_tilde (1 - a_n) / (1 - a_t)).
-    """
-    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    sig = eta * ((1 - a_n) / (1 - a_t)).sqrt() * (1 - a_t / a_n).clamp_min(0).sqrt()
-    x = a_n.sqrt() * x0 + (1 - a_n - sig**2).clamp_min(0).sqrt() * eps
-    return x if noise is None else x + sig * noise

@@ -6,6 +6,7 @@ from vargen.models import (  # noqa: F401  (register)
     diffusion_unet,
     lsd_student,
     mdm,
+    minority_classifier,
     tarflow,
     token_shuffle,
     tokenbridge_ar,
@@ -13,9 +14,9 @@ from vargen.models import (  # noqa: F401  (register)
     xar,
 )
 from vargen.models.ar import ARConfig, ARTransformer
-from vargen.models.blocks import KVCache, attention
 from vargen.models.tarflow import TarFlow, TarFlowConfig
 from vargen.models.var import NextScaleTransformer, VARConfig
+from vargen.nn import KVCache, attention
 
 __all__ = [
     "ARConfig",

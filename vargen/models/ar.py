@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vargen.models.blocks import (
+from vargen.nn import (
     Block,
     KVCache,
     RaggedKVCache,

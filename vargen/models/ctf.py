@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vargen.models.ar import ARConfig, ARTransformer
-from vargen.models.blocks import Block, RMSNorm, rope_2d_table
+from vargen.nn import Block, RMSNorm, rope_2d_table
 from vargen.registry import MODELS
 from vargen.tokenizers.ctf_labels import cluster_mask, kmeans
 

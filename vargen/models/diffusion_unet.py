@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vargen.diffusion.time_shift import cosine_alphas_cumprod, linear_alphas_cumprod
+from vargen.diffusion.schedules import cosine_alphas_cumprod, linear_alphas_cumprod
 from vargen.registry import MODELS
 
 BETA_SCHEDULES = {"linear": linear_alphas_cumprod, "cosine": cosine_alphas_cumprod}

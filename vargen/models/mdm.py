@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vargen.models.blocks import Block, RMSNorm, gpt2_init_, rope_2d_table
+from vargen.nn import Block, RMSNorm, gpt2_init_, rope_2d_table
 from vargen.registry import MODELS
 
 

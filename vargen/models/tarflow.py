@@ -12,12 +12,15 @@ flow (MAF / IAF):
     u_i = z_i exp(a_i) + b_i                       z -> x (sampling, token by token)
 
 so the Jacobian is triangular and log|det| = -sum(a). The output projection starts at
-zero, which makes a fresh model the identity flow. Class conditioning adds a learned
+zero, which makes a fresh model the identity flow. The architecture is apple/ml-tarflow's
+MetaBlock (pre-LN layers, the residual stream straight into proj_out): with its weights
+copied in, the forward agrees to float32 rounding and the KV-cached inverse bit for bit
+(tests/test_tarflow_reference.py); ``final_norm`` adds the LayerNorm older vargen models had. Class conditioning adds a learned
 per-block class embedding to every token; the null class (index ``num_classes``, used for
 dropped labels and the unconditional guidance stream) takes the MEAN class embedding.
 
 The model never samples: :mod:`vargen.sampling.tarflow_sampling` inverts the blocks with
-:meth:`FlowBlock.params` and a :class:`~vargen.models.blocks.KVCache`.
+:meth:`FlowBlock.params` and a :class:`~vargen.nn.kv_cache.KVCache`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from vargen.models.blocks import KVCache, RaggedKVCache, attention
+from vargen.nn import KVCache, RaggedKVCache, attention
 from vargen.registry import MODELS
 
 
@@ -45,6 +48,10 @@ class TarFlowConfig:
     heads: int = 4
     noise_std: float = 0.05  # Gaussian noise augmentation in training; also the Tweedie sigma
     class_dropout: float = 0.1  # label -> null class in training, for guidance
+    # An extra LayerNorm on the last layer's output, before proj_out. apple/ml-tarflow has none
+    # (its MetaBlock feeds the residual stream straight into proj_out); models trained before
+    # issue 20 had it, and their checkpoints load with it (checkpoint.LATER_MODEL_KEYS).
+    final_norm: bool = False
 
 
 class _Layer(nn.Module):
@@ -60,10 +67,16 @@ class _Layer(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x_BLD, cache: KVCache | RaggedKVCache | None, layer: int, mask_B1LS=None):
+    def forward(
+        self, x_BLD, cache: KVCache | RaggedKVCache | None, layer: int, mask_B1LS=None, inv_temp_B=None
+    ):
+        """``inv_temp_B``: per-row 1 / attention temperature (scores q.k / (sqrt(d) tau)), or None
+        for tau = 1; keys and values (and so the cache) do not depend on it."""
         B, L, D = x_BLD.shape
         qkv = self.qkv(self.norm1(x_BLD)).view(B, L, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3x (B, H, L, d)
+        if inv_temp_B is not None:
+            q = q * inv_temp_B.to(q.dtype)[:, None, None, None]  # (B, H, L, d)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, H, S, d): finished prefix + these L
         # (B, H, L, d); without a ragged mask query t sees keys <= S - L + t
@@ -84,7 +97,7 @@ class FlowBlock(nn.Module):
         self.pos_emb = nn.Parameter(torch.randn(num_tokens, cfg.dim) * 0.02)  # raster order
         self.class_emb = nn.Parameter(torch.randn(cfg.num_classes, cfg.dim) * 0.02)
         self.layers = nn.ModuleList(_Layer(cfg.dim, cfg.heads) for _ in range(cfg.layers_per_block))
-        self.norm = nn.LayerNorm(cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim) if cfg.final_norm else nn.Identity()
         self.proj_out = nn.Linear(cfg.dim, 2 * token_dim)  # rows [:C_p] -> a, [C_p:] -> b
         nn.init.zeros_(self.proj_out.weight)  # identity flow at init (TarFlow)
         nn.init.zeros_(self.proj_out.bias)
@@ -106,8 +119,11 @@ class FlowBlock(nn.Module):
             return RaggedKVCache(depth, batch, self.heads, T + window, self.head_dim, p.device, p.dtype)
         return KVCache(depth, batch, self.heads, T, self.head_dim, p.device, p.dtype)
 
-    def params(self, u_BLC, cond_B, cache: KVCache | RaggedKVCache | None = None):
+    def params(self, u_BLC, cond_B, cache: KVCache | RaggedKVCache | None = None, attn_temp_B=None):
         """(a, b), each (B, L, C_p), for tokens start+1 .. start+L of the permuted sequence.
+
+        ``attn_temp_B`` (B,): per-row attention temperature (TarFlow's ``attn_temp`` of the
+        unguided stream), None = 1 in every row.
 
         ``u_BLC`` holds the permuted tokens start .. start+L-1 with ``start = cache.length``
         (0 without a cache). Their keys/values are written after the cache's valid prefix
@@ -128,8 +144,9 @@ class FlowBlock(nn.Module):
             start = 0 if cache is None else cache.length
             pos = pos_TD[start : start + L]  # (L, D)
         h = self.proj_in(u_BLC) + pos + self.cond_emb(cond_B)[:, None]  # (B, L, D)
+        inv_temp_B = None if attn_temp_B is None else 1.0 / attn_temp_B
         for i, layer in enumerate(self.layers):
-            h = layer(h, cache, i, mask)
+            h = layer(h, cache, i, mask, inv_temp_B)
         a_BLC, b_BLC = self.proj_out(self.norm(h)).chunk(2, dim=-1)
         return a_BLC, b_BLC
 

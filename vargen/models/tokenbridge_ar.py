@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from vargen.heads.dimwise import DimwiseARHead, DimwiseHeadConfig
-from vargen.models.blocks import Block, KVCache, RMSNorm, rope_2d_table
+from vargen.nn import Block, KVCache, RMSNorm, rope_2d_table
 from vargen.registry import MODELS
 from vargen.tokenizers.tokenbridge import DimQuantConfig, DimQuantizer
 

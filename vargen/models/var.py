@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vargen.models.blocks import KVCache, apply_rope, attention
+from vargen.nn import AdaLNBlock, KVCache, modulate
 from vargen.registry import MODELS
 
 
@@ -55,52 +55,6 @@ class VARConfig:
     # scale (init 4, at most 100). VAR's default is on; ours is off because every trained digits /
     # photos VAR (the zoo, the benchmarks' results and the trained-model tests) was trained without it.
     attn_l2_norm: bool = False
-
-
-def modulate(x_BTC, shift_BC, scale_BC):
-    return x_BTC * (1 + scale_BC[:, None]) + shift_BC[:, None]
-
-
-class AdaLNBlock(nn.Module):
-    """x + g1 * attn(mod(LN(x))); x + g2 * mlp(mod(LN(x))), modulation from the condition."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, attn_l2_norm: bool = False):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} not divisible by heads {heads}")
-        self.heads, self.head_dim = heads, dim // heads
-        if attn_l2_norm:  # VAR's log-scale per head, init log 4, clamped at log 100 in use
-            self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
-        else:
-            self.scale_mul_1H11 = None
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-        self.drop = nn.Dropout(dropout)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-
-    def forward(self, x_BTC, cond_BC, cache: KVCache | None, layer: int, mask_TS, rope=None):
-        """``rope`` = (cos, sin) tables (T, d/2) of these positions, or None (VAR: absolute embeddings)."""
-        B, T, C = x_BTC.shape
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(cond_BC).chunk(6, dim=-1)  # 6x (B, C)
-        h = modulate(self.norm1(x_BTC), sh1, sc1)  # (B, T, C)
-        q, k, v = self.qkv(h).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x (B,H,T,d)
-        if rope is not None:  # rotate before caching: cached keys keep their own positions
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.scale_mul_1H11 is not None:  # cosine attention (VAR), normalised before caching
-            # logits = scale_mul * cos(q, k); the sqrt(d) cancels attention()'s 1/sqrt(d)
-            scale_mul = self.scale_mul_1H11.clamp_max(math.log(100.0)).exp() * math.sqrt(self.head_dim)
-            q, k = F.normalize(q, dim=-1) * scale_mul, F.normalize(k, dim=-1)  # (B, H, T, d)
-        if cache is not None:
-            k, v = cache.append(layer, k, v)  # (B, H, S, d): earlier scales + this one
-        y = attention(q, k, v, mask_TS=mask_TS)  # (B, H, T, d)
-        y = self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))  # (B, T, C)
-        x_BTC = x_BTC + g1[:, None] * y
-        h = modulate(self.norm2(x_BTC), sh2, sc2)
-        return x_BTC + g2[:, None] * self.drop(self.mlp(h))  # (B, T, C)
 
 
 class NextScaleTransformer(nn.Module):

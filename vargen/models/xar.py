@@ -33,7 +33,7 @@ here: every (sample, entity) gets t ~ U(0, 1) and the context is x_t on the head
 embedded; sampling feeds the clean generated entities with t = 0. Only this design has
 :meth:`XAR.entity_conditions`, :meth:`XAR.forward_entity` and :meth:`XAR.forward_window`.
 
-Blocks are VAR's AdaLN-Zero blocks (:class:`vargen.models.var.AdaLNBlock`; per position in the
+Blocks are VAR's AdaLN-Zero blocks (:class:`vargen.nn.blocks.AdaLNBlock`; per position in the
 backbone design), which also give the KV cache. Positions: 2D RoPE at each position's place on
 the token grid, permuted to entity order (for ``scale`` the centre of a coarse cell on the fine
 grid, so scales share one coordinate frame); queries and keys are rotated before the KV cache.
@@ -50,9 +50,8 @@ from torch import nn
 from vargen.config import component
 from vargen.heads.diffusion import timestep_embedding
 from vargen.heads.flow import logit_normal
-from vargen.models.blocks import KVCache, RaggedKVCache, apply_rope, attention, rope_2d_angles
 from vargen.models.entities import Entities
-from vargen.models.var import AdaLNBlock, modulate
+from vargen.nn import AdaLNBlock, KVCache, RaggedKVCache, apply_rope, attention, modulate, rope_2d_angles
 from vargen.registry import HEADS, MODELS
 
 
@@ -93,7 +92,7 @@ class EntityAdaLNBlock(AdaLNBlock):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, H, S, d): the cached entities + these positions
-        y = attention(q, k, v, mask_TS=mask_TS)  # (B, H, T, d)
+        y = attention(q, k, v, mask_TS=mask_TS, cache=cache)  # (B, H, T, d)
         x_BTC = x_BTC + g1 * self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
         h = self.norm2(x_BTC) * (1 + sc2) + sh2
         return x_BTC + g2 * self.drop(self.mlp(h))  # (B, T, C)

@@ -24,21 +24,24 @@ and leaves a zero vector when 100 A-R tries fail (we continue with exact rounds 
 Residual (3(a).5): sample norm(max(0, Sigma p - q)) by acceptance-rejection with proposals
 y ~ p (the target's last-step Gaussian, no network pass) and acceptance max(0, 1 - q(y)/(Sigma p(y))),
 K proposals per row at once; the first accepted one per row is taken.
+
+The last-step test and the residual's proposals run as the fused kernels of
+:mod:`vargen_kernels.cspd_ratio` (``backend``, :func:`vargen_kernels.dispatch.backend_for`),
+whose torch references are these computations: every backend draws the same tokens (to float
+rounding).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from vargen_kernels.cspd_ratio import (
+    cspd_accept,
+    cspd_propose,
+    gaussian_logpdf,  # noqa: F401  (re-exported: the densities CSpD is stated in)
+)
+
 MODES = ("exact", "paper")
-
-
-def gaussian_logpdf(x_NC, mean_NC, std_NC):
-    """Diagonal Gaussian log density summed over the token dims, (N,)."""
-    z = (x_NC - mean_NC) / std_NC
-    return (-0.5 * z.pow(2) - std_NC.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
 def residual_rounds(propose, need_N, generator, K=16, max_rounds=100, need_any=True):
@@ -124,12 +127,16 @@ def last_step_log_sigma(draft_traj: dict, target_traj: dict, mode: str) -> torch
     return (lq - lp).reshape(B, g, -1).sum(-1) if lq.dim() > 2 else (lq - lp).reshape(B, g)
 
 
-def last_step_log_ratio(draft_traj: dict, target_traj: dict, log_sigma_Bg: torch.Tensor) -> torch.Tensor:
-    """log r (B, g) = log N(x0; mu_p, s_p) + log Sigma - log N(x0; mu_q, s_q) at the draft x0."""
+def accept_last_step(draft_traj: dict, target_traj: dict, log_sigma_Bg, generator, cap_B, backend="auto"):
+    """Leading accepted drafts per row (B,), at most ``cap_B``, on the last step's Gaussians:
+    :func:`accept_prefix` of log r = log N(x0; mu_p, s_p) + log Sigma - log N(x0; mu_q, s_q) at the
+    draft x0 (:func:`vargen_kernels.cspd_ratio.cspd_accept`). One (B, g) uniform draw."""
     x0 = draft_traj["x0"]  # (B, g, C)
-    mu_p, s_p = target_traj["mean_last"].expand_as(x0), target_traj["std_last"].expand_as(x0)
-    mu_q, s_q = draft_traj["mean_last"].expand_as(x0), draft_traj["std_last"].expand_as(x0)
-    return gaussian_logpdf(x0, mu_p, s_p) + log_sigma_Bg - gaussian_logpdf(x0, mu_q, s_q)
+    B, g = x0.shape[:2]
+    u = torch.rand(B, g, generator=generator, device=generator.device).to(x0.device)
+    mu_p, s_p = target_traj["mean_last"], target_traj["std_last"]
+    mu_q, s_q = draft_traj["mean_last"], draft_traj["std_last"]
+    return cspd_accept(x0, mu_p, s_p, mu_q, s_q, log_sigma_Bg, u, cap_B, backend=backend)[1]
 
 
 def path_log_ratio(path_SNC, x0_NC, means_p_SNC, means_q_SNC, std_S) -> torch.Tensor:
@@ -141,21 +148,30 @@ def path_log_ratio(path_SNC, x0_NC, means_p_SNC, means_q_SNC, std_S) -> torch.Te
     return (d / (2 * std_S.to(d)[:, None] ** 2)).sum(0)
 
 
-def cspd_verify(draft_traj: dict, target_traj: dict, generator, mode: str = "exact", K: int = 16, cap_B=None):
+def cspd_verify(
+    draft_traj: dict,
+    target_traj: dict,
+    generator,
+    mode: str = "exact",
+    K: int = 16,
+    cap_B=None,
+    backend="auto",
+):
     """Verify a block of g continuous drafts per row, (B, g, C) tensors in both trajectories.
 
     ``draft_traj`` / ``target_traj`` are the heads' ``reverse_trajectory`` outputs reshaped to
     (B, g, ...) and computed with shared x_T and step noises. Returns (n_B accepted leading drafts
     (at most ``cap_B``), z_BC the residual token for position n (valid where n < cap), stats
-    dict of 0-dim tensors: no host sync but the residual rounds').
+    dict of 0-dim tensors: no host sync but the residual rounds'). ``backend``: how the fused
+    steps run (:mod:`vargen_kernels.cspd_ratio`).
     """
     log_sigma = last_step_log_sigma(draft_traj, target_traj, mode)
     x0 = draft_traj["x0"]  # (B, g, C)
     B, g, C = x0.shape
     cap = torch.full((B,), g, dtype=torch.long, device=x0.device) if cap_B is None else cap_B
-    n_B = accept_prefix(last_step_log_ratio(draft_traj, target_traj, log_sigma), generator, cap)
+    n_B = accept_last_step(draft_traj, target_traj, log_sigma, generator, cap, backend)
     need = n_B < cap
-    z, tries, filled = residual_at(draft_traj, target_traj, log_sigma, n_B, need, generator, K)
+    z, tries, filled = residual_at(draft_traj, target_traj, log_sigma, n_B, need, generator, K, backend)
     stats = {
         "accepted": n_B.sum(),
         "proposed": torch.minimum(n_B + 1, cap).sum(),
@@ -165,8 +181,10 @@ def cspd_verify(draft_traj: dict, target_traj: dict, generator, mode: str = "exa
     return n_B, z, stats
 
 
-def residual_at(draft_traj, target_traj, log_sigma_Bg, n_B, need_B, generator, K=16):
-    """The residual token at each row's draft n_B (last-step Gaussians; proposals y ~ p)."""
+def residual_at(draft_traj, target_traj, log_sigma_Bg, n_B, need_B, generator, K=16, backend="auto"):
+    """The residual token at each row's draft n_B (last-step Gaussians; proposals y ~ p and their
+    log q(y) / (Sigma p(y)) by :func:`vargen_kernels.cspd_ratio.cspd_propose`): (z_BC, tries_B,
+    filled_B) as :func:`residual_sample`."""
     x0 = draft_traj["x0"]
     B, g, C = x0.shape
     pos = n_B.clamp(max=g - 1)
@@ -175,16 +193,9 @@ def residual_at(draft_traj, target_traj, log_sigma_Bg, n_B, need_B, generator, K
     mq, sq = take(draft_traj["mean_last"]), take(draft_traj["std_last"])
     ls = log_sigma_Bg.gather(1, pos[:, None])[:, 0]
 
-    def sample_p(k, gen):
+    def propose(k, gen):
         e = torch.randn(k, B, C, generator=gen, device=gen.device, dtype=x0.dtype).to(x0.device)
-        return mp + sp * e  # (k, B, C)
+        return cspd_propose(mp, sp, mq, sq, ls, e, backend=backend)  # (k, B, C), (k, B)
 
-    return residual_sample(
-        sample_p,
-        lambda y: gaussian_logpdf(y, mp, sp),
-        lambda y: gaussian_logpdf(y, mq, sq),
-        ls,
-        generator,
-        K,
-        need_N=need_B,
-    )
+    y, tries, filled, _ = residual_rounds(propose, need_B, generator, K)
+    return y, tries, filled

@@ -13,15 +13,15 @@ tokenizer (the draft smaller). One iteration over the rows in flight:
 3. verification of the drafts, stopping at the first rejection, by ``verify``:
    ``last`` (default, exact): the target head re-runs each draft's chain with the *same* x_T and
    step noises (trajectory alignment) and the last step's densities are compared
-   (:func:`~vargen.sampling.cspd.last_step_log_ratio`); ``path`` (exact, higher acceptance):
-   the joint density of the draft's whole reverse chain under both heads, the target's step
-   means along the draft's states in ONE batched head call
+   (:func:`~vargen.sampling.cspd.accept_last_step`, a fused kernel under ``backend``); ``path``
+   (exact, higher acceptance): the joint density of the draft's whole reverse chain under both
+   heads, the target's step means along the draft's states in ONE batched head call
    (:func:`~vargen.sampling.cspd.path_log_ratio`; the residual proposes target chains);
 4. the rejected position's token comes from the residual; a row whose g_b drafts all pass takes
    a target sample at the next position (the bonus token).
 
 KV cache (``use_cache``, default): both backbones run only new positions per call on a
-:class:`~vargen.models.blocks.RaggedKVCache` (:meth:`XAR.forward_window`), rolled back to each
+:class:`~vargen.nn.kv_cache.RaggedKVCache` (:meth:`XAR.forward_window`), rolled back to each
 row's committed length after verification; ``use_cache=False`` recomputes every sequence through
 ``entity_conditions`` (the reference: same tokens from the same generator).
 
@@ -50,16 +50,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
+from vargen.checkpoint import load_cached
 from vargen.models.xar import cfg_ramp
 from vargen.registry import SAMPLERS
 from vargen.sampling.ar_decode import new_stats
 from vargen.sampling.cspd import (
     MODES,
+    accept_last_step,
     accept_prefix,
-    last_step_log_ratio,
     last_step_log_sigma,
     path_log_ratio,
     residual_at,
@@ -84,6 +86,7 @@ class CSpDConfig:
     prefill: float = 0.05  # fraction of the tokens the target draws alone first (spec 3a.1; demo 0.05)
     use_cache: bool = True  # False: both backbones recompute every sequence per call (the reference)
     slots: int = 0  # rows in flight under continuous batching; 0 = all samples at once
+    backend: str = "auto"  # fused kernels (last-step test, residual proposals, window attention)
 
 
 def _check_pair(model, draft):
@@ -108,9 +111,11 @@ class _Backbone:
     ``entity_conditions`` over whole sequences, gathered at the window (the reference path).
     """
 
-    def __init__(self, model, rows: int, window: int, use_cache: bool, stats: dict, key: str):
+    def __init__(self, model, rows: int, window: int, use_cache: bool, stats: dict, key: str, backend: str):
         self.model, self.stats, self.key = model, stats, key
         self.cache = model.new_ragged_cache(rows, window) if use_cache else None
+        if self.cache is not None:
+            self.cache.backend = backend  # its attention (vargen_kernels.ragged_attention)
 
     def window(self, tokens_MNC, cond_R, start_M, width: int, used: int):
         """Conditions (M, W, Wz) at positions start_m .. start_m+W-1 (and the null-class ones,
@@ -194,10 +199,29 @@ def _path_extra(
 
 
 def _verify_last(
-    model, draft, steps_q, zq, zqu, z_p, z_pu, x_T, noises, w_MW, g_M, g_h, S, temp, var, mode, gen, K
+    model,
+    draft,
+    steps_q,
+    zq,
+    zqu,
+    z_p,
+    z_pu,
+    x_T,
+    noises,
+    w_MW,
+    g_M,
+    g_h,
+    S,
+    temp,
+    var,
+    mode,
+    gen,
+    K,
+    backend,
 ):
     """``verify="last"``: the target head re-runs every column's chain with the draft's noise
-    (column g: fresh noise); drafts are tested on the last step's Gaussians. Returns (n_M, n_h,
+    (column g: fresh noise); drafts are tested on the last step's Gaussians (fused kernels of
+    :mod:`vargen_kernels.cspd_ratio` under ``backend``). Returns (n_M, n_h,
     the token at len + n per row, residual info with the host syncs spent besides n_h's)."""
     M, g = g_M.shape[0], len(steps_q)
     p = _trajectory(model.head, z_p, x_T, noises, temp, w_MW, z_pu, var)  # (M, g+1, ...)
@@ -206,7 +230,7 @@ def _verify_last(
         q = {key: torch.stack([t[key] for t in steps_q], 1) for key in keys}  # (M, g, ...)
         p_g = {key: v[:, :g] for key, v in p.items()}
         log_sigma = last_step_log_sigma(q, p_g, mode)
-        n_M = accept_prefix(last_step_log_ratio(q, p_g, log_sigma), gen, g_M)
+        n_M = accept_last_step(q, p_g, log_sigma, gen, g_M, backend)
     else:
         n_M = torch.zeros(M, dtype=torch.long, device=g_M.device)
     n_h = n_M.tolist()  # the iteration's host sync
@@ -215,7 +239,7 @@ def _verify_last(
     res = {"rounds": 0}
     if any(n < gb for n, gb in zip(n_h, g_h)):
         need_M = n_M < g_M
-        resid, res["tries"], res["filled"] = residual_at(q, p_g, log_sigma, n_M, need_M, gen, K)
+        resid, res["tries"], res["filled"] = residual_at(q, p_g, log_sigma, n_M, need_M, gen, K, backend)
         extra = torch.where(need_M[:, None], resid, extra)
         res["rounds"] = 1  # the residual's round check (one round in the common case)
     return n_M, n_h, extra, res
@@ -284,6 +308,7 @@ def sample_cspd(
     use_cache=True,
     slots=0,
     variance="",
+    backend="auto",
 ):
     """Draw tokens (B, N, C) distributed as the target's own ``xar`` sampler with the same
     ``cfg_scale`` (exact in both ``verify`` modes; ``mode="paper"`` equals ``exact`` with this
@@ -292,7 +317,10 @@ def sample_cspd(
     ``cond_B`` are all the samples; ``slots`` of them are in flight at once (0 = all).
     ``variance`` sets both heads' step variance (:meth:`DiffusionHead.schedule`); ``beta`` with
     ``verify="path"`` is what accepts on small trained pairs, and then the output follows the
-    target sampled with ``beta`` (set ``model.head.sample_variance`` for the plain sampler)."""
+    target sampled with ``beta`` (set ``model.head.sample_variance`` for the plain sampler).
+    ``backend``: how the fused kernels run (``verify="last"``'s test and residual proposals, the
+    cached windows' attention; :func:`vargen_kernels.dispatch.backend_for`); every backend draws
+    the same tokens (to float rounding)."""
     t0 = time.perf_counter()
     if verify not in VERIFY:
         raise ValueError(f"sampler.verify must be one of {VERIFY}, got {verify!r}")
@@ -312,8 +340,8 @@ def sample_cspd(
     window = max(gamma + 1, n_pre + 2)  # the widest window: verification or the draft's catch-up
     stats = new_stats()
     dstats = {"positions_computed": 0}
-    tgt = _Backbone(model, rep * M, window, use_cache, stats, "positions_computed")
-    drf = _Backbone(draft, rep * M, window, use_cache, dstats, "positions_computed")
+    tgt = _Backbone(model, rep * M, window, use_cache, stats, "positions_computed", backend)
+    drf = _Backbone(draft, rep * M, window, use_cache, dstats, "positions_computed", backend)
     out = torch.zeros(total, N, C, device=device, dtype=dtype)
     tokens = torch.zeros(M, N, C, device=device, dtype=dtype)  # rows in flight: committed, then drafts
     sample_h = list(range(M))  # host bookkeeping: which sample each row holds, its lengths
@@ -370,7 +398,7 @@ def sample_cspd(
         row_calls += M
         pos_MW = (len_M[:, None] + torch.arange(g + 1, device=device)).clamp(max=N - 1)  # (M, g+1)
         w_MW = ramp_N[pos_MW] if guided else None  # unguided: plain float scales, no device checks
-        verify_fn = _verify_last if verify == "last" else _verify_path
+        verify_fn = partial(_verify_last, backend=backend) if verify == "last" else _verify_path
         n_M, n_h, extra, res = verify_fn(
             model,
             draft,
@@ -465,18 +493,13 @@ def build_cspd(cfg):
         raise ValueError(f"sampler.gamma must be >= 1, got {cfg['gamma']}")
     if cfg["verify"] not in VERIFY:
         raise ValueError(f"sampler.verify must be one of {VERIFY}, got {cfg['verify']!r}")
-    loaded = {}
 
     def run(model, cond_B, generator, progress=False, slots=0):
-        if "draft" not in loaded:
-            from vargen.train.tasks import load_component
-
-            draft, _ = load_component(cfg["draft_ckpt"], model.start_1nC.device)
-            _check_pair(model, draft)
-            loaded["draft"] = draft.eval()
+        draft, _ = load_cached(cfg["draft_ckpt"], model.start_1nC.device)
+        _check_pair(model, draft)
         return sample_cspd(
             model,
-            loaded["draft"],
+            draft,
             cond_B,
             generator=generator,
             gamma=cfg["gamma"],
@@ -490,6 +513,7 @@ def build_cspd(cfg):
             use_cache=cfg["use_cache"],
             slots=slots or cfg["slots"],
             variance=cfg["variance"],
+            backend=cfg["backend"],
         )
 
     run.continuous = True

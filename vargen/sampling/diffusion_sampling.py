@@ -27,7 +27,8 @@ import torch
 
 from vargen.diffusion.denoiser import predict_eps
 from vargen.diffusion.fkc import RESAMPLERS, fkc_cfg_ddpm
-from vargen.diffusion.time_shift import ExposureBiasTimeShift, calibrate_window, ddim_sample
+from vargen.diffusion.loops import ddim_sample
+from vargen.diffusion.time_shift import ExposureBiasTimeShift, calibrate_window
 from vargen.registry import SAMPLERS
 
 

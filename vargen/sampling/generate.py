@@ -17,7 +17,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from vargen import distributed as D
+from vargen.checkpoint import (
+    CheckpointError,
+    file_sha256,
+    load_component,
+    load_tokenizer_for,
+    read_weights,
+    resolve_weights_path,
+)
 from vargen.config import DEVICE, component, ranged
+from vargen.data import build_dataset
+from vargen.eval.fid import FIDEvaluator
+from vargen.io import save_grid, to_uint8
 from vargen.registry import SAMPLERS
 
 
@@ -182,8 +194,6 @@ def shard_seed(seed: int, rank: int) -> int:
 
 def default_sampler(ckpt: str) -> str:
     """The sampler for a checkpoint's model, read from its stored config (no weights built)."""
-    from vargen.train.checkpoint import read_weights
-
     _, meta = read_weights(ckpt)
     return DEFAULT_SAMPLER.get(meta["config"].get("model", {}).get("name"), "ar")
 
@@ -191,8 +201,6 @@ def default_sampler(ckpt: str) -> str:
 def _find_tokenizer(ckpt: str, gen_cfg, override: str, log) -> str:
     """Where the generator's tokenizer is now: ``override`` when given, else the stored path,
     else the same path relative to the generator when the runs were moved together."""
-    from vargen.train.checkpoint import CheckpointError, resolve_weights_path
-
     if override:
         return override
     stored = gen_cfg.tokenizer_ckpt
@@ -213,8 +221,6 @@ def _find_tokenizer(ckpt: str, gen_cfg, override: str, log) -> str:
 
 def run_sampling(ckpt: str, cfg, log=print) -> dict:
     """Sample as ``cfg`` says into a new folder; returns the metrics written there."""
-    from vargen.train.checkpoint import resolve_weights_path
-
     created = []
     root = os.path.join(os.path.dirname(resolve_weights_path(ckpt)), "samples")
     try:  # the output folder is claimed once model and sampler are known to work
@@ -260,8 +266,6 @@ def load_generator(ckpt: str, device, tokenizer_ckpt: str = "", log=print):
     Returns (model, run config, tokenizer or None); the run config's ``tokenizer_ckpt`` names
     the tokenizer actually loaded.
     """
-    from vargen.train.tasks import load_component, load_tokenizer_for
-
     model, gen_cfg = load_component(ckpt, device)
     if gen_cfg.task not in GENERATOR_TASKS:
         raise ValueError(f"{ckpt} holds a '{gen_cfg.task}' checkpoint; sample.py needs a generator")
@@ -286,8 +290,6 @@ def build_sampler(sampler_cfg, model, gen_cfg, device):
     if hasattr(sampler, "bind_run"):
         sampler.bind_run(gen_cfg, device)
     if hasattr(sampler, "prepare"):
-        from vargen.data import build_dataset
-
         data = build_dataset(gen_cfg.data)
         pick = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(0))[:256]
         sampler.prepare(model, data.train_images[pick].to(device), data.train_labels[pick].to(device))
@@ -297,8 +299,6 @@ def build_sampler(sampler_cfg, model, gen_cfg, device):
 def _claim_on_rank0(claim_out, rank: int, device):
     """Rank 0 claims the output folder; every rank learns whether it could (no rank is left
     waiting in a gather when rank 0 refuses the folder). Returns the folder on rank 0."""
-    from vargen.train import distributed as D
-
     out, error = None, None
     if rank == 0:
         try:
@@ -315,8 +315,6 @@ def _gather_shards(images, tokens, stats: dict, per_batch: list, rank: int, worl
     in [0, 1], ids or None, summed stats, per-batch forward counts). Images travel as uint8, so
     rank 0 holds one byte per pixel per image; other ranks get None."""
     import torch.distributed as dist
-
-    from vargen.io import to_uint8
 
     mine = {"images": to_uint8(images), "ids": tokens, "stats": stats, "per_batch": per_batch}
     parts = [None] * world_size if rank == 0 else None
@@ -340,10 +338,6 @@ def _sample_into(claim_out, ckpt: str, cfg, log) -> dict:
     import sys
 
     from omegaconf import OmegaConf
-
-    from vargen.io import save_grid, to_uint8
-    from vargen.train import distributed as D
-    from vargen.train.checkpoint import file_sha256, resolve_weights_path
 
     device = D.setup(cfg.device)
     model, gen_cfg, tokenizer = load_generator(ckpt, device, cfg.tokenizer_ckpt, log)
@@ -391,8 +385,6 @@ def _sample_into(claim_out, ckpt: str, cfg, log) -> dict:
         f"wrote {grid_path} and {os.path.join(out, 'samples.npz')} ({cfg.num_samples} images, {elapsed:.1f}s)"
     )
     if cfg.fid:
-        from vargen.eval.fid import FIDEvaluator
-
         evaluator = FIDEvaluator.for_dataset(
             dict(gen_cfg.data), split=cfg.fid_split, inception_weights=cfg.inception_weights or None
         )

@@ -161,7 +161,8 @@ def sample_jacobi(
     rejected KV entries"), else full prefix recompute; both draw the same tokens.
     ``slots``: rows run at a time (continuous batching as in :mod:`vargen.sampling.speculative`;
     0 = every sample at once); a refilled row restarts from random drafts with one-hot q.
-    ``backend``: how the verification runs (:func:`accept_and_correct`); all draw the same ids.
+    ``backend``: how the verification (:func:`accept_and_correct`) and the cached windows'
+    attention run; all draw the same ids (to float rounding of the attention).
 
     Random draws per iteration, all (slots, ...): :func:`accept_and_correct`'s, then (slots, g)
     random ids that pad the Jacobi update and restart refilled rows; (slots, g) random initial
@@ -181,7 +182,7 @@ def sample_jacobi(
     q_BgV = F.one_hot(draft_Bg, V).float()
     stats = {**new_stats(), "syncs": 0}
     counts = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
-    scorer = WindowScorer(model, rows.cond_B, warp, stats, use_cache, window)
+    scorer = WindowScorer(model, rows.cond_B, warp, stats, use_cache, window, backend)
     ar_g = torch.arange(g, device=device)
     group = getattr(residual_fn, "group", None)
     fused = (ratio_fn is token_ratio and residual_fn is token_residual) or (

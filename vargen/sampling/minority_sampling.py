@@ -1,7 +1,7 @@
 """Sampler ``minority``: minority guidance (Um et al., ICLR'24) on a trained image denoiser.
 
 Ancestral DDPM (``eta=1``) or DDIM (``eta=0``) on ``steps`` evenly respaced steps of the
-denoiser's grid (:func:`vargen.diffusion.time_shift.ddim_sample`), with the score-form guidance of
+denoiser's grid (:func:`vargen.diffusion.loops.ddim_sample`), with the score-form guidance of
 spec 3a.4 toward the minority level c* (``level``; -1 = L-1, the rarest):
 
     eps_tilde = eps_theta(x_t, t) - sqrt(1 - abar_t) w grad_x log p_psi(c* | x_t, t),
@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from vargen.checkpoint import load_cached
+from vargen.diffusion.loops import ddim_sample
 from vargen.diffusion.minority import guided_eps_fn as minority_eps_fn
-from vargen.diffusion.time_shift import ddim_sample
 from vargen.registry import SAMPLERS
 from vargen.sampling.diffusion_sampling import guided_eps_fn as cfg_eps_fn
 
@@ -111,22 +112,18 @@ def build_minority(cfg):
         raise ValueError(f"sampler.steps must be >= 1, got {cfg['steps']}")
     if not 0.0 <= cfg["eta"] <= 1.0:
         raise ValueError(f"sampler.eta must be in [0, 1], got {cfg['eta']}")
-    loaded = {}
 
     def run(model, cond_B, generator, progress=False):
-        if cfg["classifier_ckpt"] and "classifier" not in loaded:
-            from vargen.train.tasks import load_component
-
-            clf, clf_cfg = load_component(cfg["classifier_ckpt"], model.abar.device)
+        classifier = None
+        if cfg["classifier_ckpt"]:
+            clf, clf_cfg = load_cached(cfg["classifier_ckpt"], model.abar.device)
             if clf_cfg.task != "minority_classifier":
                 raise ValueError(
                     f"sampler.classifier_ckpt {cfg['classifier_ckpt']} holds a '{clf_cfg.task}' checkpoint, "
                     "not a minority_classifier"
                 )
-            loaded["classifier"] = clf.eval().requires_grad_(False)
+            classifier = clf.eval().requires_grad_(False)
         keys = ("level", "w", "steps", "eta", "cfg_scale")
-        return sample_minority(
-            model, loaded.get("classifier"), cond_B, generator, **{k: cfg[k] for k in keys}
-        )
+        return sample_minority(model, classifier, cond_B, generator, **{k: cfg[k] for k in keys})
 
     return run

@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from vargen.checkpoint import load_cached
 from vargen.registry import SAMPLERS
 from vargen.sampling.ar_decode import new_stats
 from vargen_kernels.group_verify import group_verify
@@ -122,14 +123,18 @@ class WindowScorer:
     :meth:`commit`. Without it every call recomputes the whole prefix (:func:`window_probs`).
     ``ids_BX`` may be wider than the sequence (padding that absorbs writes past the end);
     ``stats["positions_computed"]`` counts the sequence positions pushed through the model.
+    ``backend``: how the cached forward's attention runs
+    (:func:`vargen_kernels.ragged_attention.ragged_attention`).
     """
 
-    def __init__(self, model, cond_B, warp: dict, stats: dict, use_cache: bool, window: int):
+    def __init__(self, model, cond_B, warp: dict, stats: dict, use_cache: bool, window: int, backend="auto"):
         self.model, self.warp, self.stats = model, warp, stats
         self.N = model.num_tokens
         self.guided = warp["cfg_scale"] != 1.0
         self.set_cond(cond_B)
         self.cache = model.new_ragged_cache(len(self.cond_in), window) if use_cache else None
+        if self.cache is not None:
+            self.cache.backend = backend
 
     def set_cond(self, cond_B):
         """The class of every row (after a refill); the CFG rows keep the null class."""
@@ -321,7 +326,8 @@ def sample_speculative(
 ):
     """Draw ids (N, T) for the N classes ``cond_B`` from ``target`` with ``draft`` proposals,
     ``slots`` rows at a time (continuous batching; 0 = all at once); returns (ids_NT, stats).
-    ``backend``: how the verification runs (:func:`accept_and_correct`); all draw the same ids."""
+    ``backend``: how the verification (:func:`accept_and_correct`) and the cached windows'
+    attention run; all draw the same ids (to float rounding of the attention)."""
     t0 = time.perf_counter()
     cond_N = cond_B  # every pending sample (the keyword keeps its historical name)
     if gamma < 1:
@@ -332,8 +338,8 @@ def sample_speculative(
     stats = {**new_stats(), "syncs": 0}
     draft_stats = new_stats()
     counts = torch.zeros(len(COUNTERS), dtype=torch.long, device=cond_N.device)
-    p_model = WindowScorer(target, rows.cond_B, warp, stats, use_cache, gamma + 1)
-    q_model = WindowScorer(draft, rows.cond_B, warp, draft_stats, use_cache, gamma + 1)
+    p_model = WindowScorer(target, rows.cond_B, warp, stats, use_cache, gamma + 1, backend)
+    q_model = WindowScorer(draft, rows.cond_B, warp, draft_stats, use_cache, gamma + 1, backend)
     for _ in rows.iterations(gamma + 1, stats, (p_model, q_model)):
         active_B = rows.active()
         len_B, ids_BX = rows.len_B, rows.ids_BX
@@ -406,20 +412,15 @@ def build_speculative(cfg):
         raise ValueError("sampler.draft_ckpt must name a trained draft llamagen run for 'speculative'")
     if cfg["gamma"] < 1:
         raise ValueError(f"sampler.gamma must be >= 1, got {cfg['gamma']}")
-    loaded = {}
 
     def run(model, cond_N, generator, progress=False, slots=0):
-        if "draft" not in loaded:
-            from vargen.train.tasks import load_component
-
-            draft, _ = load_component(cfg["draft_ckpt"], model.tok_emb.weight.device)
-            if draft.vocab_size != model.vocab_size or draft.num_tokens != model.num_tokens:
-                raise ValueError("sampler.draft_ckpt: draft and target must share the tokenizer")
-            loaded["draft"] = draft.eval()
+        draft, _ = load_cached(cfg["draft_ckpt"], model.tok_emb.weight.device)
+        if draft.vocab_size != model.vocab_size or draft.num_tokens != model.num_tokens:
+            raise ValueError("sampler.draft_ckpt: draft and target must share the tokenizer")
         cond_N = cond_N.to(model.tok_emb.weight.device)
         return sample_speculative(
             model,
-            loaded["draft"],
+            draft,
             cond_N,
             generator=generator,
             gamma=cfg["gamma"],

@@ -20,6 +20,8 @@ in the block's permuted order (spec models.md 3b, 4). G is strictly causal, so:
 Guidance runs a second stream with the null class (mean class embedding) in the same
 batched pass and mixes a <- a + g_i (a - a_null), b likewise, annealed g_i = i/(T-1) w for
 token i (TarFlow). ``cfg_scale`` follows the project's convention (1 = off), w = cfg_scale-1.
+``attn_temp`` is TarFlow's attention temperature of that unguided stream alone (scores
+divided by it; 1 = plain): for an unconditional model it is what the guidance pushes away from.
 
 Counting (stats): every model pass of a block - one sequential single-token pass, one
 windowed Jacobi pass or one K/V recompute, a guided pair of streams counting once - is one
@@ -78,14 +80,31 @@ def _stream_rows(u_BLC, guidance):
     return u_BLC if guidance is None else torch.cat([u_BLC, u_BLC])  # (R, L, C)
 
 
-def _guided_params(block, u_BLC, cond_R, cache, guidance):
+def _temp_rows(cond_R, guidance, attn_temp):
+    """Attention temperature per pass row, (R,): 1 for the conditional stream, ``attn_temp``
+    for the unguided one; None when every row has 1 (the plain attention, bit for bit)."""
+    if guidance is None or attn_temp == 1.0:
+        return None
+    B = cond_R.shape[0] // 2
+    temp_R = torch.ones(2 * B, device=cond_R.device)
+    temp_R[B:] = attn_temp
+    return temp_R
+
+
+def _anneal(tok, guidance, T):
+    """Annealed guidance weight of tokens ``tok`` (float64), g_i = i / (T - 1) w, rounded once to
+    the model dtype afterwards: the reference's float arithmetic, so guided samples match it."""
+    return tok / (T - 1) * guidance
+
+
+def _guided_params(block, u_BLC, cond_R, cache, guidance, temp_R=None):
     """(a, b) for tokens start+1..start+L from ONE pass, with the annealed guidance mix."""
     start = 0 if cache is None else cache.length
     B, L = u_BLC.shape[:2]
-    a, b = block.params(_stream_rows(u_BLC, guidance), cond_R, cache)
+    a, b = block.params(_stream_rows(u_BLC, guidance), cond_R, cache, temp_R)
     if guidance is not None:
-        tok = torch.arange(start + 1, start + L + 1, dtype=a.dtype, device=a.device)
-        g_L1 = (tok * (guidance / (block.num_tokens - 1)))[:, None]  # (L, 1): g_i = i/(T-1) w
+        tok = torch.arange(start + 1, start + L + 1, dtype=torch.float64, device=a.device)
+        g_L1 = _anneal(tok, guidance, block.num_tokens).to(a.dtype)[:, None]  # (L, 1): g_i = i/(T-1) w
         a = a[:B] + g_L1 * (a[:B] - a[B:])
         b = b[:B] + g_L1 * (b[:B] - b[B:])
     return a, b
@@ -106,14 +125,15 @@ def initial_guess(z_BTC, init: str):
 
 
 @torch.no_grad()
-def invert_block_sequential(block, z_BTC, cond_B, *, guidance: float | None = None):
+def invert_block_sequential(block, z_BTC, cond_B, *, guidance: float | None = None, attn_temp: float = 1.0):
     """Sequential inverse, permuted order in and out: ((B, T, C) u, {"iterations", "passes"})."""
     T = z_BTC.shape[1]
     cond_R = _cond_rows(block, cond_B, guidance)
+    temp_R = _temp_rows(cond_R, guidance, attn_temp)
     cache = block.new_cache(cond_R.shape[0])
     u = z_BTC.clone()  # token 0: a = b = 0
     for i in range(T - 1):
-        a, b = _guided_params(block, u[:, i : i + 1], cond_R, cache, guidance)  # token i+1
+        a, b = _guided_params(block, u[:, i : i + 1], cond_R, cache, guidance, temp_R)  # token i+1
         cache.advance(1)
         u[:, i + 1 : i + 2] = _affine(z_BTC[:, i + 1 : i + 2], a, b, None)
     info = {"iterations": T - 1, "passes": T - 1, "token_rows": T - 1, "syncs": 0, "forced": 0}
@@ -129,7 +149,9 @@ def _check_every(check_every: int, device) -> int:
 
 
 @torch.no_grad()
-def _solve_segment(block, z_BTC, u_BTC, cond_R, cache, s, e, *, window, cap, tol, clamp, guidance, every):
+def _solve_segment(
+    block, z_BTC, u_BTC, cond_R, cache, s, e, *, window, cap, tol, clamp, guidance, every, temp_R=None
+):
     """Frozen-prefix Jacobi on inputs [s, e) (tokens s+1..e), in place in ``u_BTC``.
 
     On entry tokens 0..s are final and inputs < s are committed to ``cache`` (length s);
@@ -153,7 +175,7 @@ def _solve_segment(block, z_BTC, u_BTC, cond_R, cache, s, e, *, window, cap, tol
     out = {"iterations": 0, "passes": 0, "token_rows": 0, "syncs": 0, "forced": 0}
     while c < e:
         w = e if window <= 0 else min(c + window, e)
-        a, b = _guided_params(block, u_BTC[:, c:w], cond_R, cache, guidance)  # tokens c+1..w
+        a, b = _guided_params(block, u_BTC[:, c:w], cond_R, cache, guidance, temp_R)  # tokens c+1..w
         new = _affine(z_BTC[:, c + 1 : w + 1], a, b, clamp)  # (B, w - c, C)
         k += 1
         out["token_rows"] += w - c
@@ -176,7 +198,7 @@ def _solve_segment(block, z_BTC, u_BTC, cond_R, cache, s, e, *, window, cap, tol
         new_c = c + 1 + run
         if forced_from is not None and new_c < n_in:  # later passes attend to stale keys/values
             cache.advance(forced_from - c)
-            block.params(_stream_rows(u_BTC[:, forced_from:new_c], guidance), cond_R, cache)
+            block.params(_stream_rows(u_BTC[:, forced_from:new_c], guidance), cond_R, cache, temp_R)
             cache.advance(new_c - forced_from)
             out["passes"] += 1
             out["token_rows"] += new_c - forced_from
@@ -203,6 +225,7 @@ def invert_block_gs_jacobi(
     clamp: float | None = None,
     guidance: float | None = None,
     check_every: int = 1,
+    attn_temp: float = 1.0,
 ):
     """Gauss-Seidel over ``segments`` contiguous segments, frozen-prefix Jacobi inside each.
 
@@ -216,6 +239,7 @@ def invert_block_gs_jacobi(
     n_in = z_BTC.shape[1] - 1
     size = -(-n_in // segments)  # ceil
     cond_R = _cond_rows(block, cond_B, guidance)
+    temp_R = _temp_rows(cond_R, guidance, attn_temp)
     cache = block.new_cache(cond_R.shape[0])
     u = initial_guess(z_BTC, init)
     info = {"iterations": 0, "passes": 0, "token_rows": 0, "syncs": 0, "forced": 0, "segment_iterations": []}
@@ -235,6 +259,7 @@ def invert_block_gs_jacobi(
             clamp=clamp,
             guidance=guidance,
             every=check_every,
+            temp_R=temp_R,
         )
         for key, v in seg.items():
             info[key] += v
@@ -261,11 +286,12 @@ def invert_block_continuous(
     guidance: float | None = None,
     check_every: int = 1,
     backend: str = "auto",
+    attn_temp: float = 1.0,
 ):
     """Frozen-prefix Jacobi for N rows through ``slots`` batch rows with refilling (issue 16).
 
     Each slot holds one row with its own committed length c_b in a
-    :class:`~vargen.models.blocks.RaggedKVCache`. A pass runs inputs c_b .. c_b+w-1 of
+    :class:`~vargen.nn.kv_cache.RaggedKVCache`. A pass runs inputs c_b .. c_b+w-1 of
     every slot, w = ``window`` (0 = T-1) or less when no row has that many inputs left
     (positions past a row's sequence are padding, counted in ``token_rows``), and
     commits per row as :func:`_solve_segment` does (input c_b, then the run of inputs whose
@@ -299,9 +325,12 @@ def invert_block_continuous(
         cache.length_B, cache.bound = c_S.repeat(R), bound
         pos_SW = c_S[:, None] + torch.arange(width, device=dev)  # input positions c_b .. c_b+width-1
         x_SWC = U.gather(1, pos_SW[..., None].expand(S, width, C))
-        a, b = block.params(_stream_rows(x_SWC, guidance), _cond_rows(block, cond_S, guidance), cache)
+        cond_R = _cond_rows(block, cond_S, guidance)
+        a, b = block.params(
+            _stream_rows(x_SWC, guidance), cond_R, cache, _temp_rows(cond_R, guidance, attn_temp)
+        )
         if guidance is not None:  # annealed per output token, g_i = i/(T-1) w
-            g_SW1 = ((pos_SW + 1).to(a.dtype) * (guidance / (T - 1)))[..., None]
+            g_SW1 = _anneal((pos_SW + 1).double(), guidance, T).to(a.dtype)[..., None]
             a = a[:S] + g_SW1 * (a[:S] - a[S:])
             b = b[:S] + g_SW1 * (b[:S] - b[S:])
         tok_SWC = (pos_SW + 1)[..., None].expand(S, width, C)  # output tokens c_b+1 .. c_b+width
@@ -352,10 +381,12 @@ def invert_block_continuous(
     return out, info
 
 
-def _invert_block(block, zp_BTC, cond_B, plan: BlockPlan, *, tol, clamp, guidance, check_every):
+def _invert_block(
+    block, zp_BTC, cond_B, plan: BlockPlan, *, tol, clamp, guidance, check_every, attn_temp=1.0
+):
     """One block by its plan, permuted order in and out: (u_BTC, info)."""
     if plan.method == "sequential":
-        return invert_block_sequential(block, zp_BTC, cond_B, guidance=guidance)
+        return invert_block_sequential(block, zp_BTC, cond_B, guidance=guidance, attn_temp=attn_temp)
     return invert_block_gs_jacobi(
         block,
         zp_BTC,
@@ -368,6 +399,7 @@ def _invert_block(block, zp_BTC, cond_B, plan: BlockPlan, *, tol, clamp, guidanc
         clamp=clamp,
         guidance=guidance,
         check_every=check_every,
+        attn_temp=attn_temp,
     )
 
 
@@ -383,6 +415,7 @@ def invert_tarflow(
     guidance: float | None = None,
     check_every: int = 1,
     progress: bool = False,
+    attn_temp: float = 1.0,
 ):
     """z -> x through all blocks in reverse; ``plans`` are in sampling (reverse block) order."""
     if len(plans) != len(model.blocks):
@@ -399,6 +432,7 @@ def invert_tarflow(
             clamp=clamp,
             guidance=guidance,
             check_every=check_every,
+            attn_temp=attn_temp,
         )
         x = block.permute(u)
         infos.append(info)
@@ -413,6 +447,7 @@ def sample_tarflow(
     generator: torch.Generator,
     method: str = "sequential",
     cfg_scale: float = 1.0,
+    attn_temp: float = 1.0,
     tol: float = 1e-6,
     max_iters: int = 0,
     segments: int = 8,
@@ -446,7 +481,16 @@ def sample_tarflow(
     z = torch.randn(B, T, C, generator=generator, device=generator.device, dtype=p.dtype).to(p.device)
     every = _check_every(check_every, p.device)
     x, infos = invert_tarflow(
-        model, z, cond_B, plans, tol=tol, clamp=clamp, guidance=guidance, check_every=every, progress=progress
+        model,
+        z,
+        cond_B,
+        plans,
+        tol=tol,
+        clamp=clamp,
+        guidance=guidance,
+        check_every=every,
+        progress=progress,
+        attn_temp=attn_temp,
     )
     if denoise:
         x = model.denoise(x, cond_B)
@@ -483,6 +527,7 @@ def sample_tarflow_continuous(
     slots: int,
     method: str = "jacobi",
     cfg_scale: float = 1.0,
+    attn_temp: float = 1.0,
     tol: float = 1e-6,
     max_iters: int = 0,
     segments: int = 8,
@@ -529,6 +574,7 @@ def sample_tarflow_continuous(
                 guidance=guidance,
                 check_every=every,
                 backend=backend,
+                attn_temp=attn_temp,
             )
             info["token_rows"] *= N  # summed over rows below, then divided by N
         else:
@@ -543,6 +589,7 @@ def sample_tarflow_continuous(
                     clamp=clamp,
                     guidance=guidance,
                     check_every=every,
+                    attn_temp=attn_temp,
                 )
                 parts.append(v)
                 for key in ("passes", "syncs", "forced"):
@@ -583,33 +630,34 @@ def sample_tarflow_continuous(
 
 # ---------------------------------------------------------------------- strategy (spec 4d)
 @torch.no_grad()
-def crm_igm(model, images_BCHW, labels_B=None) -> dict:
+def crm_igm(model, images_BCHW) -> dict:
     """Per-block strategy metrics from real images, model block order, each (num_blocks,).
 
-    CRM (convergence-ranking metric) = ||mean_B(exp(-a) * u)||_2 ||W_a||_2 + ||W_b||_2 with
-    spectral norms and W_a, W_b the log-scale / shift halves of proj_out: a Lipschitz-style
-    proxy for how strongly tokens couple (the spec follows the reference code). IGM for
-    each init = ||mean_B(G(u^0) - u_true)||: one Jacobi step from that guess on the true z.
-    Labels default to the null class (the mean class embedding), as in the paper.
+    As the GS-Jacobi reference (encoreus/GS-Jacobi_for_TarFlow, ``MetaBlock.forward`` in
+    detect mode, ``--norm 2``): the images go through the flow with the null class (its
+    ``y=None``, the mean class embedding) in every block, and every norm of a (T, C) or
+    weight matrix is the spectral 2-norm. CRM (convergence-ranking metric) =
+    ||mean_B(exp(-a) * u)||_2 ||W_a||_2 + ||W_b||_2 with W_a, W_b the log-scale / shift halves
+    of proj_out: a Lipschitz-style proxy for how strongly tokens couple. IGM for each init =
+    ||mean_B(G(u^0) - u_true)||_2: one Jacobi step from that guess on the true z.
     """
     p = next(model.parameters())
     x = model.to_tokens(images_BCHW.to(p.device, p.dtype))  # (B, T, C)
-    if labels_B is None:
-        labels_B = torch.full((x.shape[0],), model.null_class, dtype=torch.long, device=p.device)
+    null_B = torch.full((x.shape[0],), model.null_class, dtype=torch.long, device=p.device)
     C = model.token_dim
     out = {"crm": [], "igm_z": [], "igm_zero": []}
     for block in model.blocks:
         u = block.permute(x)  # the block's true input
-        a, b = block.shifted_params(u, labels_B)
+        a, b = block.shifted_params(u, null_B)
         z = (u - b) * torch.exp(-a)
         W = block.proj_out.weight  # (2C, D)
         m = (torch.exp(-a) * u).mean(0)  # (T, C)
         crm = torch.linalg.matrix_norm(m, 2) * torch.linalg.matrix_norm(W[:C], 2)
         out["crm"].append(crm + torch.linalg.matrix_norm(W[C:], 2))
         for init in INITS:
-            a0, b0 = block.shifted_params(initial_guess(z, init), labels_B)
+            a0, b0 = block.shifted_params(initial_guess(z, init), null_B)
             step = z * torch.exp(a0) + b0  # G(u^0)
-            out[f"igm_{init}"].append((step - u).mean(0).norm())
+            out[f"igm_{init}"].append(torch.linalg.matrix_norm((step - u).mean(0), 2))  # (T, C) -> spectral
         x = block.permute(z)
     return {k: torch.stack(v).float().cpu() for k, v in out.items()}
 
@@ -648,6 +696,7 @@ def calibrate_policy(
     clamp: float | None = None,
     guidance: float | None = None,
     check_every: int = 1,
+    attn_temp: float = 1.0,
 ):
     """Measure, then choose (issue 16): plans (sampling order) and the measurements.
 
@@ -661,7 +710,7 @@ def calibrate_policy(
     B, T, C = cond_B.shape[0], model.num_tokens, model.token_dim
     cond_B = cond_B.to(p.device)
     x = torch.randn(B, T, C, generator=generator, device=generator.device, dtype=p.dtype).to(p.device)
-    kw = dict(tol=tol, clamp=clamp, guidance=guidance, check_every=check_every)
+    kw = dict(tol=tol, clamp=clamp, guidance=guidance, check_every=check_every, attn_temp=attn_temp)
     plans, measured, passes = [], [], []
     for block in reversed(model.blocks):
         zp = block.permute(x)
@@ -707,6 +756,7 @@ class TarFlowSamplerConfig:
     name: str = "tarflow"
     method: str = "sequential"  # sequential | jacobi | gs_jacobi (every block) | auto (measured policy)
     cfg_scale: float = 1.0  # 1 = off; annealed over tokens per TarFlow
+    attn_temp: float = 1.0  # attention temperature of the unguided (null-class) stream; 1 = plain
     tol: float = 1e-6  # Jacobi commit: max |u^{k+1} - u^k| per element <= tol; < 0 = guaranteed token only
     max_iters: int = 0  # Jacobi cap on updates per token; 0 = none (the exactness guarantee)
     segments: int = 8  # GS-Jacobi segments (num_GS)
@@ -758,6 +808,7 @@ def build_tarflow_sampler(cfg):
             clamp=clamp,
             guidance=None if kw["cfg_scale"] == 1.0 else kw["cfg_scale"] - 1.0,
             check_every=_check_every(kw["check_every"], p.device),
+            attn_temp=kw["attn_temp"],
         )
         run.calibrated_for = model
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from vargen.models.blocks import KVCache
+from vargen.nn import KVCache
 from vargen.registry import SAMPLERS
 from vargen.sampling.ar_decode import keyword_sampler, new_stats
 from vargen_kernels.logits_warper import warp_and_sample

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vargen.checkpoint import load_component
 from vargen.registry import TOKENIZERS
 
 
@@ -174,8 +175,6 @@ class TokenBridgeTokenizer(nn.Module):
 @TOKENIZERS.register("tokenbridge", TokenBridgeConfig)
 def build_tokenbridge(cfg) -> TokenBridgeTokenizer:
     """Wrap the trained KL tokenizer at ``tokenizer.kl_ckpt`` (training-free: nothing to learn)."""
-    from vargen.train.tasks import load_component  # deferred: train imports tokenizers
-
     fields = {k: cfg[k] for k in TokenBridgeConfig.__dataclass_fields__ if k in cfg}
     tb = TokenBridgeConfig(**fields)
     if not tb.kl_ckpt:

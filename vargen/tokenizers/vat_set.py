@@ -6,7 +6,7 @@ abstract and figure as the spec reads them:
 
 1. **In-context encoder** (TiTok-style, not cross-attention): M learnable latent tokens
    are concatenated with the linearly embedded set and run through non-causal
-   :class:`vargen.models.blocks.Block` s with zero rotary angle (cos 1, sin 0); only the
+   :class:`vargen.nn.blocks.Block` s with zero rotary angle (cos 1, sin 0); only the
    M latent outputs are kept. The set tokens carry no position, so the result does not
    depend on the order of the set (any position must be in the features themselves).
 2. **Gaussian mapping**: mean / log-variance heads (B, M, D), reparameterised sample in
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vargen.models.blocks import Block, RMSNorm
+from vargen.nn import Block, RMSNorm
 from vargen.tokenizers.msrq import MultiScaleResidualQuantizer
 from vargen.tokenizers.vat import gaussian_kl, gaussian_sample
 

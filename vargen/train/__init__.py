@@ -1,8 +1,9 @@
-"""Training: the loop, checkpoints, DDP, tasks. Also ``vargen.train(config, **overrides)``.
+"""Training: the loop, tasks, previews. Also ``vargen.train(config, **overrides)``.
 
-``vargen.train`` names both this package and the API function :func:`vargen.api.train`: once
-any ``vargen.train.*`` module is imported the package is the attribute, so the package itself
-is made callable (delegating to the function) and both spellings train.
+``vargen.train`` names both this package and the API function :func:`vargen.train.entry.train`
+(also ``vargen.api.train``): once any ``vargen.train.*`` module is imported the package is the
+attribute, so the package itself is made callable (delegating to the function) and both
+spellings train.
 """
 
 import sys
@@ -11,7 +12,7 @@ import types
 
 class _CallablePackage(types.ModuleType):
     def __call__(self, *args, **kwargs):
-        from vargen.api import train
+        from vargen.train.entry import train  # deferred: importing the package stays cheap
 
         return train(*args, **kwargs)
 

@@ -18,9 +18,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from vargen.config import to_plain
-from vargen.train import distributed as D
-from vargen.train.checkpoint import (
+from vargen import distributed as D
+from vargen.checkpoint import (
     WEIGHTS,
     CheckpointError,
     checkpoint_dirs,
@@ -36,6 +35,9 @@ from vargen.train.checkpoint import (
     save_checkpoint,
     set_aside,
 )
+from vargen.config import to_plain
+from vargen.io import log_path, read_log
+from vargen.train.visuals import TrainingVisuals
 
 
 class TrainingError(RuntimeError):
@@ -86,27 +88,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["rng_cuda"])
 
 
-def _log_path(out_dir: str) -> str:
-    return os.path.join(out_dir, "log.jsonl")
-
-
-def read_log(out_dir: str) -> list[dict]:
-    path = _log_path(out_dir)
-    if not os.path.isfile(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line torn by a kill mid-append: dropped on resume
-                continue
-    return rows
-
-
 def _truncate_log(out_dir: str, upto_step: int) -> None:
     rows = [r for r in read_log(out_dir) if r.get("step", 0) <= upto_step]
-    with open(_log_path(out_dir), "w") as f:
+    with open(log_path(out_dir), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
@@ -175,8 +159,8 @@ def _resume(model, opt, config: dict, out_dir: str, resume: bool, rank: int, log
             )
         if rank == 0:
             remove_abandoned_writes(out_dir)
-            if os.path.exists(_log_path(out_dir)):
-                os.remove(_log_path(out_dir))
+            if os.path.exists(log_path(out_dir)):
+                os.remove(log_path(out_dir))
         return 0, {}
     existing, damaged = find_checkpoint(out_dir)
     if existing is None and damaged:
@@ -190,8 +174,8 @@ def _resume(model, opt, config: dict, out_dir: str, resume: bool, rank: int, log
             log(f"removed {path}, left by an interrupted checkpoint write")
     if existing is None:
         log(f"train.resume=true but {out_dir} has no checkpoint yet: starting from step 0")
-        if rank == 0 and os.path.exists(_log_path(out_dir)):
-            os.remove(_log_path(out_dir))
+        if rank == 0 and os.path.exists(log_path(out_dir)):
+            os.remove(log_path(out_dir))
         return 0, {}
     state, meta = read_weights(os.path.join(existing, WEIGHTS))
     if not same_model_config(meta["config"].get("model"), config.get("model")):
@@ -253,8 +237,6 @@ def fit(
     (and redraws ``loss.png``); ``sample_fn(model) -> images`` (generators) is drawn to
     ``samples/step_N.png`` every ``train.sample_every`` steps (see :mod:`vargen.train.visuals`).
     """
-    from vargen.train.visuals import TrainingVisuals
-
     tc, out_dir = run_cfg.train, run_cfg.out_dir
     rank, world_size = D.world()
     if tc.batch_size % world_size:
@@ -356,7 +338,7 @@ def fit(
             if evaluate:
                 row.update(heldout_metrics(model, *heldout, device))
             row["elapsed_s"] = round(time.perf_counter() - t0, 3)
-            with open(_log_path(out_dir), "a") as f:
+            with open(log_path(out_dir), "a") as f:
                 f.write(json.dumps(row) + "\n")
             visuals.logged(row, evaluate, done == tc.steps)
             msg = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "elapsed_s"))

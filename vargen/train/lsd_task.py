@@ -3,12 +3,14 @@
     python train.py --config configs/digits_lsd.yaml teacher_ckpt=runs/digits_mdm
 
 Each step draws ``train.batch_size`` class labels and teacher trajectories (``teacher_steps``
-uniform Euler steps from all-mask, states recorded, no gradient) and takes one Adam step on the
-student's coefficients (and, with ``model.learn_steps``, its step logits) to lower the LSD loss
-(vargen/diffusion/lsd.py). The network itself is the teacher's and stays frozen. The batch of step
+uniform Euler steps from all-mask, states recorded, no gradient), runs the student on its own
+trajectory with its current coefficients and times (objective ``own_trajectory``, the paper's), and
+takes one Adam step on the student's coefficients (and, with ``model.learn_steps``, its step
+logits) to lower the LSD loss (vargen/diffusion/lsd.py; ``objective=teacher_forced`` is the earlier
+vargen loss on the teacher's states). The network itself is the teacher's and stays frozen. The batch of step
 s depends only on (seed, s), so ``train.resume=true`` continues exactly.
 
-Writes ``model.safetensors`` + ``checkpoints/`` (atomic, vargen/train/checkpoint.py; the teacher's
+Writes ``model.safetensors`` + ``checkpoints/`` (atomic, vargen/checkpoint.py; the teacher's
 weights + ``coef`` + ``step_logits``; its config names the tokenizer so sample.py decodes) and
 ``eval.json``: the loss on a fixed evaluation batch before (c = 1, uniform steps) and after.
 """
@@ -22,23 +24,24 @@ from dataclasses import dataclass
 
 import torch
 
-from vargen.config import RunConfig, component, to_plain
-from vargen.diffusion.absorbing import all_mask, sample_chain, uniform_times
-from vargen.diffusion.lsd import distill_loss
-from vargen.registry import MODELS, TASKS
-from vargen.train.checkpoint import (
+from vargen.checkpoint import (
     WEIGHTS,
     CheckpointError,
     file_sha256,
     latest_checkpoint,
+    load_checked,
     load_state_into,
     read_train_state,
     read_weights,
     resolve_weights_path,
     save_checkpoint,
 )
+from vargen.config import RunConfig, component, to_plain
+from vargen.diffusion.absorbing import all_mask, sample_chain, uniform_times
+from vargen.diffusion.lsd import OBJECTIVES, distill_loss, student_rollout, teacher_forced_loss
+from vargen.registry import MODELS, TASKS
 from vargen.train.loop import TrainingError
-from vargen.train.tasks import _device, _write_eval, load_checked
+from vargen.train.tasks import _device, _write_eval
 
 
 @dataclass
@@ -50,6 +53,7 @@ class LSDRun(RunConfig):
     teacher_steps: int = 64  # N: the teacher's uniform Euler steps
     cfg_scale: float = 1.0  # guidance of teacher and student during distillation
     temperature: float = 1.0
+    objective: str = "own_trajectory"  # or "teacher_forced" (vargen/diffusion/lsd.py)
     eval_batch: int = 256  # fixed trajectories for the before / after loss in eval.json
     tokenizer_ckpt: str = ""  # copied from the teacher's run (sample.py decodes with it)
     tokenizer_sha256: str = ""
@@ -66,20 +70,26 @@ def _batch(step: int, seed: int, batch: int, num_classes: int, device):
 
 
 def _loss(net, times, coefs, labels, g, cfg, teacher_times):
-    """Teacher trajectories for ``labels`` (no gradient) and the LSD loss of a student with
-    ``times`` / ``coefs`` on them; returns (loss, per-step losses)."""
+    """Teacher trajectories for ``labels`` (no gradient), then (``own_trajectory``) the student's
+    own trajectories with ``times`` / ``coefs`` from the same x_T, and the LSD loss; returns
+    (loss, per-step losses)."""
 
     def logp0(x_BN):
         return net.log_p0(x_BN, labels, cfg.cfg_scale, cfg.temperature)
 
     x_T = all_mask(labels.shape[0], net.num_tokens, net.vocab_size, labels.device)
     _, states = sample_chain(logp0, x_T, teacher_times, net.eps, g, record=True)
-    return distill_loss(logp0, states, teacher_times, times, coefs, net.eps)
+    if cfg.objective == "teacher_forced":
+        return teacher_forced_loss(logp0, states, teacher_times, times, coefs, net.eps)
+    own, own_logp0 = student_rollout(logp0, x_T, times, coefs, net.eps, g)
+    return distill_loss(own_logp0, own, logp0, states, teacher_times, times, coefs, net.eps)
 
 
 @TASKS.register("lsd", LSDRun)
 def run_lsd(cfg, log=print):
     device = _device(cfg)
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
     torch.manual_seed(cfg.seed)
     tc = cfg.train
     wpath = resolve_weights_path(cfg.teacher_ckpt)

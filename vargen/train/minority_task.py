@@ -22,14 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
+from vargen import distributed as D
+from vargen.checkpoint import file_sha256, load_checked, model_registry, resolve_weights_path
 from vargen.config import RunConfig, component
 from vargen.data import build_dataset
 from vargen.diffusion.minority import assign_levels, minority_scores, quantile_levels
+from vargen.eval.feature_net import get_feature_net
 from vargen.registry import TASKS
-from vargen.train import distributed as D
-from vargen.train.checkpoint import file_sha256, resolve_weights_path
 from vargen.train.loop import fit, heldout_metrics
-from vargen.train.tasks import _device, _model_registry, load_checked
+from vargen.train.tasks import _device
 
 DISTANCES = ("l2", "perceptual")
 
@@ -89,8 +90,6 @@ def run_minority_classifier(cfg, log=print):
     step = min(max(cfg.score_step, 0), T - 1)
     feats = None
     if cfg.distance == "perceptual":
-        from vargen.eval.feature_net import get_feature_net
-
         feats = get_feature_net(cfg.data, device)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     kw = dict(t=step, n_iter=cfg.n_iter, distance=cfg.distance, feature_net=feats, batch_size=cfg.score_batch)
@@ -102,7 +101,7 @@ def run_minority_classifier(cfg, log=print):
 
     cfg.model.channels, cfg.model.resolution = data.channels, data.resolution
     cfg.model.num_levels, cfg.model.num_steps = cfg.num_levels, T
-    model = _model_registry(MinorityClassifierRun).build(cfg.model)
+    model = model_registry(MinorityClassifierRun).build(cfg.model)
     model.abar.copy_(den.abar.cpu())
     model.thresholds.copy_(q)
     x_train, x_held = den.data_to_x(data.train_images), den.data_to_x(data.heldout_images)

@@ -11,26 +11,26 @@ registry its ``model`` section names) and a ``run(cfg)`` function.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
 
 import torch
 
-from vargen.config import RunConfig, component, from_dict, resolve_paths
-from vargen.data import build_dataset
-from vargen.registry import REGISTRIES, TASKS, import_components
-from vargen.train import distributed as D
-from vargen.train.checkpoint import (
-    CheckpointError,
+from vargen import distributed as D
+from vargen.checkpoint import (
+    WEIGHTS,
     file_sha256,
-    fill_later_keys,
-    load_state_into,
-    read_weights,
+    load_tokenizer_for,
+    model_registry,
     resolve_weights_path,
     run_lock,
+    save_weights,
 )
+from vargen.config import RunConfig, component, resolve_paths, to_plain
+from vargen.data import build_dataset
+from vargen.eval.feature_net import classify_accuracy
+from vargen.registry import TASKS
 from vargen.train.loop import fit, heldout_metrics, write_run_config
 from vargen.train.visuals import generator_preview
 
@@ -61,61 +61,6 @@ class PixelGeneratorRun(RunConfig):
 class FeatureNetRun(RunConfig):
     task: str = "feature_net"
     model: dict = component("FEATURE_NETS", {"name": "classifier"})
-
-
-def _model_registry(schema: type):
-    f = {f.name: f for f in dataclasses.fields(schema)}["model"]
-    return REGISTRIES[f.metadata["registry"]]
-
-
-def load_component(path: str, device="cpu"):
-    """Rebuild a trained component from one weights file (or run dir); returns (module, cfg).
-
-    The config stored in the file is validated again, so a checkpoint written by an older
-    schema fails with a message naming the key. A generator's tokenizer is checked by hash.
-    """
-    wpath = resolve_weights_path(path)
-    state, meta = read_weights(wpath)
-    try:
-        raw = dict(meta["config"])
-        import_components()
-        if isinstance(raw.get("model"), dict) and "name" in raw["model"] and "task" in raw:
-            registry = _model_registry(TASKS.get(raw["task"]).schema)
-            if raw["model"]["name"] in registry.names():
-                raw["model"] = fill_later_keys(raw["model"], registry.get(raw["model"]["name"]).schema)
-        cfg = from_dict(raw)
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint {wpath}: its stored config is not valid here: {e}") from None
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(
-            f"checkpoint {wpath} holds non-finite weights ({len(bad)} tensors, e.g. {bad[:3]}): its "
-            "training diverged; use an earlier checkpoint (out_dir/checkpoints/step_*) or retrain with a "
-            "lower train.lr"
-        )
-    module = _model_registry(TASKS.get(cfg.task).schema).build(cfg.model)
-    load_state_into(module, state, wpath)
-    return module.to(device).eval(), cfg
-
-
-def load_checked(path: str, want_sha256: str, what: str, user: str, device="cpu"):
-    """``load_component`` of a run another run was built on, verified against its recorded hash.
-
-    ``what`` names the loaded component and ``user`` the run that depends on it, for the message.
-    """
-    path = resolve_weights_path(path)
-    if want_sha256 and file_sha256(path) != want_sha256:
-        raise CheckpointError(
-            f"{what} {path} changed since the {user} was trained (sha256 differs from "
-            f"{want_sha256[:12]}...); retrain the {user} or restore that {what}"
-        )
-    return load_component(path, device)
-
-
-def load_tokenizer_for(gen_cfg, device="cpu"):
-    """The tokenizer a generator was trained on, verified against the recorded hash."""
-    tok, _ = load_checked(gen_cfg.tokenizer_ckpt, gen_cfg.tokenizer_sha256, "tokenizer", "generator", device)
-    return tok
 
 
 def _device(cfg):
@@ -159,7 +104,7 @@ def _train_on_images(cfg, schema: type, log, fill_classes: bool, preview: bool =
     cfg.model.channels, cfg.model.resolution = data.channels, data.resolution
     if fill_classes:
         cfg.model.num_classes = data.num_classes
-    model = _model_registry(schema).build(cfg.model)
+    model = model_registry(schema).build(cfg.model)
     log(f"[{cfg.task}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     heldout = (data.heldout_images, data.heldout_labels)
     draw = (
@@ -214,7 +159,7 @@ def run_generator(cfg, log=print):
     spec = tok.tokens_spec
     ids = encode_all(tok, data.train_images, device)
     _fill_from_tokenizer(cfg.model, spec, data.num_classes)
-    model = _model_registry(GeneratorRun).build(cfg.model)
+    model = model_registry(GeneratorRun).build(cfg.model)
     expects = getattr(model, "token_kind", "ids")
     if spec["kind"] != expects:
         raise ValueError(
@@ -242,8 +187,6 @@ def run_pixel_generator(cfg, log=print):
 
 @TASKS.register("feature_net", FeatureNetRun)
 def run_feature_net(cfg, log=print):
-    from vargen.eval.feature_net import classify_accuracy
-
     net, data, device = _train_on_images(cfg, FeatureNetRun, log, fill_classes=True)
     acc = classify_accuracy(net, data.heldout_images.to(device), data.heldout_labels.to(device))
     _write_eval(cfg, {"heldout_acc": acc}, log)
@@ -270,12 +213,9 @@ class TokenBridgeRun(RunConfig):
 @TASKS.register("tokenbridge", TokenBridgeRun)
 def run_tokenbridge(cfg, log=print):
     """Wrap a trained KL tokenizer with TokenBridge's training-free quantizer and save it (no training)."""
-    from vargen.config import to_plain
-    from vargen.train.checkpoint import WEIGHTS, save_weights
-
     data = build_dataset(cfg.data)
     cfg.model.channels, cfg.model.resolution = data.channels, data.resolution
-    tok = _model_registry(TokenBridgeRun).build(cfg.model)
+    tok = model_registry(TokenBridgeRun).build(cfg.model)
     os.makedirs(cfg.out_dir, exist_ok=True)
     write_run_config(cfg.out_dir, to_plain(cfg))
     save_weights(os.path.join(cfg.out_dir, WEIGHTS), tok, to_plain(cfg), 0, cfg.task)
@@ -283,4 +223,4 @@ def run_tokenbridge(cfg, log=print):
     return tok
 
 
-__all__ = ["load_component", "load_tokenizer_for", "run"]
+__all__ = ["encode_all", "run"]

@@ -15,6 +15,12 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import torch
+
+from vargen.io import make_grid, save_grid
+from vargen.plot import write_loss_png
+from vargen.sampling.generate import DEFAULT_SAMPLER, build_sampler, class_labels, counting, generate
+
 
 class TrainingVisuals:
     def __init__(self, out_dir: str, sample_fn=None, sample_every: int = 0, log=print):
@@ -42,16 +48,12 @@ class TrainingVisuals:
                 if k != "step":
                     self.tb.add_scalar(k, v, row["step"])
         if evaluated or last:
-            from vargen.plot import write_loss_png
-
             self._guard("loss.png", lambda: write_loss_png(self.out_dir))
 
     def step_done(self, model, step: int) -> None:
         """Every ``sample_every`` steps, a grid of ``sample_fn(model)`` to samples/step_N.png."""
         if self.sample_fn is None or self.sample_every <= 0 or step % self.sample_every:
             return
-        from vargen.io import make_grid, save_grid
-
         images = self.sample_fn(model)  # (N, C, H, W) in [0, 1]
         path = os.path.join(self.out_dir, "samples", f"step_{step}.png")
         self._guard(path, lambda: save_grid(images, path, nrow=min(10, len(images))))
@@ -67,10 +69,6 @@ def generator_preview(run_cfg, tokenizer, device, num_classes: int, max_images: 
     """``model -> images``: one image per class (at most ``max_images``) drawn by the model's own
     sampler (``DEFAULT_SAMPLER``) with generator seed ``run_cfg.seed``, in eval mode, leaving the
     global RNG and the model's mode as they were."""
-    import torch
-
-    from vargen.sampling.generate import DEFAULT_SAMPLER, build_sampler, class_labels, counting, generate
-
     built = {}
 
     def draw(model):

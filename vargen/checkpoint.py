@@ -1,5 +1,10 @@
 """Checkpoints: safetensors weights with the resolved config in the file's metadata,
-plus a training-state file that loads with ``torch.load(..., weights_only=True)``.
+plus a training-state file that loads with ``torch.load(..., weights_only=True)``; and loading
+a trained component back from its weights file (:func:`load_component`, :func:`load_checked`,
+:func:`load_tokenizer_for`, the memoised :func:`load_cached` that samplers use).
+
+This module sits below ``tokenizers/``, ``models/``, ``sampling/`` and ``train/``: it imports only
+the config and the registries, so everything that loads a checkpoint imports it downward.
 
 Layout of a run directory::
 
@@ -24,31 +29,33 @@ most the damaged checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections import OrderedDict
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from vargen.config import from_dict
+from vargen.registry import REGISTRIES, TASKS, import_components
 
 WEIGHTS = "model.safetensors"
 # Model options added after checkpoints were written, with the value that reproduces the older
 # models exactly: a checkpoint whose config lacks one equals a config holding that value.
 # ``denoiser``: xAR's per-token head (MAR's design) was its only design before the backbone flow.
-LATER_MODEL_KEYS = {"attn_l2_norm": False, "denoiser": "head"}
+LATER_MODEL_KEYS = {"attn_l2_norm": False, "final_norm": True, "denoiser": "head"}
 
 
-def fill_later_keys(model: dict, schema: type) -> dict:
-    """``model`` (a recorded model config) with each key of :data:`LATER_MODEL_KEYS` that
-    ``schema`` has and ``model`` lacks set to its old-behaviour value: an old checkpoint rebuilds
-    the model it was trained as, even where the key's default has since changed."""
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(schema)}
-    return {**{k: v for k, v in LATER_MODEL_KEYS.items() if k in fields and k not in model}, **model}
+def with_later_keys(recorded: dict, known) -> dict:
+    """A checkpoint's recorded model config with each key of :data:`LATER_MODEL_KEYS` that its
+    schema knows (``known``: field names) but the record lacks set to its old-behaviour value,
+    so an older checkpoint rebuilds the model it was trained as (e.g. TarFlow's ``final_norm``)."""
+    return {**{k: v for k, v in LATER_MODEL_KEYS.items() if k in known and k not in recorded}, **recorded}
 
 
 def same_model_config(recorded: dict | None, now: dict | None) -> bool:
@@ -256,8 +263,6 @@ def read_weights(path: str) -> tuple[dict, dict]:
     path = resolve_weights_path(path)
     try:
         state = load_file(path)
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as f:
             meta = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
@@ -324,7 +329,7 @@ def run_lock(out_dir: str, log=print):
     first is alive; the kernel drops the lock when its holder dies, so the lock file a
     killed run left behind is taken over (Linux/macOS file locks). A folder the lock itself
     created is removed again when the run leaves it empty (a refused config writes nothing)."""
-    import fcntl
+    import fcntl  # POSIX only: loading checkpoints must still import where there is no fcntl
 
     created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -359,3 +364,92 @@ def run_lock(out_dir: str, log=print):
         os.close(fd)
         if created and not os.listdir(out_dir):
             os.rmdir(out_dir)
+
+
+# --------------------------------------------------------------------------------------
+# Loading trained components
+# --------------------------------------------------------------------------------------
+
+
+def model_registry(schema: type):
+    """The registry a run schema's ``model`` section names (TOKENIZERS, MODELS, ...)."""
+    f = {f.name: f for f in dataclasses.fields(schema)}["model"]
+    return REGISTRIES[f.metadata["registry"]]
+
+
+def _with_later_model_keys(raw: dict) -> dict:
+    """``raw`` (a stored run config) with model keys added since it was written at their old
+    values (:func:`with_later_keys`); unchanged when its task or model is unknown (validation
+    then names the problem)."""
+    import_components()  # the registries know every task and model
+    model = raw.get("model")
+    try:
+        schema = model_registry(TASKS.get(raw["task"]).schema).get(model["name"]).schema
+    except (KeyError, TypeError):
+        return raw
+    known = {f.name for f in dataclasses.fields(schema)}
+    return {**raw, "model": with_later_keys(dict(model), known)}
+
+
+def load_component(path: str, device="cpu"):
+    """Rebuild a trained component from one weights file (or run dir); returns (module, cfg).
+
+    The config stored in the file is validated again, so a checkpoint written by an older
+    schema fails with a message naming the key. A generator's tokenizer is checked by hash.
+    """
+    wpath = resolve_weights_path(path)
+    state, meta = read_weights(wpath)
+    try:
+        cfg = from_dict(_with_later_model_keys(meta["config"]))  # imports the registering packages
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {wpath}: its stored config is not valid here: {e}") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {wpath} holds non-finite weights ({len(bad)} tensors, e.g. {bad[:3]}): its "
+            "training diverged; use an earlier checkpoint (out_dir/checkpoints/step_*) or retrain with a "
+            "lower train.lr"
+        )
+    module = model_registry(TASKS.get(cfg.task).schema).build(cfg.model)
+    load_state_into(module, state, wpath)
+    return module.to(device).eval(), cfg
+
+
+_CACHE: OrderedDict = OrderedDict()  # (real path, mtime_ns, size, device) -> (module, cfg)
+CACHE_SIZE = 8  # components kept loaded (drafts, classifiers); the least recently used goes first
+
+
+def load_cached(path: str, device="cpu"):
+    """:func:`load_component`, memoised on (file, its mtime and size, device): the one cache for
+    samplers that load a helper model (a draft, a classifier) when first called. The module is
+    shared between callers, so they must not change its weights; a rewritten file loads anew."""
+    wpath = os.path.realpath(resolve_weights_path(path))
+    st = os.stat(wpath)
+    key = (wpath, st.st_mtime_ns, st.st_size, str(torch.device(device)))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    _CACHE[key] = load_component(wpath, device)
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return _CACHE[key]
+
+
+def load_checked(path: str, want_sha256: str, what: str, user: str, device="cpu"):
+    """``load_component`` of a run another run was built on, verified against its recorded hash.
+
+    ``what`` names the loaded component and ``user`` the run that depends on it, for the message.
+    """
+    path = resolve_weights_path(path)
+    if want_sha256 and file_sha256(path) != want_sha256:
+        raise CheckpointError(
+            f"{what} {path} changed since the {user} was trained (sha256 differs from "
+            f"{want_sha256[:12]}...); retrain the {user} or restore that {what}"
+        )
+    return load_component(path, device)
+
+
+def load_tokenizer_for(gen_cfg, device="cpu"):
+    """The tokenizer a generator was trained on, verified against the recorded hash."""
+    tok, _ = load_checked(gen_cfg.tokenizer_ckpt, gen_cfg.tokenizer_sha256, "tokenizer", "generator", device)
+    return tok

@@ -1,0 +1,128 @@
+"""Preallocated key/value caches: one length for the batch (:class:`KVCache`) or one per row
+(:class:`RaggedKVCache`, speculative decoding with ragged rows)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+class KVCache:
+    """Preallocated keys/values per layer, (B, H, T_max, d); ``length`` tokens are valid.
+
+    ``crop(n)`` rolls the cache back to its first n tokens (speculative decoding).
+    """
+
+    def __init__(self, depth, batch, heads, max_len, head_dim, device, dtype):
+        shape = (batch, heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
+        self.length = 0
+        self.max_len = max_len
+        self.weights = None  # the model's prepared decode weights for this run (ARTransformer.forward_step)
+
+    def append(self, layer: int, k_BHtd, v_BHtd):
+        """Write new keys/values after the valid prefix; return the full valid K, V."""
+        t = k_BHtd.shape[2]
+        end = self.length + t
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} > {self.max_len}")
+        self.k[layer][:, :, self.length : end] = k_BHtd
+        self.v[layer][:, :, self.length : end] = v_BHtd
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, t: int):
+        self.length += t
+
+    def crop(self, n: int):
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot crop a cache of length {self.length} to {n}")
+        self.length = n
+
+    def select_rows(self, rows: torch.Tensor) -> KVCache:
+        """A new cache of the given batch rows (repeats allowed), same valid length."""
+        out = copy.copy(self)
+        out.k = [t[rows] for t in self.k]  # (len(rows), H, T_max, d)
+        out.v = [t[rows] for t in self.v]
+        return out
+
+
+class RaggedKVCache:
+    """Preallocated keys/values per layer, (B, H, T_max, d), where row b has its own length L_b.
+
+    For speculative decoding with ragged rows: :meth:`begin` opens a window of W new positions
+    L_b .. L_b+W-1 per row, whose keys/values :meth:`append` scatters into those slots; query i
+    of row b may attend to slots <= L_b + i (its committed prefix and its own causal window).
+    :meth:`rollback` then sets each row's length to its committed length; slots past it are
+    stale, masked in every later window and overwritten when the row gets there. Allocate
+    T_max = sequence length + the widest window, so a finished row's window stays in bounds.
+
+    No host synchronisation: the lengths stay on the device, and the attended width S comes
+    from a host-side upper bound on max_b L_b (grown by every window, not lowered by a
+    rollback, capped at T_max; a caller that reads the lengths anyway may lower it), not from
+    reading the lengths. Slots past a row's length are masked, so a wider S changes only the
+    cost, not the result.
+    """
+
+    def __init__(self, depth, batch, heads, max_len, head_dim, device, dtype):
+        shape = (batch, heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
+        self.length_B = torch.zeros(batch, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.bound = 0  # host-side upper bound on max(length_B)
+        self._slot_S = torch.arange(max_len, device=device)  # (T_max,) reused by every window
+        self._slots_BW = None
+        self._used = 0
+        self.weights = None  # the model's prepared decode weights for this run (forward_window)
+        self.backend = "auto"  # how attention over it runs (vargen_kernels.dispatch.backend_for)
+
+    def positions(self, width: int) -> torch.Tensor:
+        """(B, W) sequence positions L_b .. L_b+W-1 of the next window (= its cache slots)."""
+        return self.length_B[:, None] + self._slot_S[:width]
+
+    def begin(self, width: int, used: int | None = None) -> torch.Tensor:
+        """Open a window of ``width`` positions after each row's length; returns the per-row
+        attention mask (B, 1, W, S) over the first S slots any row may use, additive (0 where
+        query i of row b may attend to a slot, -inf elsewhere): built once per forward, where a
+        boolean mask would be converted to this again in every layer's attention.
+
+        S = ``used`` when the caller tracks its own host-side bound on max(length) + width,
+        else ``bound + width`` (capped at T_max). A caller that sets ``length_B`` directly
+        (not through :meth:`advance`) must keep ``bound`` >= max(length_B) itself."""
+        if width > self.max_len:
+            raise ValueError(f"KV cache overflow: a window of {width} > {self.max_len}")
+        self._slots_BW = self.positions(width)  # (B, W) slot = sequence position
+        self._used = min(self.bound + width, self.max_len) if used is None else int(used)
+        if self._used > self.max_len:
+            raise ValueError(f"KV cache overflow: {self._used} > {self.max_len}")
+        s_S = self._slot_S[: self._used]
+        allowed_BWS = s_S[None, None, :] <= self._slots_BW[:, :, None]
+        mask_BWS = torch.zeros(allowed_BWS.shape, dtype=self.k[0].dtype, device=s_S.device)
+        return mask_BWS.masked_fill_(~allowed_BWS, float("-inf"))[:, None]  # (B, 1, W, S)
+
+    def append(self, layer: int, k_BHWd, v_BHWd):
+        """Scatter the window's keys/values into its slots; return K, V (B, H, S, d)."""
+        B, H, W, d = k_BHWd.shape
+        idx = self._slots_BW[:, None, :, None].expand(B, H, W, d)
+        self.k[layer].scatter_(2, idx, k_BHWd)
+        self.v[layer].scatter_(2, idx, v_BHWd)
+        return self.k[layer][:, :, : self._used], self.v[layer][:, :, : self._used]
+
+    def advance(self, width: int):
+        """Count the window as written: every row's length grows by ``width``."""
+        self.length_B = self.length_B + width
+        self.bound = min(self.bound + width, self.max_len)
+
+    def rollback(self, length_B: torch.Tensor):
+        """Keep at most ``length_B`` positions per row (a row keeps fewer if it has fewer)."""
+        self.length_B = torch.minimum(self.length_B, length_B)
+
+    def select_rows(self, rows: torch.Tensor) -> RaggedKVCache:
+        """A new cache of the given batch rows (their lengths kept): drops finished rows."""
+        out = copy.copy(self)
+        out.k = [t[rows] for t in self.k]  # (len(rows), H, T_max, d)
+        out.v = [t[rows] for t in self.v]
+        out.length_B = self.length_B[rows]
+        return out
