@@ -27,7 +27,12 @@ import torch
 
 from benchmarks.common import ROOT, Method, flat_results, meta, print_table, sweep, train, write_results
 
-TOKEN_MAR = ["model.entity=token", "model.head.name=mar_diffusion", "model.head.num_sampling_steps=25"]
+TOKEN_MAR = [
+    "model.entity=token",
+    "model.denoiser=head",
+    "model.head.name=mar_diffusion",
+    "model.head.num_sampling_steps=25",
+]
 SMALL = ["model.dim=32", "model.depth=2", "model.head.width=64", "model.head.depth=2"]
 SEEDS = [0, 1, 2]
 

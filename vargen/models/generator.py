@@ -54,6 +54,11 @@ class Generator(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' float dtype: what a sampler draws its noise in."""
+        return next(self.parameters()).dtype
+
     def attach_tokenizer(self, tokenizer) -> None:
         """Called with the tokenizer the model was trained on, before training or sampling;
         models that read it (VAR's scales, CTF's coarse labels, TokenBridge's check) override this."""

@@ -93,8 +93,10 @@ class CSpDConfig:
 
 def _check_pair(model, draft):
     for m, who in ((model, "target"), (draft, "draft")):
-        if m.cfg.entity != "token" or m.cfg.head["name"] != "mar_diffusion":
-            raise ValueError(f"cspd needs xar models with entity token and head mar_diffusion ({who})")
+        if m.cfg.denoiser != "head" or m.cfg.entity != "token" or m.cfg.head["name"] != "mar_diffusion":
+            raise ValueError(
+                f"cspd needs xar models with denoiser head, entity token and head mar_diffusion ({who})"
+            )
     if draft.cfg.code_dim != model.cfg.code_dim or list(draft.cfg.grid) != list(model.cfg.grid):
         raise ValueError("sampler.draft_ckpt: draft and target must share the tokenizer")
     if draft.num_classes != model.num_classes:  # the same labels and null class (guidance)
