@@ -100,7 +100,7 @@ def _warp(o):
 
 
 def draw_ar(w, cond, g, slots, o):
-    from vargen.sampling.ar_decode import sample_ar
+    from vargen.sampling.decoders.ar import sample_ar
 
     return _chunked(lambda c: sample_ar(w.ar, c, generator=g, **_warp(o)), cond, slots)
 
@@ -113,7 +113,7 @@ def _continuous(out_stats, slots):
 
 
 def draw_sd(w, cond, g, slots, o):
-    from vargen.sampling.speculative import sample_speculative
+    from vargen.sampling.speculative.draft import sample_speculative
 
     return _continuous(
         sample_speculative(w.ar, w.draft, cond, generator=g, gamma=o["gamma"], slots=slots, **_warp(o)), slots
@@ -140,13 +140,13 @@ def draw_gsd_exact(w, cond, g, slots, o):
 
 
 def draw_var(w, cond, g, slots, o):
-    from vargen.sampling.var_decode import sample_var
+    from vargen.sampling.decoders.var import sample_var
 
     return _chunked(lambda c: sample_var(w.var, c, generator=g, **_warp(o)), cond, slots)
 
 
 def draw_xar(w, cond, g, slots, o):
-    from vargen.sampling.xar_sampling import sample_xar
+    from vargen.sampling.decoders.xar import sample_xar
 
     return _chunked(lambda c: sample_xar(w.xar, c, generator=g, cfg_scale=o["cfg_scale"]), cond, slots)
 
@@ -163,7 +163,7 @@ def draw_xar_beta(w, cond, g, slots, o):
 
 def _cspd(**extra):
     def draw(w, cond, g, slots, o):
-        from vargen.sampling.cspd_sampler import sample_cspd
+        from vargen.sampling.speculative.cspd import sample_cspd
 
         return _continuous(
             sample_cspd(
@@ -187,7 +187,7 @@ def _tarflow(method):
     plain Jacobi batches continuously. Jacobi methods use the frozen-prefix window ``window``."""
 
     def draw(w, cond, g, slots, o):
-        from vargen.sampling.tarflow_sampling import sample_tarflow, sample_tarflow_continuous
+        from vargen.sampling.decoders.tarflow import sample_tarflow, sample_tarflow_continuous
 
         kw = {
             "method": method,

@@ -31,7 +31,7 @@ import torch
 
 from benchmarks.common import meta, print_table, write_results
 from vargen.models.ar import ARConfig, ARTransformer
-from vargen.sampling.ar_decode import sample_ar
+from vargen.sampling.decoders.ar import sample_ar
 
 
 def time_decode(model, batch, use_cache, reps, seed, cfg_scale):

@@ -27,7 +27,12 @@ import torch
 
 from benchmarks.common import ROOT, Method, flat_results, meta, print_table, sweep, train, write_results
 
-TOKEN_MAR = ["model.entity=token", "model.head.name=mar_diffusion", "model.head.num_sampling_steps=25"]
+TOKEN_MAR = [
+    "model.entity=token",
+    "model.denoiser=head",
+    "model.head.name=mar_diffusion",
+    "model.head.num_sampling_steps=25",
+]
 SMALL = ["model.dim=32", "model.depth=2", "model.head.width=64", "model.head.depth=2"]
 SEEDS = [0, 1, 2]
 
@@ -65,8 +70,8 @@ def measure(env: dict, cfg_scale: float = 1.0, gamma: int = 4, paper: bool = Tru
     """Baseline ``xar`` vs ``cspd`` (and ``cspd_paper``) at one ``cfg_scale``: flat keys
     ``<method>.{nfe, fid_mean, fid_std, seconds}`` and, for the CSpD methods, ``acceptance``,
     ``nfe_ratio`` and ``wall_ratio`` against the baseline."""
-    from vargen.sampling.cspd_sampler import sample_cspd
-    from vargen.sampling.xar_sampling import sample_xar
+    from vargen.sampling.decoders.xar import sample_xar
+    from vargen.sampling.speculative.cspd import sample_cspd
 
     target, draft, tok = env["target"], env["draft"], env["tokenizer"]
     methods = {

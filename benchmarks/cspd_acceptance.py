@@ -24,7 +24,7 @@ from benchmarks import cspd
 
 @torch.no_grad()
 def diagnose(t, d, n=64, pos=8, S=25):
-    from vargen.sampling.xar_sampling import sample_xar
+    from vargen.sampling.decoders.xar import sample_xar
 
     g = torch.Generator().manual_seed(0)
     y = torch.arange(n) % t.num_classes
@@ -60,8 +60,8 @@ def diagnose(t, d, n=64, pos=8, S=25):
 
 
 def wall(t, d, reps, variance, verify, gamma, K):
-    from vargen.sampling.cspd_sampler import sample_cspd
-    from vargen.sampling.xar_sampling import sample_xar
+    from vargen.sampling.decoders.xar import sample_xar
+    from vargen.sampling.speculative.cspd import sample_cspd
 
     old = t.head.sample_variance
     t.head.sample_variance = variance

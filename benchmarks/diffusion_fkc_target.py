@@ -39,7 +39,10 @@ def target_density(w: float, grid=GRID) -> torch.Tensor:
     """p_c^w p_u^(1-w) on ``grid``, normalised (quadrature)."""
 
     def mix(ws, ms, vs):
-        comps = [wi * torch.exp(-0.5 * (grid - m) ** 2 / v) / math.sqrt(2 * math.pi * v) for wi, m, v in zip(ws, ms, vs)]
+        comps = [
+            wi * torch.exp(-0.5 * (grid - m) ** 2 / v) / math.sqrt(2 * math.pi * v)
+            for wi, m, v in zip(ws, ms, vs)
+        ]
         return sum(comps)
 
     d = mix(*COND) ** w * mix(*UNCOND) ** (1 - w)
@@ -84,7 +87,9 @@ def sample(w: float, steps: int, particles: int, weighted: bool, n: int, seed: i
         return cond(x, t_B), unc(x, t_B)
 
     g = torch.Generator().manual_seed(seed)
-    x, _ = fkc_cfg_ddpm(pair, (n * particles, 1), particles, abar, steps, w, g, weighted=weighted, backend="torch")
+    x, _ = fkc_cfg_ddpm(
+        pair, (n * particles, 1), particles, abar, steps, w, g, weighted=weighted, backend="torch"
+    )
     return x.flatten()
 
 

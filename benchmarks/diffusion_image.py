@@ -46,7 +46,7 @@ def run(quick: bool, root: str) -> dict:
     from vargen.data import build_dataset
     from vargen.diffusion.time_shift import ExposureBiasTimeShift
     from vargen.eval import FIDEvaluator
-    from vargen.sampling.diffusion_sampling import sample_ddim, sample_fkc_cfg
+    from vargen.sampling.decoders.diffusion import sample_ddim, sample_fkc_cfg
     from vargen.sampling.generate import class_labels
 
     ckpt = train("digits_ddpm", os.path.join(root, "bench_ddpm"), quick, quick_steps=800)

@@ -100,8 +100,8 @@ def run(quick: bool, root: str) -> dict:
     """Train what is missing under ``root``, sample every method; returns the flat results."""
     from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.eval import FIDEvaluator
+    from vargen.sampling.decoders.mdm import sample_lsd, sample_mdm
     from vargen.sampling.generate import class_labels
-    from vargen.sampling.mdm_sampling import sample_lsd, sample_mdm
 
     vq = train("digits_vq", os.path.join(root, "vq"), quick)
     mdm = train("digits_mdm", os.path.join(root, "mdm"), quick, [f"tokenizer_ckpt={vq}"], quick_steps=1000)
@@ -123,11 +123,18 @@ def run(quick: bool, root: str) -> dict:
 
     methods = {"lsd.teacher": euler(TEACHER_STEPS), "lsd.euler8": euler(8), "lsd.euler4": euler(4)}
     for name, path in students.items():
-        methods[f"lsd.{name}"] = Method(load_component(path)[0], tok, lambda m, c, g: sample_lsd(m, c, generator=g))
+        methods[f"lsd.{name}"] = Method(
+            load_component(path)[0], tok, lambda m, c, g: sample_lsd(m, c, generator=g)
+        )
     swept = sweep(methods, labels, list(SEEDS), evaluator, batch)
     flat = flat_results(swept)
     rows = [
-        {"sampler": k, "fid": f"{r['fid_mean']:.2f} ± {r['fid_std']:.2f}", "nfe": r["nfe"], "seconds": r["seconds"]}
+        {
+            "sampler": k,
+            "fid": f"{r['fid_mean']:.2f} ± {r['fid_std']:.2f}",
+            "nfe": r["nfe"],
+            "seconds": r["seconds"],
+        }
         for k, r in swept.items()
     ]
     for name, path in students.items():

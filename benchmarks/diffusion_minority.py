@@ -40,7 +40,14 @@ TOP_FRACTION = 0.1  # the minority reference set: the top decile of training sco
 
 
 def run(
-    quick: bool, root: str, ddpm_ckpt: str, w: float = 3.0, seeds=SEEDS, steps=None, samples=None, clf_steps=600
+    quick: bool,
+    root: str,
+    ddpm_ckpt: str,
+    w: float = 3.0,
+    seeds=SEEDS,
+    steps=None,
+    samples=None,
+    clf_steps=600,
 ) -> dict:
     """Train the classifier for ``ddpm_ckpt`` under ``root`` and measure; returns the flat results.
     ``steps`` / ``samples`` (None: 50 / 200 with ``quick``, else 250 / 1000) per sampling seed."""
@@ -48,8 +55,8 @@ def run(
     from vargen.data import build_dataset
     from vargen.diffusion.minority import minority_scores
     from vargen.eval import FIDEvaluator, get_feature_net
+    from vargen.sampling.decoders.minority import sample_minority
     from vargen.sampling.generate import class_labels
-    from vargen.sampling.minority_sampling import sample_minority
 
     clf_dir = train(
         "digits_minority", os.path.join(root, "minority"), quick, [f"denoiser_ckpt={ddpm_ckpt}"], clf_steps
@@ -96,7 +103,9 @@ def run(
             flat[f"{name}.{k}_std"] = statistics.stdev(r[k])
 
     held = data.heldout_images
-    noisy = (held + NOISE_SIGMA * torch.randn(held.shape, generator=torch.Generator().manual_seed(7))).clamp(0, 1)
+    noisy = (held + NOISE_SIGMA * torch.randn(held.shape, generator=torch.Generator().manual_seed(7))).clamp(
+        0, 1
+    )
     for name, images in (("heldout", held), ("heldout_noisy", noisy), ("reference", reference)):
         flat[f"minority.data.{name}.score"] = float(score_fn(images, -1).mean())
         if name != "reference":
@@ -145,7 +154,9 @@ def main(argv=None):
     p.add_argument("--w", type=float, default=3.0, help="minority guidance scale of the guided run")
     p.add_argument("--seeds", type=int, default=len(SEEDS), help="sampling seeds 0..n-1 (at least 2)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default 50 quick, 250 full)")
-    p.add_argument("--samples", type=int, default=None, help="samples per seed (default 200 quick, 1000 full)")
+    p.add_argument(
+        "--samples", type=int, default=None, help="samples per seed (default 200 quick, 1000 full)"
+    )
     p.add_argument("--ddpm-steps", type=int, default=800, help="DDPM training steps with --quick")
     p.add_argument("--clf-steps", type=int, default=600, help="classifier training steps with --quick")
     args = p.parse_args(argv)

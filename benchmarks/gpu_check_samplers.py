@@ -25,8 +25,9 @@ from vargen.diffusion.analytic import GaussianMixtureDenoiser
 from vargen.diffusion.fkc import fkc_cfg_ddpm
 from vargen.diffusion.schedules import linear_alphas_cumprod
 from vargen.models.ar import ARConfig, ARTransformer
-from vargen.sampling.jacobi import exact_group_fns, sample_jacobi
-from vargen.sampling.speculative import sample_speculative
+from vargen.sampling.speculative.draft import sample_speculative
+from vargen.sampling.speculative.gsd import exact_group_fns
+from vargen.sampling.speculative.jacobi import sample_jacobi
 
 
 def main():
@@ -81,7 +82,7 @@ def main():
     out["samplers.fkc_cfg.max_abs_diff"] = float((xs[0] - xs[1]).abs().max())
     out["samplers.fkc_cfg.equal"] = bool(torch.allclose(xs[0], xs[1], rtol=1e-9, atol=1e-9))
     from vargen.models.tarflow import TarFlow, TarFlowConfig
-    from vargen.sampling.tarflow_sampling import sample_tarflow_continuous
+    from vargen.sampling.decoders.tarflow import sample_tarflow_continuous
 
     torch.manual_seed(0)  # a 2-block TarFlow on 8x8 images, random weights (check data only)
     tf_cfg = TarFlowConfig(
@@ -113,7 +114,7 @@ def main():
     out["samplers.tarflow.equal"] = bool(torch.allclose(imgs[0][0], imgs[1][0], rtol=1e-4, atol=1e-4))
     out["samplers.tarflow.passes_equal"] = imgs[0][1]["passes_per_block"] == imgs[1][1]["passes_per_block"]
     from vargen.models.xar import XAR, XARConfig
-    from vargen.sampling.cspd_sampler import sample_cspd
+    from vargen.sampling.speculative.cspd import sample_cspd
 
     xcfg = dict(grid=[1, 4] if args.small else [4, 4], code_dim=4, num_classes=4, entity="token", dim=32)
     head = {"name": "mar_diffusion", "width": 32, "depth": 2, "num_sampling_steps": 8}

@@ -33,12 +33,13 @@ from benchmarks import cspd
 from benchmarks.common import Method, flat_results, meta, print_table, sweep, write_results
 from vargen.checkpoint import load_component, load_tokenizer_for
 from vargen.eval.fid import FIDEvaluator
-from vargen.registry import SAMPLERS
+from vargen.sampling.generate import build_sampler
 
 
 def gsd_tv_on_toy(samples: int) -> float:
     from vargen.models.toy_ar import ToyAR
-    from vargen.sampling.jacobi import gsd_ratio, sample_jacobi
+    from vargen.sampling.speculative.gsd import gsd_ratio
+    from vargen.sampling.speculative.jacobi import sample_jacobi
 
     target = ToyAR(0, zero_frac=0.3)
     cond = torch.zeros(samples, dtype=torch.long)
@@ -65,9 +66,9 @@ def cspd_entries(quick: bool, cfg_scale: float) -> tuple[dict, dict]:
 def long_sequence_costs(batch: int = 8) -> dict:
     """Wall ratios against KV-cached "ar" of cached and uncached SD / SJD on 256 tokens."""
     from vargen.models.ar import ARConfig, ARTransformer
-    from vargen.sampling.ar_decode import sample_ar
-    from vargen.sampling.jacobi import sample_jacobi
-    from vargen.sampling.speculative import sample_speculative
+    from vargen.sampling.decoders.ar import sample_ar
+    from vargen.sampling.speculative.draft import sample_speculative
+    from vargen.sampling.speculative.jacobi import sample_jacobi
 
     torch.manual_seed(0)  # random weights (benchmark data only)
 
@@ -125,10 +126,13 @@ def main(argv=None):
     labels = torch.arange(num) % model.num_classes
     swept_methods = {}
     for m, scfg in methods.items():  # each speculative method beside its full-recompute variant
-        swept_methods[m] = Method(model, tokenizer, SAMPLERS.build(scfg))
+        swept_methods[m] = Method(model, tokenizer, build_sampler(scfg, model, gen_cfg, "cpu"))
         if m != "baseline":
             swept_methods[f"{m}_nocache"] = Method(
-                model, tokenizer, SAMPLERS.build({**scfg, "use_cache": False}), score=False
+                model,
+                tokenizer,
+                build_sampler({**scfg, "use_cache": False}, model, gen_cfg, "cpu"),
+                score=False,
             )
     ids_of, same = {}, {m: [] for m in methods}
 

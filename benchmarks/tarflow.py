@@ -47,8 +47,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     from vargen.data import build_dataset
     from vargen.eval import FIDEvaluator
+    from vargen.sampling.decoders.tarflow import calibrate_policy, crm_igm, sample_tarflow
     from vargen.sampling.generate import class_labels
-    from vargen.sampling.tarflow_sampling import calibrate_policy, crm_igm, sample_tarflow
 
     model, cfg = trained_model(args)
     data = build_dataset(cfg.data)

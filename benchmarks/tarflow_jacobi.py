@@ -23,7 +23,7 @@ import time
 import torch
 
 from vargen.models.tarflow import TarFlow, TarFlowConfig
-from vargen.sampling import tarflow_sampling as ts
+from vargen.sampling.decoders import tarflow as ts
 
 SHAPES = {
     "digits": dict(channels=1, resolution=16, num_classes=10, patch_size=2, dim=64, layers_per_block=2),

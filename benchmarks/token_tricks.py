@@ -76,7 +76,7 @@ def main(argv=None):
     from vargen.data import build_dataset
     from vargen.eval import FIDEvaluator
     from vargen.registry import MODELS, SAMPLERS
-    from vargen.sampling.generate import DEFAULT_SAMPLER, class_labels
+    from vargen.sampling.generate import class_labels, default_sampler_for
     from vargen.train.tasks import encode_all
 
     root = os.path.join(ROOT, "runs", f"bench_token_tricks_{'quick' if args.quick else 'full'}")
@@ -102,7 +102,7 @@ def main(argv=None):
     labels = class_labels(n, data.num_classes, [])
     methods = {
         key: Method(
-            model, tok, SAMPLERS.build({"name": DEFAULT_SAMPLER[mc["name"]], "cfg_scale": args.cfg_scale})
+            model, tok, SAMPLERS.build({"name": default_sampler_for(mc["name"]), "cfg_scale": args.cfg_scale})
         )
         for key, (model, tok, _, mc) in runs.items()
     }

@@ -63,8 +63,9 @@ def main(argv=None):
     from vargen.data import build_dataset
     from vargen.eval import FIDEvaluator, get_feature_net
     from vargen.eval.feature_net import _full_data_config
+    from vargen.sampling.base import SamplerContext
     from vargen.sampling.generate import class_labels
-    from vargen.sampling.tts_var import TTSVAR, BestOfN, BestOfNConfig, ClassifierReward, TTSVARConfig
+    from vargen.sampling.search.tts_var import TTSVAR, BestOfN, BestOfNConfig, ClassifierReward, TTSVARConfig
 
     root = os.path.join(ROOT, "runs", f"bench_vat_{'quick' if args.quick else 'full'}")
     vat_dir = train("digits_vat", os.path.join(root, "vat"), args.quick)
@@ -95,7 +96,8 @@ def main(argv=None):
     if args.no_potentials:
         methods = {k: v for k, v in methods.items() if "potential" not in k}
     for sampler in methods.values():
-        sampler.bind_run(cfg)  # clustering features: the seed-0 feature net's patch tokens
+        # clustering features: the seed-0 feature net's patch tokens
+        sampler.setup(SamplerContext(model, "cpu", cfg))
     n_labels, seeds, batch = (60 if args.quick else 300), list(args.seeds), 20
     labels = class_labels(n_labels, model.num_classes, [])
     res = {name: {"reward": [], "reward_sel": [], "div": []} for name in methods}

@@ -46,9 +46,9 @@ def main(argv=None):
     from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.data import build_dataset
     from vargen.eval import FIDEvaluator
-    from vargen.sampling.ar_decode import sample_ar
+    from vargen.sampling.decoders.ar import sample_ar
+    from vargen.sampling.decoders.var import sample_var
     from vargen.sampling.generate import class_labels
-    from vargen.sampling.var_decode import sample_var
     from vargen.tokenizers.vat import gaussian_kl
 
     root = os.path.join(ROOT, "runs", f"bench_vat_{'quick' if args.quick else 'full'}")

@@ -1,16 +1,16 @@
 """Fused CSpD last-step verification: density ratio and acceptance, and the residual's proposals.
 
-Continuous speculative decoding (:mod:`vargen.sampling.cspd`) tests each continuous draft token
-x0 on the last reverse step of the diffusion head, where draft and target (run with the same
-noise) are diagonal Gaussians N(mu_q, s_q^2) and N(mu_p, s_p^2). In torch, the ratio and the
-leading-acceptance count are a dozen passes over the (B, g, C) block (a subtraction, a division,
+Continuous speculative decoding (:mod:`vargen.sampling.speculative.cspd_verify`) tests each
+continuous draft token x0 on the last reverse step of the diffusion head, where draft and target
+(run with the same noise) are diagonal Gaussians N(mu_q, s_q^2) and N(mu_p, s_p^2). In torch, the
+ratio and the leading-acceptance count are a dozen passes over the (B, g, C) block (a subtraction, a division,
 a square, two logs, the sums over C, twice; then a log of the uniforms, a clamp, a compare, a
 cumulative product and a sum), and each round of the residual sampler does as many again over
 (K, B, C) proposals. The two Triton kernels here read every input once per token.
 
 Semantics (the torch references define them; they are exactly the computations
-:mod:`vargen.sampling.cspd` does, so the CSpD sampler draws the same tokens from the
-same generator whichever backend runs). ``logN(x; m, s) = sum_C (-z^2 / 2 - log s - log(2 pi) / 2)``
+:mod:`vargen.sampling.speculative.cspd_verify` does, so the CSpD sampler draws the same tokens
+from the same generator whichever backend runs). ``logN(x; m, s) = sum_C (-z^2 / 2 - log s - log(2 pi) / 2)``
 with ``z = (x - m) / s``.
 
 :func:`cspd_accept`: for drafts ``x0_BgC`` and last-step means / stds (each broadcastable to
@@ -28,7 +28,8 @@ position, with the target's and draft's last-step Gaussians ``(mp, sp)``, ``(mq,
 
 1. proposals ``y = mp + sp * e`` (K, B, C), draws from p;
 2. ``log_qp = logN(y; mq, sq) - logN(y; mp, sp) - log_sigma``, (K, B): the residual accepts y
-   with probability ``max(0, 1 - exp(log_qp))`` (:func:`vargen.sampling.cspd.residual_rounds`).
+   with probability ``max(0, 1 - exp(log_qp))``
+   (:func:`vargen.sampling.speculative.cspd_verify.residual_rounds`).
 
 Returns ``(y_KBC, log_qp_KB)``.
 

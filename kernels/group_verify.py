@@ -1,6 +1,6 @@
 """Fused GSD group verification: rank-block partition, group acceptance and group-level residual.
 
-GSD's group-exact variant (:func:`vargen.sampling.jacobi.exact_group_fns`) partitions the
+GSD's group-exact variant (:func:`vargen.sampling.speculative.gsd.exact_group_fns`) partitions the
 vocabulary by the target alone: blocks of G consecutive ranks of supp(p) in p's stable descending
 order, plus one group for the tokens with p = 0. A draft x is accepted with
 min(1, P(C(x)) / Q(C(x))) and a rejection draws a group K ~ norm(max(0, P - Q)) and a token from

@@ -9,7 +9,7 @@ it with one program per row, reading each probability row once (twice for the re
 and writing four small integer outputs.
 
 Semantics, per row (the torch reference :func:`verify_reference` defines them; it is exactly the
-computation :func:`vargen.sampling.speculative.accept_and_correct` does, so the
+computation :func:`vargen.sampling.speculative.verify.accept_and_correct` does, so the
 samplers draw the same tokens from the same generator whichever backend runs). ``W`` window
 positions, ``g = W - 1`` drafts ``x_j`` drawn from ``q_j``:
 

@@ -1,6 +1,6 @@
 """Fused TarFlow Jacobi step: the affine coupling update and each token's move in one pass.
 
-A Jacobi pass of TarFlow inversion (:mod:`vargen.sampling.tarflow_sampling`) turns the block's
+A Jacobi pass of TarFlow inversion (:mod:`vargen.sampling.decoders.tarflow`) turns the block's
 log-scale ``a`` and shift ``b`` at a window of tokens into new token values
 ``u = clamp(z * exp(a) + b)`` and then measures how far each token moved since the previous pass,
 ``max_c |u - u_old|``, to decide which tokens converged. In torch that is an exp, a multiply, an

@@ -33,7 +33,15 @@ def workload():
     def xar(dim):
         head = {"name": "mar_diffusion", "width": 16, "depth": 1, "num_sampling_steps": 4}
         cfg = XARConfig(
-            grid=[2, 2], code_dim=2, num_classes=CLASSES, entity="token", dim=dim, depth=1, heads=2, head=head
+            grid=[2, 2],
+            code_dim=2,
+            num_classes=CLASSES,
+            entity="token",
+            denoiser="head",
+            dim=dim,
+            depth=1,
+            heads=2,
+            head=head,
         )
         return XAR(cfg).eval()
 

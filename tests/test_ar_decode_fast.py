@@ -6,7 +6,7 @@ import torch
 
 from vargen.models.ar import ARConfig, ARTransformer
 from vargen.nn import RMSNorm, apply_rope, rope_2d_table, rope_pair_tables, rotate_pairs
-from vargen.sampling.ar_decode import sample_ar
+from vargen.sampling.decoders.ar import sample_ar
 
 
 def model(seed=0, **kw):

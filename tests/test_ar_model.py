@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vargen.models.ar import ARConfig, ARTransformer
-from vargen.sampling.ar_decode import sample_ar
+from vargen.sampling.decoders.ar import sample_ar
 
 
 def tiny(seed=0, **kw):

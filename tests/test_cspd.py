@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.stats import kstest, norm
 
-from vargen.sampling.cspd import cspd_verify, gaussian_logpdf, residual_sample
+from vargen.sampling.speculative.cspd_verify import cspd_verify, gaussian_logpdf, residual_sample
 
 M = 100_000
 

@@ -8,8 +8,8 @@ import torch
 from scipy import stats as sps
 
 from vargen.models.xar import XAR, XARConfig
-from vargen.sampling.cspd_sampler import sample_cspd
-from vargen.sampling.xar_sampling import sample_xar
+from vargen.sampling.decoders.xar import sample_xar
+from vargen.sampling.speculative.cspd import sample_cspd
 
 
 def _xar(seed, dim=32):
@@ -19,6 +19,7 @@ def _xar(seed, dim=32):
         code_dim=1,
         num_classes=2,
         entity="token",
+        denoiser="head",
         dim=dim,
         depth=1,
         heads=2,
@@ -144,7 +145,15 @@ def test_sample_py_runs_cspd_with_a_draft_checkpoint(tmp_path, capsys):
     run(task_config("tokenizer", tmp_path / "kl", dict(steps=5, batch_size=16), model=kl), log=lambda m: None)
     head = {"name": "mar_diffusion", "width": 16, "depth": 1, "num_sampling_steps": 5}
     for name, dim in (("target", 32), ("draft", 16)):
-        model = {"name": "xar", "entity": "token", "dim": dim, "depth": 1, "heads": 2, "head": head}
+        model = {
+            "name": "xar",
+            "entity": "token",
+            "denoiser": "head",
+            "dim": dim,
+            "depth": 1,
+            "heads": 2,
+            "head": head,
+        }
         cfg = task_config(
             "generator",
             tmp_path / name,

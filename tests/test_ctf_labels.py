@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vargen.sampling.ar_decode import sample_ar
+from vargen.sampling.decoders.ar import sample_ar
 from vargen.tokenizers.ctf_labels import cluster_mask, kmeans
 
 
@@ -57,7 +57,7 @@ def _ctf(k, mask=True):
 
 
 def test_masked_sampling_keeps_every_fine_id_in_its_cluster():
-    from vargen.sampling.ctf_decode import sample_ctf
+    from vargen.sampling.decoders.ctf import sample_ctf
 
     model = _ctf(5)
     cond = torch.tensor([0, 1, 2, 0])
@@ -71,7 +71,7 @@ def test_masked_sampling_keeps_every_fine_id_in_its_cluster():
 
 
 def test_unmasked_stage2_can_leave_the_cluster():
-    from vargen.sampling.ctf_decode import sample_ctf
+    from vargen.sampling.decoders.ctf import sample_ctf
 
     model = _ctf(5, mask=False)
     ids, _ = sample_ctf(model, torch.arange(3).repeat(4), generator=torch.Generator().manual_seed(0))

@@ -13,7 +13,7 @@ from vargen.checkpoint import load_component
 from vargen.diffusion.time_shift import ExposureBiasTimeShift
 from vargen.eval import FIDEvaluator
 from vargen.models.diffusion_unet import DiffusionUNet
-from vargen.sampling.diffusion_sampling import sample_ddim
+from vargen.sampling.decoders.diffusion import sample_ddim
 from vargen.sampling.generate import class_labels
 from vargen.train.tasks import run
 

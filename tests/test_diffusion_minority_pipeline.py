@@ -9,7 +9,7 @@ from vargen.diffusion.loops import ddim_sample
 from vargen.diffusion.minority import assign_levels, minority_score, minority_scores, quantile_levels
 from vargen.diffusion.schedules import linear_alphas_cumprod
 from vargen.models.minority_classifier import NoisyClassifierConfig, NoisyLevelClassifier
-from vargen.sampling.minority_sampling import check_classifier, sample_minority
+from vargen.sampling.decoders.minority import check_classifier, sample_minority
 
 ABAR = linear_alphas_cumprod()
 W, MU, VAR = torch.tensor([0.85, 0.15]), torch.tensor([-1.0, 2.0]), torch.tensor([0.25, 0.25])
@@ -280,7 +280,7 @@ def test_classifier_task_fails_before_work_on_bad_distance_or_missing_denoiser(t
 def test_w0_equals_the_ddim_sampler_with_cfg_draw_for_draw(minority_runs):
     """At w = 0 the minority sampler is the ``ddim`` sampler (same grid, eta, CFG, noise draws)."""
     from vargen.checkpoint import load_component
-    from vargen.sampling.diffusion_sampling import sample_ddim
+    from vargen.sampling.decoders.diffusion import sample_ddim
 
     den, _ = load_component(str(minority_runs / "ddpm"))
     clf, _ = load_component(str(minority_runs / "mino"))

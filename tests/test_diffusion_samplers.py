@@ -8,7 +8,7 @@ from vargen.diffusion.fkc import cfg_ancestral_increment, fkc_cfg_ddpm, resample
 from vargen.diffusion.loops import ddim_sample
 from vargen.diffusion.schedules import linear_alphas_cumprod
 from vargen.models.diffusion_unet import DiffusionUNet, DiffusionUNetConfig
-from vargen.sampling.diffusion_sampling import sample_ddim
+from vargen.sampling.decoders.diffusion import sample_ddim
 
 ABAR = linear_alphas_cumprod()
 

@@ -139,7 +139,7 @@ def test_cspd_sampler_equal_under_interpreter_and_reference(interpreter, dtype):
     rounds; KV-cached windows whose attention runs the ragged-window kernel too) draws the same
     tokens with the interpreted kernels as with the references."""
     from tests.test_cspd_sampler import _draft_near, _xar
-    from vargen.sampling.cspd_sampler import sample_cspd
+    from vargen.sampling.speculative.cspd import sample_cspd
 
     torch.set_num_threads(1)
     tgt = _xar(0).to(dtype).eval()

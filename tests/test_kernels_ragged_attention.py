@@ -127,7 +127,7 @@ def test_speculative_sampler_equal_under_interpreter_and_reference(interpreter):
     """sample_speculative with KV-cached windows: the same ids with the interpreted attention (and
     verification) kernels as with the references."""
     from vargen.models.ar import ARConfig, ARTransformer
-    from vargen.sampling.speculative import sample_speculative
+    from vargen.sampling.speculative.draft import sample_speculative
 
     torch.manual_seed(0)
     cfg = dict(vocab_size=16, grid=[2, 2], num_classes=2, dim=32, depth=1, heads=2)

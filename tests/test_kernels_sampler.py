@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from vargen.models.ar import ARConfig, ARTransformer  # noqa: E402
-from vargen.sampling.ar_decode import sample_ar  # noqa: E402
+from vargen.sampling.decoders.ar import sample_ar  # noqa: E402
 
 pytest.importorskip("triton")
 

@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests.toys import verify_case  # noqa: E402
-from vargen.sampling.speculative import accept_and_correct  # noqa: E402
+from vargen.sampling.speculative.verify import accept_and_correct  # noqa: E402
 from vargen_kernels import dispatch  # noqa: E402
 from vargen_kernels.speculative_verify import verify, verify_reference  # noqa: E402
 
@@ -139,8 +139,9 @@ def test_samplers_tokens_equal_under_interpreter_and_reference(interpreter):
     """SD (with a draft model), SJD and GSD's group-exact variant draw the same tokens whether
     the verification runs interpreted or as the reference, under warpers and CFG."""
     from vargen.models.ar import ARConfig, ARTransformer
-    from vargen.sampling.jacobi import exact_group_fns, sample_jacobi
-    from vargen.sampling.speculative import sample_speculative
+    from vargen.sampling.speculative.draft import sample_speculative
+    from vargen.sampling.speculative.gsd import exact_group_fns
+    from vargen.sampling.speculative.jacobi import sample_jacobi
 
     torch.manual_seed(0)
     cfg = dict(vocab_size=12, grid=[2, 3], num_classes=3, dim=16, depth=1, heads=2)

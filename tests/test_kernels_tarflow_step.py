@@ -69,7 +69,7 @@ def test_continuous_sampler_equal_under_interpreter_and_reference(interpreter):
     """sample_tarflow_continuous (refilling slots, guidance, a tolerance) gives the same images and
     passes with the interpreted step as with the reference."""
     from tests.toys import tiny_tarflow
-    from vargen.sampling import tarflow_sampling as ts
+    from vargen.sampling.decoders import tarflow as ts
 
     m = tiny_tarflow(std=0.1, blocks=1)
     c = torch.tensor([0, 1, 3])

@@ -284,8 +284,8 @@ def test_trained_mdm_scores_far_below_untrained(mdm_runs, one_thread):
     from vargen.checkpoint import load_component, load_tokenizer_for
     from vargen.eval import FIDEvaluator
     from vargen.models.mdm import MaskedDiffusionTransformer
+    from vargen.sampling.decoders.mdm import sample_mdm
     from vargen.sampling.generate import class_labels, generate
-    from vargen.sampling.mdm_sampling import sample_mdm
 
     from .conftest import DIGITS
 
@@ -312,7 +312,7 @@ def test_lsd_checkpoint_loads_and_samples_with_learned_coefficients(mdm_runs, tm
 
     import sample
     from vargen.checkpoint import load_component
-    from vargen.sampling.mdm_sampling import sample_lsd, sample_mdm
+    from vargen.sampling.decoders.mdm import sample_lsd, sample_mdm
 
     student, cfg = load_component(str(mdm_runs / "lsd"))
     teacher, _ = load_component(str(mdm_runs / "mdm"))

@@ -137,3 +137,25 @@ def test_per_row_cfg_scale_equals_per_row_scalar_calls():
     plain = head.reverse_trajectory(cond, x_T, noises, 0.8)
     torch.testing.assert_close(ones["x0"], plain["x0"], rtol=0, atol=0)
     assert (out["x0"][w_N != 1] - plain["x0"][w_N != 1]).abs().min() > 1e-6  # guidance acts
+
+
+def test_temperature_scales_a_gaussian_targets_spread_exactly():
+    """tau multiplies every Gaussian draw, x_T included (one meaning with the flow samplers, see
+    vargen/heads/flow.py): with the exact (affine) eps of a Gaussian target the sample at tau is
+    m + tau (x_1 - m), m the tau = 0 output, draw for draw."""
+    head = make_head()
+    m, s = torch.tensor([1.5, -0.5, 0.0]).double(), torch.tensor([0.3, 1.0, 2.0]).double()
+    abar_T = head.alpha_bar.double()
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x, t, cond):
+            a = abar_T[t][:, None]
+            return (1 - a).sqrt() * (x - a.sqrt() * m) / (a * s**2 + 1 - a)
+
+    head.net = Oracle()
+    head.cfg.clip_x0 = 0.0  # the clamp is not affine
+    cond = torch.zeros(500, 8, dtype=torch.float64)
+    out = {
+        tau: head.sample(cond, torch.Generator().manual_seed(0), temperature=tau) for tau in (0.0, 0.6, 1.0)
+    }
+    torch.testing.assert_close(out[0.6], out[0.0] + 0.6 * (out[1.0] - out[0.0]))

@@ -15,7 +15,7 @@ from vargen.checkpoint import load_component, load_tokenizer_for
 from vargen.eval import FIDEvaluator, classify_accuracy, get_feature_net
 from vargen.io import read_log
 from vargen.models.ar import ARTransformer
-from vargen.sampling.ar_decode import sample_ar
+from vargen.sampling.decoders.ar import sample_ar
 from vargen.sampling.generate import class_labels, generate
 
 from .conftest import DIGITS

@@ -8,8 +8,9 @@ import torch
 from scipy.stats import chi2, chisquare
 
 from vargen.models.toy_ar import ToyAR
-from vargen.sampling.jacobi import exact_group_fns, gsd_ratio, partition_ratio, rank_partition, sample_jacobi
-from vargen.sampling.speculative import sample_speculative
+from vargen.sampling.speculative.draft import sample_speculative
+from vargen.sampling.speculative.gsd import exact_group_fns, gsd_ratio, partition_ratio, rank_partition
+from vargen.sampling.speculative.jacobi import sample_jacobi
 
 V, T, SAMPLES = 6, 3, 100_000  # ToyAR's default vocabulary and length
 

@@ -12,18 +12,12 @@ from tests.toys import LLAMAGEN_CLASSES as CLASSES
 from tests.toys import tiny_llamagen
 from vargen.models.ar import ARConfig, ARTransformer
 from vargen.models.toy_ar import ToyAR
-from vargen.sampling.ar_decode import sample_ar
+from vargen.registry import SAMPLERS
+from vargen.sampling.decoders.ar import sample_ar
 from vargen.sampling.generate import generate
-from vargen.sampling.jacobi import (
-    GSDConfig,
-    build_gsd,
-    build_sjd,
-    gsd_ratio,
-    rank_window,
-    relative_embeddings,
-    sample_jacobi,
-)
-from vargen.sampling.speculative import sample_speculative
+from vargen.sampling.speculative.draft import sample_speculative
+from vargen.sampling.speculative.gsd import GSDConfig, gsd_ratio, rank_window, relative_embeddings
+from vargen.sampling.speculative.jacobi import sample_jacobi
 
 T, V = 3, 6  # ToyAR's default length and vocabulary
 N_TOY, SLOTS = 40_000, 503  # N not a multiple of SLOTS: the tail runs with idle rows
@@ -279,17 +273,21 @@ def test_rank_window_equals_a_stable_argsort_window(G):
 def test_gsd_refuses_groups_covering_the_support(models):
     target, _ = models
     with pytest.raises(ValueError, match="top-k"):
-        build_gsd({"group": 8, "top_k": 8})
+        SAMPLERS.build({"name": "gsd", "group": 8, "top_k": 8})
     with pytest.raises(ValueError, match="vocabulary"):
-        build_gsd({"group": target.vocab_size})(target, torch.zeros(1, dtype=torch.long), seeded(0))
-    build_gsd({"group": 7, "top_k": 8})(target, torch.zeros(1, dtype=torch.long), seeded(0))
+        SAMPLERS.build({"name": "gsd", "group": target.vocab_size})(
+            target, torch.zeros(1, dtype=torch.long), seeded(0)
+        )
+    SAMPLERS.build({"name": "gsd", "group": 7, "top_k": 8})(
+        target, torch.zeros(1, dtype=torch.long), seeded(0)
+    )
 
 
 def test_generate_hands_continuous_samplers_every_label(models):
     """generate() calls a ``continuous`` sampler once with all labels and slots=batch_size."""
     target, _ = models
     labels = torch.arange(7) % CLASSES
-    sampler = build_sjd({"window": 3})
+    sampler = SAMPLERS.build({"name": "sjd", "window": 3})
     images, _, stats = generate(target, None, labels, sampler, seeded(4), batch_size=3)
     want, st = sample_jacobi(target, labels, generator=seeded(4), window=3, slots=3)
     assert torch.equal(images, want)

@@ -8,8 +8,10 @@ import torch
 from tests.toys import LLAMAGEN_CLASSES as CLASSES
 from tests.toys import LLAMAGEN_VOCAB as V
 from tests.toys import tiny_llamagen
-from vargen.sampling.jacobi import gsd_ratio, sample_jacobi
-from vargen.sampling.speculative import sample_speculative, window_inputs
+from vargen.sampling.speculative.draft import sample_speculative
+from vargen.sampling.speculative.gsd import gsd_ratio
+from vargen.sampling.speculative.jacobi import sample_jacobi
+from vargen.sampling.speculative.verify import window_inputs
 
 
 @pytest.fixture(scope="module")

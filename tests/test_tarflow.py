@@ -10,7 +10,8 @@ import torch
 from tests.toys import tiny_tarflow
 from vargen.models.tarflow import TarFlow, TarFlowConfig, build_tarflow
 from vargen.registry import SAMPLERS
-from vargen.sampling import tarflow_sampling as ts
+from vargen.sampling.base import SamplerContext
+from vargen.sampling.decoders import tarflow as ts
 
 T, CP = 16, 4  # 8x8 gray images, patch 2
 
@@ -352,6 +353,7 @@ def test_auto_sampler_records_plan_and_window_stats():
     c = torch.tensor([0, 1, 2, 3])
     cfg = {**vars(ts.TarFlowSamplerConfig()), "method": "auto", "window": 4, "cfg_scale": 1.5, "calib": 4}
     run = SAMPLERS.build(cfg)
+    run.setup(SamplerContext(m))  # auto: the policy is measured for the run's model
     a, stats = run(m, c, torch.Generator().manual_seed(0))
     b, _ = run(m, c, torch.Generator().manual_seed(0))
     assert torch.equal(a, b)

@@ -7,8 +7,8 @@ import torch
 from vargen.checkpoint import load_component
 from vargen.eval import FIDEvaluator
 from vargen.models.tarflow import TarFlow
+from vargen.sampling.decoders.tarflow import sample_tarflow
 from vargen.sampling.generate import class_labels
-from vargen.sampling.tarflow_sampling import sample_tarflow
 from vargen.train.tasks import run
 
 from .conftest import DIGITS, task_config

@@ -102,7 +102,7 @@ def test_s1_with_identity_mlps_equals_plain_model():
 
 
 def test_sampler_emits_a_window_per_forward_and_matches_the_model():
-    from vargen.sampling.token_shuffle_decode import half_linear_cfg, sample_token_shuffle
+    from vargen.sampling.decoders.token_shuffle import half_linear_cfg, sample_token_shuffle
 
     model = _ts_model()
     cond = torch.tensor([0, 1, 2])

@@ -180,7 +180,7 @@ def test_head_bad_order_names_the_key():
 # ---- backbone + sampler ----
 
 from vargen.models.tokenbridge_ar import TokenBridgeAR, TokenBridgeARConfig  # noqa: E402
-from vargen.sampling.tokenbridge_decode import sample_tokenbridge  # noqa: E402
+from vargen.sampling.decoders.tokenbridge import sample_tokenbridge  # noqa: E402
 
 
 def _model(seed=0):

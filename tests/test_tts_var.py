@@ -4,7 +4,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from vargen.sampling.tts_var import (
+from vargen.sampling.decoders.var import decode_scale, sample_var, start_state
+from vargen.sampling.search.tts_var import (
     REFERENCE_SCHEDULE,
     TTSVAR,
     BestOfN,
@@ -19,7 +20,6 @@ from vargen.sampling.tts_var import (
     resampling_weights,
     selection_plan,
 )
-from vargen.sampling.var_decode import decode_scale, sample_var, start_state
 
 from .test_var import gen, tiny_pair
 

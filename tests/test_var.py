@@ -13,8 +13,8 @@ import torch
 from vargen.checkpoint import load_component, load_tokenizer_for
 from vargen.eval import FIDEvaluator
 from vargen.models.var import NextScaleTransformer, VARConfig
+from vargen.sampling.decoders.var import decode_scale, guidance_at, sample_var, start_state
 from vargen.sampling.generate import class_labels, generate
-from vargen.sampling.var_decode import decode_scale, guidance_at, sample_var, start_state
 from vargen.tokenizers.vat import VATConfig, VATokenizer
 from vargen.train.tasks import run
 

@@ -17,10 +17,10 @@ import torch
 from vargen.eval.fid import FIDEvaluator
 from vargen.registry import import_components
 from vargen.sampling.generate import (
-    DEFAULT_SAMPLER,
     build_sampler,
     class_labels,
     counting,
+    default_sampler_for,
     generate,
     load_generator,
 )
@@ -50,7 +50,7 @@ class Pipeline:
 
     @property
     def default_sampler(self) -> str:
-        return DEFAULT_SAMPLER.get(self.config.model.name, "ar")
+        return default_sampler_for(self.config.model.name)
 
     def sample(
         self,

@@ -47,7 +47,8 @@ from vargen.registry import REGISTRIES, TASKS, import_components
 WEIGHTS = "model.safetensors"
 # Model options added after checkpoints were written, with the value that reproduces the older
 # models exactly: a checkpoint whose config lacks one equals a config holding that value.
-LATER_MODEL_KEYS = {"attn_l2_norm": False, "final_norm": True}
+# ``denoiser``: xAR's per-token head (MAR's design) was its only design before the backbone flow.
+LATER_MODEL_KEYS = {"attn_l2_norm": False, "final_norm": True, "denoiser": "head"}
 
 
 def with_later_keys(recorded: dict, known) -> dict:

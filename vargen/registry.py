@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # Packages whose import registers components. Kept here (not in vargen/__init__) so
@@ -46,6 +46,7 @@ class Entry:
     name: str
     schema: type
     builder: Callable[..., Any]
+    meta: dict = field(default_factory=dict)  # declarations made at registration (a model's samplers)
 
 
 class Registry:
@@ -60,11 +61,15 @@ class Registry:
         self.key = key
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, schema: type) -> Callable:
+    def register(self, name: str, schema: type, **meta) -> Callable:
+        """Decorator registering ``builder(cfg, **kw)`` (a function or a class) under ``name``;
+        ``meta`` holds what the entry declares for others to read (``MODELS``: ``samplers``, the
+        samplers that can draw from the model, its default first)."""
+
         def deco(builder):
             if name in self._entries:
                 raise KeyError(f"{self.kind} '{name}' is registered twice")
-            self._entries[name] = Entry(name, schema, builder)
+            self._entries[name] = Entry(name, schema, builder, dict(meta))
             return builder
 
         return deco

@@ -19,6 +19,13 @@ Choices (deviations from the reference code):
   scale may differ per row (a (N,) tensor): xAR's ramp gives each position its own scale, and
   CSpD runs positions at different places of the ramp in one chain.
 
+Temperature tau means what it means for the flow samplers (:mod:`vargen.heads.flow`): it
+multiplies every Gaussian draw, the start x_T = tau eps (in :meth:`DiffusionHead.reverse_trajectory`)
+and each step's noise (tau sigma xi). MAR's code scales only the step noise; the two differ only
+through what x_T still contributes to x_0, little after the cosine chain's nearly pure-noise start,
+and with x_T scaled too a Gaussian target's spread scales by exactly tau for every solver
+(tests/test_mar_head.py). At tau = 1 nothing changes.
+
 Noise order of :meth:`DiffusionHead.sample` (documented because :meth:`reverse_trajectory`
 must reproduce it): first x_T ~ N(0, I) of shape (N, C) from the generator, then one
 (N, C) normal draw per reverse step, from the noisiest step to the last one.
@@ -211,13 +218,14 @@ class DiffusionHead(nn.Module):
     ) -> dict:
         """The ancestral chain from the caller's x_T with the caller's per-step noises.
 
+        ``x_T_NC`` is unit noise: the chain starts at ``temperature * x_T_NC`` (module docstring).
         noises_SNC[k] is used at the k-th reverse step (k = 0 noisiest, S-1 last). The last
         step is stochastic: x0 = mean_last + std_last * noises_SNC[-1]; sum_log_std sums
         log(temperature * sigma) over the S-1 earlier steps and the C dims (-inf at temperature 0).
         ``cfg_scale`` is a float or a (N,) tensor of per-row guidance scales (with
         ``cond_uncond_NW``); under guidance ``mean_last`` is the guided mean, the mean of the
         Gaussian the last step actually samples. ``return_path`` adds ``path`` (S, N, C), the
-        state each step starts from (x_T first), and ``means`` (S, N, C), each step's mean:
+        state each step starts from (temperature * x_T first), and ``means`` (S, N, C), each step's mean:
         the draft's side of CSpD's path verification (:meth:`path_means`). ``variance``: see
         :meth:`schedule`.
         """
@@ -227,7 +235,7 @@ class DiffusionHead(nn.Module):
         sched += (c0_S.tolist(), ct_S.tolist())
         if torch.is_tensor(cfg_scale) and bool((cfg_scale == 1.0).all()):
             cfg_scale = 1.0  # no guided row: the plain conditional chain
-        x = x_T_NC
+        x = temperature * x_T_NC if temperature != 1.0 else x_T_NC  # (N, C)
         sum_log_std = x.new_zeros(x.shape[0])
         path, means = [], []
         for k in range(S):

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vargen.models.generator import Generator, drop_labels
 from vargen.nn import (
     Block,
     KVCache,
@@ -47,7 +48,7 @@ class ARConfig:
     rope_base: float = 10000.0
 
 
-class ARTransformer(nn.Module):
+class ARTransformer(Generator):
     def __init__(self, cfg: ARConfig):
         super().__init__()
         if cfg.vocab_size <= 0 or min(cfg.grid) <= 0 or cfg.num_classes <= 0:
@@ -212,18 +213,31 @@ class ARTransformer(nn.Module):
     def forward(self, ids_BN, cond_B):
         return self.logits(ids_BN[:, :-1], cond_B)  # (B, N, V)
 
+    # ------------------------------------------------------------------ sampler contract
+    @property
+    def next_token_model(self) -> ARTransformer:
+        """The module the speculative samplers draw token by token: this model."""
+        return self
+
+    def completion_logits(self, ids_BN, cond_B):
+        """None: the drawn ids are the model's output (CTF overrides this)."""
+        return None
+
+    def token_embeddings(self) -> torch.Tensor:
+        """(V, D) input embeddings of the ids (GSD's embedding-distance filter)."""
+        return self.tok_emb.weight.detach()
+
     # ------------------------------------------------------------------ training
     def loss(self, ids_BN: torch.Tensor, labels_B: torch.Tensor) -> dict:
         """Next-token cross-entropy; labels dropped to the null class with p=class_dropout."""
-        if self.training and self.cfg.class_dropout > 0:
-            drop = torch.rand(labels_B.shape, device=labels_B.device) < self.cfg.class_dropout
-            labels_B = torch.where(drop, torch.full_like(labels_B, self.null_class), labels_B)
+        if self.training:
+            labels_B = drop_labels(labels_B, self.null_class, self.cfg.class_dropout)
         logits_BNV = self(ids_BN, labels_B)
         loss = F.cross_entropy(logits_BNV.flatten(0, 1).float(), ids_BN.flatten())
         acc = (logits_BNV.argmax(-1) == ids_BN).float().mean()
         return {"loss": loss, "acc": acc.detach()}
 
 
-@MODELS.register("llamagen", ARConfig)
+@MODELS.register("llamagen", ARConfig, samplers=("ar", "speculative", "sjd", "gsd"))
 def build_llamagen(cfg) -> ARTransformer:
     return ARTransformer(ARConfig(**dict(cfg)))

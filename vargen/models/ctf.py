@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vargen.models.ar import ARConfig, ARTransformer
+from vargen.models.generator import Generator
 from vargen.nn import Block, RMSNorm, rope_2d_table
 from vargen.registry import MODELS
 from vargen.tokenizers.ctf_labels import cluster_mask, kmeans
@@ -69,7 +70,7 @@ class Stage2(nn.Module):
         return self.head(self.norm(x[:, 1:]))  # (B, N, V)
 
 
-class CTF(nn.Module):
+class CTF(Generator):
     def __init__(self, cfg: CTFConfig):
         super().__init__()
         if cfg.vocab_size <= 0 or min(cfg.grid) <= 0 or cfg.num_classes <= 0:
@@ -107,6 +108,15 @@ class CTF(nn.Module):
             logits_BNV = logits_BNV.masked_fill(~allowed_BNV, float("-inf"))
         return logits_BNV
 
+    @property
+    def next_token_model(self) -> ARTransformer:
+        """Stage 1, drawn token by token (what SD / SJD / GSD accelerate)."""
+        return self.stage1
+
+    def completion_logits(self, coarse_BN, cond_B):
+        """Stage 2's fine logits (B, N, V) given a coarse sequence: the rest of a draw."""
+        return self.fine_logits(coarse_BN, cond_B)
+
     def loss(self, ids_BN, labels_B) -> dict:
         coarse_BN = self.coarse_of[ids_BN]
         s1 = self.stage1.loss(coarse_BN, labels_B)["loss"]
@@ -114,6 +124,6 @@ class CTF(nn.Module):
         return {"loss": s1 + s2, "stage1_loss": s1.detach(), "stage2_loss": s2.detach()}
 
 
-@MODELS.register("ctf", CTFConfig)
+@MODELS.register("ctf", CTFConfig, samplers=("ctf", "speculative", "sjd", "gsd"))
 def build_ctf(cfg) -> CTF:
     return CTF(CTFConfig(**dict(cfg)))

@@ -9,7 +9,7 @@ classifier-free guidance (Ho & Salimans 2022).
 
 The model implements :class:`vargen.diffusion.denoiser.Denoiser` (``prediction``, ``abar``,
 ``__call__(x_t, t_B, cond_B)``, ``num_classes``, ``null_class``); the samplers live in
-:mod:`vargen.sampling.diffusion_sampling`.
+:mod:`vargen.sampling.decoders.diffusion`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from vargen.diffusion.schedules import cosine_alphas_cumprod, linear_alphas_cumprod
+from vargen.models.generator import Generator, drop_labels
 from vargen.registry import MODELS
 
 BETA_SCHEDULES = {"linear": linear_alphas_cumprod, "cosine": cosine_alphas_cumprod}
@@ -43,7 +43,7 @@ class DiffusionUNetConfig:
     class_dropout: float = 0.1  # label -> null class in training, for guidance
 
 
-class DiffusionUNet(nn.Module):
+class DiffusionUNet(Generator):
     def __init__(self, cfg: DiffusionUNetConfig):
         super().__init__()
         if cfg.channels <= 0 or cfg.resolution <= 0 or cfg.num_classes <= 0:
@@ -114,9 +114,8 @@ class DiffusionUNet(nn.Module):
         """MSE on the declared target at t ~ U{0..T-1} (global RNG, as the trainer seeds it)."""
         x0 = self.data_to_x(images01)  # (B, C, H, W)
         B = x0.shape[0]
-        if self.training and self.cfg.class_dropout > 0:
-            drop = torch.rand(B, device=x0.device) < self.cfg.class_dropout
-            labels_B = torch.where(drop, torch.full_like(labels_B, self.null_class), labels_B)
+        if self.training:
+            labels_B = drop_labels(labels_B, self.null_class, self.cfg.class_dropout)
         t_B = torch.randint(0, self.cfg.timesteps, (B,), device=x0.device)
         eps = torch.randn_like(x0)
         x_t = self.noise(x0, t_B, eps)
@@ -125,7 +124,7 @@ class DiffusionUNet(nn.Module):
         return {"loss": F.mse_loss(self(x_t, t_B, labels_B), target)}
 
 
-@MODELS.register("ddpm_unet", DiffusionUNetConfig)
+@MODELS.register("ddpm_unet", DiffusionUNetConfig, samplers=("ddim", "fkc_cfg", "minority"))
 def build_diffusion_unet(cfg) -> DiffusionUNet:
     return DiffusionUNet(DiffusionUNetConfig(**dict(cfg)))
 

@@ -1,7 +1,7 @@
 """An LSD / LSD+ student (Fu et al. NeurIPS'25): a trained ``mdm`` network, frozen, plus n learned
 per-step coefficients ``coef`` (init 1) and, for LSD+, step logits (init 0 = uniform steps).
 Written by the ``lsd`` task (vargen/train/lsd_task.py), sampled by the ``lsd`` sampler
-(vargen/sampling/mdm_sampling.py); the math is in vargen/diffusion/lsd.py.
+(vargen/sampling/decoders/mdm.py); the math is in vargen/diffusion/lsd.py.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from vargen.diffusion.lsd import student_times
+from vargen.models.generator import Generator
 from vargen.models.mdm import MaskedDiffusionTransformer, MDMConfig
 from vargen.registry import MODELS
 
@@ -24,7 +25,7 @@ class LSDStudentConfig:
     base: dict = field(default_factory=dict)  # the teacher's mdm model config, filled in by the lsd task
 
 
-class LSDStudent(nn.Module):
+class LSDStudent(Generator):
     def __init__(self, cfg: LSDStudentConfig):
         super().__init__()
         if cfg.student_steps < 1:
@@ -47,6 +48,6 @@ class LSDStudent(nn.Module):
         return [self.coef] + ([self.step_logits] if self.cfg.learn_steps else [])
 
 
-@MODELS.register("lsd_student", LSDStudentConfig)
+@MODELS.register("lsd_student", LSDStudentConfig, samplers=("lsd",))
 def build_lsd_student(cfg) -> LSDStudent:
     return LSDStudent(LSDStudentConfig(**dict(cfg)))

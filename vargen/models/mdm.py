@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vargen.models.generator import Generator, drop_labels
 from vargen.nn import Block, RMSNorm, gpt2_init_, rope_2d_table
 from vargen.registry import MODELS
 
@@ -46,7 +47,7 @@ class MDMConfig:
     rope_base: float = 10000.0
 
 
-class MaskedDiffusionTransformer(nn.Module):
+class MaskedDiffusionTransformer(Generator):
     token_kind = "ids"
 
     def __init__(self, cfg: MDMConfig):
@@ -91,21 +92,14 @@ class MaskedDiffusionTransformer(nn.Module):
     def log_p0(self, x_BN, cond_B, cfg_scale: float = 1.0, temperature: float = 1.0):
         """log p0 (B, N, V) for sampling: CFG on logits (one batched call of 2B rows), then
         temperature, then log-softmax."""
-        if cfg_scale != 1.0:
-            null = torch.full_like(cond_B, self.null_class)
-            both = self.logits(torch.cat([x_BN, x_BN]), torch.cat([cond_B, null]))  # (2B, N, V)
-            lc, lu = both.chunk(2)
-            logits = lu + cfg_scale * (lc - lu)
-        else:
-            logits = self.logits(x_BN, cond_B)
+        logits = self.forward_guided(self.logits, x_BN, cond_B=cond_B, cfg_scale=cfg_scale)  # (B, N, V)
         return torch.log_softmax(logits.float() / temperature, -1)
 
     def loss(self, ids_BN: torch.Tensor, labels_B: torch.Tensor) -> dict:
         """ELBO-weighted cross-entropy on masked positions (module docstring)."""
         B, N = ids_BN.shape
-        if self.training and self.cfg.class_dropout > 0:
-            drop = torch.rand(labels_B.shape, device=labels_B.device) < self.cfg.class_dropout
-            labels_B = torch.where(drop, torch.full_like(labels_B, self.null_class), labels_B)
+        if self.training:
+            labels_B = drop_labels(labels_B, self.null_class, self.cfg.class_dropout)
         u = (torch.rand(1, device=ids_BN.device) + torch.arange(B, device=ids_BN.device) / B) % 1  # (B,)
         t_B = self.eps + (1 - self.eps) * u
         masked = torch.rand(B, N, device=ids_BN.device) < ((1 - self.eps) * t_B)[:, None]  # (B, N)
@@ -119,6 +113,6 @@ class MaskedDiffusionTransformer(nn.Module):
         return {"loss": loss, "masked_ce": ((ce * m).sum() / n_masked).detach(), "acc": acc.detach()}
 
 
-@MODELS.register("mdm", MDMConfig)
+@MODELS.register("mdm", MDMConfig, samplers=("mdm",))
 def build_mdm(cfg) -> MaskedDiffusionTransformer:
     return MaskedDiffusionTransformer(MDMConfig(**dict(cfg)))

@@ -19,7 +19,7 @@ copied in, the forward agrees to float32 rounding and the KV-cached inverse bit 
 per-block class embedding to every token; the null class (index ``num_classes``, used for
 dropped labels and the unconditional guidance stream) takes the MEAN class embedding.
 
-The model never samples: :mod:`vargen.sampling.tarflow_sampling` inverts the blocks with
+The model never samples: :mod:`vargen.sampling.decoders.tarflow` inverts the blocks with
 :meth:`FlowBlock.params` and a :class:`~vargen.nn.kv_cache.KVCache`.
 """
 
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from vargen.models.generator import Generator, drop_labels
 from vargen.nn import KVCache, RaggedKVCache, attention
 from vargen.registry import MODELS
 
@@ -164,7 +165,7 @@ class FlowBlock(nn.Module):
         return self.permute(z), -a.mean(dim=(1, 2))
 
 
-class TarFlow(nn.Module):
+class TarFlow(Generator):
     def __init__(self, cfg: TarFlowConfig):
         super().__init__()
         if cfg.channels <= 0 or cfg.resolution <= 0 or cfg.num_classes <= 0:
@@ -230,9 +231,7 @@ class TarFlow(nn.Module):
         if self.training:
             if self.cfg.noise_std > 0:
                 x = x + self.cfg.noise_std * torch.randn_like(x)
-            if self.cfg.class_dropout > 0:
-                drop = torch.rand(labels_B.shape, device=labels_B.device) < self.cfg.class_dropout
-                labels_B = torch.where(drop, torch.full_like(labels_B, self.null_class), labels_B)
+            labels_B = drop_labels(labels_B, self.null_class, self.cfg.class_dropout)
         z, logdet_B = self(x, labels_B)
         prior = 0.5 * z.pow(2).mean()
         loss = prior - logdet_B.mean()
@@ -264,7 +263,7 @@ class TarFlow(nn.Module):
             w.copy_(std * noise.to(w.device))
 
 
-@MODELS.register("tarflow", TarFlowConfig)
+@MODELS.register("tarflow", TarFlowConfig, samplers=("tarflow",))
 def build_tarflow(cfg) -> TarFlow:
     return TarFlow(TarFlowConfig(**dict(cfg)))
 

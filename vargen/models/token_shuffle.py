@@ -73,6 +73,6 @@ class TokenShuffleAR(ARTransformer):
         return self.ungroup(logits_BMKV)  # (B, N, V) in raster order
 
 
-@MODELS.register("token_shuffle", TokenShuffleConfig)
+@MODELS.register("token_shuffle", TokenShuffleConfig, samplers=("token_shuffle",))
 def build_token_shuffle(cfg) -> TokenShuffleAR:
     return TokenShuffleAR(TokenShuffleConfig(**dict(cfg)))

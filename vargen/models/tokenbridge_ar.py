@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from vargen.heads.dimwise import DimwiseARHead, DimwiseHeadConfig
+from vargen.models.generator import Generator, drop_labels
 from vargen.nn import Block, KVCache, RMSNorm, rope_2d_table
 from vargen.registry import MODELS
 from vargen.tokenizers.tokenbridge import DimQuantConfig, DimQuantizer
@@ -50,7 +51,7 @@ class TokenBridgeARConfig:
     channel_order: list[int] = field(default_factory=list)  # [] = 0..C-1
 
 
-class TokenBridgeAR(nn.Module):
+class TokenBridgeAR(Generator):
     token_kind = "dim_ids"
 
     def __init__(self, cfg: TokenBridgeARConfig):
@@ -132,15 +133,14 @@ class TokenBridgeAR(nn.Module):
 
     def loss(self, ids_BNC: torch.Tensor, labels_B: torch.Tensor) -> dict:
         """Head cross-entropy over all tokens and channels (teacher forcing, labels dropped for CFG)."""
-        if self.training and self.cfg.class_dropout > 0:
-            drop = torch.rand(labels_B.shape, device=labels_B.device) < self.cfg.class_dropout
-            labels_B = torch.where(drop, torch.full_like(labels_B, self.null_class), labels_B)
+        if self.training:
+            labels_B = drop_labels(labels_B, self.null_class, self.cfg.class_dropout)
         z_BND = self.features(self.embed(ids_BNC[:, :-1], labels_B, 0), 0, None)  # (B, N, D)
         loss = self.head.loss(z_BND.flatten(0, 1), ids_BNC.flatten(0, 1))
         return {"loss": loss}
 
 
-@MODELS.register("tokenbridge_ar", TokenBridgeARConfig)
+@MODELS.register("tokenbridge_ar", TokenBridgeARConfig, samplers=("tokenbridge",))
 def build_tokenbridge_ar(cfg) -> TokenBridgeAR:
     fields = dict(cfg)
     for key in ("grid", "channel_order"):

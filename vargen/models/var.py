@@ -21,7 +21,7 @@ for attention and MLP), zero-initialised as in DiT's adaLN-Zero, so every block 
 the identity. An AdaLN layer (shift, scale) precedes the head, as VAR's
 ``AdaLNBeforeHead``. Labels are replaced by the null class with p = class_dropout.
 
-The model never samples: :mod:`vargen.sampling.var_decode` runs one forward per scale
+The model never samples: :mod:`vargen.sampling.decoders.var` runs one forward per scale
 (:meth:`forward_scale` with a :class:`KVCache`) and draws ids with its own generator.
 """
 
@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vargen.models.generator import Generator, drop_labels
 from vargen.nn import AdaLNBlock, KVCache, modulate
 from vargen.registry import MODELS
 
@@ -57,7 +58,7 @@ class VARConfig:
     attn_l2_norm: bool = False
 
 
-class NextScaleTransformer(nn.Module):
+class NextScaleTransformer(Generator):
     token_kind = "multiscale_ids"
 
     def __init__(self, cfg: VARConfig):
@@ -200,9 +201,8 @@ class NextScaleTransformer(nn.Module):
     # ------------------------------------------------------------------ training
     def loss(self, ids_BL: torch.Tensor, labels_B: torch.Tensor) -> dict:
         """Cross-entropy over all L ids (every scale weighted by its token count, as VAR)."""
-        if self.training and self.cfg.class_dropout > 0:
-            drop = torch.rand(labels_B.shape, device=labels_B.device) < self.cfg.class_dropout
-            labels_B = torch.where(drop, torch.full_like(labels_B, self.null_class), labels_B)
+        if self.training:
+            labels_B = drop_labels(labels_B, self.null_class, self.cfg.class_dropout)
         logits_BLV = self(ids_BL, labels_B)
         nll_BL = F.cross_entropy(logits_BLV.flatten(0, 1).float(), ids_BL.flatten(), reduction="none")
         nll_BL = nll_BL.view_as(ids_BL)
@@ -212,7 +212,7 @@ class NextScaleTransformer(nn.Module):
         return out
 
 
-@MODELS.register("var", VARConfig)
+@MODELS.register("var", VARConfig, samplers=("var", "tts_var", "best_of_n"))
 def build_var(cfg) -> NextScaleTransformer:
     fields = dict(cfg)
     fields["scales"] = [int(s) for s in fields.get("scales", [])]

@@ -1,24 +1,21 @@
-"""Samplers: each takes a model, a condition and an explicit torch.Generator, and returns
-tokens plus a stats record (forwards, tokens, acceptance, seconds)."""
+"""Samplers (:mod:`vargen.sampling.base`: the protocol every registered sampler implements).
 
-from vargen.sampling import (  # noqa: F401  (register)
-    ar_decode,
-    cspd_sampler,
-    ctf_decode,
-    diffusion_sampling,
-    jacobi,
-    mdm_sampling,
-    minority_sampling,
-    speculative,
-    tarflow_sampling,
-    token_shuffle_decode,
-    tokenbridge_decode,
-    tts_var,
-    var_decode,
-    xar_sampling,
-)
-from vargen.sampling.ar_decode import new_stats, sample_ar
-from vargen.sampling.tarflow_sampling import sample_tarflow
-from vargen.sampling.var_decode import sample_var
+- :mod:`vargen.sampling.decoders`: one decoder per model family (next-token, next-scale, CTF,
+  Token-Shuffle, TokenBridge, xAR, TarFlow, masked diffusion / LSD, pixel diffusion, minority);
+- :mod:`vargen.sampling.speculative`: acceleration methods for token-AR models (draft-model SD,
+  SJD, GSD) and for xAR's continuous tokens (CSpD), on shared verification machinery;
+- :mod:`vargen.sampling.search`: test-time search over candidates (TTS-VAR, best-of-N);
+- :mod:`vargen.sampling.stats`: the stats record; :mod:`vargen.sampling.generate`: checkpoint
+  -> images (what ``sample.py`` and the API run).
+
+Each sampler takes a model, labels and an explicit torch.Generator and returns its output plus
+a stats record (forwards, tokens, acceptance, seconds).
+"""
+
+from vargen.sampling import decoders, search, speculative  # noqa: F401  (register)
+from vargen.sampling.decoders.ar import sample_ar
+from vargen.sampling.decoders.tarflow import sample_tarflow
+from vargen.sampling.decoders.var import sample_var
+from vargen.sampling.stats import new_stats
 
 __all__ = ["new_stats", "sample_ar", "sample_tarflow", "sample_var"]

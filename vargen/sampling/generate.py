@@ -27,10 +27,11 @@ from vargen.checkpoint import (
     resolve_weights_path,
 )
 from vargen.config import DEVICE, component, ranged
-from vargen.data import build_dataset
 from vargen.eval.fid import FIDEvaluator
 from vargen.io import save_grid, to_uint8
-from vargen.registry import SAMPLERS
+from vargen.registry import MODELS, SAMPLERS, import_components
+from vargen.sampling.base import Sampler, SamplerContext, as_sampler
+from vargen.sampling.stats import add_stats, finish_stats
 
 
 @dataclass
@@ -59,54 +60,32 @@ def class_labels(num: int, num_classes: int, classes: list[int]) -> torch.Tensor
     return pool.repeat((num + len(pool) - 1) // len(pool))[:num]
 
 
-# The sampler a generator model uses when the sample config names none.
-DEFAULT_SAMPLER = {
-    "llamagen": "ar",
-    "tarflow": "tarflow",
-    "var": "var",
-    "tokenbridge_ar": "tokenbridge",
-    "token_shuffle": "token_shuffle",
-    "ctf": "ctf",
-    "xar": "xar",
-    "mdm": "mdm",
-    "lsd_student": "lsd",
-    "ddpm_unet": "ddim",
-}
 FID_MIN_REAL = 300  # fewer reference images than this: the FID printed comes with a warning
 GENERATOR_TASKS = ("generator", "pixel_generator", "lsd")
 
-# The models each sampler can draw from (the one place this is declared; run_sampling checks it
-# before any work, so a mismatch is a message instead of an AttributeError mid-sampling).
-SAMPLER_MODELS = {
-    "ar": ("llamagen",),
-    "speculative": ("llamagen",),
-    "sjd": ("llamagen",),
-    "gsd": ("llamagen",),
-    "cspd": ("xar",),
-    "xar": ("xar",),
-    "var": ("var",),
-    "tts_var": ("var",),
-    "best_of_n": ("var",),
-    "tarflow": ("tarflow",),
-    "tokenbridge": ("tokenbridge_ar",),
-    "token_shuffle": ("token_shuffle",),
-    "ctf": ("ctf",),
-    "mdm": ("mdm",),
-    "lsd": ("lsd_student",),
-    "ddim": ("ddpm_unet",),
-    "fkc_cfg": ("ddpm_unet",),
-    "minority": ("ddpm_unet",),
-}
+
+def model_samplers(model: str) -> tuple:
+    """The samplers that can draw from a model, its default first, as the model declared them
+    at registration (``MODELS.register(name, schema, samplers=...)``); () for an unknown name."""
+    import_components()
+    return tuple(MODELS.get(model).meta.get("samplers", ())) if model in MODELS else ()
+
+
+def default_sampler_for(model: str) -> str:
+    """The sampler a model is drawn with when the sample config names none."""
+    return (model_samplers(model) or ("ar",))[0]
 
 
 def check_sampler_fits(sampler: str, model: str) -> None:
-    """Raise ValueError naming the samplers that fit when ``sampler`` cannot draw from ``model``."""
-    fits = SAMPLER_MODELS.get(sampler)
-    if fits is not None and model not in fits:
-        ok = sorted(k for k, v in SAMPLER_MODELS.items() if model in v)
+    """Raise ValueError naming the samplers that fit when ``sampler`` cannot draw from ``model``
+    (run before any work, so a mismatch is a message instead of an AttributeError mid-sampling)."""
+    import_components()
+    fits = [m for m in MODELS.names() if sampler in model_samplers(m)]
+    if fits and model not in fits:
+        ok = sorted(model_samplers(model))
         raise ValueError(
             f"sampler '{sampler}' draws from {', '.join(fits)} models; this checkpoint holds a '{model}' "
-            f"model: use sampler.name={DEFAULT_SAMPLER.get(model, ok[0] if ok else '?')} "
+            f"model: use sampler.name={default_sampler_for(model) if ok else '?'} "
             f"(samplers for {model}: {ok})"
         )
 
@@ -117,18 +96,20 @@ def batch_rows(out, i: int, n: int):
 
 
 def generate(model, tokenizer, labels_B: torch.Tensor, sampler, generator, batch_size: int, progress=False):
-    """Sample (and decode, when there is a tokenizer) in batches.
+    """Sample (and decode, when there is a tokenizer) in batches with a :class:`Sampler` (or a
+    plain function ``(model, cond_B, generator) -> (out, stats)``, see :func:`as_sampler`).
 
-    A sampler with the attribute ``continuous = True`` (continuous batching: it refills a
-    finished row with the next pending sample itself) gets every label at once, with
-    ``slots=batch_size`` rows at a time; its output is decoded in batches.
+    A ``continuous`` sampler (continuous batching: it refills a finished row with the next
+    pending sample itself) gets every label at once, with ``slots=batch_size`` rows at a time;
+    its output is decoded in batches.
 
     Returns (images (N,C,H,W) in [0,1], tokens or None, summed stats). Stats are summed
     over batches except list-valued entries (per-block counts), which are concatenated.
     """
     images, tokens, total = [], [], {}
+    sampler = as_sampler(sampler)
     chunks = range(0, labels_B.shape[0], batch_size)
-    if getattr(sampler, "continuous", False):
+    if sampler.continuous:
         out_all, stats = sampler(model, labels_B, generator, progress, slots=batch_size)
         results = [(batch_rows(out_all, i, batch_size), stats if i == 0 else {}) for i in chunks]
     else:
@@ -144,41 +125,34 @@ def generate(model, tokenizer, labels_B: torch.Tensor, sampler, generator, batch
     return torch.cat(images), (torch.cat(tokens) if tokens else None), finish_stats(total, labels_B.shape[0])
 
 
-def add_stats(total: dict, stats: dict) -> dict:
-    """Add one batch's (or one rank's) stats into ``total``: numbers sum, lists concatenate."""
-    for k, v in stats.items():
-        total[k] = total.get(k, [] if isinstance(v, list) else 0) + v
-    return total
+class Counting(Sampler):
+    """``sampler`` with the model forwards of each call recorded in ``per_batch`` as (forwards
+    per row, rows). What sample.py and :meth:`vargen.api.Pipeline.sample` both draw through, so
+    they draw the same images. A continuous sampler stays continuous (:func:`generate` gives it
+    every label at once with ``slots``); its one call records (row forwards, 1)."""
 
+    def __init__(self, sampler: Sampler, per_batch: list):
+        super().__init__(sampler.cfg)
+        self.sampler, self.per_batch = sampler, per_batch
+        self.continuous = sampler.continuous
 
-def finish_stats(total: dict, num_images: int) -> dict:
-    """Recompute the ratios of summed counts (speculative samplers), which do not sum."""
-    if "acceptance" in total:
-        from vargen.sampling.speculative import derived_stats
+    def setup(self, ctx) -> None:
+        self.sampler.setup(ctx)
 
-        derived_stats(total, num_images)
-    return total
-
-
-def counting(sampler, per_batch: list):
-    """``sampler`` with the model forwards of each call recorded in ``per_batch`` as (forwards per
-    row, rows). What sample.py and :meth:`vargen.api.Pipeline.sample` both draw through, so they
-    draw the same images. A continuous sampler stays continuous (:func:`generate` gives it every
-    label at once with ``slots``); its one call records (row forwards, 1)."""
-    continuous = getattr(sampler, "continuous", False)
-
-    def counted(model, labels_B, generator, progress=False, slots=0):
-        if continuous:
-            out_B, stats = sampler(model, labels_B, generator, progress, slots=slots)
+    def __call__(self, model, labels_B, generator, progress=False, slots=0):
+        if self.continuous:
+            out_B, stats = self.sampler(model, labels_B, generator, progress, slots=slots)
             rows = stats.get("row_target_forwards", stats.get("target_forwards", 0) * labels_B.shape[0])
-            per_batch.append((rows, 1))
+            self.per_batch.append((rows, 1))
             return out_B, stats
-        out_B, stats = sampler(model, labels_B, generator)
-        per_batch.append((stats.get("target_forwards", 0), labels_B.shape[0]))
+        out_B, stats = self.sampler(model, labels_B, generator)
+        self.per_batch.append((stats.get("target_forwards", 0), labels_B.shape[0]))
         return out_B, stats
 
-    counted.continuous = continuous
-    return counted
+
+def counting(sampler: Sampler, per_batch: list) -> Counting:
+    """``sampler`` counting its forwards into ``per_batch`` (:class:`Counting`)."""
+    return Counting(sampler, per_batch)
 
 
 def shard(num: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -195,7 +169,7 @@ def shard_seed(seed: int, rank: int) -> int:
 def default_sampler(ckpt: str) -> str:
     """The sampler for a checkpoint's model, read from its stored config (no weights built)."""
     _, meta = read_weights(ckpt)
-    return DEFAULT_SAMPLER.get(meta["config"].get("model", {}).get("name"), "ar")
+    return default_sampler_for(meta["config"].get("model", {}).get("name"))
 
 
 def _find_tokenizer(ckpt: str, gen_cfg, override: str, log) -> str:
@@ -273,26 +247,21 @@ def load_generator(ckpt: str, device, tokenizer_ckpt: str = "", log=print):
     if "tokenizer_ckpt" in gen_cfg:
         gen_cfg.tokenizer_ckpt = _find_tokenizer(ckpt, gen_cfg, tokenizer_ckpt, log)
         tokenizer = load_tokenizer_for(gen_cfg, device)
-    if tokenizer is not None and hasattr(model, "attach_tokenizer"):
+    if tokenizer is not None:
         model.attach_tokenizer(tokenizer)
     return model, gen_cfg, tokenizer
 
 
-def build_sampler(sampler_cfg, model, gen_cfg, device):
-    """The sampler ``sampler_cfg`` names, checked against the model and bound to the run.
+def build_sampler(sampler_cfg, model, gen_cfg, device) -> Sampler:
+    """The sampler ``sampler_cfg`` names, checked against the model and set up for the run.
 
-    Refuses a sampler that cannot draw from the model before any work; samplers that read the
-    run's dataset (TTS-VAR's reward) are bound to it, and samplers that tune themselves on real
-    data (TarFlow's auto policy) are prepared on 256 seeded training images.
+    Refuses a sampler that cannot draw from the model before any work; then
+    :meth:`~vargen.sampling.base.Sampler.setup` gives it the run's context (drafts and
+    classifiers load, TTS-VAR binds the dataset's feature net, TarFlow's auto policy measures).
     """
     check_sampler_fits(sampler_cfg["name"], gen_cfg.model.name)
     sampler = SAMPLERS.build(sampler_cfg)
-    if hasattr(sampler, "bind_run"):
-        sampler.bind_run(gen_cfg, device)
-    if hasattr(sampler, "prepare"):
-        data = build_dataset(gen_cfg.data)
-        pick = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(0))[:256]
-        sampler.prepare(model, data.train_images[pick].to(device), data.train_labels[pick].to(device))
+    sampler.setup(SamplerContext(model, device, gen_cfg))
     return sampler
 
 

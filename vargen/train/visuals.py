@@ -19,7 +19,7 @@ import torch
 
 from vargen.io import make_grid, save_grid
 from vargen.plot import write_loss_png
-from vargen.sampling.generate import DEFAULT_SAMPLER, build_sampler, class_labels, counting, generate
+from vargen.sampling.generate import build_sampler, class_labels, counting, default_sampler_for, generate
 
 
 class TrainingVisuals:
@@ -67,13 +67,13 @@ class TrainingVisuals:
 
 def generator_preview(run_cfg, tokenizer, device, num_classes: int, max_images: int = 10):
     """``model -> images``: one image per class (at most ``max_images``) drawn by the model's own
-    sampler (``DEFAULT_SAMPLER``) with generator seed ``run_cfg.seed``, in eval mode, leaving the
+    sampler (its registered default) with generator seed ``run_cfg.seed``, in eval mode, leaving the
     global RNG and the model's mode as they were."""
     built = {}
 
     def draw(model):
         if "sampler" not in built:  # built on first use: some samplers tune themselves on data
-            name = DEFAULT_SAMPLER.get(run_cfg.model.name, "ar")
+            name = default_sampler_for(run_cfg.model.name)
             built["sampler"] = build_sampler({"name": name}, model, run_cfg, device)
         labels_B = class_labels(min(max_images, num_classes), num_classes, [])
         was_training = model.training

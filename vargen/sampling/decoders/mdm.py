@@ -18,7 +18,8 @@ import torch
 
 from vargen.diffusion.absorbing import all_mask, sample_chain, uniform_times
 from vargen.registry import SAMPLERS
-from vargen.sampling.ar_decode import keyword_sampler, new_stats
+from vargen.sampling.base import Sampler
+from vargen.sampling.stats import new_stats
 
 
 @dataclass
@@ -38,7 +39,7 @@ class LSDSamplerConfig:
 
 def _chain(net, cond_B, times, coefs, generator, cfg_scale, temperature):
     t0 = time.perf_counter()
-    device = net.tok_emb.weight.device
+    device = net.device
     cond_B = cond_B.to(device)
     B, N = cond_B.shape[0], net.num_tokens
     x = all_mask(B, N, net.vocab_size, device)  # (B, N)
@@ -68,10 +69,16 @@ def sample_lsd(model, cond_B, *, generator, cfg_scale=1.0, temperature=1.0, prog
 
 
 @SAMPLERS.register("mdm", MDMSamplerConfig)
-def build_mdm_sampler(cfg):
-    return keyword_sampler(sample_mdm, cfg)
+class MDMSampler(Sampler):
+    """The absorbing reverse chain (:func:`sample_mdm`)."""
+
+    def __call__(self, model, cond_B, generator, progress=False, slots=0):
+        return sample_mdm(model, cond_B, generator=generator, progress=progress, **self.options())
 
 
 @SAMPLERS.register("lsd", LSDSamplerConfig)
-def build_lsd_sampler(cfg):
-    return keyword_sampler(sample_lsd, cfg)
+class LSDSampler(Sampler):
+    """The distilled student's few steps (:func:`sample_lsd`)."""
+
+    def __call__(self, model, cond_B, generator, progress=False, slots=0):
+        return sample_lsd(model, cond_B, generator=generator, progress=progress, **self.options())

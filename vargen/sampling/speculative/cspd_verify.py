@@ -1,18 +1,18 @@
 """Continuous speculative decoding (CSpD, Wang et al.) verification for diffusion-head tokens.
 
-Spec: specs/sampling-speculative.md section 3. Works against any head with the protocol
+Works against any head with the protocol
 ``reverse_trajectory(cond_NW, x_T_NC, noises_SNC, temperature) -> dict(x0, mean_last, std_last,
 sum_log_std)`` (the MAR head of ``vargen/heads/diffusion.py``): the last reverse step is
 Gaussian, x0 = mean_last + std_last * noises[-1], and ``sum_log_std`` sums log std over the
 earlier steps.
 
-Denoising-trajectory alignment (3(a).3): the target head re-runs the draft's trajectory with the
+Denoising-trajectory alignment: the target head re-runs the draft's trajectory with the
 *same* x_T and step noises, so, conditional on that noise, draft and target tokens are single
 Gaussians N(mu_q, s_q^2) and N(mu_p, s_p^2). Testing that last step, accept with
 min(1, N(x0; mu_p, s_p) / N(x0; mu_q, s_q)), is an exact speculative sampler per noise, hence
 exact in the marginal ("exact" mode, Sigma = 1, the default). The paper multiplies the ratio by
-Sigma = prod_t |S^q_t|^(1/2) / |S^p_t|^(1/2) over the earlier steps; that is biased (the spec's
-two-step toy shows it) and is kept as the opt-in "paper" mode.
+Sigma = prod_t |S^q_t|^(1/2) / |S^p_t|^(1/2) over the earlier steps; that is biased (the
+two-step toy of tests/test_cspd.py shows it) and is kept as the opt-in "paper" mode.
 
 Defects of the released code (``MarkXCloud/CSpD``) not copied: it accepts/resamples every block
 token independently (we stop at the first rejection: later drafts were conditioned on a rejected
@@ -116,7 +116,7 @@ def last_step_log_sigma(draft_traj: dict, target_traj: dict, mode: str) -> torch
     share num_steps, temperature and the training schedule (``_check_pair`` requires the
     schedule), so Sigma = 1 exactly and "paper" is bit-identical to "exact". The paper's MAR
     heads learn their variances (learned-range, per token), where Sigma != 1; that is the mode's
-    only difference, and it makes the test biased (spec 3 exactness note)."""
+    only difference, and it makes the test biased."""
     if mode not in MODES:
         raise ValueError(f"sampler.mode must be one of {MODES}, got {mode!r}")
     x0 = draft_traj["x0"]

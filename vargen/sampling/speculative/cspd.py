@@ -1,6 +1,7 @@
 """Continuous speculative decoding (CSpD) of a token-entity xAR model with MAR's diffusion head.
 
-Spec: specs/sampling-speculative.md section 3; the verification step is :mod:`vargen.sampling.cspd`.
+The verification step is
+:mod:`vargen.sampling.speculative.cspd_verify`.
 Target and draft are ``xar`` models with ``entity: token`` and head ``mar_diffusion`` on the same
 tokenizer (the draft smaller). One iteration over the rows in flight:
 
@@ -13,10 +14,11 @@ tokenizer (the draft smaller). One iteration over the rows in flight:
 3. verification of the drafts, stopping at the first rejection, by ``verify``:
    ``last`` (default, exact): the target head re-runs each draft's chain with the *same* x_T and
    step noises (trajectory alignment) and the last step's densities are compared
-   (:func:`~vargen.sampling.cspd.accept_last_step`, a fused kernel under ``backend``); ``path``
-   (exact, higher acceptance): the joint density of the draft's whole reverse chain under both
-   heads, the target's step means along the draft's states in ONE batched head call
-   (:func:`~vargen.sampling.cspd.path_log_ratio`; the residual proposes target chains);
+   (:func:`~vargen.sampling.speculative.cspd_verify.accept_last_step`, a fused kernel under
+   ``backend``); ``path`` (exact, higher acceptance):
+   the joint density of the draft's whole reverse chain under both heads, the target's step
+   means along the draft's states in ONE batched head call
+   (:func:`~vargen.sampling.speculative.cspd_verify.path_log_ratio`; the residual proposes target chains);
 4. the rejected position's token comes from the residual; a row whose g_b drafts all pass takes
    a target sample at the next position (the bonus token).
 
@@ -34,7 +36,7 @@ Guidance (``cfg_scale`` != 1) follows the plain ``xar`` sampler: token i gets th
 w_i = 1 + (cfg_scale - 1) i / (N - 1) (:func:`~vargen.models.xar.cfg_ramp`), the backbones run
 the conditional and the null-class rows as one batch, and the heads mix eps with each position's
 own w_i. Draft and target chains are both guided, so the densities compared are those of what
-each chain actually samples (spec 3(a).4), and the output is distributed as ``xar`` with the same
+each chain actually samples, and the output is distributed as ``xar`` with the same
 ``cfg_scale``.
 
 Stats: ``target_forwards`` / ``draft_forwards`` count backbone calls (a guided call counts once);
@@ -49,16 +51,15 @@ per iteration plus one per residual round).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-from vargen.checkpoint import load_cached
 from vargen.models.xar import cfg_ramp
 from vargen.registry import SAMPLERS
-from vargen.sampling.ar_decode import new_stats
-from vargen.sampling.cspd import (
+from vargen.sampling.base import Sampler
+from vargen.sampling.speculative.cspd_verify import (
     MODES,
     accept_last_step,
     accept_prefix,
@@ -67,6 +68,7 @@ from vargen.sampling.cspd import (
     residual_at,
     residual_rounds,
 )
+from vargen.sampling.stats import new_stats
 
 VERIFY = ("last", "path")
 
@@ -83,7 +85,7 @@ class CSpDConfig:
     variance: str = ""  # both heads' reverse-step variance (beta_tilde | beta); "" = the target head's
     proposals: int = 16  # K proposals per row and round in the residual sampler
     cfg_scale: float = 1.0  # guidance at the last token; xAR's ramp from 1 at the first
-    prefill: float = 0.05  # fraction of the tokens the target draws alone first (spec 3a.1; demo 0.05)
+    prefill: float = 0.05  # fraction of the tokens the target draws alone first (the reference demo: 0.05)
     use_cache: bool = True  # False: both backbones recompute every sequence per call (the reference)
     slots: int = 0  # rows in flight under continuous batching; 0 = all samples at once
     backend: str = "auto"  # fused kernels (last-step test, residual proposals, window attention)
@@ -91,8 +93,10 @@ class CSpDConfig:
 
 def _check_pair(model, draft):
     for m, who in ((model, "target"), (draft, "draft")):
-        if m.cfg.entity != "token" or m.cfg.head["name"] != "mar_diffusion":
-            raise ValueError(f"cspd needs xar models with entity token and head mar_diffusion ({who})")
+        if m.cfg.denoiser != "head" or m.cfg.entity != "token" or m.cfg.head["name"] != "mar_diffusion":
+            raise ValueError(
+                f"cspd needs xar models with denoiser head, entity token and head mar_diffusion ({who})"
+            )
     if draft.cfg.code_dim != model.cfg.code_dim or list(draft.cfg.grid) != list(model.cfg.grid):
         raise ValueError("sampler.draft_ckpt: draft and target must share the tokenizer")
     if draft.num_classes != model.num_classes:  # the same labels and null class (guidance)
@@ -310,7 +314,8 @@ def sample_cspd(
 ):
     """Draw tokens (B, N, C) distributed as the target's own ``xar`` sampler with the same
     ``cfg_scale`` (exact in both ``verify`` modes; ``mode="paper"`` equals ``exact`` with this
-    package's fixed-variance heads, see :func:`~vargen.sampling.cspd.last_step_log_sigma`). The
+    package's fixed-variance heads, see
+    :func:`~vargen.sampling.speculative.cspd_verify.last_step_log_sigma`). The
     first round(prefill N) tokens of each sample are drawn by the target alone (token pre-filling).
     ``cond_B`` are all the samples; ``slots`` of them are in flight at once (0 = all).
     ``variance`` sets both heads' step variance (:meth:`DiffusionHead.schedule`); ``beta`` with
@@ -324,8 +329,8 @@ def sample_cspd(
         raise ValueError(f"sampler.verify must be one of {VERIFY}, got {verify!r}")
     if mode not in MODES:
         raise ValueError(f"sampler.mode must be one of {MODES}, got {mode!r}")
-    device = model.start_1nC.device
-    dtype = model.start_1nC.dtype
+    device = model.device
+    dtype = next(model.parameters()).dtype
     cond_all = cond_B.to(device)
     total, N, C = cond_all.shape[0], model.length, model.cfg.code_dim
     S = int(num_steps or model.head.num_sampling_steps)
@@ -352,7 +357,7 @@ def sample_cspd(
     kw = {"generator": generator, "device": generator.device, "dtype": dtype}
     while sample_h:
         M = len(sample_h)
-        cond_in = torch.cat([cond_M, torch.full_like(cond_M, model.null_class)]) if guided else cond_M
+        cond_in = model.guidance_labels(cond_M, guided)  # (2M,) guided: labels, then the null class
         g_h = [0 if L < n_pre else min(gamma, N - L - 1) for L in len_h]  # drafts per row
         g = max(g_h)
         len_M = torch.tensor(len_h, device=device)
@@ -480,39 +485,47 @@ def sample_cspd(
 
 
 @SAMPLERS.register("cspd", CSpDConfig)
-def build_cspd(cfg):
-    """``(model, cond_B, generator, progress, slots) -> (tokens, stats)``; loads ``draft_ckpt`` on
-    first use. ``continuous = True``: ``cond_B`` may hold every pending sample, ``slots`` of which
-    are in flight at once (continuous batching; 0 = the config's ``slots``, else all)."""
-    cfg = {**asdict(CSpDConfig()), **dict(cfg)}
-    if not cfg["draft_ckpt"]:
-        raise ValueError("sampler.draft_ckpt must name a trained draft xar run for 'cspd'")
-    if cfg["gamma"] < 1:
-        raise ValueError(f"sampler.gamma must be >= 1, got {cfg['gamma']}")
-    if cfg["verify"] not in VERIFY:
-        raise ValueError(f"sampler.verify must be one of {VERIFY}, got {cfg['verify']!r}")
+class CSpDSampler(Sampler):
+    """CSpD with the draft ``draft_ckpt`` (loaded in :meth:`setup`). ``continuous = True``:
+    ``cond_B`` may hold every pending sample, ``slots`` of which are in flight at once
+    (continuous batching; 0 = the config's ``slots``, else all)."""
 
-    def run(model, cond_B, generator, progress=False, slots=0):
-        draft, _ = load_cached(cfg["draft_ckpt"], model.start_1nC.device)
-        _check_pair(model, draft)
+    continuous = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if not cfg.draft_ckpt:
+            raise ValueError("sampler.draft_ckpt must name a trained draft xar run for 'cspd'")
+        if cfg.gamma < 1:
+            raise ValueError(f"sampler.gamma must be >= 1, got {cfg.gamma}")
+        if cfg.verify not in VERIFY:
+            raise ValueError(f"sampler.verify must be one of {VERIFY}, got {cfg.verify!r}")
+        self.draft = None
+
+    def setup(self, ctx):
+        draft, _ = ctx.load(self.cfg.draft_ckpt)
+        _check_pair(ctx.model, draft)
+        self.draft = draft.eval()
+
+    def __call__(self, model, cond_B, generator, progress=False, slots=0):
+        if self.draft is None:
+            raise RuntimeError("the cspd sampler loads its draft in setup(ctx): call it first")
+        c = self.cfg
         return sample_cspd(
             model,
-            draft,
+            self.draft,
             cond_B,
             generator=generator,
-            gamma=cfg["gamma"],
-            temperature=cfg["temperature"],
-            num_steps=cfg["num_steps"],
-            mode=cfg["mode"],
-            verify=cfg["verify"],
-            K=cfg["proposals"],
-            cfg_scale=cfg["cfg_scale"],
-            prefill=cfg["prefill"],
-            use_cache=cfg["use_cache"],
-            slots=slots or cfg["slots"],
-            variance=cfg["variance"],
-            backend=cfg["backend"],
+            gamma=c.gamma,
+            temperature=c.temperature,
+            num_steps=c.num_steps,
+            mode=c.mode,
+            verify=c.verify,
+            K=c.proposals,
+            cfg_scale=c.cfg_scale,
+            prefill=c.prefill,
+            use_cache=c.use_cache,
+            slots=slots or c.slots,
+            variance=c.variance,
+            backend=c.backend,
         )
-
-    run.continuous = True
-    return run

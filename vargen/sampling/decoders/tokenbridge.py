@@ -2,7 +2,7 @@
 
 Per token position: one cached backbone forward (a CFG pair batched as one call), guidance on
 the features g = z_u + w (z_c - z_u) (TokenBridge applies CFG to backbone features, not to
-logits; spec tokenizers.md §1a), then the head draws the token's C channels one by one at
+logits; arXiv 2503.16430), then the head draws the token's C channels one by one at
 temperature tau. The reference's linearly growing CFG weight belongs to MAR's unmasking
 schedule; for a fixed raster order we use a constant w. Randomness: one ``generator`` stream,
 consumed position by position, channel by channel.
@@ -17,7 +17,8 @@ import torch
 
 from vargen.heads.dimwise import guide_features
 from vargen.registry import SAMPLERS
-from vargen.sampling.ar_decode import keyword_sampler, new_stats
+from vargen.sampling.base import Sampler
+from vargen.sampling.stats import new_stats
 
 
 @dataclass
@@ -34,10 +35,10 @@ def sample_tokenbridge(
     """Draw per-dimension ids (B, N, C) for class labels ``cond_B``; returns (ids_BNC, stats)."""
     t0 = time.perf_counter()
     B, N, C = cond_B.shape[0], model.num_tokens, model.cfg.code_dim
-    device = model.tok_in.weight.device
+    device = model.device
     cond_B = cond_B.to(device)
     guided = cfg_scale != 1.0
-    cond_in = torch.cat([cond_B, torch.full_like(cond_B, model.null_class)]) if guided else cond_B
+    cond_in = model.guidance_labels(cond_B, guided)  # (2B,) guided: labels, then the null class
     rows = cond_in.shape[0]
     cache = model.new_cache(rows)
     ids_BNC = torch.empty(B, N, C, dtype=torch.long, device=device)
@@ -58,5 +59,8 @@ def sample_tokenbridge(
 
 
 @SAMPLERS.register("tokenbridge", TokenBridgeSamplerConfig)
-def build_tokenbridge_sampler(cfg):
-    return keyword_sampler(sample_tokenbridge, cfg)
+class TokenBridgeSampler(Sampler):
+    """Next-token decoding with the dimension-wise head (:func:`sample_tokenbridge`)."""
+
+    def __call__(self, model, cond_B, generator, progress=False, slots=0):
+        return sample_tokenbridge(model, cond_B, generator=generator, progress=progress, **self.options())

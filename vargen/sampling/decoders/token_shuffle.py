@@ -1,9 +1,9 @@
-"""Window-by-window decoding of a Token-Shuffle model (arXiv 2504.17789, spec tokenizers.md section 3).
+"""Window-by-window decoding of a Token-Shuffle model (arXiv 2504.17789).
 
 Each step is one KV-cached forward that yields the logits of the next window's s^2 ids; they are drawn
 independently given the prefix with the fused logits warper, then embedded and merged as the next
 input. Classifier-free guidance follows the "half-linear" schedule (the exact formula is unpublished;
-we use the spec's w_i = 1 + (w - 1) * min(1, 2 i / N) with i the index of the window's first visual
+we use w_i = 1 + (w - 1) * min(1, 2 i / N) with i the index of the window's first visual
 token and N the number of visual tokens), so the first tokens are sampled almost unguided.
 """
 
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from vargen.registry import SAMPLERS
-from vargen.sampling.ar_decode import keyword_sampler, new_stats
+from vargen.sampling.base import Sampler
+from vargen.sampling.stats import new_stats
 from vargen_kernels.logits_warper import warp_and_sample
 
 
@@ -40,10 +41,10 @@ def sample_token_shuffle(
     """Draw raster ids (B, h*w); returns (ids_BN, stats). One forward per window."""
     t0 = time.perf_counter()
     B, M, K, V = cond_B.shape[0], model.num_tokens, model.s * model.s, model.vocab_size
-    device = model.tok_emb.weight.device
+    device = model.device
     cond_B = cond_B.to(device)
     guided = cfg_scale != 1.0
-    cond_in = torch.cat([cond_B, torch.full_like(cond_B, model.null_class)]) if guided else cond_B
+    cond_in = model.guidance_labels(cond_B, guided)  # (2B,) guided: labels, then the null class
     rows = cond_in.shape[0]
     win_BMK = torch.empty(B, M, K, dtype=torch.long, device=device)
     cache = model.new_cache(rows)
@@ -69,5 +70,8 @@ def sample_token_shuffle(
 
 
 @SAMPLERS.register("token_shuffle", TokenShuffleSamplerConfig)
-def build_token_shuffle_sampler(cfg):
-    return keyword_sampler(sample_token_shuffle, cfg)
+class TokenShuffleSampler(Sampler):
+    """Window-by-window decoding (:func:`sample_token_shuffle`)."""
+
+    def __call__(self, model, cond_B, generator, progress=False, slots=0):
+        return sample_token_shuffle(model, cond_B, generator=generator, progress=progress, **self.options())

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from vargen.nn import KVCache
 from vargen.registry import SAMPLERS
-from vargen.sampling.ar_decode import keyword_sampler, new_stats
+from vargen.sampling.base import Sampler
+from vargen.sampling.stats import new_stats
 from vargen_kernels.logits_warper import warp_and_sample
 
 
@@ -85,7 +86,7 @@ def guidance_at(k: int, num_scales: int, cfg_scale: float) -> float:
 
 def start_state(model, cond_B: torch.Tensor, cfg_scale: float = 1.0) -> VARState:
     """An empty state for labels ``cond_B``: nothing decoded, an empty cache."""
-    device = model.pos_1LC.device
+    device = model.device
     cond_B = cond_B.to(device)
     guided = cfg_scale != 1.0
     rows = 2 * cond_B.shape[0] if guided else cond_B.shape[0]
@@ -118,9 +119,8 @@ def decode_scale(
     if k >= K:
         raise ValueError(f"all {K} scales are already decoded")
     tokens = state.next_tokens
-    cond_in = state.cond_B
+    cond_in = model.guidance_labels(state.cond_B, state.guided)  # (2B,) guided: then the null class
     if state.guided:
-        cond_in = torch.cat([cond_in, torch.full_like(cond_in, model.null_class)])  # (2B,)
         tokens = None if tokens is None else tokens.repeat(2, 1, 1)  # (2B, n_k, D)
     logits = model.forward_scale(k, tokens, cond_in, state.cache)  # (rows, n_k, V)
     n, V = logits.shape[1], logits.shape[2]
@@ -170,5 +170,8 @@ def sample_var(
 
 
 @SAMPLERS.register("var", VARSamplerConfig)
-def build_var_sampler(cfg):
-    return keyword_sampler(sample_var, cfg)
+class VARSampler(Sampler):
+    """Next-scale decoding (:func:`sample_var`)."""
+
+    def __call__(self, model, cond_B, generator, progress=False, slots=0):
+        return sample_var(model, cond_B, generator=generator, progress=progress, **self.options())

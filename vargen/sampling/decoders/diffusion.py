@@ -30,6 +30,7 @@ from vargen.diffusion.fkc import RESAMPLERS, fkc_cfg_ddpm
 from vargen.diffusion.loops import ddim_sample
 from vargen.diffusion.time_shift import ExposureBiasTimeShift, calibrate_window
 from vargen.registry import SAMPLERS
+from vargen.sampling.base import Sampler
 
 
 @dataclass
@@ -173,30 +174,36 @@ def _check_steps(steps: int):
 
 
 @SAMPLERS.register("ddim", DDIMSamplerConfig)
-def build_ddim_sampler(cfg):
-    _check_steps(cfg.steps)
-    ts = ExposureBiasTimeShift(**dict(cfg.time_shift))  # validates variance / mode / window
-    kw = dict(steps=cfg.steps, eta=cfg.eta, cfg_scale=cfg.cfg_scale, time_shift=ts)
+class DDIMSampler(Sampler):
+    """DDIM / DDPM with guidance and the optional time shift (:func:`sample_ddim`)."""
 
-    def run(model, cond_B, generator, progress=False):
-        return sample_ddim(model, cond_B, generator=generator, **kw)
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        _check_steps(cfg.steps)
+        self.time_shift = ExposureBiasTimeShift(**dict(cfg.time_shift))  # validates variance / mode / window
 
-    return run
+    def __call__(self, model, cond_B, generator, progress=False, slots=0):
+        c = self.cfg
+        return sample_ddim(
+            model, cond_B, generator=generator, steps=c.steps, eta=c.eta, cfg_scale=c.cfg_scale,
+            time_shift=self.time_shift,
+        )  # fmt: skip
 
 
 @SAMPLERS.register("fkc_cfg", FKCCFGSamplerConfig)
-def build_fkc_cfg_sampler(cfg):
-    _check_steps(cfg.steps)
-    if cfg.resampler not in RESAMPLERS:
-        raise ValueError(f"sampler.resampler must be one of {sorted(RESAMPLERS)}, got {cfg.resampler!r}")
-    if cfg.particles < 1:
-        raise ValueError(f"sampler.particles must be >= 1, got {cfg.particles}")
-    kw = {k: v for k, v in dict(cfg).items() if k != "name"}
+class FKCCFGSampler(Sampler):
+    """Feynman-Kac corrected guidance, one particle group per label (:func:`sample_fkc_cfg`)."""
 
-    def run(model, cond_B, generator, progress=False):
-        return sample_fkc_cfg(model, cond_B, generator=generator, **kw)
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        _check_steps(cfg.steps)
+        if cfg.resampler not in RESAMPLERS:
+            raise ValueError(f"sampler.resampler must be one of {sorted(RESAMPLERS)}, got {cfg.resampler!r}")
+        if cfg.particles < 1:
+            raise ValueError(f"sampler.particles must be >= 1, got {cfg.particles}")
 
-    return run
+    def __call__(self, model, cond_B, generator, progress=False, slots=0):
+        return sample_fkc_cfg(model, cond_B, generator=generator, **self.options())
 
 
 __all__ = ["sample_ddim", "sample_fkc_cfg"]

@@ -2,7 +2,7 @@
 
 Ancestral DDPM (``eta=1``) or DDIM (``eta=0``) on ``steps`` evenly respaced steps of the
 denoiser's grid (:func:`vargen.diffusion.loops.ddim_sample`), with the score-form guidance of
-spec 3a.4 toward the minority level c* (``level``; -1 = L-1, the rarest):
+arXiv:2301.12334 toward the minority level c* (``level``; -1 = L-1, the rarest):
 
     eps_tilde = eps_theta(x_t, t) - sqrt(1 - abar_t) w grad_x log p_psi(c* | x_t, t),
 
@@ -13,7 +13,7 @@ the one that also holds for DDIM. ``cfg_scale`` != 1 adds classifier-free guidan
 labels (one batched forward of both branches per step); the minority gradient is added on top.
 The classifier's ``abar`` must equal the denoiser's (same grid), else the sampler stops.
 
-Stats, as the ``ddim`` sampler counts them (diffusion_sampling.py): ``target_forwards`` (denoiser
+Stats, as the ``ddim`` sampler counts them (decoders/diffusion.py): ``target_forwards`` (denoiser
 calls; a guided step's two branches are one batched call), ``net_evals`` (rows through the
 network), ``classifier_forwards`` (classifier forward + backward passes, one per step when
 w != 0), ``seconds``.
@@ -22,15 +22,15 @@ w != 0), ``seconds``.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from vargen.checkpoint import load_cached
 from vargen.diffusion.loops import ddim_sample
 from vargen.diffusion.minority import guided_eps_fn as minority_eps_fn
 from vargen.registry import SAMPLERS
-from vargen.sampling.diffusion_sampling import guided_eps_fn as cfg_eps_fn
+from vargen.sampling.base import Sampler
+from vargen.sampling.decoders.diffusion import guided_eps_fn as cfg_eps_fn
 
 
 @dataclass
@@ -39,7 +39,7 @@ class MinorityConfig:
     classifier_ckpt: str = ""  # a minority_classifier run trained for this denoiser's grid
     level: int = -1  # target level c*; negative counts from the top (-1 = L-1, the rarest)
     w: float = 1.0  # guidance scale; 0 = plain sampling
-    steps: int = 250  # respaced steps (spec: 250 ancestral steps on LSUN)
+    steps: int = 250  # respaced steps (the paper: 250 ancestral steps on LSUN)
     eta: float = 1.0  # 1 = ancestral DDPM, 0 = DDIM
     cfg_scale: float = 1.0  # classifier-free guidance on the class labels; 1 = conditional only
 
@@ -101,29 +101,34 @@ def sample_minority(
 
 
 @SAMPLERS.register("minority", MinorityConfig)
-def build_minority(cfg):
-    """``(model, cond_B, generator) -> (images, stats)``; loads ``classifier_ckpt`` on first use."""
-    cfg = {**asdict(MinorityConfig()), **dict(cfg)}
-    if cfg["w"] != 0 and not cfg["classifier_ckpt"]:
-        raise ValueError(
-            "sampler.classifier_ckpt must name a trained minority_classifier run (or set sampler.w=0)"
-        )
-    if cfg["steps"] < 1:
-        raise ValueError(f"sampler.steps must be >= 1, got {cfg['steps']}")
-    if not 0.0 <= cfg["eta"] <= 1.0:
-        raise ValueError(f"sampler.eta must be in [0, 1], got {cfg['eta']}")
+class MinoritySampler(Sampler):
+    """Minority guidance (:func:`sample_minority`); :meth:`setup` loads ``classifier_ckpt``."""
 
-    def run(model, cond_B, generator, progress=False):
-        classifier = None
-        if cfg["classifier_ckpt"]:
-            clf, clf_cfg = load_cached(cfg["classifier_ckpt"], model.abar.device)
-            if clf_cfg.task != "minority_classifier":
-                raise ValueError(
-                    f"sampler.classifier_ckpt {cfg['classifier_ckpt']} holds a '{clf_cfg.task}' checkpoint, "
-                    "not a minority_classifier"
-                )
-            classifier = clf.eval().requires_grad_(False)
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.w != 0 and not cfg.classifier_ckpt:
+            raise ValueError(
+                "sampler.classifier_ckpt must name a trained minority_classifier run (or set sampler.w=0)"
+            )
+        if cfg.steps < 1:
+            raise ValueError(f"sampler.steps must be >= 1, got {cfg.steps}")
+        if not 0.0 <= cfg.eta <= 1.0:
+            raise ValueError(f"sampler.eta must be in [0, 1], got {cfg.eta}")
+        self.classifier = None
+
+    def setup(self, ctx):
+        if not self.cfg.classifier_ckpt:
+            return
+        clf, clf_cfg = ctx.load(self.cfg.classifier_ckpt)
+        if clf_cfg.task != "minority_classifier":
+            raise ValueError(
+                f"sampler.classifier_ckpt {self.cfg.classifier_ckpt} holds a '{clf_cfg.task}' checkpoint, "
+                "not a minority_classifier"
+            )
+        self.classifier = clf.eval().requires_grad_(False)
+
+    def __call__(self, model, cond_B, generator, progress=False, slots=0):
+        if self.cfg.classifier_ckpt and self.classifier is None:
+            raise RuntimeError("the minority sampler loads its classifier in setup(ctx): call it first")
         keys = ("level", "w", "steps", "eta", "cfg_scale")
-        return sample_minority(model, classifier, cond_B, generator, **{k: cfg[k] for k in keys})
-
-    return run
+        return sample_minority(model, self.classifier, cond_B, generator, **{k: self.cfg[k] for k in keys})

@@ -1,6 +1,6 @@
 """TTS-VAR: test-time search over a next-scale model (Chen et al., NeurIPS 2025, arXiv:2507.18537).
 
-Spec: /work/shared/specs/sampling-speculative.md sec. 4, read from ali-vilab/TTS-VAR
+Follows ali-vilab/TTS-VAR
 (``utils_model.py::cus_autoregressive_infer_cfg_dino``). Per requested label the search
 starts ``b_0 * N`` candidates and walks the scales with a descending batch schedule
 ``b_k * N`` (``b_k`` candidates *survive* scale k). Where the schedule drops
@@ -62,9 +62,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from vargen.eval.feature_net import get_feature_net
 from vargen.registry import SAMPLERS
-from vargen.sampling.ar_decode import new_stats
-from vargen.sampling.var_decode import decode_scale, start_state
+from vargen.sampling.base import Sampler
+from vargen.sampling.decoders.var import decode_scale, start_state
+from vargen.sampling.stats import new_stats
 
 REFERENCE_SCHEDULE = (8, 8, 6, 6, 6, 4, 2, 2, 2, 1, 1, 1, 1)  # b_k / N over Infinity's 13 scales
 POTENTIALS = ("value", "diff", "max", "sum")
@@ -237,8 +239,13 @@ class TTSVARConfig:
     top_p: float = 1.0
 
 
-class TTSVAR:
-    """A sampler ``(model, cond_B, generator) -> (ids per scale, stats)`` searching per label."""
+@SAMPLERS.register("tts_var", TTSVARConfig)
+class TTSVAR(Sampler):
+    """A sampler ``(model, cond_B, generator) -> (ids per scale, stats)`` searching per label.
+
+    ``cfg`` a :class:`TTSVARConfig` (or its validated section); ``reward_fn`` / ``feature_fn``
+    override the config's; where it says 'classifier', :meth:`setup` takes the feature net of
+    the run's dataset."""
 
     def __init__(
         self, cfg: TTSVARConfig, reward_fn: Callable | None = None, feature_fn: Callable | None = None
@@ -248,7 +255,7 @@ class TTSVAR:
         if cfg.features not in ("layout", "pool"):
             raise ValueError(f"sampler.features must be 'layout' or 'pool', got '{cfg.features}'")
         potential(torch.zeros(1, 1), cfg.potential)  # validates the name
-        self.cfg = cfg
+        super().__init__(cfg)
         self.reward_fn = reward_fn or (
             None if cfg.reward == "classifier" else _import_callable(cfg.reward, "reward")
         )
@@ -256,12 +263,10 @@ class TTSVAR:
             None if cfg.feature_net == "classifier" else _import_callable(cfg.feature_net, "feature_net")
         )
 
-    def bind_run(self, gen_cfg, device="cpu") -> None:
-        """Use the feature net of the checkpoint's dataset where the config says 'classifier'."""
+    def setup(self, ctx) -> None:
+        """Use the feature net of the run's dataset where the config says 'classifier'."""
         if self.reward_fn is None or self.feature_fn is None:
-            from vargen.eval.feature_net import get_feature_net
-
-            net = get_feature_net(dict(gen_cfg.data), device)
+            net = get_feature_net(dict(ctx.run_cfg.data), ctx.device)
             self.reward_fn = self.reward_fn or ClassifierReward(net)
             self.feature_fn = self.feature_fn or ClassifierPatchTokens(net)
 
@@ -276,9 +281,9 @@ class TTSVAR:
         return f  # (M, F)
 
     @torch.no_grad()
-    def __call__(self, model, cond_B: torch.Tensor, generator: torch.Generator, progress: bool = False):
+    def __call__(self, model, cond_B: torch.Tensor, generator: torch.Generator, progress=False, slots=0):
         if self.reward_fn is None or self.feature_fn is None:
-            raise RuntimeError("TTS-VAR needs a reward and features: pass them, or call bind_run(gen_cfg)")
+            raise RuntimeError("TTS-VAR needs a reward and features: pass them, or call setup(ctx)")
         c = self.cfg
         t0 = time.perf_counter()
         K, B = len(model.scales), cond_B.shape[0]
@@ -346,13 +351,6 @@ class TTSVAR:
         return state.ids, stats
 
 
-@SAMPLERS.register("tts_var", TTSVARConfig)
-def build_tts_var(cfg) -> TTSVAR:
-    fields = dict(cfg)
-    fields["schedule"] = [int(b) for b in fields.get("schedule", [])]
-    return TTSVAR(TTSVARConfig(**fields))
-
-
 @dataclass
 class BestOfNConfig:
     name: str = "best_of_n"
@@ -364,6 +362,7 @@ class BestOfNConfig:
     top_p: float = 1.0
 
 
+@SAMPLERS.register("best_of_n", BestOfNConfig)
 class BestOfN(TTSVAR):
     """Best-of-N: TTS-VAR with the constant schedule N, ..., N (no selection, the final pick)."""
 
@@ -377,8 +376,3 @@ class BestOfN(TTSVAR):
 
     def schedule(self, num_scales: int) -> list[int]:
         return [self.n] * num_scales
-
-
-@SAMPLERS.register("best_of_n", BestOfNConfig)
-def build_best_of_n(cfg) -> BestOfN:
-    return BestOfN(BestOfNConfig(**dict(cfg)))

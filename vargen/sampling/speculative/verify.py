@@ -1,11 +1,6 @@
-"""Exact speculative sampling with a draft model (Leviathan et al. 2023; Chen et al. 2023).
-
-Spec: specs/sampling-speculative.md section 1. Per iteration the draft model samples gamma
-tokens ``x`` from its warped conditionals ``q``; one target call gives the warped target
-conditionals ``p`` at the gamma draft positions plus the bonus position; draft i is accepted
-with probability min(1, p(x_i)/q(x_i)) (eq. in section 1(a).3) and the first rejection is
-replaced by a sample of norm(max(0, p - q)) (1(a).4), so every row emits n_b + 1 tokens and the
-output is distributed exactly as the target's (proof in section 1).
+"""The machinery SD, SJD and GSD share: windows of per-row positions, continuous batching,
+the verification step and its counters (:mod:`~vargen.sampling.speculative.draft`,
+:mod:`~vargen.sampling.speculative.jacobi`, :mod:`~vargen.sampling.speculative.gsd`).
 
 Rows are ragged: each row keeps its own committed length and its window starts at its own
 position, without a Python loop over rows or positions. Both models are driven through a
@@ -37,7 +32,7 @@ runs the iterations that certainly remain before it reads again (:meth:`RowQueue
 plus one read of the stats (accumulated on the device) at the end; ``stats["syncs"]`` counts
 them. Nothing else in an iteration waits for the device.
 
-Stats (besides :func:`vargen.sampling.ar_decode.new_stats`'s): ``row_target_forwards`` (sum
+Stats (besides :func:`vargen.sampling.stats.new_stats`'s): ``row_target_forwards`` (sum
 over target calls of the rows working in that call), ``target_calls_per_image`` (that / N),
 the same for the draft; ``acceptance`` = accepted / proposed drafts, where every draft the row
 had room for counts as proposed, also those after the first rejection (so with gamma > 1 it is
@@ -49,14 +44,10 @@ verification per row (accepted drafts + 1).
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
-
 import torch
 
-from vargen.checkpoint import load_cached
-from vargen.registry import SAMPLERS
-from vargen.sampling.ar_decode import new_stats
+from vargen.models.generator import guidance_labels
+from vargen.sampling.stats import COUNTERS  # noqa: F401  (re-exported: the counters' order)
 from vargen_kernels.group_verify import group_verify
 from vargen_kernels.logits_warper import warped_probs
 from vargen_kernels.speculative_verify import (  # noqa: F401  (RESIDUAL_EPS, token_residual: re-exported)
@@ -65,16 +56,6 @@ from vargen_kernels.speculative_verify import (  # noqa: F401  (RESIDUAL_EPS, to
     token_residual,
     verify,
     verify_reference,
-)
-
-# Device-side counters, read once at the end (one host sync): index -> stats key.
-COUNTERS = (
-    "accepted",
-    "proposed",
-    "row_target_forwards",
-    "row_draft_forwards",
-    "first_accepted",
-    "first_proposed",
 )
 
 
@@ -94,8 +75,8 @@ def window_probs(model, ids_BN, cond_B, pos_BW, warp: dict) -> torch.Tensor:
     ids_in = ids_BN[:, : N - 1]  # logits at position t predict token t from ids < t
     guided = warp["cfg_scale"] != 1.0
     if guided:
-        null_B = torch.full_like(cond_B, model.null_class)
-        logits = model.logits(torch.cat([ids_in, ids_in]), torch.cat([cond_B, null_B]))  # (2B, N, V)
+        cond_R = guidance_labels(cond_B, model.null_class)  # (2B,) labels, then the null class
+        logits = model.logits(torch.cat([ids_in, ids_in]), cond_R)  # (2B, N, V)
         cond_BNV, unc_BNV = logits.chunk(2)
     else:
         cond_BNV, unc_BNV = model.logits(ids_in, cond_B), None  # (B, N, V)
@@ -139,8 +120,7 @@ class WindowScorer:
     def set_cond(self, cond_B):
         """The class of every row (after a refill); the CFG rows keep the null class."""
         self.cond_B = cond_B
-        null_B = torch.full_like(cond_B, self.model.null_class)
-        self.cond_in = torch.cat([cond_B, null_B]) if self.guided else cond_B  # (R,) R = B or 2B
+        self.cond_in = guidance_labels(cond_B, self.model.null_class, self.guided)  # (R,) R = B or 2B
 
     def window(self, ids_BX, start_B, width: int) -> torch.Tensor:
         """(B, W, V) at positions start_b .. start_b+W-1 (cached: start_B must be the cache's
@@ -307,128 +287,5 @@ def token_ratio(p_BgV, q_BgV, x_Bg):
     return p_BgV.gather(2, x)[..., 0] / q_BgV.gather(2, x)[..., 0]
 
 
-@dataclass
-class SpeculativeConfig:
-    name: str = "speculative"
-    draft_ckpt: str = ""  # run dir of a smaller llamagen trained on the same tokenizer
-    gamma: int = 4  # draft tokens per target call
-    use_cache: bool = True  # False: both models recompute the whole prefix every call (baseline)
-    cfg_scale: float = 1.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
-
-
-@torch.no_grad()
-def sample_speculative(
-    target, draft, cond_B, *, generator, gamma=4, use_cache=True, slots=0, backend="auto", **warp
-):
-    """Draw ids (N, T) for the N classes ``cond_B`` from ``target`` with ``draft`` proposals,
-    ``slots`` rows at a time (continuous batching; 0 = all at once); returns (ids_NT, stats).
-    ``backend``: how the verification (:func:`accept_and_correct`) and the cached windows'
-    attention run; all draw the same ids (to float rounding of the attention)."""
-    t0 = time.perf_counter()
-    cond_N = cond_B  # every pending sample (the keyword keeps its historical name)
-    if gamma < 1:
-        raise ValueError(f"sampler.gamma must be >= 1, got {gamma}")
-    warp = {"cfg_scale": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, **warp}
-    T = target.num_tokens
-    rows = RowQueue(cond_N, slots, T, gamma + 1)
-    stats = {**new_stats(), "syncs": 0}
-    draft_stats = new_stats()
-    counts = torch.zeros(len(COUNTERS), dtype=torch.long, device=cond_N.device)
-    p_model = WindowScorer(target, rows.cond_B, warp, stats, use_cache, gamma + 1, backend)
-    q_model = WindowScorer(draft, rows.cond_B, warp, draft_stats, use_cache, gamma + 1, backend)
-    for _ in rows.iterations(gamma + 1, stats, (p_model, q_model)):
-        active_B = rows.active()
-        len_B, ids_BX = rows.len_B, rows.ids_BX
-        qs, xs = [], []
-        for j in range(gamma):  # autoregressive drafting: a loop over draft steps, not rows
-            q_BV = q_model.draft_step(ids_BX, len_B, j)
-            x_B = sample_probs(q_BV, generator)
-            ids_BX.scatter_(1, (len_B + j)[:, None], x_B[:, None])  # padded: never out of bounds
-            qs.append(q_BV)
-            xs.append(x_B)
-        q_BgV, x_Bg = torch.stack(qs, 1), torch.stack(xs, 1)
-        p_BWV = p_model.window(ids_BX, len_B, gamma + 1)
-        stats["draft_forwards"] += gamma
-        stats["target_forwards"] += 1
-        # ratio None: the token ratio p(x)/q(x), computed inside the verification
-        n_B, z_B, _, cap_B = accept_and_correct(
-            p_BWV, q_BgV, x_Bg, None, T - len_B, generator, backend=backend
-        )
-        ids_BX.scatter_(1, (len_B + n_B)[:, None], z_B[:, None])
-        counts += verify_counts(n_B, cap_B, active_B, gamma)
-        rows.len_B = len_B + (n_B + 1) * active_B
-        if rows.R < rows.N:  # refills happen: new classes, caches of new rows back to 0
-            rows.refill()  # SD keeps no draft state across iterations: nothing else to restart
-            p_model.set_cond(rows.cond_B)
-            q_model.set_cond(rows.cond_B)
-        p_model.commit(rows.len_B)
-        q_model.commit(rows.len_B)
-    stats["draft_positions_computed"] = draft_stats["positions_computed"]
-    return rows.ids(), finish_stats(stats, rows.N, rows.N * T, t0, counts)
-
-
-def finish_stats(stats: dict, rows: int, tokens: int, t0: float, counts: torch.Tensor | None = None) -> dict:
-    """Fill the derived stats. ``rows`` = samples; ``counts`` (:data:`COUNTERS`, on the device)
-    is read here, one host sync. Without it every call served ``rows`` rows (CSpD)."""
-    if counts is not None:
-        stats.update(zip(COUNTERS, counts.tolist()))
-        stats["syncs"] += 1
-    stats.setdefault("row_target_forwards", stats["target_forwards"] * rows)
-    stats["tokens"] = tokens
-    return derived_stats(stats, rows, t0)
-
-
-def derived_stats(stats: dict, images: int, t0: float | None = None) -> dict:
-    """Ratios of the summed counts (also what :func:`generate` recomputes over batches)."""
-    stats["acceptance"] = stats["accepted"] / max(1, stats["proposed"])
-    stats["tokens_per_target_call"] = stats["tokens"] / max(1, stats["row_target_forwards"])
-    stats["mean_accepted_length"] = stats["tokens_per_target_call"]  # accepted + 1 per verification
-    stats["target_calls_per_image"] = stats["row_target_forwards"] / max(1, images)
-    if "row_draft_forwards" in stats:
-        stats["draft_calls_per_image"] = stats["row_draft_forwards"] / max(1, images)
-    if "first_proposed" in stats:
-        stats["alpha"] = stats["first_accepted"] / max(1, stats["first_proposed"])
-    if "syncs" in stats:
-        stats["syncs_per_image"] = stats["syncs"] / max(1, images)
-    if t0 is not None:
-        stats["seconds"] = time.perf_counter() - t0
-    return stats
-
-
 def warp_kwargs(cfg) -> dict:
     return {k: cfg[k] for k in ("cfg_scale", "temperature", "top_k", "top_p")}
-
-
-@SAMPLERS.register("speculative", SpeculativeConfig)
-def build_speculative(cfg):
-    """``(model, cond_N, generator, progress, slots) -> (ids, stats)``; loads ``draft_ckpt`` on
-    first use. ``run.continuous``: :func:`generate` passes every label at once with ``slots``."""
-    cfg = {**asdict(SpeculativeConfig()), **dict(cfg)}
-    if not cfg["draft_ckpt"]:
-        raise ValueError("sampler.draft_ckpt must name a trained draft llamagen run for 'speculative'")
-    if cfg["gamma"] < 1:
-        raise ValueError(f"sampler.gamma must be >= 1, got {cfg['gamma']}")
-
-    def run(model, cond_N, generator, progress=False, slots=0):
-        draft, _ = load_cached(cfg["draft_ckpt"], model.tok_emb.weight.device)
-        if draft.vocab_size != model.vocab_size or draft.num_tokens != model.num_tokens:
-            raise ValueError("sampler.draft_ckpt: draft and target must share the tokenizer")
-        cond_N = cond_N.to(model.tok_emb.weight.device)
-        return sample_speculative(
-            model,
-            draft,
-            cond_N,
-            generator=generator,
-            gamma=cfg["gamma"],
-            use_cache=cfg["use_cache"],
-            slots=slots,
-            backend=cfg["backend"],
-            **warp_kwargs(cfg),
-        )
-
-    run.continuous = True
-    return run

@@ -17,6 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from vargen.registry import SAMPLERS
+from vargen.sampling.base import Sampler
+from vargen.sampling.stats import new_stats
 from vargen_kernels.logits_warper import warp_and_sample
 
 
@@ -29,19 +31,6 @@ class ARSamplerConfig:
     top_p: float = 1.0  # 1 = off
     use_cache: bool = True  # False recomputes the whole prefix every step (the baseline)
     compile: bool = False  # torch.compile the cached step (ARTransformer.compile_decode); slow to start
-
-
-def new_stats() -> dict:
-    """The sampler stats record every sampler returns (ARCHITECTURE.md contract)."""
-    return {
-        "target_forwards": 0,  # model calls (a CFG pair counts once: one batched call)
-        "draft_forwards": 0,
-        "tokens": 0,  # tokens emitted, over the batch
-        "accepted": 0,
-        "proposed": 0,
-        "positions_computed": 0,  # sequence positions pushed through the model, over calls
-        "seconds": 0.0,
-    }
 
 
 @torch.no_grad()
@@ -66,13 +55,10 @@ def sample_ar(
     """
     t0 = time.perf_counter()
     B, N, V = cond_B.shape[0], model.num_tokens, model.vocab_size
-    device = model.tok_emb.weight.device
+    device = model.device
     cond_B = cond_B.to(device)
     guided = cfg_scale != 1.0
-    if guided:
-        cond_in = torch.cat([cond_B, torch.full_like(cond_B, model.null_class)])  # (2B,)
-    else:
-        cond_in = cond_B
+    cond_in = model.guidance_labels(cond_B, guided)  # (2B,) guided: labels, then the null class
     rows = cond_in.shape[0]
     ids_BN = torch.empty(B, N, dtype=torch.long, device=device)
     stats = new_stats()
@@ -109,17 +95,28 @@ def sample_ar(
     return ids_BN, stats
 
 
-def keyword_sampler(sample_fn, cfg):
-    """A sampler callable ``(model, cond_B, generator, progress) -> (out, stats)`` that runs
-    ``sample_fn`` with the sampler config's fields (all but ``name``) as keywords."""
-    kw = {k: v for k, v in dict(cfg).items() if k != "name"}
-
-    def run(model, cond_B, generator, progress=False):
-        return sample_fn(model, cond_B, generator=generator, progress=progress, **kw)
-
-    return run
+def complete(model, ids_BN, cond_B, generator, stats, temperature=1.0, top_k=0):
+    """The model's output from the sequence drawn from its ``next_token_model``: the ids
+    themselves, or, when the model has completion logits (CTF's stage 2: fine ids given the
+    coarse sequence), one draw per position from them (temperature, top-k), which counts one
+    target forward. The speculative samplers end with this, so they draw from every token-AR
+    model of the contract (:mod:`vargen.models.generator`)."""
+    logits_BNV = model.completion_logits(ids_BN, cond_B.to(ids_BN.device))
+    if logits_BNV is None:
+        return ids_BN, stats
+    B, N, V = logits_BNV.shape
+    u = torch.rand(B * N, V, generator=generator, device=generator.device).to(logits_BNV.device)
+    out_BN = warp_and_sample(
+        logits_BNV.reshape(B * N, V), None, temperature=temperature, top_k=top_k, uniform_BV=u
+    ).reshape(B, N)
+    stats["target_forwards"] += 1
+    stats["positions_computed"] += B * N
+    return out_BN, stats
 
 
 @SAMPLERS.register("ar", ARSamplerConfig)
-def build_ar_sampler(cfg):
-    return keyword_sampler(sample_ar, cfg)
+class ARSampler(Sampler):
+    """Next-token decoding (:func:`sample_ar`)."""
+
+    def __call__(self, model, cond_B, generator, progress=False, slots=0):
+        return sample_ar(model, cond_B, generator=generator, progress=progress, **self.options())

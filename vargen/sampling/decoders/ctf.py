@@ -1,4 +1,4 @@
-"""CTF sampling (spec tokenizers.md section 2): stage 1 draws the coarse labels next-token by next-token
+"""CTF sampling (arXiv 2503.16194): stage 1 draws the coarse labels next-token by next-token
 (KV cache, CFG on logits, temperature tau1), then one stage-2 pass draws all fine ids at once
 (temperature tau2, top-k; cluster-masked when the model was built with mask_to_cluster)."""
 
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from vargen.registry import SAMPLERS
-from vargen.sampling.ar_decode import keyword_sampler, sample_ar
-from vargen_kernels.logits_warper import warp_and_sample
+from vargen.sampling.base import Sampler
+from vargen.sampling.decoders.ar import complete, sample_ar
 
 
 @dataclass
@@ -44,18 +44,14 @@ def sample_ctf(
     coarse_BN, stats = sample_ar(
         model.stage1, cond_B, generator=generator, cfg_scale=cfg_scale, temperature=temperature
     )
-    logits_BNV = model.fine_logits(coarse_BN, cond_B.to(coarse_BN.device))
-    B, N, V = logits_BNV.shape
-    u = torch.rand(B * N, V, generator=generator, device=generator.device).to(logits_BNV.device)
-    ids_BN = warp_and_sample(
-        logits_BNV.reshape(B * N, V), None, temperature=fine_temperature, top_k=fine_top_k, uniform_BV=u
-    ).reshape(B, N)
-    stats["target_forwards"] += 1
-    stats["positions_computed"] += B * N
+    ids_BN, stats = complete(model, coarse_BN, cond_B, generator, stats, fine_temperature, fine_top_k)
     stats["seconds"] = time.perf_counter() - t0
     return ids_BN, stats
 
 
 @SAMPLERS.register("ctf", CTFSamplerConfig)
-def build_ctf_sampler(cfg):
-    return keyword_sampler(sample_ctf, cfg)
+class CTFSampler(Sampler):
+    """Stage 1 next-token, then one stage-2 pass (:func:`sample_ctf`)."""
+
+    def __call__(self, model, cond_B, generator, progress=False, slots=0):
+        return sample_ctf(model, cond_B, generator=generator, progress=progress, **self.options())

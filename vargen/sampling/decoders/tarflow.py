@@ -1,7 +1,8 @@
 """Sampling a :class:`~vargen.models.tarflow.TarFlow`: sequential, Jacobi and GS-Jacobi inversion.
 
 Inverting one block means solving u = G(u) with G(u)_i = z_i exp(a_i(u_<i)) + b_i(u_<i)
-in the block's permuted order (spec models.md 3b, 4). G is strictly causal, so:
+in the block's permuted order (TarFlow arXiv:2412.06329; GS-Jacobi arXiv:2505.12849). G is
+strictly causal, so:
 
 - **sequential** (TarFlow's sampler, the baseline): T-1 single-token passes with a KV
   cache, token i's pass giving (a, b) of token i+1;
@@ -38,7 +39,8 @@ import torch
 from tqdm.auto import tqdm
 
 from vargen.registry import SAMPLERS
-from vargen.sampling.ar_decode import new_stats
+from vargen.sampling.base import Sampler
+from vargen.sampling.stats import new_stats
 from vargen_kernels.tarflow_step import tarflow_step
 
 METHODS = ("sequential", "jacobi", "gs_jacobi")
@@ -628,7 +630,7 @@ def sample_tarflow_continuous(
     return model.to_images(x), stats
 
 
-# ---------------------------------------------------------------------- strategy (spec 4d)
+# ---------------------------------------------------------------------- strategy (GS-Jacobi)
 @torch.no_grad()
 def crm_igm(model, images_BCHW) -> dict:
     """Per-block strategy metrics from real images, model block order, each (num_blocks,).
@@ -773,30 +775,41 @@ class TarFlowSamplerConfig:
 
 
 @SAMPLERS.register("tarflow", TarFlowSamplerConfig)
-def build_tarflow_sampler(cfg):
-    """A callable ``(model, cond_B, generator, progress) -> (images, stats)`` for the config.
+class TarFlowSampler(Sampler):
+    """Inverts the flow's blocks as the config says (:func:`sample_tarflow`), images in [0, 1].
 
-    ``method=auto`` measures the plan on the first call for a model (:func:`calibrate_policy`
-    on ``calib`` rows of its own seeded noise, guided like the sampler): plain Jacobi per
-    block unless the cap ``max_iters`` forced tokens there, then GS-Jacobi. With the default
-    cap 0 every block stays Jacobi (exact, at most T-1 passes). ``run.policy`` holds the
-    plans, ``run.calibration`` the measurements; ``stats["plans"]`` and
-    ``stats["calibration_passes"]`` carry them into metrics.json. Jacobi and auto samplers
-    are ``continuous``: called with ``slots=`` and all labels they refill freed batch rows.
+    ``method=auto`` measures the plan in :meth:`setup` for the run's model
+    (:func:`calibrate_policy` on ``calib`` rows of its own seeded noise, guided like the
+    sampler): plain Jacobi per block unless the cap ``max_iters`` forced tokens there, then
+    GS-Jacobi. With the default cap 0 every block stays Jacobi (exact, at most T-1 passes).
+    ``policy`` holds the plans, ``calibration`` the measurements; ``stats["plans"]`` and
+    ``stats["calibration_passes"]`` carry them into metrics.json. Jacobi and auto samplers are
+    ``continuous``: called with ``slots > 0`` and all labels they refill freed batch rows.
     """
-    drop = ("name", "gs_blocks", "gs_max_iters", "clamp", "calib", "calib_seed", "backend")
-    kw = {k: v for k, v in dict(cfg).items() if k not in drop}
-    gs_blocks, gs_max_iters = list(cfg["gs_blocks"]), cfg["gs_max_iters"]
-    clamp = cfg["clamp"] or None
-    auto = kw["method"] == "auto"
-    if auto:
-        kw["method"] = "jacobi"  # overridden per block by the measured policy
 
-    def calibrate(model):
+    DROP = ("name", "gs_blocks", "gs_max_iters", "clamp", "calib", "calib_seed", "backend")
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.kw = {k: v for k, v in dict(cfg).items() if k not in self.DROP}
+        self.auto = self.kw["method"] == "auto"
+        if self.auto:
+            self.kw["method"] = "jacobi"  # overridden per block by the measured policy
+        self.gs_blocks, self.clamp = list(cfg["gs_blocks"]), cfg["clamp"] or None
+        self.policy, self.calibration, self.calibrated_for = None, None, None
+        # rows refill freed slots only in plain Jacobi (auto: its Jacobi blocks); sequential and
+        # GS-Jacobi rows all take the same passes, and the sequential images stay as they were
+        self.continuous = cfg["method"] in ("jacobi", "auto") and not self.gs_blocks
+
+    def setup(self, ctx):
+        """``auto``: measure the policy for the run's model."""
+        if not self.auto:
+            return
+        model, kw, cfg = ctx.model, self.kw, self.cfg
         p = next(model.parameters())
         labels = torch.arange(cfg["calib"], device=p.device) % model.num_classes
         g = torch.Generator(device=p.device).manual_seed(cfg["calib_seed"])
-        run.policy, run.calibration = calibrate_policy(
+        self.policy, self.calibration = calibrate_policy(
             model,
             labels,
             g,
@@ -804,30 +817,32 @@ def build_tarflow_sampler(cfg):
             max_iters=kw["max_iters"],
             tol=kw["tol"],
             gs_segments=kw["segments"],
-            gs_max_iters=gs_max_iters,
-            clamp=clamp,
+            gs_max_iters=cfg["gs_max_iters"],
+            clamp=self.clamp,
             guidance=None if kw["cfg_scale"] == 1.0 else kw["cfg_scale"] - 1.0,
             check_every=_check_every(kw["check_every"], p.device),
             attn_temp=kw["attn_temp"],
         )
-        run.calibrated_for = model
+        self.calibrated_for = model
 
-    def run(model, cond_B, generator, progress=False, slots: int | None = None):
-        """``slots``: ``cond_B`` holds ALL labels, sampled through that many batch rows with
-        refilling (:func:`sample_tarflow_continuous`; only where ``run.continuous``)."""
-        policy = None
-        if auto:
-            if run.calibrated_for is not model:
-                calibrate(model)
-            policy = run.policy
-        if gs_blocks:
+    def __call__(self, model, cond_B, generator, progress=False, slots=0):
+        """``slots > 0``: ``cond_B`` holds ALL labels, sampled through that many batch rows with
+        refilling (:func:`sample_tarflow_continuous`; only where ``continuous``)."""
+        kw, policy = self.kw, None
+        if self.auto:
+            if self.calibrated_for is not model:
+                raise RuntimeError("sampler.method=auto measures its policy in setup(ctx) for this model")
+            policy = self.policy
+        if self.gs_blocks:
             n = len(model.blocks)
-            policy = stack_policy(n, gs_blocks, kw["segments"], gs_max_iters, kw["max_iters"], kw["init"])
+            policy = stack_policy(
+                n, self.gs_blocks, kw["segments"], self.cfg["gs_max_iters"], kw["max_iters"], kw["init"]
+            )
             policy = [replace(pl, window=kw["window"]) for pl in policy]
-        if slots is not None:
-            if not run.continuous:
+        if slots > 0:
+            if not self.continuous:
                 raise ValueError(
-                    f"sampler.method={cfg['method']} has no continuous batching (plain Jacobi only)"
+                    f"sampler.method={self.cfg['method']} has no continuous batching (plain Jacobi only)"
                 )
             images, stats = sample_tarflow_continuous(
                 model,
@@ -835,21 +850,15 @@ def build_tarflow_sampler(cfg):
                 generator=generator,
                 slots=slots,
                 policy=policy,
-                clamp=clamp,
+                clamp=self.clamp,
                 progress=progress,
-                backend=dict(cfg).get("backend", "auto"),
+                backend=self.cfg["backend"],
                 **kw,
             )
         else:
             images, stats = sample_tarflow(
-                model, cond_B, generator=generator, policy=policy, clamp=clamp, progress=progress, **kw
+                model, cond_B, generator=generator, policy=policy, clamp=self.clamp, progress=progress, **kw
             )
-        if auto:
-            stats["calibration_passes"] = list(run.calibration["passes"])
+        if self.auto:
+            stats["calibration_passes"] = list(self.calibration["passes"])
         return images, stats
-
-    run.policy, run.calibration, run.calibrated_for = None, None, None
-    # rows refill freed slots only in plain Jacobi (auto: its Jacobi blocks); sequential and
-    # GS-Jacobi rows all take the same passes, and the sequential images stay as they were
-    run.continuous = cfg["method"] in ("jacobi", "auto") and not gs_blocks
-    return run

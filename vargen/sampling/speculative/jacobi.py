@@ -1,0 +1,155 @@
+"""Speculative Jacobi decoding (SJD, Teng et al. ICLR 2025): a self-speculative sampler, no
+draft model.
+
+SJD: arXiv:2410.01699. A window of L-1 draft tokens, each with the
+distribution q it was drawn from (one-hot for the random initial tokens), is verified in one
+target call; the test and residual are those of :mod:`vargen.sampling.speculative.verify`.
+Jacobi update: the next drafts are the target's own samples at the uncommitted window
+positions, with q = that position's p, padded with fresh random tokens. GSD
+(:mod:`vargen.sampling.speculative.gsd`) runs this loop with its group ratio. The model only
+needs the token-AR contract (:mod:`vargen.models.generator`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vargen.registry import SAMPLERS
+from vargen.sampling.base import Sampler
+from vargen.sampling.decoders.ar import complete
+from vargen.sampling.speculative.verify import (
+    COUNTERS,
+    RowQueue,
+    WindowScorer,
+    accept_and_correct,
+    token_ratio,
+    token_residual,
+    verify_counts,
+    warp_kwargs,
+)
+from vargen.sampling.stats import finish_speculative, new_stats
+
+
+@torch.no_grad()
+def sample_jacobi(
+    model,
+    cond_B,
+    *,
+    generator,
+    window=16,
+    ratio_fn=token_ratio,
+    residual_fn=token_residual,
+    use_cache=True,
+    slots=0,
+    backend="auto",
+    **warp,
+):
+    """SJD with window L = ``window`` (L-1 drafts + 1); ``ratio_fn(p, q, x)`` is the acceptance
+    ratio (token-level for SJD, a GSD group ratio for GSD), ``residual_fn(p, q)`` what a
+    rejection resamples from (token-level, or GSD's group-exact one). ``use_cache``: KV-cached
+    windows on a ragged cache rolled back to each row's committed length (1b(a).5 "delete the
+    rejected KV entries"), else full prefix recompute; both draw the same tokens.
+    ``slots``: rows run at a time (continuous batching as in :mod:`vargen.sampling.speculative`;
+    0 = every sample at once); a refilled row restarts from random drafts with one-hot q.
+    ``backend``: how the verification (:func:`accept_and_correct`) and the cached windows'
+    attention run; all draw the same ids (to float rounding of the attention).
+
+    Random draws per iteration, all (slots, ...): :func:`accept_and_correct`'s, then (slots, g)
+    random ids that pad the Jacobi update and restart refilled rows; (slots, g) random initial
+    drafts before the first iteration. Returns (ids_NT in input order, stats)."""
+    t0 = time.perf_counter()
+    cond_N = cond_B  # every pending sample (the keyword keeps its historical name)
+    if window < 1:
+        raise ValueError(f"sampler.window must be >= 1, got {window}")
+    warp = {"cfg_scale": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, **warp}
+    T, V = model.num_tokens, model.vocab_size
+    device = cond_N.device
+    g = window - 1
+    rows = RowQueue(cond_N, slots, T, window)
+    B = rows.R
+    rand_ids = lambda: torch.randint(V, (B, g), generator=generator, device=generator.device).to(device)  # noqa: E731
+    draft_Bg = rand_ids()  # random initial tokens with one-hot q (1b(a) state)
+    q_BgV = F.one_hot(draft_Bg, V).float()
+    stats = {**new_stats(), "syncs": 0}
+    counts = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
+    scorer = WindowScorer(model, rows.cond_B, warp, stats, use_cache, window, backend)
+    ar_g = torch.arange(g, device=device)
+    group = getattr(residual_fn, "group", None)
+    fused = (ratio_fn is token_ratio and residual_fn is token_residual) or (
+        group is not None and getattr(ratio_fn, "group", None) == group
+    )
+    for _ in rows.iterations(window, stats, (scorer,)):
+        active_B = rows.active()
+        len_B, ids_BX = rows.len_B, rows.ids_BX
+        ids_BX.scatter_(1, len_B[:, None] + ar_g, draft_Bg)  # drafts at len .. len+g-1 (padded)
+        p_BWV = scorer.window(ids_BX, len_B, window)  # inputs: last committed token + drafts
+        stats["target_forwards"] += 1
+        # matching token or group-exact pairs: the ratio is computed inside the fused verification
+        ratio_Bg = None if fused else ratio_fn(p_BWV[:, :g], q_BgV, draft_Bg)
+        n_B, z_B, y_BW, cap_B = accept_and_correct(
+            p_BWV, q_BgV, draft_Bg, ratio_Bg, T - len_B, generator, residual_fn, backend
+        )
+        ids_BX.scatter_(1, (len_B + n_B)[:, None], z_B[:, None])
+        counts += verify_counts(n_B, cap_B, active_B, 0)
+        rows.len_B = len_B + (n_B + 1) * active_B
+        # Jacobi update (1b(a).5): slot j of the next window is window position n + 1 + j
+        src_Bg = n_B[:, None] + 1 + ar_g
+        has_Bg = src_Bg < window
+        src_Bg = src_Bg.clamp(max=window - 1)
+        fresh_Bg = rand_ids()
+        if rows.R < rows.N:  # a refilled row restarts from random drafts with its own class
+            has_Bg = has_Bg & ~rows.refill()[:, None]
+            scorer.set_cond(rows.cond_B)
+        draft_Bg = torch.where(has_Bg, y_BW.gather(1, src_Bg), fresh_Bg)
+        p_src = p_BWV.gather(1, src_Bg[..., None].expand(B, g, V))
+        q_BgV = p_src.masked_fill(~has_Bg[..., None], 0.0)  # one-hot q for the random drafts:
+        q_BgV.scatter_add_(2, fresh_Bg[..., None], (~has_Bg[..., None]).to(q_BgV.dtype))
+        scorer.commit(rows.len_B)
+    return rows.ids(), finish_speculative(stats, rows.N, rows.N * T, t0, counts)
+
+
+@dataclass
+class SJDConfig:
+    name: str = "sjd"
+    window: int = 16  # L (reference max_num_new_tokens)
+    use_cache: bool = True  # False: recompute the whole prefix every call (baseline)
+    cfg_scale: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
+
+
+def check_window(cfg):
+    if cfg.window < 1:
+        raise ValueError(f"sampler.window must be >= 1, got {cfg.window}")
+
+
+@SAMPLERS.register("sjd", SJDConfig)
+class SJDSampler(Sampler):
+    """SJD (:func:`sample_jacobi`); continuous: every label at once with ``slots`` rows."""
+
+    continuous = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        check_window(cfg)
+
+    def __call__(self, model, cond_B, generator, progress=False, slots=0):
+        ar, c = model.next_token_model, self.cfg
+        cond_B = cond_B.to(ar.device)
+        ids, stats = sample_jacobi(
+            ar,
+            cond_B,
+            generator=generator,
+            window=c.window,
+            use_cache=c.use_cache,
+            slots=slots,
+            backend=c.backend,
+            **warp_kwargs(c),
+        )
+        return complete(model, ids, cond_B, generator, stats)
