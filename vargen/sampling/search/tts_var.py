@@ -1,7 +1,7 @@
 """TTS-VAR: test-time search over a next-scale model (Chen et al., NeurIPS 2025, arXiv:2507.18537).
 
-Follows ali-vilab/TTS-VAR
-(``utils_model.py::cus_autoregressive_infer_cfg_dino``). Per requested label the search
+Follows ali-vilab/TTS-VAR (``utils_model.py::cus_autoregressive_infer_cfg_dino``). Per
+requested label the search
 starts ``b_0 * N`` candidates and walks the scales with a descending batch schedule
 ``b_k * N`` (``b_k`` candidates *survive* scale k). Where the schedule drops
 (``b_k < b_{k-1}``), scale k is decoded with the ``b_{k-1} * N`` surviving candidates
