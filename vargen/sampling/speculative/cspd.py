@@ -1,6 +1,7 @@
 """Continuous speculative decoding (CSpD) of a token-entity xAR model with MAR's diffusion head.
 
-The verification step is :mod:`vargen.sampling.speculative.cspd_verify`. Target and draft are ``xar`` models with ``entity: token`` and head ``mar_diffusion`` on the same
+The verification step is :mod:`vargen.sampling.speculative.cspd_verify`. Target and draft
+are ``xar`` models with ``entity: token`` and head ``mar_diffusion`` on the same
 tokenizer (the draft smaller). One iteration over the rows in flight:
 
 1. the draft proposes g_b = min(gamma, room_b - 1) tokens (0 while a row is still pre-filling)
