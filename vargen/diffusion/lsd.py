@@ -35,7 +35,7 @@ sharpening (c > 1). With an exact network every per-position distance has the ba
 marginals at its optimum; the few-step error is joint (tokens unmasked in one step are drawn
 independently), which no per-position alignment sees.
 
-:func:`teacher_forced_loss` (objective ``teacher_forced``) is the earlier vargen objective: it
+:func:`teacher_forced_loss` (objective ``teacher_forced``) is the per-position alternative: it
 scores the student's transition from the *teacher's* state (snapped to the nearest teacher time),
 whose optimum is exactly the base sampler on the toy.
 """

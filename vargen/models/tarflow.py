@@ -15,9 +15,10 @@ so the Jacobian is triangular and log|det| = -sum(a). The output projection star
 zero, which makes a fresh model the identity flow. The architecture is apple/ml-tarflow's
 MetaBlock (pre-LN layers, the residual stream straight into proj_out): with its weights
 copied in, the forward agrees to float32 rounding and the KV-cached inverse bit for bit
-(tests/test_tarflow_reference.py); ``final_norm`` adds the LayerNorm older vargen models had. Class conditioning adds a learned
-per-block class embedding to every token; the null class (index ``num_classes``, used for
-dropped labels and the unconditional guidance stream) takes the MEAN class embedding.
+(tests/test_tarflow_reference.py); ``final_norm`` adds a LayerNorm before proj_out (the photos
+zoo model was trained with it). Class conditioning adds a learned per-block class embedding to
+every token; the null class (index ``num_classes``, used for dropped labels and the unconditional
+guidance stream) takes the MEAN class embedding.
 
 The model never samples: :mod:`vargen.sampling.decoders.tarflow` inverts the blocks with
 :meth:`FlowBlock.params` and a :class:`~vargen.nn.kv_cache.KVCache`.
@@ -239,7 +240,7 @@ class TarFlow(Generator):
         return {"loss": loss, "bpd": bpd, "logdet": logdet_B.mean().detach(), "prior": prior.detach()}
 
     def denoise(self, x_BTC, cond_B):
-        """Tweedie step x + sigma^2 grad log p(x) with sigma = ``noise_std`` (spec 3b.4).
+        """Tweedie step x + sigma^2 grad log p(x) with sigma = ``noise_std`` (TarFlow, arXiv 2412.06329, denoising step).
 
         The model learned the density of data plus N(0, sigma^2) noise, so this is the
         posterior mean of the clean tokens given the sampled (noisy) ones.
