@@ -3,7 +3,6 @@ denoisers the target is Gaussian in closed form, and at equal network evaluation
 sampler-side FKC (vargen.diffusion.fkc.fkc_cfg_ddpm) lands closer to it than plain CFG, whose
 guided chain has a bias that more steps do not remove."""
 
-
 from benchmarks.diffusion_fkc_target import CASES, errors, sample
 
 

@@ -240,7 +240,7 @@ class TarFlow(Generator):
         return {"loss": loss, "bpd": bpd, "logdet": logdet_B.mean().detach(), "prior": prior.detach()}
 
     def denoise(self, x_BTC, cond_B):
-        """Tweedie step x + sigma^2 grad log p(x) with sigma = ``noise_std`` (TarFlow, arXiv 2412.06329, denoising step).
+        """Tweedie step x + sigma^2 grad log p(x) with sigma = ``noise_std`` (TarFlow, arXiv 2412.06329).
 
         The model learned the density of data plus N(0, sigma^2) noise, so this is the
         posterior mean of the clean tokens given the sampled (noisy) ones.
