@@ -21,12 +21,8 @@ import_components()
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only spins on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # conftest: tiny tensors, one intra-op thread
     yield
-    torch.set_num_threads(n)
 
 
 def seeded(seed):

@@ -17,12 +17,8 @@ T, CP = 16, 4  # 8x8 gray images, patch 2
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only spins on a shared 2-core machine (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # conftest: tiny tensors, one intra-op thread
     yield
-    torch.set_num_threads(n)
 
 
 def data(B=3, seed=0, dtype=torch.float64):

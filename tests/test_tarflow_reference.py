@@ -21,17 +21,14 @@ import pytest
 import torch
 
 from vargen.models.tarflow import TarFlow, TarFlowConfig
-from vargen.sampling import tarflow_sampling as ts
+from vargen.sampling.decoders import tarflow as ts
 
 T, CP, D, HEADS = 16, 4, 16, 2  # 8x8 gray images in 2x2 patches
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # conftest: tiny tensors, one intra-op thread
     yield
-    torch.set_num_threads(n)
 
 
 def flow(dtype=torch.float64, blocks=2, seed=0, scale=0.3):
