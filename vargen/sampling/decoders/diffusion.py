@@ -82,8 +82,7 @@ def guided_eps_fn(model, cond_B: torch.Tensor, cfg_scale: float, stats: dict):
 
 def _pair(model, x, t_B, cond_B, stats):
     """(eps_c, eps_u) from one call on 2B rows (rows B.. carry the null class)."""
-    null = torch.full_like(cond_B, model.null_class)
-    e = predict_eps(model, torch.cat([x, x]), torch.cat([t_B, t_B]), torch.cat([cond_B, null]))
+    e = predict_eps(model, torch.cat([x, x]), torch.cat([t_B, t_B]), model.guidance_labels(cond_B))
     stats["net_evals"] += 2 * x.shape[0]
     return e.chunk(2)
 

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
+from vargen.models.generator import guidance_labels
 from vargen.registry import SAMPLERS
 from vargen.sampling.base import Sampler
 from vargen.sampling.stats import new_stats
@@ -72,9 +73,7 @@ class BlockPlan:
 
 def _cond_rows(block, cond_B, guidance):
     """Labels of the rows of one pass: (B,), or (2B,) = conditional then null when guided."""
-    if guidance is None:
-        return cond_B
-    return torch.cat([cond_B, torch.full_like(cond_B, block.null_class)])
+    return guidance_labels(cond_B, block.null_class, guidance is not None)
 
 
 def _stream_rows(u_BLC, guidance):
@@ -643,9 +642,8 @@ def crm_igm(model, images_BCHW) -> dict:
     of proj_out: a Lipschitz-style proxy for how strongly tokens couple. IGM for each init =
     ||mean_B(G(u^0) - u_true)||_2: one Jacobi step from that guess on the true z.
     """
-    p = next(model.parameters())
-    x = model.to_tokens(images_BCHW.to(p.device, p.dtype))  # (B, T, C)
-    null_B = torch.full((x.shape[0],), model.null_class, dtype=torch.long, device=p.device)
+    x = model.to_tokens(images_BCHW.to(model.device, model.dtype))  # (B, T, C)
+    null_B = torch.full((x.shape[0],), model.null_class, dtype=torch.long, device=model.device)
     C = model.token_dim
     out = {"crm": [], "igm_z": [], "igm_zero": []}
     for block in model.blocks:
