@@ -17,6 +17,7 @@ hands it every label at once with ``slots`` rows in flight, and it refills finis
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -72,7 +73,7 @@ class SamplerContext:
         return data.train_images[pick].to(self.device), data.train_labels[pick].to(self.device)
 
 
-class Sampler:
+class Sampler(ABC):
     """Base class of every registered sampler: ``cfg`` is its validated config section."""
 
     continuous: bool = False  # True: gets every label at once with ``slots`` rows in flight
@@ -83,9 +84,9 @@ class Sampler:
     def setup(self, ctx: SamplerContext) -> None:
         """Prepare for a run (load drafts or classifiers, read data); the default needs nothing."""
 
+    @abstractmethod
     def __call__(self, model, cond_B: torch.Tensor, generator: torch.Generator, progress=False, slots=0):
         """Draw for the labels ``cond_B`` with ``generator``; returns (out, stats)."""
-        raise NotImplementedError
 
     def options(self) -> dict:
         """The config fields but ``name``, as keywords for the sampler's function."""
