@@ -83,6 +83,7 @@ class Sampler(ABC):
 
     def setup(self, ctx: SamplerContext) -> None:
         """Prepare for a run (load drafts or classifiers, read data); the default needs nothing."""
+        return None
 
     @abstractmethod
     def __call__(self, model, cond_B: torch.Tensor, generator: torch.Generator, progress=False, slots=0):
