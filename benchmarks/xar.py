@@ -188,11 +188,30 @@ def _encode_once():
         tasks.encode_all = real
 
 
+def tokenizer_floor(data_cfg, tokenizer, evaluator, n: int, seeds) -> dict:
+    """FID of ``n`` training crops (drawn per seed) passed through the tokenizer: what a perfect
+    generator would score at this sample count (FID on a few dozen images is dominated by its bias,
+    so the floor gives the photos table its scale). {"fid_mean", "fid_std", "fids"}."""
+    import statistics
+
+    from vargen.data import build_dataset
+
+    images = build_dataset(data_cfg).train_images
+    fids = []
+    for seed in seeds:
+        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+        with torch.no_grad():
+            recon = tokenizer.decode(tokenizer.encode(images[idx])).clamp(0, 1)  # (n, C, H, W)
+        fids.append(evaluator.score(recon))
+    return {"fid_mean": statistics.mean(fids), "fid_std": statistics.stdev(fids), "fids": fids}
+
+
 def photos(args):
     """The photos workload (see the module docstring): each variant trained, swept over 3 seeds and
     written to benchmarks/results/xar_photos.json before the next one starts."""
     from benchmarks.zoo import Zoo
     from vargen.checkpoint import load_component, load_tokenizer_for
+    from vargen.config import load_run_config
     from vargen.eval import FIDEvaluator
     from vargen.sampling.decoders.xar import sample_xar
     from vargen.sampling.generate import class_labels
@@ -209,8 +228,13 @@ def photos(args):
         "solver_steps_per_entity": solver_steps,
         "tokens": 256,
     }
-    rows, evaluator, labels = [], None, None
+    rows, labels = [], None
     draw = lambda m, c, g: sample_xar(m, c, generator=g, cfg_scale=args.cfg_scale, num_steps=solver_steps)  # noqa: E731
+    cfg = load_run_config(os.path.join(ROOT, "configs", "photos_xar.yaml"), common)
+    evaluator = FIDEvaluator.for_dataset(dict(cfg.data), split="heldout")
+    floor = tokenizer_floor(cfg.data, load_tokenizer_for(cfg), evaluator, n, seeds)
+    flat["tokenizer_floor.fid_mean"], flat["tokenizer_floor.fid_std"] = floor["fid_mean"], floor["fid_std"]
+    print(f"[xar photos] tokenizer floor: FID {floor['fid_mean']:.2f} ± {floor['fid_std']:.2f}", flush=True)
     with _encode_once():  # one encoding of the crops for every variant
         for key in args.only or PHOTOS_VARIANTS:
             t0 = time.perf_counter()
@@ -218,7 +242,6 @@ def photos(args):
             flat[f"{key}.train_seconds"] = time.perf_counter() - t0
             model, cfg = load_component(out)
             flat[f"{key}.params"] = sum(p.numel() for p in model.parameters())
-            evaluator = evaluator or FIDEvaluator.for_dataset(dict(cfg.data), split="heldout")
             labels = class_labels(n, model.num_classes, []) if labels is None else labels
             swept = sweep(
                 {key: Method(model, load_tokenizer_for(cfg), draw)}, labels, seeds, evaluator, batch
