@@ -101,6 +101,12 @@ def parse_args(argv=None):
     p.add_argument("--workload", choices=("digits", "photos"), default="digits")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--only", nargs="*", default=None, help="a subset of the variants")
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=None,
+        help="photos: other training steps than the setting's (own runs folder, xar_photos_s<N>.json)",
+    )
     args = p.parse_args(argv)
     known = PHOTOS_VARIANTS if args.workload == "photos" else VARIANTS
     unknown = sorted(set(args.only or ()) - set(known))
@@ -217,8 +223,11 @@ def photos(args):
     from vargen.sampling.generate import class_labels
 
     steps, n, solver_steps = PHOTOS_SETTING[args.quick]
+    topic, suffix = "xar_photos", ""
+    if args.train_steps:
+        steps, suffix = args.train_steps, f"_s{args.train_steps}"
     kl_dir = Zoo().get("photos_kl")
-    root = os.path.join(ROOT, "runs", f"bench_xar_photos_{'quick' if args.quick else 'full'}")
+    root = os.path.join(ROOT, "runs", f"bench_xar_photos_{'quick' if args.quick else 'full'}{suffix}")
     seeds, batch = [0, 1, 2], n
     common = [f"tokenizer_ckpt={kl_dir}", *PHOTOS_MODEL, f"model.head.num_sampling_steps={solver_steps}"]
     flat = {
@@ -252,9 +261,9 @@ def photos(args):
                 f"[xar photos] {key}: FID {rows[-1]['fid']}, sampling {swept[key]['seconds']:.0f} s",
                 flush=True,
             )
-            write_results("xar_photos", flat, meta(args.quick, seeds), chart=("nfe", "fid_mean"))
+            write_results(topic + suffix, flat, meta(args.quick, seeds), chart=("nfe", "fid_mean"))
     print_table(rows, [*COLUMNS, "train_seconds"])
-    print("wrote", os.path.join("benchmarks", "results", "xar_photos.json"))
+    print("wrote", os.path.join("benchmarks", "results", f"{topic}{suffix}.json"))
 
 
 if __name__ == "__main__":
