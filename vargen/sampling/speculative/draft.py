@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from vargen.registry import SAMPLERS
-from vargen.sampling.base import Sampler
+from vargen.sampling.base import Sampler, inference
 from vargen.sampling.decoders.ar import complete
 from vargen.sampling.speculative.verify import (
     COUNTERS,
@@ -48,7 +48,7 @@ class SpeculativeConfig:
     backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
 
 
-@torch.no_grad()
+@inference
 def sample_speculative(
     target, draft, cond_B, *, generator, gamma=4, use_cache=True, slots=0, backend="auto", **warp
 ):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from vargen.registry import SAMPLERS
-from vargen.sampling.base import Sampler
+from vargen.sampling.base import Sampler, inference
 from vargen.sampling.decoders.ar import complete
 from vargen.sampling.speculative.verify import (
     COUNTERS,
@@ -34,7 +34,7 @@ from vargen.sampling.speculative.verify import (
 from vargen.sampling.stats import finish_speculative, new_stats
 
 
-@torch.no_grad()
+@inference
 def sample_jacobi(
     model,
     cond_B,
@@ -105,9 +105,9 @@ def sample_jacobi(
             has_Bg = has_Bg & ~rows.refill()[:, None]
             scorer.set_cond(rows.cond_B)
         draft_Bg = torch.where(has_Bg, y_BW.gather(1, src_Bg), fresh_Bg)
-        p_src = p_BWV.gather(1, src_Bg[..., None].expand(B, g, V))
-        q_BgV = p_src.masked_fill(~has_Bg[..., None], 0.0)  # one-hot q for the random drafts:
-        q_BgV.scatter_add_(2, fresh_Bg[..., None], (~has_Bg[..., None]).to(q_BgV.dtype))
+        fresh_Bg1 = ~has_Bg[..., None]
+        q_BgV = p_BWV.gather(1, src_Bg[..., None].expand(B, g, V)).masked_fill_(fresh_Bg1, 0.0)
+        q_BgV.scatter_add_(2, fresh_Bg[..., None], fresh_Bg1.to(q_BgV.dtype))  # one-hot q for the random drafts
         scorer.commit(rows.len_B)
     return rows.ids(), finish_speculative(stats, rows.N, rows.N * T, t0, counts)
 
