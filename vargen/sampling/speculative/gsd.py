@@ -73,13 +73,13 @@ def rank_window(p_XV, x_X1, G: int):
     """
     V = p_XV.shape[-1]
     tie_V = torch.arange(V - 1, -1, -1, device=p_XV.device)  # smaller id first on ties
-    key = p_XV.float().view(torch.int32).long().mul_(V).add_(tie_V)  # (..., V) unique, < 2^42
+    key = torch.add(tie_V, p_XV.float().view(torch.int32), alpha=V)  # (..., V) int64, unique, < 2^42
     kx = key.gather(-1, x_X1)  # (..., 1)
     above_XV = key > kx
-    rank = above_XV.sum(-1, keepdim=True)  # (..., 1) x's rank, 0 = most likely
+    rank = torch.count_nonzero(above_XV, dim=-1).unsqueeze(-1)  # (..., 1) x's rank, 0 = most likely
     n_above = rank - (rank - G // 2).clamp(0, V - G)  # window tokens ranked before x
     big = torch.iinfo(key.dtype).max
-    above = key.masked_fill(~above_XV, big).topk(G - 1, largest=False).indices.flip(-1)  # nearest last
+    above = torch.where(above_XV, key, big).topk(G - 1, largest=False).indices.flip(-1)  # nearest last
     below = key.masked_fill_(above_XV, -1).topk(G).indices  # x (the largest key left), then nearest first
     win = torch.cat([above, below], -1)  # (..., 2G-1), x at G-1
     # index k is in the window iff G-1 <= k + n_above < 2G-1 (n_above before x, G-1-n_above after)
