@@ -44,9 +44,15 @@ from __future__ import annotations
 
 import torch
 
-from vargen.diffusion.absorbing import sample_chain, step_fractions, times_from_fractions, transition_probs
+from vargen.diffusion.absorbing import (
+    log_score_scale,
+    sample_chain,
+    step_fractions,
+    times_from_fractions,
+    transition_probs,
+)
 
-OBJECTIVES = ("own_trajectory", "teacher_forced")
+OBJECTIVES = ("own_trajectory", "score_l2", "teacher_forced")
 
 
 def student_times(step_logits_n: torch.Tensor, eps: float) -> torch.Tensor:
@@ -106,6 +112,34 @@ def distill_loss(
         kl = torch.xlogy(p, p) - p * torch.log(q.clamp_min(1e-30))  # (B, L, V+1)
         both = (x_s == V) & (x_t == V)  # (B, L)
         per_step.append((kl.sum(-1) * both).sum() / both.numel())
+    per_step = torch.stack(per_step)
+    return per_step.sum(), per_step
+
+
+def score_l2_loss(student_logp0, student_states, teacher_logp0, teacher_states, teacher_times, times_n1, coefs_n, eps):
+    """Objective ``score_l2``: the reference's returned quantities compared directly (module
+    docstring). The student's scaled log score c_i log s(x^s_{t_i}, t_i) (what the reference's
+    coefficient solver stores, sampler.py:108-110) against the teacher's log s(x^T_{t_i}, t_i), both at
+    the student's time t_i, squared over the V real tokens, on positions masked in both states:
+
+        L = sum_i E [ (1/L) sum_{l masked in x^s and x^T} sum_j (c_i log s_lj(x^s) - log s_lj(x^T))^2 ],
+        log s_lj(x; t) = log r(t) + log p0(x_l = j | x).
+
+    Arguments as :func:`distill_loss`; returns (loss, per-step losses (n,)). LSD+'s times get a
+    gradient through log r(t_i) on both sides.
+    """
+    n = times_n1.shape[0] - 1
+    idx = teacher_index_at(teacher_times, times_n1[:-1]).tolist()
+    per_step = []
+    for i in range(n):
+        x_s, x_t = student_states[i], teacher_states[idx[i]]
+        V = student_logp0[i].shape[-1]
+        with torch.no_grad():
+            lp_t = teacher_logp0(x_t)  # (B, L, V)
+        log_r = log_score_scale(times_n1[i], eps)
+        diff = coefs_n[i] * (log_r + student_logp0[i]) - (log_r + lp_t)  # (B, L, V)
+        both = (x_s == V) & (x_t == V)  # (B, L)
+        per_step.append((diff.square().sum(-1) * both).sum() / both.numel())
     per_step = torch.stack(per_step)
     return per_step.sum(), per_step
 
