@@ -6,7 +6,7 @@ objective on the enumerable toy.
 
 Trains (or resumes) into runs/bench_lsd_{quick,full}: the VQ tokenizer (configs/digits_vq.yaml),
 the masked diffusion model (configs/digits_mdm.yaml) and, from its 64-step Euler sampler as the
-teacher (configs/digits_lsd.yaml, the paper's own-trajectory objective), students: LSD+
+teacher (configs/digits_lsd.yaml, the own-trajectory objective), students: LSD+
 (coefficients and step sizes) at 8 and 4 steps, LSD (coefficients only) at 4, and a 4-step LSD+
 student with the earlier ``teacher_forced`` objective. Samples class-balanced sets, without
 guidance, with the teacher, the uniform Euler sampler at 8 and 4 steps and each student
@@ -26,7 +26,17 @@ import os
 
 import torch
 
-from benchmarks.common import RESULTS, ROOT, Method, flat_results, meta, print_table, sweep, train, write_results
+from benchmarks.common import (
+    RESULTS,
+    ROOT,
+    Method,
+    flat_results,
+    meta,
+    print_table,
+    sweep,
+    train,
+    write_results,
+)
 
 TEACHER_STEPS = 64
 SEEDS = (0, 1, 2)
@@ -43,7 +53,13 @@ def toy(n: int = 4, iters: int = 100, batch: int = 4096, teacher_steps: int = 64
     """Exact TVs on the enumerable toy (module docstring); deterministic (fixed generators)."""
     from tests.test_lsd import EPS, L, V, exact_terminal, toy_logp0, tv_to_p0
     from vargen.diffusion.absorbing import all_mask, sample_chain, uniform_times
-    from vargen.diffusion.lsd import distill_loss, score_l2_loss, student_rollout, student_times, teacher_forced_loss
+    from vargen.diffusion.lsd import (
+        distill_loss,
+        score_l2_loss,
+        student_rollout,
+        student_times,
+        teacher_forced_loss,
+    )
 
     teacher_times = uniform_times(teacher_steps, EPS)
 
@@ -165,7 +181,9 @@ def main(argv=None):
         old = json.load(open(path))
         flat = {k: v for k, v in old.items() if not k.startswith("lsd.toy.") and k != "meta"} | toy()
         print({k: v for k, v in flat.items() if k.startswith("lsd.toy.tv")})
-        print("wrote", write_results("diffusion_lsd", flat, old["meta"] | {"toy_rerun": meta(True, [])["date"]}))
+        print(
+            "wrote", write_results("diffusion_lsd", flat, old["meta"] | {"toy_rerun": meta(True, [])["date"]})
+        )
         return
     root = os.path.join(ROOT, "runs", f"bench_lsd_{'quick' if args.quick else 'full'}")
     flat = run(args.quick, root)

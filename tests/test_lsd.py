@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from vargen.diffusion.absorbing import all_mask, sample_chain, transition_probs, uniform_times
-from vargen.diffusion.lsd import distill_loss, score_l2_loss, student_rollout, student_times, teacher_forced_loss
+from vargen.diffusion.lsd import (
+    distill_loss,
+    score_l2_loss,
+    student_rollout,
+    student_times,
+    teacher_forced_loss,
+)
 
 V, L, EPS = 3, 2, 1e-3
 P0 = torch.tensor([[0.30, 0.04, 0.02], [0.03, 0.22, 0.05], [0.02, 0.07, 0.25]])
@@ -242,7 +248,9 @@ def test_score_l2_loss_by_hand():
     xt1 = torch.tensor([[V, 0]])
     teacher = [m, xt1, xt1, xt1, xt1]
     own = [m, m]
-    loss, per_step = score_l2_loss([toy_logp0(x) for x in own], own, toy_logp0, teacher, teacher_times, times, c, EPS)
+    loss, per_step = score_l2_loss(
+        [toy_logp0(x) for x in own], own, toy_logp0, teacher, teacher_times, times, c, EPS
+    )
 
     def log_r(t):
         return math.log((1 - (1 - EPS) * t) / ((1 - EPS) * t))
@@ -250,7 +258,12 @@ def test_score_l2_loss_by_hand():
     marg0, marg1 = P0.sum(1).tolist(), P0.sum(0).tolist()
     cond0 = (P0[:, 0] / P0[:, 0].sum()).tolist()
     step0 = sum(((1.1 - 1) * (log_r(1.0) + math.log(p))) ** 2 for p in marg0 + marg1) / 2
-    step1 = sum((0.8 * (log_r(0.6) + math.log(a)) - (log_r(0.6) + math.log(b))) ** 2 for a, b in zip(marg0, cond0)) / 2
+    step1 = (
+        sum(
+            (0.8 * (log_r(0.6) + math.log(a)) - (log_r(0.6) + math.log(b))) ** 2 for a, b in zip(marg0, cond0)
+        )
+        / 2
+    )
     assert abs(per_step[0].item() - step0) < 1e-4 * step0 and abs(per_step[1].item() - step1) < 1e-4 * step1
     assert abs(loss.item() - step0 - step1) < 1e-4 * (step0 + step1)
 

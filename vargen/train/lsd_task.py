@@ -4,10 +4,11 @@
 
 Each step draws ``train.batch_size`` class labels and teacher trajectories (``teacher_steps``
 uniform Euler steps from all-mask, states recorded, no gradient), runs the student on its own
-trajectory with its current coefficients and times (objective ``own_trajectory``, the paper's), and
-takes one Adam step on the student's coefficients (and, with ``model.learn_steps``, its step
-logits) to lower the LSD loss (vargen/diffusion/lsd.py; ``objective=teacher_forced`` is the earlier
-vargen loss on the teacher's states). The network itself is the teacher's and stays frozen. The batch of step
+trajectory with its current coefficients and times (objective ``own_trajectory``, the default, or
+``score_l2``), and takes one Adam step on the student's coefficients (and, with ``model.learn_steps``,
+its step logits) to lower the LSD loss (vargen/diffusion/lsd.py, which says what the reference code
+defines and what it leaves open; ``objective=teacher_forced`` is the earlier vargen loss on the
+teacher's states). The network itself is the teacher's and stays frozen. The batch of step
 s depends only on (seed, s), so ``train.resume=true`` continues exactly.
 
 Writes ``model.safetensors`` + ``checkpoints/`` (atomic, vargen/checkpoint.py; the teacher's
