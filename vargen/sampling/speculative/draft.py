@@ -45,16 +45,28 @@ class SpeculativeConfig:
     top_k: int = 0
     top_p: float = 1.0
     backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
+    compile: bool = False  # torch.compile both models' cached windows (ARTransformer.compile_decode)
 
 
 @inference
 def sample_speculative(
-    target, draft, cond_B, *, generator, gamma=4, use_cache=True, slots=0, backend="auto", **warp
+    target,
+    draft,
+    cond_B,
+    *,
+    generator,
+    gamma=4,
+    use_cache=True,
+    slots=0,
+    backend="auto",
+    compile=False,
+    **warp,
 ):
     """Draw ids (N, T) for the N classes ``cond_B`` from ``target`` with ``draft`` proposals,
     ``slots`` rows at a time (continuous batching; 0 = all at once); returns (ids_NT, stats).
     ``backend``: how the verification (:func:`accept_and_correct`) and the cached windows'
-    attention run; all draw the same ids (to float rounding of the attention)."""
+    attention run; all draw the same ids (to float rounding of the attention). ``compile``:
+    ``torch.compile`` both models' cached windows (widths gamma + 1, 2 and 1 compile once each)."""
     t0 = time.perf_counter()
     cond_N = cond_B  # every pending sample (the keyword keeps its historical name)
     if gamma < 1:
@@ -65,8 +77,8 @@ def sample_speculative(
     stats = {**new_stats(), "syncs": 0}
     draft_stats = new_stats()
     counts = CountLog(gamma, cond_N.device)
-    p_model = WindowScorer(target, rows.cond_B, warp, stats, use_cache, gamma + 1, backend)
-    q_model = WindowScorer(draft, rows.cond_B, warp, draft_stats, use_cache, gamma + 1, backend)
+    p_model = WindowScorer(target, rows.cond_B, warp, stats, use_cache, gamma + 1, backend, compile)
+    q_model = WindowScorer(draft, rows.cond_B, warp, draft_stats, use_cache, gamma + 1, backend, compile)
     for _ in rows.iterations(gamma + 1, stats, (p_model, q_model)):
         active_B = rows.active()
         len_B, ids_BX = rows.len_B, rows.ids_BX
@@ -135,6 +147,7 @@ class SpeculativeSampler(Sampler):
             use_cache=c.use_cache,
             slots=slots,
             backend=c.backend,
+            compile=c.compile,
             **warp_kwargs(c),
         )
         return complete(model, ids_NT, cond_N, generator, stats)

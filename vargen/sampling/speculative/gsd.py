@@ -185,6 +185,7 @@ class GSDConfig:
     top_k: int = 0
     top_p: float = 1.0
     backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
+    compile: bool = False  # torch.compile the cached windows (ARTransformer.compile_decode); slow to start
 
 
 @SAMPLERS.register("gsd", GSDConfig)
@@ -229,6 +230,7 @@ class GSDSampler(Sampler):
             use_cache=c.use_cache,
             slots=slots,
             backend=c.backend,
+            compile=c.compile,
             **warp_kwargs(c),
         )
         return complete(model, ids, cond_B, generator, stats)

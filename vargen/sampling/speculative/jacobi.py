@@ -45,6 +45,7 @@ def sample_jacobi(
     use_cache=True,
     slots=0,
     backend="auto",
+    compile=False,
     **warp,
 ):
     """SJD with window L = ``window`` (L-1 drafts + 1); ``ratio_fn(p, q, x)`` is the acceptance
@@ -55,7 +56,9 @@ def sample_jacobi(
     ``slots``: rows run at a time (continuous batching as in :mod:`vargen.sampling.speculative`;
     0 = every sample at once); a refilled row restarts from random drafts with one-hot q.
     ``backend``: how the verification (:func:`accept_and_correct`) and the cached windows'
-    attention run; all draw the same ids (to float rounding of the attention).
+    attention run; all draw the same ids (to float rounding of the attention). ``compile``:
+    ``torch.compile`` the cached windows (:meth:`ARTransformer.compile_decode`; same ids to
+    float rounding, slow to start).
 
     Random draws per iteration, all (slots, ...): :func:`accept_and_correct`'s, then (slots, g)
     random ids that pad the Jacobi update and restart refilled rows; (slots, g) random initial
@@ -75,7 +78,7 @@ def sample_jacobi(
     q_BgV = F.one_hot(draft_Bg, V).float()
     stats = {**new_stats(), "syncs": 0}
     counts = CountLog(0, device)
-    scorer = WindowScorer(model, rows.cond_B, warp, stats, use_cache, window, backend)
+    scorer = WindowScorer(model, rows.cond_B, warp, stats, use_cache, window, backend, compile)
     ar_g = torch.arange(g, device=device)
     group = getattr(residual_fn, "group", None)
     fused = (ratio_fn is token_ratio and residual_fn is token_residual) or (
@@ -121,6 +124,7 @@ class SJDConfig:
     top_k: int = 0
     top_p: float = 1.0
     backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
+    compile: bool = False  # torch.compile the cached windows (ARTransformer.compile_decode); slow to start
 
 
 def check_window(cfg):
@@ -149,6 +153,7 @@ class SJDSampler(Sampler):
             use_cache=c.use_cache,
             slots=slots,
             backend=c.backend,
+            compile=c.compile,
             **warp_kwargs(c),
         )
         return complete(model, ids, cond_B, generator, stats)

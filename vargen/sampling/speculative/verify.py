@@ -108,10 +108,25 @@ class WindowScorer:
     ``ids_BX`` may be wider than the sequence (padding that absorbs writes past the end);
     ``stats["positions_computed"]`` counts the sequence positions pushed through the model.
     ``backend``: how the cached forward's attention runs
-    (:func:`vargen_kernels.ragged_attention.ragged_attention`).
+    (:func:`vargen_kernels.ragged_attention.ragged_attention`). ``compile`` turns on
+    :meth:`ARTransformer.compile_decode` for the model (it stays on; each window width compiles
+    once, on first use): it changes the cost of cached windows, not the tokens, up to float
+    rounding.
     """
 
-    def __init__(self, model, cond_B, warp: dict, stats: dict, use_cache: bool, window: int, backend="auto"):
+    def __init__(
+        self,
+        model,
+        cond_B,
+        warp: dict,
+        stats: dict,
+        use_cache: bool,
+        window: int,
+        backend="auto",
+        compile=False,
+    ):
+        if compile and use_cache and getattr(model, "_compiled_window", None) is None:
+            model.compile_decode()
         self.model, self.warp, self.stats = model, warp, stats
         self.N = model.num_tokens
         self.guided = warp["cfg_scale"] != 1.0
