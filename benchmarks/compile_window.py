@@ -14,7 +14,9 @@ warm-up image per method whose time, minus a warm image's, is the compile time
 the images; ``*.ms_per_forward`` is per plain step or per window iteration (verification
 included), ``*.images_per_s`` = 1 / median. Ratios (> 1: the first is faster):
 ``ratio.gsd_c_vs_ar_c`` (compiled GSD vs compiled plain), ``ratio.gsd_c_vs_ar_e``,
-``ratio.sjd_c_vs_ar_c``, ``ratio.sjd_c_vs_ar_e``, ``ratio.ar_c_vs_ar_e``. Token equality of
+``ratio.sjd_c_vs_ar_c``, ``ratio.sjd_c_vs_ar_e``, ``ratio.<m>_c_vs_<m>_e``. ``fwd.*``: the
+model forward alone (ms, 2 rows, cache length 128): a plain step and a W=16 window, eager and
+compiled (:func:`forward_costs`). Token equality of
 compiled vs eager (same seed): ``*.same_images`` (images with every token equal) and
 ``*.token_match`` (fraction of equal tokens; a speculative sampler diverges after one flip).
 Writes benchmarks/results/compile_window.json.
@@ -57,6 +59,38 @@ def run(draw, cond_B, seed):
     return ids, stats, time.process_time() - t0, time.perf_counter() - w0
 
 
+@torch.inference_mode()
+def forward_costs(eager, compiled, length: int, reps: int) -> dict:
+    """Median CPU ms of the model forward alone at cache length ``length``, 2 rows (CFG at
+    batch 1), eager vs compiled, interleaved: one plain cached step (``fwd.step_e`` / ``_c``) and
+    one W=16 window (``fwd.window_e`` / ``_c``); the rest of a sampler iteration is
+    verification, warper and bookkeeping."""
+    cond = torch.tensor([0, eager.null_class])
+    ids = torch.zeros(2, length, dtype=torch.long)
+    prep = {}
+    for tag, m in (("e", eager), ("c", compiled)):
+        cache = m.new_cache(2)
+        m.forward_step(ids[:, :-1], cond, cache)  # class token + length - 1 ids
+        rag = m.new_ragged_cache(2, WINDOW)
+        for _ in range(length // WINDOW):
+            m.forward_window(torch.zeros(2, WINDOW, dtype=torch.long), cond, rag)
+        prep[tag] = (m, cache, rag)
+    one, win = ids[:, :1], torch.zeros(2, WINDOW, dtype=torch.long)
+    t = {f"fwd.{k}_{tag}": [] for k in ("step", "window") for tag in prep}
+    for _ in range(reps):
+        for tag, (m, cache, rag) in prep.items():
+            t0 = time.process_time()
+            m.forward_step(one, None, cache)
+            t[f"fwd.step_{tag}"].append(time.process_time() - t0)
+            cache.crop(length)
+            t0 = time.process_time()
+            m.forward_window(win, cond, rag)
+            t[f"fwd.window_{tag}"].append(time.process_time() - t0)
+            rag.rollback(torch.full((2,), length))
+            rag.bound = length
+    return {k: 1000 * statistics.median(v) for k, v in t.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="2 images")
@@ -78,7 +112,8 @@ def main():
     for name, draw in draws.items():  # warm-up: compiles (the compiled copy), then a warm image
         first = run(draw, torch.tensor([K - 1]), 1000)[2]
         warm = run(draw, torch.tensor([K - 1]), 1001)[2]
-        flat[f"{name}.compile_s"] = max(first - warm, 0.0)
+        if name.endswith("_c"):  # the eager methods' first image is only a slower warm-up
+            flat[f"{name}.compile_s"] = max(first - warm, 0.0)
         print(f"warm-up {name}: first image {first:.1f} s, next {warm:.2f} s", flush=True)
     ids = {n: [] for n in draws}
     fwd = {n: [] for n in draws}
@@ -90,6 +125,7 @@ def main():
             times[name].append(cpu)
             ids[name].append(out)
             fwd[name].append(stats["target_forwards"])
+    flat.update(forward_costs(eager, compiled, 128, 20 if args.quick else 100))
     rows = []
     for name in draws:
         med = statistics.median(times[name])
@@ -99,7 +135,7 @@ def main():
         flat[f"{name}.ms_per_forward"] = 1000 * med / nf
         flat[f"{name}.images_per_s"] = 1 / med
         row = {"method": name, "cpu_s": med, "forwards": nf, "ms_per_fwd": 1000 * med / nf}
-        row.update({"img_per_s": 1 / med, "compile_s": flat[f"{name}.compile_s"]})
+        row.update({"img_per_s": 1 / med, "compile_s": flat.get(f"{name}.compile_s")})
         if name.endswith("_c"):
             e = ids[name[:-1] + "e"]
             same = sum(bool(torch.equal(a, b)) for a, b in zip(ids[name], e))
@@ -116,7 +152,7 @@ def main():
         ["method", "cpu_s", "forwards", "ms_per_fwd", "img_per_s", "compile_s"]
         + ["same_imgs", "token_match"],
     )
-    print({k: round(v, 3) for k, v in flat.items() if k.startswith("ratio.")})
+    print({k: round(v, 3) for k, v in flat.items() if k.startswith(("ratio.", "fwd."))})
     print("wrote", write_results("compile_window", flat, meta(args.quick, seeds)))
 
 
