@@ -48,11 +48,18 @@ import torch
 from benchmarks.common import ROOT, Method, flat_results, meta, print_table, sweep, train, write_results
 
 SEEDS = (0, 1, 2)
-SCALES = (1.5, 3.0)  # 1.5: benchmarks/diffusion_image.py; 3.0: a tilt the classifier can see
+P = "fkc_images."  # every results key starts with it (benchmarks/diffusion.py merges the parts)
 
 
 def _settings(quick: bool) -> dict:
-    return {"n": 300 if quick else 1000, "fkc_steps": 8 if quick else 25, "particles": 4}
+    """Quick: w 3 only (FKC's increment w (w - 1) / 2 is 8x that at 1.5, the scale of
+    benchmarks/diffusion_image.py, which the full run adds)."""
+    return {
+        "n": 200 if quick else 1000,
+        "fkc_steps": 8 if quick else 25,
+        "particles": 4,
+        "scales": (3.0,) if quick else (1.5, 3.0),
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -204,25 +211,26 @@ def _nets(data_cfg):
     return classify, features, temp
 
 
-def run(quick: bool, root: str) -> tuple[dict, list]:
-    """Every scale x method x seed; returns (flat results, table rows)."""
+def run(quick: bool, ddpm_dir: str) -> tuple[dict, list]:
+    """Every scale x method x seed on the digits DDPM trained (or resumed) into ``ddpm_dir``;
+    returns (flat results, table rows)."""
     torch.set_num_threads(1)
     from vargen.checkpoint import load_component
     from vargen.data import build_dataset
     from vargen.eval.feature_net import _full_data_config
     from vargen.sampling.generate import class_labels
 
-    ckpt = train("digits_ddpm", os.path.join(root, "ddpm"), quick, quick_steps=800)
+    ckpt = train("digits_ddpm", ddpm_dir, quick, quick_steps=800)  # quick and full: the same 800 steps
     model, cfg = load_component(ckpt)
     data_cfg = dict(cfg.data)
     classify, features, temp = _nets(data_cfg)
     splits = build_dataset(_full_data_config(data_cfg))
     s = _settings(quick)
     labels = class_labels(s["n"], model.num_classes, [])
-    flat = {"temperature": temp, "samples_per_seed": s["n"], "fkc.steps": s["fkc_steps"]}
-    flat.update({"fkc.particles": s["particles"], "cfg.steps": s["particles"] * s["fkc_steps"]})
+    flat = {f"{P}temperature": temp, f"{P}samples_per_seed": s["n"], f"{P}fkc.steps": s["fkc_steps"]}
+    flat.update({f"{P}fkc.particles": s["particles"], f"{P}cfg.steps": s["particles"] * s["fkc_steps"]})
     rows = []
-    for w in SCALES:
+    for w in s["scales"]:
         ref = TargetReference(*splits.split("train"), classify, features, w)
         f, r = _one_scale(model, labels, ref, w, s["fkc_steps"], s["particles"], splits)
         flat.update(f)
@@ -234,9 +242,9 @@ def _one_scale(model, labels, ref: TargetReference, w: float, S: int, K: int, sp
     """The three samplers at scale ``w`` over :data:`SEEDS`, scored against ``ref``."""
     from vargen.sampling.decoders.diffusion import sample_ddim, sample_fkc_cfg
 
-    flat = {f"w{w}.target.{k}": v for k, v in ref.summary().items()}
+    flat = {f"{P}w{w}.target.{k}": v for k, v in ref.summary().items()}
     held = ref.score(*splits.split("heldout"), lambda lp, c: target_log_weights(lp, c, w))
-    flat.update({f"w{w}.heldout.{k}": v for k, v in held.items()})
+    flat.update({f"{P}w{w}.heldout.{k}": v for k, v in held.items()})
     methods = {  # images per batch: FKC's batch holds K particles per image
         "cfg_same_steps": (
             100,
@@ -261,14 +269,14 @@ def _one_scale(model, labels, ref: TargetReference, w: float, S: int, K: int, sp
     )
     for r in res.values():  # UNet rows per output image, every particle's included
         r["nfe"] = sum(st["net_evals"] for st in r["seed_stats"]) / (len(SEEDS) * labels.numel())
-    flat.update({f"w{w}.{k}": v for k, v in flat_results(res, ("nfe", "seconds")).items()})
+    flat.update({f"{P}w{w}.{k}": v for k, v in flat_results(res, ("nfe", "seconds")).items()})
     rows = []
     for name, sc in scores.items():
-        row = {"w": w, "method": name, "nfe": flat[f"w{w}.{name}.nfe"]}
+        row = {"w": w, "method": name, "nfe": flat[f"{P}w{w}.{name}.nfe"]}
         for k in sc[0]:
             vals = [d[k] for d in sc]
-            flat[f"w{w}.{name}.{k}"] = statistics.mean(vals)
-            flat[f"w{w}.{name}.{k}_std"] = statistics.stdev(vals)
+            flat[f"{P}w{w}.{name}.{k}"] = statistics.mean(vals)
+            flat[f"{P}w{w}.{name}.{k}_std"] = statistics.stdev(vals)
             row[k] = f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
         rows.append(row)
     rows.append({"w": w, "method": "heldout real (weighted)", **{k: f"{v:.3f}" for k, v in held.items()}})
@@ -276,10 +284,10 @@ def _one_scale(model, labels, ref: TargetReference, w: float, S: int, K: int, sp
         {
             "w": w,
             "method": "target (SNIS)",
-            "logp": f"{flat[f'w{w}.target.logp']:.3f}",
-            "ess_min": f"{flat[f'w{w}.target.ess_min']:.1f}",
-            "ess_mean": f"{flat[f'w{w}.target.ess_mean']:.1f}",
-            "fd_data": f"{flat[f'w{w}.target.target_vs_data_fd']:.3f}",
+            "logp": f"{flat[f'{P}w{w}.target.logp']:.3f}",
+            "ess_min": f"{flat[f'{P}w{w}.target.ess_min']:.1f}",
+            "ess_mean": f"{flat[f'{P}w{w}.target.ess_mean']:.1f}",
+            "fd_data": f"{flat[f'{P}w{w}.target.target_vs_data_fd']:.3f}",
         }
     )
     return flat, rows
@@ -287,11 +295,11 @@ def _one_scale(model, labels, ref: TargetReference, w: float, S: int, K: int, sp
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="300 samples per seed, FKC 8 steps x 4 particles")
+    p.add_argument("--quick", action="store_true", help="w 3, 200 samples per seed, FKC 8 x 4")
     args = p.parse_args(argv)
-    root = os.path.join(ROOT, "runs", "bench_fkc_images")  # quick and full train the same 800 steps
-    flat, rows = run(args.quick, root)
-    print(f"temperature {flat['temperature']:.3f}")
+    root = os.path.join(ROOT, "runs", f"bench_diffusion_{'quick' if args.quick else 'full'}")
+    flat, rows = run(args.quick, os.path.join(root, "bench_ddpm"))  # the DDPM of benchmarks/diffusion.py
+    print(f"temperature {flat[P + 'temperature']:.3f}")
     print_table(rows, ["w", "method", "nfe", "fd", "fd_data", "logp", "ess_min", "ess_mean"])
     print("wrote", write_results("diffusion_fkc_images", flat, meta(args.quick, SEEDS), chart=("nfe", "fd")))
 
