@@ -61,8 +61,10 @@ HEADLINE = (
     "lsd.student4.fid_mean",
     "fkc_target.mixture.fkc_100x4.w1",
     "fkc_target.mixture.cfg_400.w1",
-    "fkc_images.w3.0.fkc.fd",
-    "fkc_images.w3.0.cfg.fd",
+    "fkc_images.w3.0.fkc_8x4.fd",  # quick (64 NFE)
+    "fkc_images.w3.0.cfg_32.fd",
+    "fkc_images.w3.0.fkc_25x4.fd",  # full (200 NFE)
+    "fkc_images.w3.0.cfg_100.fd",
 )
 
 

@@ -31,10 +31,12 @@ Per method and seed, labels class-balanced:
   much the classifier's fit to its own train images inflates ``target.logp``).
 
 Methods at equal network evaluations per image (UNet rows through the net, a guided step
-costs 2, counted from the samplers' ``net_evals``): FKC-CFG with K particles x S ancestral
-steps (2 K S: every particle's forwards count) against the same ancestral CFG chain without
-weights at K S steps (2 K S), and at S steps (``cfg_same_steps``, FKC's proposal, 2 S). Same w
-for all, mean and std over 3 sampling seeds. Writes benchmarks/results/diffusion_fkc_images.json.
+costs 2, counted from the samplers' ``net_evals``): ``fkc_<S>x<K>``, FKC-CFG with K particles x S
+ancestral steps (2 K S: every particle's forwards count), against ``cfg_<K S>``, the same
+ancestral CFG chain without weights at K S steps (2 K S), and ``cfg_<S>`` (FKC's proposal, 2 S).
+``unguided_<K S>`` (w = 1, K S steps) is the model's own distance to the data. Same w for all,
+mean and std over 3 sampling seeds. Writes benchmarks/results/diffusion_fkc_images.json
+(``--fkc-steps`` other budgets: ``diffusion_fkc_images_s<S>...json``).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def _settings(quick: bool) -> dict:
     benchmarks/diffusion_image.py, which the full run adds)."""
     return {
         "n": 200 if quick else 1000,
-        "fkc_steps": 8 if quick else 25,
+        "fkc_steps": (8,) if quick else (25,),
         "particles": 4,
         "scales": (3.0,) if quick else (1.5, 3.0),
     }
@@ -211,9 +213,10 @@ def _nets(data_cfg):
     return classify, features, temp
 
 
-def run(quick: bool, ddpm_dir: str) -> tuple[dict, list]:
+def run(quick: bool, ddpm_dir: str, fkc_steps=None) -> tuple[dict, list]:
     """Every scale x method x seed on the digits DDPM trained (or resumed) into ``ddpm_dir``;
-    returns (flat results, table rows)."""
+    ``fkc_steps`` (None: the setting's) lists FKC's steps per particle, one budget each.
+    Returns (flat results, table rows)."""
     torch.set_num_threads(1)
     from vargen.checkpoint import load_component
     from vargen.data import build_dataset
@@ -226,33 +229,46 @@ def run(quick: bool, ddpm_dir: str) -> tuple[dict, list]:
     classify, features, temp = _nets(data_cfg)
     splits = build_dataset(_full_data_config(data_cfg))
     s = _settings(quick)
+    steps = list(fkc_steps or s["fkc_steps"])
     labels = class_labels(s["n"], model.num_classes, [])
-    flat = {f"{P}temperature": temp, f"{P}samples_per_seed": s["n"], f"{P}fkc.steps": s["fkc_steps"]}
-    flat.update({f"{P}fkc.particles": s["particles"], f"{P}cfg.steps": s["particles"] * s["fkc_steps"]})
+    flat = {f"{P}temperature": temp, f"{P}samples_per_seed": s["n"], f"{P}particles": s["particles"]}
     rows = []
     for w in s["scales"]:
         ref = TargetReference(*splits.split("train"), classify, features, w)
-        f, r = _one_scale(model, labels, ref, w, s["fkc_steps"], s["particles"], splits)
+        f, r = _one_scale(model, labels, ref, w, steps, s["particles"], splits)
         flat.update(f)
         rows += r
     return flat, rows
 
 
-def _one_scale(model, labels, ref: TargetReference, w: float, S: int, K: int, splits) -> tuple[dict, list]:
-    """The three samplers at scale ``w`` over :data:`SEEDS`, scored against ``ref``."""
+def _methods(w: float, steps: list, K: int) -> dict:
+    """name -> (images per batch, sampler): per FKC budget S, FKC S x K, plain CFG at K S steps
+    (equal NFE, 2 K S) and at S steps (FKC's proposal chain, 2 S); plus the unguided chain
+    (w = 1) at K S_0 steps, the model's own distance to the data at that step count. FKC's batch
+    holds K particles per image."""
     from vargen.sampling.decoders.diffusion import sample_ddim, sample_fkc_cfg
 
+    def ddpm(n, scale):
+        return lambda m, c, g: sample_ddim(m, c, generator=g, steps=n, eta=1.0, cfg_scale=scale)
+
+    out = {f"unguided_{K * steps[0]}": (100, ddpm(K * steps[0], 1.0))}
+    for S in steps:
+        out[f"cfg_{S}"] = (100, ddpm(S, w))
+        out[f"cfg_{K * S}"] = (100, ddpm(K * S, w))
+        out[f"fkc_{S}x{K}"] = (
+            50,
+            lambda m, c, g, S=S: sample_fkc_cfg(m, c, generator=g, steps=S, cfg_scale=w, particles=K),
+        )
+    return out
+
+
+def _one_scale(model, labels, ref: TargetReference, w: float, steps: list, K: int, splits):
+    """The samplers of :func:`_methods` at scale ``w`` over :data:`SEEDS`, scored against ``ref``;
+    returns (flat results, table rows)."""
     flat = {f"{P}w{w}.target.{k}": v for k, v in ref.summary().items()}
     held = ref.score(*splits.split("heldout"), lambda lp, c: target_log_weights(lp, c, w))
     flat.update({f"{P}w{w}.heldout.{k}": v for k, v in held.items()})
-    methods = {  # images per batch: FKC's batch holds K particles per image
-        "cfg_same_steps": (
-            100,
-            lambda m, c, g: sample_ddim(m, c, generator=g, steps=S, eta=1.0, cfg_scale=w),
-        ),
-        "cfg": (100, lambda m, c, g: sample_ddim(m, c, generator=g, steps=K * S, eta=1.0, cfg_scale=w)),
-        "fkc": (50, lambda m, c, g: sample_fkc_cfg(m, c, generator=g, steps=S, cfg_scale=w, particles=K)),
-    }
+    methods = _methods(w, steps, K)
     scores = {name: [] for name in methods}
 
     def on_draw(name, seed, images, ids, stats):
@@ -277,31 +293,33 @@ def _one_scale(model, labels, ref: TargetReference, w: float, S: int, K: int, sp
             vals = [d[k] for d in sc]
             flat[f"{P}w{w}.{name}.{k}"] = statistics.mean(vals)
             flat[f"{P}w{w}.{name}.{k}_std"] = statistics.stdev(vals)
-            row[k] = f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+            row[k] = f"{statistics.mean(vals):.4g} ± {statistics.stdev(vals):.2g}"
+        if name.startswith("fkc"):  # the particles' lowest ESS before resampling, mean over batches
+            ess_b = [e for st in res[name]["seed_stats"] for e in st["min_ess"]]
+            flat[f"{P}w{w}.{name}.min_ess"] = row["ess_min"] = statistics.mean(ess_b)
         rows.append(row)
-    rows.append({"w": w, "method": "heldout real (weighted)", **{k: f"{v:.3f}" for k, v in held.items()}})
-    rows.append(
-        {
-            "w": w,
-            "method": "target (SNIS)",
-            "logp": f"{flat[f'{P}w{w}.target.logp']:.3f}",
-            "ess_min": f"{flat[f'{P}w{w}.target.ess_min']:.1f}",
-            "ess_mean": f"{flat[f'{P}w{w}.target.ess_mean']:.1f}",
-            "fd_data": f"{flat[f'{P}w{w}.target.target_vs_data_fd']:.3f}",
-        }
-    )
+    rows.append({"w": w, "method": "heldout real (weighted)", **held})
+    summ = {k: flat[f"{P}w{w}.target.{k}"] for k in ("logp", "ess_min", "ess_mean", "target_vs_data_fd")}
+    summ["fd_data"] = summ.pop("target_vs_data_fd")
+    rows.append({"w": w, "method": "target (SNIS)", **summ})
     return flat, rows
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="w 3, 200 samples per seed, FKC 8 x 4")
+    p.add_argument("--fkc-steps", type=int, nargs="+", help="FKC steps per particle, one budget each")
     args = p.parse_args(argv)
     root = os.path.join(ROOT, "runs", f"bench_diffusion_{'quick' if args.quick else 'full'}")
-    flat, rows = run(args.quick, os.path.join(root, "bench_ddpm"))  # the DDPM of benchmarks/diffusion.py
+    flat, rows = run(
+        args.quick, os.path.join(root, "bench_ddpm"), args.fkc_steps
+    )  # benchmarks.diffusion's DDPM
     print(f"temperature {flat[P + 'temperature']:.3f}")
     print_table(rows, ["w", "method", "nfe", "fd", "fd_data", "logp", "ess_min", "ess_mean"])
-    print("wrote", write_results("diffusion_fkc_images", flat, meta(args.quick, SEEDS), chart=("nfe", "fd")))
+    topic = "diffusion_fkc_images" + (
+        "" if args.fkc_steps is None else "_s" + "_".join(map(str, args.fkc_steps))
+    )
+    print("wrote", write_results(topic, flat, meta(args.quick, SEEDS), chart=("nfe", "fd")))
 
 
 if __name__ == "__main__":

@@ -102,3 +102,35 @@ def test_calibrated_temperature_undoes_overconfidence():
     logits = 1.5 * torch.randn(20000, 3, generator=g, dtype=torch.float64)  # the true log-odds
     y = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(1)
     assert calibrate_temperature(3.0 * logits, y) == pytest.approx(3.0, rel=0.05)
+
+
+def test_target_reference_scores_exact_target_draws_near_the_floor():
+    """TargetReference's per-class plumbing on the two-class toy (exact posterior as classifier,
+    identity features): exact draws of each class's target score near 0 and match its SNIS
+    log p(c|x); draws of p(x|c) (the untilted class) score worse on both."""
+    from benchmarks.diffusion_fkc_images import TargetReference
+
+    w, g = 3.0, torch.Generator().manual_seed(5)
+    means = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+
+    def classify(x_N1):
+        ll = -0.5 * (x_N1 - means) ** 2  # (N, 2): equal priors and variances
+        return torch.log_softmax(ll, -1)
+
+    n = 40000
+    y = (torch.rand(n, generator=g) < 0.5).long()
+    x = (means[y] + torch.randn(n, generator=g, dtype=torch.float64))[:, None]  # (N, 1) draws of p(x)
+    ref = TargetReference(x, y, classify, lambda v: v, w)
+    summ = ref.summary()
+    assert summ["ess_min"] > 0.1 * n
+    # exact target draws by resampling a fresh set of p(x) draws by their weights, per class
+    y2 = (torch.rand(n, generator=g) < 0.5).long()
+    x2 = (means[y2] + torch.randn(n, generator=g, dtype=torch.float64))[:, None]
+    lab = torch.arange(2).repeat_interleave(4000)  # (8000,)
+    pick = torch.cat(
+        [torch.multinomial(torch.softmax(w * classify(x2)[:, c], 0), 4000, True, generator=g) for c in (0, 1)]
+    )
+    exact = ref.score(x2[pick], lab)
+    data = ref.score(torch.cat([x2[y2 == c][:4000] for c in (0, 1)]), lab)  # p(x|c), not the target
+    assert exact["fd"] < 0.01 and abs(exact["logp"] - summ["logp"]) < 0.01, (exact, summ)
+    assert data["fd"] > 0.1 and data["logp"] < summ["logp"] - 0.1, (data, summ)
