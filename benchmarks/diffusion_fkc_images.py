@@ -25,8 +25,8 @@ Per method and seed, labels class-balanced:
   label c, the w = 1 point for a perfect classifier).
 - ``target.ess_*``: effective sample size (sum w)^2 / sum w^2 of each class's weights (min and
   mean over classes, and the fraction of the reference set), so the reader sees the reference
-  is not degenerate.``target.target_vs_data_fd``: the target's Fréchet distance to p(x|c)
-  (how much of a tilt there is to see: small where the classifier is near-certain, as on digits).
+  is not degenerate; ``target.target_vs_data_fd``, the target's Fréchet distance to p(x|c)
+  (how much tilt there is to see: little where the classifier is near-certain, as on digits).
 - ``heldout.*``: held-out real images, weighted alike, against the train reference: the floor
   the scores of a perfect sampler would show at a similar sample size (and, for ``logp``, how
   much the classifier's fit to its own train images inflates ``target.logp``).
