@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Every diffusion sampler of issue 8 on the embedded digits, side by side in one run.
 
-    python -m benchmarks.diffusion [--quick] [--parts image,minority,lsd,fkc_target]
+    python -m benchmarks.diffusion [--quick] [--parts image,minority,lsd,fkc_target,fkc_images]
 
 One root (runs/bench_diffusion_{quick,full}) holds every model, trained or resumed:
 
@@ -13,7 +13,9 @@ One root (runs/bench_diffusion_{quick,full}) holds every model, trained or resum
 - ``lsd`` (benchmarks/diffusion_lsd.py): masked diffusion on VQ ids, the many-step teacher, Euler
   at 8 / 4 steps and the distilled LSD / LSD+ students at 8 / 4 steps, and ``lsd.toy.*``;
 - ``fkc_target`` (benchmarks/diffusion_fkc_target.py): FKC-CFG vs plain CFG against FKC's own
-  target p_c^w p_u^(1-w) on analytic Gaussian mixtures at equal NFE.
+  target p_c^w p_u^(1-w) on analytic Gaussian mixtures at equal NFE;
+- ``fkc_images`` (benchmarks/diffusion_fkc_images.py): the same comparison on the digits DDPM,
+  against real images reweighted by an independent classifier's p(c|x)^w.
 
 FIDs are mean and std over 3 sampling seeds against the held-out split (classifier features).
 Writes benchmarks/results/diffusion.json with the issue's keys plus each part's extra ones; the
@@ -33,13 +35,14 @@ import torch
 
 from benchmarks.common import RESULTS, ROOT, meta, print_table, train, write_results
 
-PARTS = ("image", "minority", "lsd", "fkc_target")
+PARTS = ("image", "minority", "lsd", "fkc_target", "fkc_images")
 # the key prefixes each part writes (for carrying over the parts a run leaves out)
 PREFIXES = {
     "image": ("ts.", "cfg.", "cfg_same_steps.", "fkc.", "samples_per_seed"),
     "minority": ("minority.",),
     "lsd": ("lsd.",),
     "fkc_target": ("fkc_target.",),
+    "fkc_images": ("fkc_images.",),
 }
 # The keys the issue asks for, in the order of its list (the table prints these).
 HEADLINE = (
@@ -58,6 +61,10 @@ HEADLINE = (
     "lsd.student4.fid_mean",
     "fkc_target.mixture.fkc_100x4.w1",
     "fkc_target.mixture.cfg_400.w1",
+    "fkc_images.w3.0.fkc_8x4.fd",  # quick (64 NFE)
+    "fkc_images.w3.0.cfg_32.fd",
+    "fkc_images.w3.0.fkc_25x4.fd",  # full (200 NFE)
+    "fkc_images.w3.0.cfg_100.fd",
 )
 
 
@@ -71,7 +78,13 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown part(s) {unknown}; choose from {PARTS}")
     torch.set_num_threads(1)
-    from benchmarks import diffusion_fkc_target, diffusion_image, diffusion_lsd, diffusion_minority
+    from benchmarks import (
+        diffusion_fkc_images,
+        diffusion_fkc_target,
+        diffusion_image,
+        diffusion_lsd,
+        diffusion_minority,
+    )
 
     root = os.path.join(ROOT, "runs", f"bench_diffusion_{'quick' if args.quick else 'full'}")
     flat: dict = {}
@@ -84,6 +97,8 @@ def main(argv=None):
         flat.update(diffusion_lsd.run(args.quick, root))
     if "fkc_target" in parts:
         flat.update(diffusion_fkc_target.run(args.quick))
+    if "fkc_images" in parts:  # the same DDPM again
+        flat.update(diffusion_fkc_images.run(args.quick, os.path.join(root, "bench_ddpm"))[0])
     carried = _carry_over(flat, [q for q in PARTS if q not in parts])
 
     rows = []

@@ -6,14 +6,15 @@ objective on the enumerable toy.
 
 Trains (or resumes) into runs/bench_lsd_{quick,full}: the VQ tokenizer (configs/digits_vq.yaml),
 the masked diffusion model (configs/digits_mdm.yaml) and, from its 64-step Euler sampler as the
-teacher (configs/digits_lsd.yaml, the paper's own-trajectory objective), students: LSD+
+teacher (configs/digits_lsd.yaml, the own-trajectory objective), students: LSD+
 (coefficients and step sizes) at 8 and 4 steps, LSD (coefficients only) at 4, and a 4-step LSD+
 student with the earlier ``teacher_forced`` objective. Samples class-balanced sets, without
 guidance, with the teacher, the uniform Euler sampler at 8 and 4 steps and each student
 (:func:`benchmarks.common.sweep`: FID mean and std over 3 sampling seeds vs the held-out split,
 model forwards per batch). ``lsd.toy.*``: exact TV to p0 on the enumerable toy of tests/test_lsd.py
-(L = 2, V = 3, exact network) of the 4-step base sampler, of the students the two objectives
-distil (LSD, and LSD+ for the paper's) and of the coefficients that minimise the TV directly.
+(L = 2, V = 3, exact network) of the 4-step base sampler, of the students the objectives distil
+(LSD, and LSD+ for the own-trajectory ones) and of the coefficients that minimise the TV directly;
+``--toy`` recomputes only these (seconds to minutes) and carries the rest of the file over.
 Writes benchmarks/results/diffusion_lsd.json.
 """
 
@@ -25,7 +26,17 @@ import os
 
 import torch
 
-from benchmarks.common import ROOT, Method, flat_results, meta, print_table, sweep, train, write_results
+from benchmarks.common import (
+    RESULTS,
+    ROOT,
+    Method,
+    flat_results,
+    meta,
+    print_table,
+    sweep,
+    train,
+    write_results,
+)
 
 TEACHER_STEPS = 64
 SEEDS = (0, 1, 2)
@@ -42,7 +53,13 @@ def toy(n: int = 4, iters: int = 100, batch: int = 4096, teacher_steps: int = 64
     """Exact TVs on the enumerable toy (module docstring); deterministic (fixed generators)."""
     from tests.test_lsd import EPS, L, V, exact_terminal, toy_logp0, tv_to_p0
     from vargen.diffusion.absorbing import all_mask, sample_chain, uniform_times
-    from vargen.diffusion.lsd import distill_loss, student_rollout, student_times, teacher_forced_loss
+    from vargen.diffusion.lsd import (
+        distill_loss,
+        score_l2_loss,
+        student_rollout,
+        student_times,
+        teacher_forced_loss,
+    )
 
     teacher_times = uniform_times(teacher_steps, EPS)
 
@@ -58,7 +75,8 @@ def toy(n: int = 4, iters: int = 100, batch: int = 4096, teacher_steps: int = 64
                 loss = teacher_forced_loss(toy_logp0, teacher, teacher_times, times, coef, EPS)[0]
             else:
                 own, own_logp0 = student_rollout(toy_logp0, x_T, times, coef, EPS, g)
-                loss = distill_loss(own_logp0, own, toy_logp0, teacher, teacher_times, times, coef, EPS)[0]
+                loss_fn = score_l2_loss if objective == "score_l2" else distill_loss
+                loss = loss_fn(own_logp0, own, toy_logp0, teacher, teacher_times, times, coef, EPS)[0]
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -70,6 +88,8 @@ def toy(n: int = 4, iters: int = 100, batch: int = 4096, teacher_steps: int = 64
     for name, objective, plus in (
         ("own_trajectory_lsd", "own_trajectory", False),
         ("own_trajectory_lsd_plus", "own_trajectory", True),
+        ("score_l2_lsd", "score_l2", False),
+        ("score_l2_lsd_plus", "score_l2", True),
         ("teacher_forced_lsd", "teacher_forced", False),
     ):
         tv, coef, times = distil(objective, plus)
@@ -153,8 +173,18 @@ def run(quick: bool, root: str) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short training runs and 200 samples per seed")
+    p.add_argument("--toy", action="store_true", help="recompute only lsd.toy.* (the rest carried over)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.toy:
+        path = os.path.join(RESULTS, "diffusion_lsd.json")
+        old = json.load(open(path))
+        flat = {k: v for k, v in old.items() if not k.startswith("lsd.toy.") and k != "meta"} | toy()
+        print({k: v for k, v in flat.items() if k.startswith("lsd.toy.tv")})
+        print(
+            "wrote", write_results("diffusion_lsd", flat, old["meta"] | {"toy_rerun": meta(True, [])["date"]})
+        )
+        return
     root = os.path.join(ROOT, "runs", f"bench_lsd_{'quick' if args.quick else 'full'}")
     flat = run(args.quick, root)
     print("wrote", write_results("diffusion_lsd", flat, meta(args.quick, SEEDS)))

@@ -76,11 +76,13 @@ def warp_logits_reference(
     need the whole warped distribution (:func:`warped_probs`), not one sample from it.
     """
     _check_args(logits_cond_BV, logits_uncond_BV, None, temperature, top_k, top_p)
-    l_BV = logits_cond_BV.float()
     if logits_uncond_BV is not None and cfg_scale != 1.0:
         u_BV = logits_uncond_BV.float()
-        l_BV = u_BV + cfg_scale * (l_BV - u_BV)
-    l_BV = l_BV / temperature  # (B, V), a new tensor: the inputs are never modified
+        l_BV = (logits_cond_BV.float() - u_BV).mul_(cfg_scale).add_(u_BV)  # u + s (c - u), a new tensor
+        if temperature != 1.0:  # l / 1 is l: the pass is skipped, not the rounding
+            l_BV.div_(temperature)
+    else:
+        l_BV = logits_cond_BV.float() / temperature  # (B, V), a new tensor: the inputs are never modified
     V = l_BV.shape[-1]
     use_top_k, use_top_p = 0 < top_k < V, top_p < 1.0
     if not (use_top_k or use_top_p):

@@ -45,13 +45,13 @@ U_EPS = 2.0**-24  # uniform clamp of the Gumbel noise (as the logits warper's)
 def gumbel_argmax(probs_XV: torch.Tensor, uniform_XV: torch.Tensor) -> torch.Tensor:
     """One id per row of (..., V) probabilities by Gumbel-max on given uniforms; log(0) = -inf
     is never chosen."""
-    g = -torch.log(-torch.log(uniform_XV.clamp(U_EPS, 1.0 - U_EPS)))
-    return (probs_XV.log() + g).argmax(-1)
+    neg_g = uniform_XV.clamp(U_EPS, 1.0 - U_EPS).log_().neg_().log_()  # -G(u), in place on the copy
+    return probs_XV.log().sub_(neg_g).argmax(-1)  # log p - (-G) is log p + G bit for bit
 
 
 def token_residual(p_BV: torch.Tensor, q_BV: torch.Tensor) -> torch.Tensor:
     """norm(max(0, p - q)); p itself when the residual mass vanishes."""
-    res = (p_BV - q_BV).clamp(min=0)
+    res = (p_BV - q_BV).clamp_(min=0)
     mass = res.sum(-1, keepdim=True)
     return torch.where(mass > RESIDUAL_EPS, res / mass.clamp(min=RESIDUAL_EPS), p_BV)
 

@@ -7,12 +7,19 @@ distance (TV) to p0 has no Monte-Carlo error.
 """
 
 import itertools
+import math
 
 import pytest
 import torch
 
 from vargen.diffusion.absorbing import all_mask, sample_chain, transition_probs, uniform_times
-from vargen.diffusion.lsd import distill_loss, student_rollout, student_times, teacher_forced_loss
+from vargen.diffusion.lsd import (
+    distill_loss,
+    score_l2_loss,
+    student_rollout,
+    student_times,
+    teacher_forced_loss,
+)
 
 V, L, EPS = 3, 2, 1e-3
 P0 = torch.tensor([[0.30, 0.04, 0.02], [0.03, 0.22, 0.05], [0.02, 0.07, 0.25]])
@@ -198,6 +205,86 @@ def test_own_trajectory_teacher_is_evaluated_at_the_student_time_not_a_snapped_o
     loss3, _ = _own_loss(t3, torch.full((3,), 1.2), teacher_times)
     loss3.backward()
     assert logits.grad.abs().max() > 0, logits.grad
+
+
+def _reference_euler_row(logp0_BLV, x_BL, t, dt, c, last):
+    """feiyangfu/LSD's student step, re-derived by hand from its sources (fd31724): the network
+    emits SEDD's log score log r + log p0 with r = 1 / (e^sigma_bar - 1) (model.py:103-105, 0 at the
+    current token), the solver multiplies it by c_i (sampler.py:108), the rate on a masked row is
+    sigma(t) s_j off the mask and minus their sum on it (ddms/sedd.py Q_tok / Q_tilde), the row is
+    one_hot(x) + dt * rate, the last step drops the mask column, and the gumbel-argmax draw
+    (sample_categorical) samples the row clipped at 0, normalised."""
+    sb = -math.log1p(-(1 - EPS) * t)
+    sig = (1 - EPS) / (1 - (1 - EPS) * t)
+    s = torch.exp(c * (logp0_BLV.double() - math.log(math.expm1(sb))))  # (B, L, V) score^c
+    rate = torch.cat([sig * s, -sig * s.sum(-1, keepdim=True)], -1)  # (B, L, V+1) masked rows
+    rate = torch.where((x_BL == V)[..., None], rate, torch.zeros_like(rate))  # absorbing: unmasked rows stay
+    row = torch.nn.functional.one_hot(x_BL, V + 1).double() + dt * rate
+    if last:
+        row[..., V] = 0
+    row = row.clamp_min(0)
+    return row / row.sum(-1, keepdim=True)
+
+
+def test_student_step_is_the_reference_solvers_step_with_c_on_the_whole_log_score():
+    # c multiplies log r(t) + log p0, not log p0 alone: the two differ for c != 1 away from t = 0.5
+    # (r = 1 there), so every (t, c) below except c = 1 tells them apart.
+    for t, dt in ((1.0, 0.25), (0.75, 0.25), (0.9, 0.6), (0.3, 0.299), (0.5, 0.3)):
+        for c in (1.0, 0.6, 1.4, 2.0):
+            for last in (False, True):
+                ref = _reference_euler_row(toy_logp0(STATES), STATES, t, dt, c, last)
+                ours = transition_probs(toy_logp0(STATES), STATES, t, t - dt, EPS, c, last).double()
+                assert (ours - ref).abs().max() < 1e-6, (t, dt, c, last, (ours - ref).abs().max())
+
+
+def test_score_l2_loss_by_hand():
+    # Two steps t = (1, 0.6, eps), c = (1.1, 0.8), one sequence; teacher grid N = 4, so the teacher
+    # state held at 0.6 is its state at 0.75. Step 0: both all-mask. Step 1: the student still
+    # (mask, mask), the teacher (mask, 0): only position 0 is masked in both; its student row is the
+    # marginal of x_0, the teacher's the conditional given x_1 = 0.
+    times, c = torch.tensor([1.0, 0.6, EPS]), torch.tensor([1.1, 0.8])
+    teacher_times = uniform_times(4, EPS)
+    m = all_mask(1, L, V)
+    xt1 = torch.tensor([[V, 0]])
+    teacher = [m, xt1, xt1, xt1, xt1]
+    own = [m, m]
+    loss, per_step = score_l2_loss(
+        [toy_logp0(x) for x in own], own, toy_logp0, teacher, teacher_times, times, c, EPS
+    )
+
+    def log_r(t):
+        return math.log((1 - (1 - EPS) * t) / ((1 - EPS) * t))
+
+    marg0, marg1 = P0.sum(1).tolist(), P0.sum(0).tolist()
+    cond0 = (P0[:, 0] / P0[:, 0].sum()).tolist()
+    step0 = sum(((1.1 - 1) * (log_r(1.0) + math.log(p))) ** 2 for p in marg0 + marg1) / 2
+    step1 = (
+        sum(
+            (0.8 * (log_r(0.6) + math.log(a)) - (log_r(0.6) + math.log(b))) ** 2 for a, b in zip(marg0, cond0)
+        )
+        / 2
+    )
+    assert abs(per_step[0].item() - step0) < 1e-4 * step0 and abs(per_step[1].item() - step1) < 1e-4 * step1
+    assert abs(loss.item() - step0 - step1) < 1e-4 * (step0 + step1)
+
+
+@pytest.mark.parametrize("loss_fn", [distill_loss, score_l2_loss])
+def test_own_trajectory_objectives_point_away_from_lower_tv_on_the_toy(loss_fn):
+    # The documented negative result (module docstring of vargen/diffusion/lsd.py): at the base
+    # sampler (c = 1, 4 uniform steps) the exact TV falls when c_1..c_3 rise (sharpening), while
+    # both own-trajectory losses rise with them (their gradient steps flatten, c < 1). Step 0 has
+    # no gradient: both states are all-mask there.
+    times, teacher_times = uniform_times(4, EPS), uniform_times(64, EPS)
+    c64 = torch.ones(4, dtype=torch.float64, requires_grad=True)
+    clean = exact_terminal(times, c64).view(V + 1, V + 1)[:V, :V]
+    (0.5 * ((clean - P0.double()).abs().sum() + 1 - clean.sum())).backward()
+    g = torch.Generator().manual_seed(0)
+    _, teacher = sample_chain(toy_logp0, all_mask(1024, L, V), teacher_times, EPS, g, record=True)
+    own, own_logp0 = student_rollout(toy_logp0, all_mask(1024, L, V), times, torch.ones(4), EPS, g)
+    c = torch.ones(4, requires_grad=True)
+    loss_fn(own_logp0, own, toy_logp0, teacher, teacher_times, times, c, EPS)[0].backward()
+    assert (c64.grad[1:] < -0.03).all(), c64.grad
+    assert (c.grad[1:] > 0.02).all() and c.grad[0].abs() < 1e-6, c.grad
 
 
 # ------------------------------------------------------------------ the masked diffusion model

@@ -16,7 +16,7 @@ from vargen.registry import SAMPLERS
 from vargen.sampling.decoders.ar import sample_ar
 from vargen.sampling.generate import generate
 from vargen.sampling.speculative.draft import sample_speculative
-from vargen.sampling.speculative.gsd import GSDConfig, gsd_ratio, rank_window, relative_embeddings
+from vargen.sampling.speculative.gsd import GSDConfig, gsd_ratio, near_table, rank_window, relative_embeddings
 from vargen.sampling.speculative.jacobi import sample_jacobi
 
 T, V = 3, 6  # ToyAR's default length and vocabulary
@@ -249,6 +249,27 @@ def test_gsd_distance_is_scale_free_and_keeps_neighbours():
     everyone = gsd_ratio(p, q, x, group=Vb, delta=1.0, dist=0.0)
     assert ((ref - alone).abs() > 1e-6).float().mean() > 0.9
     assert ((ref - everyone).abs() > 1e-6).float().mean() > 0.9
+
+
+def test_near_table_is_the_direct_distance_filter():
+    """The precomputed (V, V) neighbour table holds the direct filter's decision for every pair,
+    also for pairs exactly at the threshold (where the matrix-product form rounds either way),
+    and GSD's ratio through it equals the ratio with the direct filter."""
+    g = seeded(3)
+    V, D = 96, 24
+    emb = relative_embeddings(torch.randn(V, D, generator=g) * 3 + 1)
+    emb[5] = emb[4]  # a duplicate: distance 0
+    direct = torch.stack([(emb - emb[u]).pow(2).sum(-1) for u in range(V)])  # (V, V) the direct form
+    for dist in (1.0, 0.7, float(direct[7, 30]), float(direct[11, 50])):  # the last two: ties
+        want = direct < dist
+        assert torch.equal(near_table(emb, dist, rows=40), want)
+        assert 0.05 < want.float().mean() < 0.95
+    p = torch.softmax(torch.randn(3, 7, V, generator=g) * 2, -1)
+    q = torch.softmax(torch.randn(3, 7, V, generator=g), -1)
+    x = torch.randint(V, (3, 7), generator=g)
+    for dist in (1.0, float(direct[7, 30])):
+        ref = gsd_ratio(p, q, x, group=20, delta=1.0, dist=dist, emb_VD=emb)
+        assert torch.equal(gsd_ratio(p, q, x, 20, 1.0, dist, emb, near_table(emb, dist)), ref)
 
 
 @pytest.mark.parametrize("G", [1, 2, 5, 20])

@@ -11,42 +11,74 @@ Teacher: the same network with N uniform steps (N >> n); its states x_{tau_k} on
 recorded. The chain's state at a continuous time t in (tau_{k+1}, tau_k] is x_{tau_k} (the last
 jump happened at or before tau_k): :func:`teacher_index_at`.
 
-The paper's objective (:func:`distill_loss`, objective ``own_trajectory``; the reference's
-``StudentSolverDiscrete`` in feiyangfu/LSD): the student runs on *its own* trajectory x^s_{t_i}
-(sampled with its current c and times, no gradient) and at every step its output is aligned with
-the teacher's output along the teacher trajectory at the same time t_i. The teacher is evaluated
-at the student's time t_i (the network on the teacher's state there, the step t_i -> t_{i+1}), not
-at a snapped teacher grid time, so LSD+'s times get a gradient through both sides. The distance
-(the paper leaves it open; the reference stores log-scores and transition probabilities) is the
-per-position KL on transition probabilities, over positions masked in both states (elsewhere
-both rows are deterministic):
+What the reference defines (feiyangfu/LSD at fd31724, its only public snapshot; its README lists
+"Release training and evaluation code" as to-do): the samplers, not the loss. It has no loss, no
+optimiser and no training loop. ``sampler.py``:
+  * ``teacher_sampler`` (l. 8-27, Euler): N steps from x_T with the global RNG, returning the
+    teacher's own small-step row (one_hot + dt sigma Q~) at every (N/n)-th step; redefined at
+    l. 30-82 by a predictor-corrector teacher that multiplies the network output by 1.15.
+  * ``StudentSolverDiscrete`` (l. 85-131, coefficients): c_i initialised to 1 multiplies the
+    network's SEDD log score (log r(t) + log p0; model.py:103-105) before the Euler step, exactly as
+    here (tests/test_lsd.py re-derives its row and matches :func:`transition_probs` to 1e-6); it runs
+    on its *own* states from the x_T it is given, with ``torch.Generator().manual_seed(42)`` made
+    anew in every forward (the same draws every call, unrelated to the teacher's), stores
+    c_i log s on its own state per step (l. 110; the list is never cleared) and draws twice per step
+    (l. 125, then ``scheduler.step`` on the new state with the same output, l. 129-130), which
+    raises the toy's 4-step TV at c = 1 from 0.109 to 0.142 (Monte Carlo, 400k draws).
+  * ``StudentSolverDiscrete`` again (l. 134-179, times; the name the module exports): n+1 raw step
+    sizes initialised to (1 - 1e-5)/n, ``t_curr = 1 - cumsum(all of them)`` (a vector, so a batch
+    of more than one fails), t_next on the fixed uniform grid, storing dt log s.
+So "own trajectory, unpaired with the teacher's" is the reference's; what the two lists are
+compared with is not. Here, n Euler steps once per step (as its teacher), and LSD+ as above. The
+objectives (``OBJECTIVES``), all with the student on its own trajectory except the last:
+
+``own_trajectory`` (:func:`distill_loss`, the default): per-position KL from the teacher's row to
+the student's, both for the student's step t_i -> t_{i+1} (the teacher's network on the teacher's
+state held at t_i, not snapped to its grid, so LSD+'s times get a gradient through both rows),
+over positions masked in both states (elsewhere both rows are deterministic):
 
     L = sum_i E [ (1/L) sum_{l masked in x^s and x^T} KL(p_l(. | x^T_{t_i}; t_i -> t_{i+1}, c=1)
                                                     || q_l(. | x^s_{t_i}; t_i -> t_{i+1}, c_i)) ].
 
+``score_l2`` (:func:`score_l2_loss`): the quantities the reference's solver returns, compared
+directly: squared error of c_i log s on the student's state and log s on the teacher's, at t_i.
+
+``teacher_forced`` (:func:`teacher_forced_loss`, vargen before issue 20): the student's transition
+from the *teacher's* state (snapped to the nearest teacher time); its optimum on an exact network
+is the base sampler.
+
 The states are samples and carry no gradient: c_i and the step logits get gradients only through
-the per-step outputs, never through sampling (as in the reference).
+the per-step rows, never through sampling (as in the reference).
 
-What it does on the enumerable toy (L = 2, V = 3, exact network; benchmarks/diffusion_lsd.py
-``lsd.toy_*``): student and teacher states are unpaired draws, so the loss is minimised by a
-student row near the average of the teacher's rows, i.e. a *flatter* distribution (c < 1), and the
-exact TV of the 4-step student rises above the base sampler's; the TV-optimal coefficients are
-sharpening (c > 1). With an exact network every per-position distance has the base sampler's
-marginals at its optimum; the few-step error is joint (tokens unmasked in one step are drawn
-independently), which no per-position alignment sees.
-
-:func:`teacher_forced_loss` (objective ``teacher_forced``) is the per-position alternative: it
-scores the student's transition from the *teacher's* state (snapped to the nearest teacher time),
-whose optimum is exactly the base sampler on the toy.
+What they do on the enumerable toy (L = 2, V = 3, exact network, 4 steps, 64-step teacher;
+benchmarks/diffusion_lsd.py ``lsd.toy.*``): the base sampler's TV to p0 is 0.109, the TV-optimal c
+sharpen (c > 1, TV 0.042), and both own-trajectory objectives flatten (c < 1) and raise the TV
+(own_trajectory 0.275, score_l2 0.255; LSD+ 0.420 and 0.389; the reference's own solver and RNG,
+trained with score-L2 on the lists it returns, give the same: 0.256). At c = 1 their gradients
+have the opposite sign of the TV's on steps 1-3 (tests/test_lsd.py). The reason is the
+unpairing: with an exact network the student and teacher rows differ only through their states,
+which are independent draws; for L2, the optimal c_i = E[a_s . a_T] / E[a_s . a_s] (a = log s on
+each side) is <= 1 whenever the two states have the same law (Cauchy-Schwarz; exact at step 0,
+approximate later), with equality only when a_s = a_T, i.e. paired states, where the gradient is
+zero. No per-position alignment sees the
+joint error of a few-step sampler (tokens unmasked in one step are drawn independently) that
+sharpening trades against. (The reference's own predictor-corrector teacher sharpens by a fixed
+1.15, which on the toy gives 0.1045.)
 """
 
 from __future__ import annotations
 
 import torch
 
-from vargen.diffusion.absorbing import sample_chain, step_fractions, times_from_fractions, transition_probs
+from vargen.diffusion.absorbing import (
+    log_score_scale,
+    sample_chain,
+    step_fractions,
+    times_from_fractions,
+    transition_probs,
+)
 
-OBJECTIVES = ("own_trajectory", "teacher_forced")
+OBJECTIVES = ("own_trajectory", "score_l2", "teacher_forced")
 
 
 def student_times(step_logits_n: torch.Tensor, eps: float) -> torch.Tensor:
@@ -106,6 +138,36 @@ def distill_loss(
         kl = torch.xlogy(p, p) - p * torch.log(q.clamp_min(1e-30))  # (B, L, V+1)
         both = (x_s == V) & (x_t == V)  # (B, L)
         per_step.append((kl.sum(-1) * both).sum() / both.numel())
+    per_step = torch.stack(per_step)
+    return per_step.sum(), per_step
+
+
+def score_l2_loss(
+    student_logp0, student_states, teacher_logp0, teacher_states, teacher_times, times_n1, coefs_n, eps
+):
+    """Objective ``score_l2``: the reference's returned quantities compared directly (module
+    docstring). The student's scaled log score c_i log s(x^s_{t_i}, t_i) (what the reference's
+    coefficient solver stores, sampler.py:108-110) against the teacher's log s(x^T_{t_i}, t_i), both at
+    the student's time t_i, squared over the V real tokens, on positions masked in both states:
+
+        L = sum_i E [ (1/L) sum_{l masked in x^s and x^T} sum_j (c_i log s_lj(x^s) - log s_lj(x^T))^2 ],
+        log s_lj(x; t) = log r(t) + log p0(x_l = j | x).
+
+    Arguments as :func:`distill_loss`; returns (loss, per-step losses (n,)). LSD+'s times get a
+    gradient through log r(t_i) on both sides.
+    """
+    n = times_n1.shape[0] - 1
+    idx = teacher_index_at(teacher_times, times_n1[:-1]).tolist()
+    per_step = []
+    for i in range(n):
+        x_s, x_t = student_states[i], teacher_states[idx[i]]
+        V = student_logp0[i].shape[-1]
+        with torch.no_grad():
+            lp_t = teacher_logp0(x_t)  # (B, L, V)
+        log_r = log_score_scale(times_n1[i], eps)
+        diff = coefs_n[i] * (log_r + student_logp0[i]) - (log_r + lp_t)  # (B, L, V)
+        both = (x_s == V) & (x_t == V)  # (B, L)
+        per_step.append((diff.square().sum(-1) * both).sum() / both.numel())
     per_step = torch.stack(per_step)
     return per_step.sum(), per_step
 

@@ -76,6 +76,7 @@ class ARTransformer(Generator):
         self.register_buffer("rope_swap", swap, persistent=False)  # (d, d)
         gpt2_init_(self, cfg.depth)
         self._compiled_step = None  # see compile_decode
+        self._compiled_window = None  # see compile_decode
 
     # ------------------------------------------------------------------ forward passes
     def _run(self, x_BTC, start: int, cache: KVCache | None):
@@ -144,12 +145,15 @@ class ARTransformer(Generator):
         return self.norm(x_BTC) @ head_w  # (B, T, V)
 
     def compile_decode(self, enable: bool = True) -> ARTransformer:
-        """Run :meth:`forward_step`'s blocks through ``torch.compile`` (dynamic shapes: the cache
-        length and batches > 1 vary without recompiling; batch 1 compiles on its own). Off by
-        default: on CPU it fuses the small ops around the matrix products (speed-up in the README,
-        "Benchmarks"), but compiling takes minutes per batch shape, which only a long sampling run
-        repays."""
+        """Run the blocks of :meth:`forward_step` and of :meth:`forward_window`'s fast path
+        (the speculative samplers' windows) through ``torch.compile`` (dynamic shapes: the cache
+        length and batches > 1 vary without recompiling; batch 1 and each window width compile
+        on their own, lazily, on first use). Off by default: on CPU it fuses the small ops around
+        the matrix products (speed-ups in the README, "Benchmarks", and
+        ``benchmarks/compile_window.py``), but compiling takes minutes per shape, which only a
+        long sampling run repays."""
         self._compiled_step = torch.compile(self._cached_blocks, dynamic=True) if enable else None
+        self._compiled_window = torch.compile(self._window_blocks, dynamic=True) if enable else None
         return self
 
     def decode_weights(self) -> list:
@@ -196,10 +200,17 @@ class ARTransformer(Generator):
         rope = (self.rope_cos_pairs[rope_BW], self.rope_sin_pairs[rope_BW], self.rope_swap)  # (B, W, d)
         if cache.weights is None:
             cache.weights = self.decode_weights()
-        *block_w, head_w = cache.weights
+        window = self._compiled_window or self._window_blocks
+        logits_BWV = window(x_BWC, rope, mask_B1WS, cache, cache.weights)
+        cache.advance(W)
+        return logits_BWV
+
+    def _window_blocks(self, x_BWC, rope, mask_B1WS, cache: RaggedKVCache, weights):
+        """Blocks and head of :meth:`forward_window`'s fast path on embeddings, per-row rotary
+        tables ``rope`` and the ragged mask (what :meth:`compile_decode` compiles for windows)."""
+        *block_w, head_w = weights
         for i, blk in enumerate(self.blocks):
             x_BWC = blk.forward_cached(x_BWC, rope, cache, i, block_w[i], mask_B1WS)
-        cache.advance(W)
         return self.norm(x_BWC) @ head_w  # (B, W, V)
 
     def new_ragged_cache(self, batch: int, window: int) -> RaggedKVCache:

@@ -47,6 +47,8 @@ def attention(q_BHTd, k_BHSd, v_BHSd, mask_TS: torch.Tensor | None = None, causa
     kernel, which needs no mask, on CUDA; this same SDPA call on the reference path).
     """
     if mask_TS is not None and isinstance(cache, RaggedKVCache):
+        if cache.reference_attention:  # ragged_attention's torch reference, without its dispatch
+            return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=mask_TS)
         return ragged_attention(q_BHTd, k_BHSd, v_BHSd, cache.length_B, mask_TS, backend=cache.backend)
     T, S = q_BHTd.shape[-2], k_BHSd.shape[-2]
     if causal and mask_TS is None and T > 1:

@@ -7,6 +7,8 @@ import copy
 
 import torch
 
+from vargen_kernels.dispatch import backend_for
+
 
 class KVCache:
     """Preallocated keys/values per layer, (B, H, T_max, d); ``length`` tokens are valid.
@@ -77,6 +79,7 @@ class RaggedKVCache:
         self._used = 0
         self.weights = None  # the model's prepared decode weights for this run (forward_window)
         self.backend = "auto"  # how attention over it runs (vargen_kernels.dispatch.backend_for)
+        self.reference_attention = True  # whether ``backend`` resolved to the torch reference (begin)
 
     def positions(self, width: int) -> torch.Tensor:
         """(B, W) sequence positions L_b .. L_b+W-1 of the next window (= its cache slots)."""
@@ -93,6 +96,8 @@ class RaggedKVCache:
         (not through :meth:`advance`) must keep ``bound`` >= max(length_B) itself."""
         if width > self.max_len:
             raise ValueError(f"KV cache overflow: a window of {width} > {self.max_len}")
+        # resolved once per window, not in every layer (a Python cost of ~1/4 of SDPA's at batch 1)
+        self.reference_attention = backend_for(self.k[0], self.length_B, backend=self.backend) == "torch"
         self._slots_BW = self.positions(width)  # (B, W) slot = sequence position
         self._used = min(self.bound + width, self.max_len) if used is None else int(used)
         if self._used > self.max_len:

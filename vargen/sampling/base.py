@@ -17,6 +17,7 @@ hands it every label at once with ``slots`` rows in flight, and it refills finis
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,34 @@ from typing import Any
 import torch
 
 from vargen.checkpoint import load_cached
+
+
+def inference(fn: Callable) -> Callable:
+    """Decorator for a sampling loop: run it under ``torch.inference_mode()`` and hand back its
+    tensors as ordinary ones.
+
+    Inference mode skips autograd's per-op bookkeeping (version counters, view tracking) that
+    ``no_grad`` keeps; decoding at batch 1 is bound by per-op overhead, and a window forward of
+    the photos target ran ~10% faster (CPU, one thread). Tensors made in inference mode cannot
+    be modified in place or enter autograd outside it, so the output's tensors (top level and
+    inside tuples/lists) are copied outside; the draws are the same as under ``no_grad``."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.inference_mode():
+            out = fn(*args, **kwargs)
+        return _ordinary(out)
+
+    return run
+
+
+def _ordinary(out):
+    """``out`` with inference tensors (also in tuples and lists) replaced by ordinary copies."""
+    if isinstance(out, torch.Tensor):
+        return out.clone() if out.is_inference() else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_ordinary(o) for o in out)
+    return out
 
 
 def load_checkpoint(ckpt: str, device) -> tuple[Any, Any]:

@@ -4,10 +4,11 @@
 
 Each step draws ``train.batch_size`` class labels and teacher trajectories (``teacher_steps``
 uniform Euler steps from all-mask, states recorded, no gradient), runs the student on its own
-trajectory with its current coefficients and times (objective ``own_trajectory``, the paper's), and
-takes one Adam step on the student's coefficients (and, with ``model.learn_steps``, its step
-logits) to lower the LSD loss (vargen/diffusion/lsd.py; ``objective=teacher_forced`` is the earlier
-vargen loss on the teacher's states). The network itself is the teacher's and stays frozen. The batch of step
+trajectory with its current coefficients and times (objective ``own_trajectory``, the default, or
+``score_l2``), and takes one Adam step on the student's coefficients (and, with ``model.learn_steps``,
+its step logits) to lower the LSD loss (vargen/diffusion/lsd.py, which says what the reference code
+defines and what it leaves open; ``objective=teacher_forced`` is the earlier vargen loss on the
+teacher's states). The network itself is the teacher's and stays frozen. The batch of step
 s depends only on (seed, s), so ``train.resume=true`` continues exactly.
 
 Writes ``model.safetensors`` + ``checkpoints/`` (atomic, vargen/checkpoint.py; the teacher's
@@ -38,7 +39,7 @@ from vargen.checkpoint import (
 )
 from vargen.config import RunConfig, component, to_plain
 from vargen.diffusion.absorbing import all_mask, sample_chain, uniform_times
-from vargen.diffusion.lsd import OBJECTIVES, distill_loss, student_rollout, teacher_forced_loss
+from vargen.diffusion.lsd import OBJECTIVES, distill_loss, score_l2_loss, student_rollout, teacher_forced_loss
 from vargen.registry import MODELS, TASKS
 from vargen.train.loop import TrainingError
 from vargen.train.tasks import _device, _write_eval
@@ -53,7 +54,7 @@ class LSDRun(RunConfig):
     teacher_steps: int = 64  # N: the teacher's uniform Euler steps
     cfg_scale: float = 1.0  # guidance of teacher and student during distillation
     temperature: float = 1.0
-    objective: str = "own_trajectory"  # or "teacher_forced" (vargen/diffusion/lsd.py)
+    objective: str = "own_trajectory"  # or "score_l2", "teacher_forced" (vargen/diffusion/lsd.py)
     eval_batch: int = 256  # fixed trajectories for the before / after loss in eval.json
     tokenizer_ckpt: str = ""  # copied from the teacher's run (sample.py decodes with it)
     tokenizer_sha256: str = ""
@@ -82,7 +83,8 @@ def _loss(net, times, coefs, labels, g, cfg, teacher_times):
     if cfg.objective == "teacher_forced":
         return teacher_forced_loss(logp0, states, teacher_times, times, coefs, net.eps)
     own, own_logp0 = student_rollout(logp0, x_T, times, coefs, net.eps, g)
-    return distill_loss(own_logp0, own, logp0, states, teacher_times, times, coefs, net.eps)
+    loss_fn = score_l2_loss if cfg.objective == "score_l2" else distill_loss
+    return loss_fn(own_logp0, own, logp0, states, teacher_times, times, coefs, net.eps)
 
 
 @TASKS.register("lsd", LSDRun)

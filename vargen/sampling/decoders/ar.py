@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vargen.registry import SAMPLERS
-from vargen.sampling.base import Sampler
+from vargen.sampling.base import Sampler, inference
 from vargen.sampling.stats import new_stats
 from vargen_kernels.logits_warper import warp_and_sample
 
@@ -33,7 +33,7 @@ class ARSamplerConfig:
     compile: bool = False  # torch.compile the cached step (ARTransformer.compile_decode); slow to start
 
 
-@torch.no_grad()
+@inference
 def sample_ar(
     model,
     cond_B: torch.Tensor,

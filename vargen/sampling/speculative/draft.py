@@ -21,15 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from vargen.registry import SAMPLERS
-from vargen.sampling.base import Sampler
+from vargen.sampling.base import Sampler, inference
 from vargen.sampling.decoders.ar import complete
 from vargen.sampling.speculative.verify import (
-    COUNTERS,
+    CountLog,
     RowQueue,
     WindowScorer,
     accept_and_correct,
     sample_probs,
-    verify_counts,
     warp_kwargs,
 )
 from vargen.sampling.stats import finish_speculative, new_stats
@@ -46,16 +45,28 @@ class SpeculativeConfig:
     top_k: int = 0
     top_p: float = 1.0
     backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
+    compile: bool = False  # torch.compile both models' cached windows (ARTransformer.compile_decode)
 
 
-@torch.no_grad()
+@inference
 def sample_speculative(
-    target, draft, cond_B, *, generator, gamma=4, use_cache=True, slots=0, backend="auto", **warp
+    target,
+    draft,
+    cond_B,
+    *,
+    generator,
+    gamma=4,
+    use_cache=True,
+    slots=0,
+    backend="auto",
+    compile=False,
+    **warp,
 ):
     """Draw ids (N, T) for the N classes ``cond_B`` from ``target`` with ``draft`` proposals,
     ``slots`` rows at a time (continuous batching; 0 = all at once); returns (ids_NT, stats).
     ``backend``: how the verification (:func:`accept_and_correct`) and the cached windows'
-    attention run; all draw the same ids (to float rounding of the attention)."""
+    attention run; all draw the same ids (to float rounding of the attention). ``compile``:
+    ``torch.compile`` both models' cached windows (widths gamma + 1, 2 and 1 compile once each)."""
     t0 = time.perf_counter()
     cond_N = cond_B  # every pending sample (the keyword keeps its historical name)
     if gamma < 1:
@@ -65,9 +76,9 @@ def sample_speculative(
     rows = RowQueue(cond_N, slots, T, gamma + 1)
     stats = {**new_stats(), "syncs": 0}
     draft_stats = new_stats()
-    counts = torch.zeros(len(COUNTERS), dtype=torch.long, device=cond_N.device)
-    p_model = WindowScorer(target, rows.cond_B, warp, stats, use_cache, gamma + 1, backend)
-    q_model = WindowScorer(draft, rows.cond_B, warp, draft_stats, use_cache, gamma + 1, backend)
+    counts = CountLog(gamma, cond_N.device)
+    p_model = WindowScorer(target, rows.cond_B, warp, stats, use_cache, gamma + 1, backend, compile)
+    q_model = WindowScorer(draft, rows.cond_B, warp, draft_stats, use_cache, gamma + 1, backend, compile)
     for _ in rows.iterations(gamma + 1, stats, (p_model, q_model)):
         active_B = rows.active()
         len_B, ids_BX = rows.len_B, rows.ids_BX
@@ -87,7 +98,7 @@ def sample_speculative(
             p_BWV, q_BgV, x_Bg, None, T - len_B, generator, backend=backend
         )
         ids_BX.scatter_(1, (len_B + n_B)[:, None], z_B[:, None])
-        counts += verify_counts(n_B, cap_B, active_B, gamma)
+        counts.add(n_B, cap_B, active_B)
         rows.len_B = len_B + (n_B + 1) * active_B
         if rows.R < rows.N:  # refills happen: new classes, caches of new rows back to 0
             rows.refill()  # SD keeps no draft state across iterations: nothing else to restart
@@ -96,7 +107,7 @@ def sample_speculative(
         p_model.commit(rows.len_B)
         q_model.commit(rows.len_B)
     stats["draft_positions_computed"] = draft_stats["positions_computed"]
-    return rows.ids(), finish_speculative(stats, rows.N, rows.N * T, t0, counts)
+    return rows.ids(), finish_speculative(stats, rows.N, rows.N * T, t0, counts.total())
 
 
 @SAMPLERS.register("speculative", SpeculativeConfig)
@@ -136,6 +147,7 @@ class SpeculativeSampler(Sampler):
             use_cache=c.use_cache,
             slots=slots,
             backend=c.backend,
+            compile=c.compile,
             **warp_kwargs(c),
         )
         return complete(model, ids_NT, cond_N, generator, stats)

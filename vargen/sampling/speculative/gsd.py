@@ -33,6 +33,7 @@ commits its own n_b + 1), which is exact and wastes nothing.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -65,47 +66,72 @@ def rank_window(p_XV, x_X1, G: int):
 
     Each token gets a unique integer key that orders like that ranking (the float32 bit pattern
     of p >= 0, then the smaller id first on ties); the window is x, the rank(x) - start tokens
-    just above it and the rest just below it, two top-(G-1) selections on either side of x's
-    key. Returns (win (..., 2G-1) ids in rank order, member (..., 2G-1) bool): the candidates,
-    x at index G-1, and which of them are in the window (a side with fewer than G-1 tokens pads
-    with ids that are not members).
+    just above it and the rest just below it: a top-(G-1) selection above x's key and a top-G
+    below it (whose first is x itself). Returns (win (..., 2G-1) ids in rank order, member
+    (..., 2G-1) bool): the candidates, x at index G-1, and which of them are in the window (a
+    side with fewer than G-1 tokens pads with ids that are not members).
     """
     V = p_XV.shape[-1]
-    bits = p_XV.float().view(torch.int32).long()  # non-negative floats order like their bits
-    key = bits * V + (V - 1 - torch.arange(V, device=p_XV.device))  # (..., V) unique, < 2^42
+    tie_V = torch.arange(V - 1, -1, -1, device=p_XV.device)  # smaller id first on ties
+    key = torch.add(tie_V, p_XV.float().view(torch.int32), alpha=V)  # (..., V) int64, unique, < 2^42
     kx = key.gather(-1, x_X1)  # (..., 1)
-    rank = (key > kx).sum(-1, keepdim=True)  # (..., 1) x's rank, 0 = most likely
-    start = (rank - G // 2).clamp(0, V - G)
-    n_above = rank - start  # window tokens ranked before x; G - 1 - n_above after it
+    above_XV = key > kx
+    rank = torch.count_nonzero(above_XV, dim=-1).unsqueeze(-1)  # (..., 1) x's rank, 0 = most likely
+    n_above = rank - (rank - G // 2).clamp(0, V - G)  # window tokens ranked before x
     big = torch.iinfo(key.dtype).max
-    above = torch.where(key > kx, key, big).topk(G - 1, largest=False).indices.flip(-1)  # nearest last
-    below = torch.where(key < kx, key, -1).topk(G - 1).indices  # nearest first
-    j = torch.arange(G - 1, device=p_XV.device)
-    win = torch.cat([above, x_X1, below], -1)  # (..., 2G-1)
-    is_x = torch.ones_like(x_X1, dtype=torch.bool)
-    member = torch.cat([j.flip(0) < n_above, is_x, j < G - 1 - n_above], -1)  # (..., 2G-1)
-    return win, member
+    above = torch.where(above_XV, key, big).topk(G - 1, largest=False).indices.flip(-1)  # nearest last
+    below = key.masked_fill_(above_XV, -1).topk(G).indices  # x (the largest key left), then nearest first
+    win = torch.cat([above, below], -1)  # (..., 2G-1), x at G-1
+    # index k is in the window iff G-1 <= k + n_above < 2G-1 (n_above before x, G-1-n_above after)
+    k = torch.arange(2 * G - 1, device=p_XV.device) + n_above  # (..., 2G-1)
+    return win, (k >= G - 1) & (k < 2 * G - 1)
 
 
-def gsd_ratio(p_BgV, q_BgV, x_Bg, group: int, delta: float, dist: float, emb_VD=None):
+def near_table(emb_VD: torch.Tensor, dist: float, rows: int = 512) -> torch.Tensor:
+    """(V, V) bool: whether tokens u and v are closer than ``dist`` in squared L2 over the rows of
+    ``emb_VD``, decided exactly as :func:`gsd_ratio`'s direct ``(e_v - e_u).pow(2).sum(-1) < dist``.
+
+    The embedding filter depends only on the embedding, so GSD builds this once per run and
+    looks its window up instead of gathering (2G-1) embedding rows per draft every iteration.
+    The distances come from ``|u|^2 + |v|^2 - 2 u.v`` (one matrix product per ``rows`` rows);
+    pairs within a rounding margin of ``dist`` are recomputed in the direct form, so every
+    entry is the direct decision."""
+    e_VD = emb_VD.float()
+    V = e_VD.shape[0]
+    sq_V = e_VD.pow(2).sum(-1)
+    near_VV = torch.empty(V, V, dtype=torch.bool, device=e_VD.device)
+    for i in range(0, V, rows):
+        e_RD, sq_R = e_VD[i : i + rows], sq_V[i : i + rows]
+        d2_RV = (sq_R[:, None] + sq_V) - 2 * (e_RD @ e_VD.T)  # (R, V)
+        near_VV[i : i + rows] = d2_RV < dist
+        # fp32 error of either form is below ~D * 2^-24 * (|u|^2 + |v|^2); 1e-4 of it is safe for D < 1e3
+        u, v = ((d2_RV - dist).abs() <= 1e-4 * (sq_R[:, None] + sq_V) + 1e-6).nonzero(as_tuple=True)
+        near_VV[i + u, v] = (e_VD[v] - e_VD[i + u]).pow(2).sum(-1) < dist
+    return near_VV
+
+
+def gsd_ratio(p_BgV, q_BgV, x_Bg, group: int, delta: float, dist: float, emb_VD=None, near_VV=None):
     """GSD's P(C)/Q(C) with C built from p's ranking around x (section 2(a).1-4), vectorised.
 
     ``group`` = window size G (reference: 14, ``sorted[r-7:r+7]``), ``delta`` the probability gap,
     ``dist`` the threshold on squared L2 distances between rows of ``emb_VD`` (skipped when
     ``emb_VD`` is None or dist <= 0; the sampler passes :func:`relative_embeddings`).
+    ``near_VV``: :func:`near_table` of ``emb_VD`` and ``dist``, looked up instead (same result).
     """
     V = p_BgV.shape[-1]
     G = min(group, V)
     x = x_Bg[..., None]  # (B, g, 1)
     px = p_BgV.gather(2, x)  # (B, g, 1)
-    win, member = rank_window(p_BgV, x, G)  # (B, g, 2G-1) candidates, which of them form the window
+    win, keep = rank_window(p_BgV, x, G)  # (B, g, 2G-1) candidates, which of them form the window
     pw, qw = p_BgV.gather(2, win), q_BgV.gather(2, win)  # (B, g, 2G-1)
-    keep = ((pw - px).abs() < delta) & (pw > 0)  # restricted to tokens the target can emit
-    if emb_VD is not None and dist > 0:
+    keep &= (pw - px).abs() < delta
+    keep &= pw > 0  # restricted to tokens the target can emit
+    if near_VV is not None and dist > 0:
+        keep &= near_VV.view(-1)[x * V + win]  # (B, g, 2G-1), near_VV[x, x] is True
+    elif emb_VD is not None and dist > 0:
         d2 = (emb_VD[win] - emb_VD[x_Bg][..., None, :]).pow(2).sum(-1)  # (B, g, 2G-1)
         keep &= d2 < dist
     keep[..., G - 1] = True  # x always in its group
-    keep &= member
     P, Q = (pw * keep).sum(-1), (qw * keep).sum(-1)  # (B, g)
     return torch.where(px[..., 0] > 0, P / Q, torch.zeros_like(P))
 
@@ -125,6 +151,24 @@ def exact_group_fns(group: int):
     return ratio, residual
 
 
+_NEAR_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, near_VV)
+NEAR_TABLE_MAX_VOCAB = 8192  # a (V, V) bool table of 64 MiB; larger vocabularies filter directly
+
+
+def _near_table_of(model, dist: float):
+    """:func:`near_table` of the model's relative embeddings, built once per model, embedding
+    version and ``dist`` (a sampler is often built per call), or None above
+    :data:`NEAR_TABLE_MAX_VOCAB` (the direct filter then runs)."""
+    emb_VD = model.token_embeddings()
+    if emb_VD.shape[0] > NEAR_TABLE_MAX_VOCAB:
+        return None
+    key = (emb_VD.data_ptr(), emb_VD._version, tuple(emb_VD.shape), emb_VD.device, float(dist))
+    hit = _NEAR_TABLES.get(model)
+    if hit is None or hit[0] != key:
+        hit = _NEAR_TABLES[model] = (key, near_table(relative_embeddings(emb_VD), dist))
+    return hit[1]
+
+
 @dataclass
 class GSDConfig:
     name: str = "gsd"
@@ -141,6 +185,7 @@ class GSDConfig:
     top_k: int = 0
     top_p: float = 1.0
     backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
+    compile: bool = False  # torch.compile the cached windows (ARTransformer.compile_decode); slow to start
 
 
 @SAMPLERS.register("gsd", GSDConfig)
@@ -169,9 +214,10 @@ class GSDSampler(Sampler):
             )
         emb = relative_embeddings(ar.token_embeddings())  # (V, D) input embeddings (reference)
         cond_B = cond_B.to(emb.device)
+        near = None if c.exact_groups or c.dist <= 0 else _near_table_of(ar, c.dist)
 
         def ratio(p, q, x):
-            return gsd_ratio(p, q, x, c.group, c.delta, c.dist, emb)
+            return gsd_ratio(p, q, x, c.group, c.delta, c.dist, emb, near)
 
         ratio_fn, residual_fn = exact_group_fns(c.group) if c.exact_groups else (ratio, token_residual)
         ids, stats = sample_jacobi(
@@ -184,6 +230,7 @@ class GSDSampler(Sampler):
             use_cache=c.use_cache,
             slots=slots,
             backend=c.backend,
+            compile=c.compile,
             **warp_kwargs(c),
         )
         return complete(model, ids, cond_B, generator, stats)

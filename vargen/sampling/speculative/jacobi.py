@@ -19,22 +19,21 @@ import torch
 import torch.nn.functional as F
 
 from vargen.registry import SAMPLERS
-from vargen.sampling.base import Sampler
+from vargen.sampling.base import Sampler, inference
 from vargen.sampling.decoders.ar import complete
 from vargen.sampling.speculative.verify import (
-    COUNTERS,
+    CountLog,
     RowQueue,
     WindowScorer,
     accept_and_correct,
     token_ratio,
     token_residual,
-    verify_counts,
     warp_kwargs,
 )
 from vargen.sampling.stats import finish_speculative, new_stats
 
 
-@torch.no_grad()
+@inference
 def sample_jacobi(
     model,
     cond_B,
@@ -46,6 +45,7 @@ def sample_jacobi(
     use_cache=True,
     slots=0,
     backend="auto",
+    compile=False,
     **warp,
 ):
     """SJD with window L = ``window`` (L-1 drafts + 1); ``ratio_fn(p, q, x)`` is the acceptance
@@ -56,7 +56,9 @@ def sample_jacobi(
     ``slots``: rows run at a time (continuous batching as in :mod:`vargen.sampling.speculative`;
     0 = every sample at once); a refilled row restarts from random drafts with one-hot q.
     ``backend``: how the verification (:func:`accept_and_correct`) and the cached windows'
-    attention run; all draw the same ids (to float rounding of the attention).
+    attention run; all draw the same ids (to float rounding of the attention). ``compile``:
+    ``torch.compile`` the cached windows (:meth:`ARTransformer.compile_decode`; same ids to
+    float rounding, slow to start).
 
     Random draws per iteration, all (slots, ...): :func:`accept_and_correct`'s, then (slots, g)
     random ids that pad the Jacobi update and restart refilled rows; (slots, g) random initial
@@ -75,8 +77,8 @@ def sample_jacobi(
     draft_Bg = rand_ids()  # random initial tokens with one-hot q (1b(a) state)
     q_BgV = F.one_hot(draft_Bg, V).float()
     stats = {**new_stats(), "syncs": 0}
-    counts = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
-    scorer = WindowScorer(model, rows.cond_B, warp, stats, use_cache, window, backend)
+    counts = CountLog(0, device)
+    scorer = WindowScorer(model, rows.cond_B, warp, stats, use_cache, window, backend, compile)
     ar_g = torch.arange(g, device=device)
     group = getattr(residual_fn, "group", None)
     fused = (ratio_fn is token_ratio and residual_fn is token_residual) or (
@@ -94,7 +96,7 @@ def sample_jacobi(
             p_BWV, q_BgV, draft_Bg, ratio_Bg, T - len_B, generator, residual_fn, backend
         )
         ids_BX.scatter_(1, (len_B + n_B)[:, None], z_B[:, None])
-        counts += verify_counts(n_B, cap_B, active_B, 0)
+        counts.add(n_B, cap_B, active_B)
         rows.len_B = len_B + (n_B + 1) * active_B
         # Jacobi update (1b(a).5): slot j of the next window is window position n + 1 + j
         src_Bg = n_B[:, None] + 1 + ar_g
@@ -105,11 +107,11 @@ def sample_jacobi(
             has_Bg = has_Bg & ~rows.refill()[:, None]
             scorer.set_cond(rows.cond_B)
         draft_Bg = torch.where(has_Bg, y_BW.gather(1, src_Bg), fresh_Bg)
-        p_src = p_BWV.gather(1, src_Bg[..., None].expand(B, g, V))
-        q_BgV = p_src.masked_fill(~has_Bg[..., None], 0.0)  # one-hot q for the random drafts:
-        q_BgV.scatter_add_(2, fresh_Bg[..., None], (~has_Bg[..., None]).to(q_BgV.dtype))
+        fresh_Bg1 = ~has_Bg[..., None]  # one-hot q for the random drafts
+        q_BgV = p_BWV.gather(1, src_Bg[..., None].expand(B, g, V)).masked_fill_(fresh_Bg1, 0.0)
+        q_BgV.scatter_add_(2, fresh_Bg[..., None], fresh_Bg1.to(q_BgV.dtype))
         scorer.commit(rows.len_B)
-    return rows.ids(), finish_speculative(stats, rows.N, rows.N * T, t0, counts)
+    return rows.ids(), finish_speculative(stats, rows.N, rows.N * T, t0, counts.total())
 
 
 @dataclass
@@ -122,6 +124,7 @@ class SJDConfig:
     top_k: int = 0
     top_p: float = 1.0
     backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
+    compile: bool = False  # torch.compile the cached windows (ARTransformer.compile_decode); slow to start
 
 
 def check_window(cfg):
@@ -150,6 +153,7 @@ class SJDSampler(Sampler):
             use_cache=c.use_cache,
             slots=slots,
             backend=c.backend,
+            compile=c.compile,
             **warp_kwargs(c),
         )
         return complete(model, ids, cond_B, generator, stats)

@@ -30,7 +30,10 @@ residual samples. Refilling draws nothing, so the same seed and ``slots`` give t
 Host synchronisations: the loop reads how many tokens the furthest-behind row still needs and
 runs the iterations that certainly remain before it reads again (:meth:`RowQueue.iterations`),
 plus one read of the stats (accumulated on the device) at the end; ``stats["syncs"]`` counts
-them. Nothing else in an iteration waits for the device.
+them. Nothing else in an iteration waits for the device. On the CPU, where a read waits for
+nothing, the loop reads before every iteration: the read also bounds the attended width of the
+cached windows, which otherwise grows by a whole window per iteration (see
+:meth:`RowQueue.iterations`; the same iterations run, so the same draws).
 
 Stats (besides :func:`vargen.sampling.stats.new_stats`'s): ``row_target_forwards`` (sum
 over target calls of the rows working in that call), ``target_calls_per_image`` (that / N),
@@ -105,10 +108,25 @@ class WindowScorer:
     ``ids_BX`` may be wider than the sequence (padding that absorbs writes past the end);
     ``stats["positions_computed"]`` counts the sequence positions pushed through the model.
     ``backend``: how the cached forward's attention runs
-    (:func:`vargen_kernels.ragged_attention.ragged_attention`).
+    (:func:`vargen_kernels.ragged_attention.ragged_attention`). ``compile`` turns on
+    :meth:`ARTransformer.compile_decode` for the model (it stays on; each window width compiles
+    once, on first use): it changes the cost of cached windows, not the tokens, up to float
+    rounding.
     """
 
-    def __init__(self, model, cond_B, warp: dict, stats: dict, use_cache: bool, window: int, backend="auto"):
+    def __init__(
+        self,
+        model,
+        cond_B,
+        warp: dict,
+        stats: dict,
+        use_cache: bool,
+        window: int,
+        backend="auto",
+        compile=False,
+    ):
+        if compile and use_cache and getattr(model, "_compiled_window", None) is None:
+            model.compile_decode()
         self.model, self.warp, self.stats = model, warp, stats
         self.N = model.num_tokens
         self.guided = warp["cfg_scale"] != 1.0
@@ -197,7 +215,12 @@ class RowQueue:
         more iterations are certain, since an iteration emits at most ``most`` tokens per row.
         The iterations run are exactly those of a check before each one (same draws). The same
         read gives the longest working row, which tightens the attended width of the
-        ``scorers``' caches (committed at that point; idle rows' windows are never used)."""
+        ``scorers``' caches (committed at that point; idle rows' windows are never used).
+
+        On the CPU a read costs no stall, so it happens before every iteration: between reads
+        the caches' bound grows by a whole window per call while rows commit ~3 tokens, and
+        attention over the stale slots cost ~10% of a batch-1 window forward (photos_ar)."""
+        every = self.len_B.device.type == "cpu"
         while True:
             working_B = self.len_B < self.T
             left_B = (self.T - self.len_B).max()
@@ -211,7 +234,7 @@ class RowQueue:
                 left = max(left, self.T)
             if left <= 0:
                 return
-            for _ in range(-(-left // most)):
+            for _ in range(1 if every else -(-left // most)):  # left > 0: one more is certain
                 yield
 
     def active(self) -> torch.Tensor:
@@ -272,13 +295,31 @@ def accept_and_correct(
 
 def verify_counts(n_B, cap_B, active_B, draft_calls: int) -> torch.Tensor:
     """This verification's contribution to :data:`COUNTERS` (a device tensor, no sync), after
-    ``draft_calls`` draft-model calls on the same rows."""
+    ``draft_calls`` draft-model calls on the same rows (or several verifications', stacked)."""
     a = active_B.long()
     can = a * (cap_B > 0)  # verifications where the first draft could be accepted
     rows = a.sum()
     return torch.stack(
         [(n_B * a).sum(), (cap_B * a).sum(), rows, draft_calls * rows, (can * (n_B > 0)).sum(), can.sum()]
     )
+
+
+class CountLog:
+    """:data:`COUNTERS` of a run at no per-iteration cost: each verification's (n_B, cap_B,
+    active_B) is kept as it is (no op) and :meth:`total` reduces them all at once, the same
+    integers as summing :func:`verify_counts` every iteration (a dozen small ops each)."""
+
+    def __init__(self, draft_calls: int, device):
+        self.draft_calls, self.device, self.log = draft_calls, device, []
+
+    def add(self, n_B, cap_B, active_B) -> None:
+        self.log.append((n_B, cap_B, active_B))
+
+    def total(self) -> torch.Tensor:
+        if not self.log:
+            return torch.zeros(len(COUNTERS), dtype=torch.long, device=self.device)
+        n_IB, cap_IB, active_IB = (torch.stack(t) for t in zip(*self.log))  # (iterations, B)
+        return verify_counts(n_IB, cap_IB, active_IB, self.draft_calls)
 
 
 def token_ratio(p_BgV, q_BgV, x_Bg):
