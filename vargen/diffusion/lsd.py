@@ -124,22 +124,16 @@ def distill_loss(
     recorded states at ``teacher_times`` (K+1,).
     """
     n = times_n1.shape[0] - 1
-    idx = teacher_index_at(teacher_times, times_n1[:-1]).tolist()
-    per_step = []
-    for i in range(n):
-        x_s, x_t = student_states[i], teacher_states[idx[i]]
-        V = student_logp0[i].shape[-1]
-        with torch.no_grad():
-            lp_t = teacher_logp0(x_t)  # (B, L, V)
-        last = i == n - 1
-        t, t_next = times_n1[i], times_n1[i + 1]
-        q = transition_probs(student_logp0[i], x_s, t, t_next, eps, coefs_n[i], last)  # (B, L, V+1)
+
+    def kl_BL(i, lp_s, x_s, lp_t, x_t):
+        t, t_next, last = times_n1[i], times_n1[i + 1], i == n - 1
+        q = transition_probs(lp_s, x_s, t, t_next, eps, coefs_n[i], last)  # (B, L, V+1)
         p = transition_probs(lp_t, x_t, t, t_next, eps, 1.0, last)  # teacher at the student's times
-        kl = torch.xlogy(p, p) - p * torch.log(q.clamp_min(1e-30))  # (B, L, V+1)
-        both = (x_s == V) & (x_t == V)  # (B, L)
-        per_step.append((kl.sum(-1) * both).sum() / both.numel())
-    per_step = torch.stack(per_step)
-    return per_step.sum(), per_step
+        return (torch.xlogy(p, p) - p * torch.log(q.clamp_min(1e-30))).sum(-1)  # (B, L)
+
+    return _aligned_steps(
+        kl_BL, student_logp0, student_states, teacher_logp0, teacher_states, teacher_times, times_n1
+    )
 
 
 def score_l2_loss(
@@ -156,18 +150,32 @@ def score_l2_loss(
     Arguments as :func:`distill_loss`; returns (loss, per-step losses (n,)). LSD+'s times get a
     gradient through log r(t_i) on both sides.
     """
-    n = times_n1.shape[0] - 1
+
+    def sq_BL(i, lp_s, x_s, lp_t, x_t):
+        log_r = log_score_scale(times_n1[i], eps)
+        return (coefs_n[i] * (log_r + lp_s) - (log_r + lp_t)).square().sum(-1)  # (B, L)
+
+    return _aligned_steps(
+        sq_BL, student_logp0, student_states, teacher_logp0, teacher_states, teacher_times, times_n1
+    )
+
+
+def _aligned_steps(
+    distance, student_logp0, student_states, teacher_logp0, teacher_states, teacher_times, times_n1
+):
+    """The own-trajectory objectives' common sum: at every student step i, ``distance(i, lp_s, x_s,
+    lp_t, x_t) -> (B, L)`` between the student's output on its own state x^s_{t_i} and the
+    teacher's (no gradient) on its state held at t_i, averaged over positions masked in both
+    states (elsewhere both sides are deterministic). Returns (loss, per-step losses (n,))."""
     idx = teacher_index_at(teacher_times, times_n1[:-1]).tolist()
     per_step = []
-    for i in range(n):
+    for i in range(times_n1.shape[0] - 1):
         x_s, x_t = student_states[i], teacher_states[idx[i]]
         V = student_logp0[i].shape[-1]
         with torch.no_grad():
             lp_t = teacher_logp0(x_t)  # (B, L, V)
-        log_r = log_score_scale(times_n1[i], eps)
-        diff = coefs_n[i] * (log_r + student_logp0[i]) - (log_r + lp_t)  # (B, L, V)
         both = (x_s == V) & (x_t == V)  # (B, L)
-        per_step.append((diff.square().sum(-1) * both).sum() / both.numel())
+        per_step.append((distance(i, student_logp0[i], x_s, lp_t, x_t) * both).sum() / both.numel())
     per_step = torch.stack(per_step)
     return per_step.sum(), per_step
 
