@@ -41,15 +41,11 @@ import argparse
 import contextlib
 import hashlib
 import os
-import sys
 import time
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import ROOT, Method, flat_results, meta, print_table, sweep, train, write_results  # noqa: E402
+from benchmarks.common import ROOT, Method, flat_results, meta, print_table, sweep, train, write_results
 
 HEAD = ["model.denoiser=head"]
 VARIANTS = {  # result key -> overrides of configs/digits_xar.yaml
