@@ -238,7 +238,73 @@ METHODS = {
     "tarflow_jacobi": Method("tarflow", "tarflow_seq", _tarflow("jacobi"), decode_pixels),
     "tarflow_gs_jacobi": Method("tarflow", "tarflow_seq", _tarflow("gs_jacobi"), decode_pixels),
 }
-DEFAULTS = {"cfg_scale": 1.5, "gamma": 4, "window": 16}
+# Options: ``cfg_scale`` for every method, and ``<family>.<option>`` for the methods of a family
+# (FAMILY below), each either one value or ``{batch: value}`` per regime. A per-batch value applies
+# from its batch size up to the next one listed (``{1: 4, 16: 3}``: 4 for 1..15 rows in flight, 3 for
+# 16 and more; FID draws at ``fid_batch`` = 100 rows so they use the 16 setting). The SD / SJD / GSD
+# values are the best wall ratio of each regime in ``benchmarks/results/spec_sweep.json``
+# (``python -m benchmarks.spec_sweep``, one thread, this CPU); CSpD and TarFlow were not swept.
+DEFAULTS = {
+    "cfg_scale": 1.5,
+    "sd.gamma": {1: 4, 16: 4},
+    "sjd.window": {1: 16, 16: 16},
+    "gsd.window": {1: 16, 16: 16},
+    "gsd_exact.window": {1: 16, 16: 16},
+    "cspd.gamma": 4,
+    "tarflow.window": 16,
+}
+# The option family of each method (the prefix of its option keys); a method not named here is its own.
+FAMILY = {"cspd_path": "cspd", "tarflow_jacobi": "tarflow", "tarflow_gs_jacobi": "tarflow"}
+
+
+def options(overrides: dict | None = None) -> dict:
+    """DEFAULTS updated by ``overrides``, checked: an unknown key or a per-batch value keyed by
+    anything but a positive batch size raises ValueError naming it (a typo must not silently
+    leave the default in force)."""
+    out = dict(DEFAULTS)
+    for key, v in (overrides or {}).items():
+        if key not in DEFAULTS:
+            raise ValueError(f"unknown acceleration option {key!r}; known: {', '.join(DEFAULTS)}")
+        if isinstance(v, dict) and not all(isinstance(b, int) and b >= 1 for b in v):
+            raise ValueError(f"option {key!r}: per-batch keys must be batch sizes >= 1, got {list(v)}")
+        out[key] = v
+    return out
+
+
+def resolve(opts: dict, name: str, batch: int) -> dict:
+    """The flat options a draw of method ``name`` at ``batch`` rows gets: ``cfg_scale`` and its
+    family's options (``window``, ``gamma``), a per-batch value read at the largest listed batch
+    size not above ``batch`` (the smallest listed when ``batch`` is below them all)."""
+    family = FAMILY.get(name, name)
+    out = {"cfg_scale": opts["cfg_scale"]}
+    for key, v in opts.items():
+        fam, _, option = key.partition(".")
+        if fam != family:
+            continue
+        if isinstance(v, dict):
+            at = [b for b in v if b <= batch]
+            v = v[max(at) if at else min(v)]
+        out[option] = v
+    return out
+
+
+def parse_set(items) -> dict:
+    """``--set KEY=VALUE`` / ``KEY.bB=VALUE`` pairs as options overrides (``sjd.window=8`` in every
+    regime; ``sjd.window.b16=4`` at batch 16 only, the other regimes keep their default)."""
+    out: dict = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set wants KEY=VALUE, got {item!r}")
+        num = float(value) if "." in value else int(value)
+        head, _, last = key.rpartition(".")
+        if head and last[:1] == "b" and last[1:].isdigit():
+            base = out.get(head, DEFAULTS.get(head))
+            per = dict(base) if isinstance(base, dict) else {1: base}
+            out[head] = {**per, int(last[1:]): num}
+        else:
+            out[key] = num
+    return out
 
 
 def labels(n: int, num_classes: int) -> torch.Tensor:
@@ -322,10 +388,11 @@ def run(
     log=print,
 ) -> dict:
     """Measure ``methods`` on workload ``w``; flat result keys (see the module docstring)."""
-    opts = {**DEFAULTS, **(opts or {})}
+    opts = options(opts)
     flat: dict = {"workload.tokens": w.ar.num_tokens if w.ar is not None else None}
     flat.update({f"workload.params.{k}": v for k, v in w.params.items()})
-    flat.update({f"options.{k}": v for k, v in opts.items()})
+    for k, v in opts.items():
+        flat.update({f"options.{k}.b{b}": x for b, x in v.items()} if isinstance(v, dict) else {f"options.{k}": v})
     base_fid: dict = {}
     for name in methods:
         if not available(name, w):
@@ -333,16 +400,19 @@ def run(
             continue
         for b in batches:
             n = n_latency if b == 1 else max(b, n_throughput)
-            log(f"{name} vs {METHODS[name].baseline} at batch {b} ({n} images, best of {reps})")
-            for k, v in measure_speed(name, w, b, n, reps, opts).items():
+            o = resolve(opts, name, b)
+            log(f"{name} vs {METHODS[name].baseline} at batch {b} ({n} images, best of {reps}, {o})")
+            for k, v in measure_speed(name, w, b, n, reps, o).items():
                 flat[f"{name}.b{b}.{k}"] = v
+            flat.update({f"{name}.b{b}.{k}": v for k, v in o.items() if k != "cfg_scale"})
         if fid_samples and w.evaluator is not None:
-            bname = METHODS[name].baseline
+            bname, o = METHODS[name].baseline, resolve(opts, name, fid_batch)
             if bname not in base_fid:
-                base_fid[bname] = fid_of(BASELINES[bname], w, fid_samples, seeds, fid_batch, opts)
+                base_fid[bname] = fid_of(BASELINES[bname], w, fid_samples, seeds, fid_batch, o)
             flat[f"{name}.fid_mean"], flat[f"{name}.fid_std"] = fid_of(
-                METHODS[name], w, fid_samples, seeds, fid_batch, opts
+                METHODS[name], w, fid_samples, seeds, fid_batch, o
             )
+            flat.update({f"{name}.fid_{k}": v for k, v in o.items() if k != "cfg_scale"})
             flat[f"{name}.baseline_fid_mean"], flat[f"{name}.baseline_fid_std"] = base_fid[bname]
             log(f"{name}: FID {flat[f'{name}.fid_mean']:.1f} (baseline {bname} {base_fid[bname][0]:.1f})")
     return flat
@@ -433,7 +503,19 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--fid-samples", type=int, default=None, help="images per seed for FID (0 = no FID)")
     ap.add_argument("--cfg-scale", type=float, default=DEFAULTS["cfg_scale"])
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an option: sjd.window=8 (every batch) or sd.gamma.b16=1 (one regime); keys: "
+        + ", ".join(DEFAULTS),
+    )
     args = ap.parse_args(argv)
+    try:
+        opts = options({"cfg_scale": args.cfg_scale, **parse_set(args.set)})
+    except ValueError as e:
+        ap.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     fid_samples = args.fid_samples if args.fid_samples is not None else (200 if args.quick else 1000)
@@ -449,7 +531,7 @@ def main(argv=None):
         n_throughput=16 if args.quick else 32,
         fid_samples=fid_samples,
         seeds=seeds,
-        opts={"cfg_scale": args.cfg_scale},
+        opts=opts,
     )
     print_table(
         table(flat, args.methods, tuple(args.batches)),

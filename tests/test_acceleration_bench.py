@@ -3,7 +3,19 @@
 import pytest
 import torch
 
-from benchmarks.acceleration import BASELINES, BATCHES, METHODS, Workload, labels, run
+from benchmarks.acceleration import (
+    BASELINES,
+    BATCHES,
+    DEFAULTS,
+    METHODS,
+    Method,
+    Workload,
+    labels,
+    options,
+    parse_set,
+    resolve,
+    run,
+)
 from vargen.models.ar import ARConfig, ARTransformer
 from vargen.models.tarflow import TarFlow, TarFlowConfig
 from vargen.models.var import NextScaleTransformer, VARConfig
@@ -114,3 +126,47 @@ def test_methods_draw_from_their_explicit_generator(workload, name):
     torch.manual_seed(456)
     assert torch.equal(a, draw(0))
     assert not torch.equal(a, draw(1))
+
+
+def test_options_resolve_per_method_and_regime():
+    opts = options({"sjd.window": {1: 6, 16: 3}, "sd.gamma": 2, "cfg_scale": 2.0})
+    assert [resolve(opts, "sjd", b)["window"] for b in (1, 8, 15, 16, 100)] == [6, 6, 6, 3, 3]
+    assert resolve(opts, "sd", 16) == {"cfg_scale": 2.0, "gamma": 2}
+    # every method reads only its own family's keys: GSD keeps its default, SJD's does not leak
+    assert resolve(opts, "gsd", 1)["window"] == DEFAULTS["gsd.window"][1]
+    assert resolve(opts, "cspd_path", 16) == {"cfg_scale": 2.0, "gamma": DEFAULTS["cspd.gamma"]}
+    assert resolve(opts, "tarflow_gs_jacobi", 1)["window"] == DEFAULTS["tarflow.window"]
+    assert resolve(opts, "var", 1) == resolve(opts, "ar", 16) == {"cfg_scale": 2.0}
+    assert resolve(options({"sjd.window": {4: 5, 16: 3}}), "sjd", 1)["window"] == 5  # below them all
+
+
+def test_unknown_or_malformed_options_fail_clearly():
+    with pytest.raises(ValueError, match="unknown acceleration option 'window'"):
+        options({"window": 4})  # the pre-regime key: must not silently leave the defaults in force
+    with pytest.raises(ValueError, match="unknown acceleration option 'sjd.windw'"):
+        options(parse_set(["sjd.windw.b16=4"]))
+    with pytest.raises(ValueError, match="per-batch keys"):
+        options({"sjd.window": {"b1": 4}})
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_set(["sjd.window"])
+
+
+def test_set_flags_override_one_regime_or_all():
+    over = parse_set(["sjd.window.b16=4", "sd.gamma=2", "cfg_scale=2.0"])
+    assert over == {"sjd.window": {**DEFAULTS["sjd.window"], 16: 4}, "sd.gamma": 2, "cfg_scale": 2.0}
+    assert resolve(options(over), "sjd", 1)["window"] == DEFAULTS["sjd.window"][1]
+
+
+def test_run_draws_each_regime_with_its_own_setting(workload, monkeypatch):
+    seen = []
+
+    def spy(w, cond, g, slots, o):
+        seen.append((slots, o["window"]))
+        return METHODS["sjd"].draw(w, cond, g, slots, o)
+
+    monkeypatch.setitem(METHODS, "sjd_spy", Method("ar", "ar", spy, METHODS["sjd"].decode, ("vq",)))
+    monkeypatch.setitem(DEFAULTS, "sjd_spy.window", {1: 2, 16: 5})
+    flat = run(workload, ["sjd_spy"], (1, 16), reps=1, n_latency=2, n_throughput=16, log=lambda *a: None)
+    assert sorted(set(seen)) == [(1, 2), (16, 5)]
+    assert (flat["sjd_spy.b1.window"], flat["sjd_spy.b16.window"]) == (2, 5)
+    assert (flat["options.sjd_spy.window.b1"], flat["options.sjd_spy.window.b16"]) == (2, 5)
