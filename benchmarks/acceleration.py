@@ -1,22 +1,37 @@
 #!/usr/bin/env python
 """Every accelerated sampler against its own plain baseline on the 256-token photos workload.
 
-    python -m benchmarks.acceleration [--quick] [--methods sd sjd ...] [--batches 1 16]
+    python -m benchmarks.acceleration [--quick] [--methods sd sjd ...] [--batches 1 16] [--set KEY=VALUE ...]
 
 The models come from the zoo (``benchmarks/zoo.py``; trained on first use). Pairs (method ->
 its baseline, the same trained model unless named):
 
 | method | what | baseline |
 |---|---|---|
-| sd | speculative sampling with the photos_ar_draft model, gamma 4 | ar: KV-cached next-token decode |
-| sjd | speculative Jacobi decoding, window 16 | ar |
-| gsd | grouped speculative decoding, window 16 (G = 14, relative dist 1.0) | ar |
-| gsd_exact | GSD's group-exact variant | ar |
+| sd | speculative sampling with the photos_ar_draft model, gamma per regime (``sd.gamma``) | ar: KV-cached next-token decode |
+| sjd | speculative Jacobi decoding, window per regime (``sjd.window``) | ar |
+| gsd | grouped speculative decoding, window per regime (``gsd.window``; G = 14, relative dist 1.0) | ar |
+| gsd_exact | GSD's group-exact variant (``gsd_exact.window``) | ar |
 | var | next-scale VAR on the VAT ids (5 scales) | ar (next-token on the VQ ids, same 16x16 grid) |
-| cspd | continuous speculative decoding, photos_xar_draft, gamma 4, verify last | xar: its own sampler |
+| cspd | continuous speculative decoding, photos_xar_draft, gamma 4 (``cspd.gamma``), verify last | xar: its own sampler |
 | cspd_path | CSpD, verify path (whole reverse chain), heads' variance beta | xar_beta: xar, variance beta |
-| tarflow_jacobi | TarFlow, frozen-prefix Jacobi (window 16), every block | tarflow_seq: KV-cached loop |
+| tarflow_jacobi | TarFlow, frozen-prefix Jacobi (window 16, ``tarflow.window``), every block | tarflow_seq: KV-cached loop |
 | tarflow_gs_jacobi | TarFlow, GS-Jacobi (8 segments, window 16) on every block | tarflow_seq |
+
+Window and gamma per regime (``DEFAULTS``; JSON ``options.<key>[.b<batch>]``, and the value each
+cell ran with as ``<m>.b<b>.window`` / ``gamma``): the best wall ratio of each batch size in
+``benchmarks/results/spec_sweep.json`` (``python -m benchmarks.spec_sweep``: SJD / GSD windows 2-16,
+SD gamma 1-4, one thread, this CPU), because a window's cost differs by regime (batch 1: per-op
+overhead, a window of 16 costs ~2x one token; batch 16: arithmetic, close to 16 steps):
+
+| key | batch 1 | batch 16 (and FID) |
+|---|---|---|
+WINDOW_TABLE
+
+A per-batch value applies from its batch size up to the next one listed. FID draws run at
+``fid_batch`` = 100 rows and so at the batch-16 setting (``<m>.fid_window`` / ``fid_gamma`` record
+it). ``--set sjd.window=8`` overrides every regime, ``--set sd.gamma.b16=2`` one; an unknown key
+is an error.
 
 SD, SJD, GSD, CSpD and TarFlow Jacobi batch continuously: every image's condition goes into one
 call that keeps ``b`` rows in flight and refills a finished row's slot with the next image; the
@@ -324,22 +339,29 @@ def per_image(stats: dict, n: int) -> dict:
 
 
 def timed(method: Method, w: Workload, cond, seed: int, slots: int, opts: dict):
+    """(wall seconds, process CPU seconds, stats) of one draw."""
     g = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _, stats = method.draw(w, cond, g, slots, opts)
-    return time.perf_counter() - t0, stats
+    return time.perf_counter() - t0, time.process_time() - c0, stats
 
 
 def measure_speed(name: str, w: Workload, batch: int, n: int, reps: int, opts: dict) -> dict:
-    """Interleaved baseline/method timings and per-image counts at ``batch`` concurrent rows."""
+    """Interleaved baseline/method timings and per-image counts at ``batch`` concurrent rows.
+
+    ``cpu_ratio`` is ``wall_ratio`` on process CPU time (best of reps each): with one thread it is
+    the wall ratio of an otherwise idle core, far less noisy on a shared machine (a slow spell of a
+    neighbour stretches wall time but not the CPU time of a descheduled process)."""
     method, base = METHODS[name], BASELINES[METHODS[name].baseline]
     cond = labels(n, w.num_classes)
     best = {"method": float("inf"), "baseline": float("inf")}
+    cpu = dict(best)
     counts = {}
     for _ in range(reps):
         for role, m in (("baseline", base), ("method", method)):
-            secs, stats = timed(m, w, cond, 0, batch, opts)
+            secs, cpu_secs, stats = timed(m, w, cond, 0, batch, opts)
             best[role] = min(best[role], secs)
+            cpu[role] = min(cpu[role], cpu_secs)
             counts[role] = per_image(stats, n)
     out = {f"{k}": v for k, v in counts["method"].items()}
     out["baseline_nfe"] = counts["baseline"]["nfe"]
@@ -347,6 +369,7 @@ def measure_speed(name: str, w: Workload, batch: int, n: int, reps: int, opts: d
     out["nfe_ratio"] = counts["baseline"]["nfe"] / max(1e-9, counts["method"]["nfe"])
     out["seconds"], out["baseline_seconds"] = best["method"] / n, best["baseline"] / n
     out["wall_ratio"] = best["baseline"] / best["method"]
+    out["cpu_ratio"] = cpu["baseline"] / cpu["method"]
     return out
 
 

@@ -9,15 +9,16 @@ interleaved with plain KV-cached decoding on the same labels and seed (baseline,
 best of ``--reps``), on the photos zoo (``zoo_workload``): 4 images at batch 1, 32 at batch 16
 (the speculative samplers keep 16 rows in flight and refill a finished row). Per cell:
 
-- ``<m>.<w|g><k>.b<b>.wall_ratio``: plain seconds / method seconds (> 1: faster);
+- ``<m>.<w|g><k>.b<b>.wall_ratio``: plain seconds / method seconds (> 1: faster), and
+  ``cpu_ratio``, the same on process CPU time (one thread: what an idle core's wall ratio would be;
+  on a shared machine wall times of one run swung 2-4x, CPU times ~15%);
 - ``nfe_ratio``: plain target forwards per image / the method's;
 - ``mean_accepted_length``: tokens committed per verification; ``alpha``: first-draft acceptance.
 
 Why a sweep: at batch 1 a target forward of these 1M-parameter models is bound by per-op
 overhead (a window of 16 costs ~2x one token), at batch 16 by arithmetic (a window of 16 costs
 close to 16 steps), so the window that pays differs between regimes; ``benchmarks.acceleration``
-uses the best of each regime from the committed ``results/spec_sweep.json`` (its ``WINDOW`` /
-``GAMMA`` tables). ``best.<m>.b<b>`` names the window / gamma of the highest wall ratio.
+uses the best of each regime from the committed ``results/spec_sweep.json`` (its ``DEFAULTS``). ``best.<m>.b<b>`` names the window / gamma of the highest ``cpu_ratio``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from benchmarks.common import meta, print_table, write_results
 WINDOWS = (2, 3, 4, 6, 8, 16)
 GAMMAS = (1, 2, 3, 4)
 SWEPT = {"sjd": ("window", "w"), "gsd": ("window", "w"), "gsd_exact": ("window", "w"), "sd": ("gamma", "g")}
-COLUMNS = ("wall_ratio", "nfe_ratio", "mean_accepted_length", "alpha", "seconds", "baseline_seconds")
+COLUMNS = ("wall_ratio", "cpu_ratio", "nfe_ratio", "mean_accepted_length", "alpha", "seconds", "baseline_seconds")
 
 
 def cells(methods, windows, gammas):
@@ -55,12 +56,12 @@ def sweep(w, methods, batches, windows, gammas, reps, n_latency, n_throughput, l
             for c in COLUMNS:
                 if c in r:
                     flat[f"{key}.b{b}.{c}"] = r[c]
-            log(f"{key} b{b} ({n} images, best of {reps}): wall {r['wall_ratio']:.2f} nfe {r['nfe_ratio']:.2f}")
+            log(f"{key} b{b} ({n} images, best of {reps}): wall {r['wall_ratio']:.2f} cpu {r['cpu_ratio']:.2f}")
     for m in methods:
         option, tag = SWEPT[m]
         for b in batches:
             vals = windows if option == "window" else gammas
-            flat[f"best.{m}.b{b}"] = max(vals, key=lambda v: flat[f"{m}.{tag}{v}.b{b}.wall_ratio"])
+            flat[f"best.{m}.b{b}"] = max(vals, key=lambda v: flat[f"{m}.{tag}{v}.b{b}.cpu_ratio"])
     return flat
 
 
@@ -74,7 +75,7 @@ def rows(flat, methods, batches, windows, gammas) -> list[dict]:
                     "method": m,
                     option: v,
                     "batch": b,
-                    **{c: flat.get(k + c) for c in COLUMNS[:4]},
+                    **{c: flat.get(k + c) for c in COLUMNS[:5]},
                     "best": "*" if flat.get(f"best.{m}.b{b}") == v else "",
                 }
             )
@@ -99,7 +100,7 @@ def main(argv=None):
     flat.update({"options.reps": reps, "options.images.b1": 4, "options.images.b16": 32})
     print_table(
         rows(flat, args.methods, args.batches, windows, gammas),
-        ["method", "window", "gamma", "batch", *COLUMNS[:4], "best"],
+        ["method", "window", "gamma", "batch", *COLUMNS[:5], "best"],
     )
     print("wrote", write_results("spec_sweep", flat, meta(args.quick, [0]), chart=("nfe_ratio", "wall_ratio")))
 
