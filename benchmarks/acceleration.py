@@ -19,14 +19,20 @@ its baseline, the same trained model unless named):
 | tarflow_gs_jacobi | TarFlow, GS-Jacobi (8 segments, window 16) on every block | tarflow_seq |
 
 Window and gamma per regime (``DEFAULTS``; JSON ``options.<key>[.b<batch>]``, and the value each
-cell ran with as ``<m>.b<b>.window`` / ``gamma``): the best wall ratio of each batch size in
+cell ran with as ``<m>.b<b>.window`` / ``gamma``): the best ``cpu_ratio`` of each batch size in
 ``benchmarks/results/spec_sweep.json`` (``python -m benchmarks.spec_sweep``: SJD / GSD windows 2-16,
 SD gamma 1-4, one thread, this CPU), because a window's cost differs by regime (batch 1: per-op
 overhead, a window of 16 costs ~2x one token; batch 16: arithmetic, close to 16 steps):
 
 | key | batch 1 | batch 16 (and FID) |
 |---|---|---|
-WINDOW_TABLE
+| ``sd.gamma`` | 4 (cpu_ratio 0.62; gamma 1-3: 0.53-0.61) | 1 (0.64; gamma 4: 0.42) |
+| ``sjd.window`` | 3 (1.37; W 6: 1.36, W 16: 1.15) | 2 (0.78; W 16: 0.35) |
+| ``gsd.window`` | 6 (1.17; W 16: 1.11) | 2 (0.70; W 16: 0.45) |
+| ``gsd_exact.window`` | 16 (1.08; W 8: 0.79) | 2 (0.49; W 16: 0.26) |
+
+(4 images at batch 1, 32 at batch 16, best of 2; the same cells a run earlier read up to +-0.3 apart
+at batch 1: treat neighbouring windows within ~0.2 as ties.)
 
 A per-batch value applies from its batch size up to the next one listed. FID draws run at
 ``fid_batch`` = 100 rows and so at the batch-16 setting (``<m>.fid_window`` / ``fid_gamma`` record
@@ -44,6 +50,8 @@ same run (baseline, method, baseline, method, ... best of ``--reps``), on the sa
   one call), and ``nfe_ratio`` = baseline nfe / method nfe;
 - ``<m>.b<b>.token_rows``: sequence positions pushed through the target per image (CFG rows count);
 - ``<m>.b<b>.wall_ratio``: baseline seconds / method seconds (best of reps each), and both seconds;
+  ``cpu_ratio`` the same on process CPU time (with ``--threads 1``: an idle core's wall ratio, far
+  less noisy than wall time on a shared machine);
 - ``<m>.b<b>.acceptance`` (accepted / proposed drafts) and ``alpha`` (first-draft acceptance) where
   the method has them.
 
@@ -261,10 +269,10 @@ METHODS = {
 # (``python -m benchmarks.spec_sweep``, one thread, this CPU); CSpD and TarFlow were not swept.
 DEFAULTS = {
     "cfg_scale": 1.5,
-    "sd.gamma": {1: 4, 16: 4},
-    "sjd.window": {1: 16, 16: 16},
-    "gsd.window": {1: 16, 16: 16},
-    "gsd_exact.window": {1: 16, 16: 16},
+    "sd.gamma": {1: 4, 16: 1},
+    "sjd.window": {1: 3, 16: 2},
+    "gsd.window": {1: 6, 16: 2},
+    "gsd_exact.window": {1: 16, 16: 2},
     "cspd.gamma": 4,
     "tarflow.window": 16,
 }
@@ -498,6 +506,7 @@ def table(flat: dict, methods, batches) -> list[dict]:
                     "token_rows": flat[k + "token_rows"],
                     "base_token_rows": flat[k + "baseline_token_rows"],
                     "wall_ratio": flat[k + "wall_ratio"],
+                    "cpu_ratio": flat.get(k + "cpu_ratio"),
                     "acceptance": flat.get(k + "acceptance"),
                     "alpha": flat.get(k + "alpha"),
                     "fid": _pm(flat, f"{name}.fid") if b == batches[-1] else None,
@@ -567,6 +576,7 @@ def main(argv=None):
             "token_rows",
             "base_token_rows",
             "wall_ratio",
+            "cpu_ratio",
             "acceptance",
             "alpha",
             "fid",

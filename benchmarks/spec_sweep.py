@@ -18,7 +18,8 @@ best of ``--reps``), on the photos zoo (``zoo_workload``): 4 images at batch 1, 
 Why a sweep: at batch 1 a target forward of these 1M-parameter models is bound by per-op
 overhead (a window of 16 costs ~2x one token), at batch 16 by arithmetic (a window of 16 costs
 close to 16 steps), so the window that pays differs between regimes; ``benchmarks.acceleration``
-uses the best of each regime from the committed ``results/spec_sweep.json`` (its ``DEFAULTS``). ``best.<m>.b<b>`` names the window / gamma of the highest ``cpu_ratio``.
+uses the best of each regime from the committed ``results/spec_sweep.json`` (its ``DEFAULTS``);
+``best.<m>.b<b>`` names the window / gamma of the highest ``cpu_ratio``.
 """
 
 from __future__ import annotations

@@ -99,6 +99,7 @@ def test_every_method_and_batch_produces_every_key(workload):
                 "token_rows",
                 "baseline_token_rows",
                 "wall_ratio",
+                "cpu_ratio",
                 "seconds",
                 "baseline_seconds",
             ):
