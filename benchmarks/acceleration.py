@@ -8,15 +8,15 @@ its baseline, the same trained model unless named):
 
 | method | what | baseline |
 |---|---|---|
-| sd | speculative sampling with the photos_ar_draft model, gamma per regime (``sd.gamma``) | ar: KV-cached next-token decode |
+| sd | speculative sampling, photos_ar_draft, gamma per regime (``sd.gamma``) | ar: KV-cached decode |
 | sjd | speculative Jacobi decoding, window per regime (``sjd.window``) | ar |
 | gsd | grouped speculative decoding, window per regime (``gsd.window``; G = 14, relative dist 1.0) | ar |
 | gsd_exact | GSD's group-exact variant (``gsd_exact.window``) | ar |
 | var | next-scale VAR on the VAT ids (5 scales) | ar (next-token on the VQ ids, same 16x16 grid) |
-| cspd | continuous speculative decoding, photos_xar_draft, gamma 4 (``cspd.gamma``), verify last | xar: its own sampler |
+| cspd | continuous speculative decoding, photos_xar_draft, ``cspd.gamma`` 4, verify last | xar |
 | cspd_path | CSpD, verify path (whole reverse chain), heads' variance beta | xar_beta: xar, variance beta |
-| tarflow_jacobi | TarFlow, frozen-prefix Jacobi (window 16, ``tarflow.window``), every block | tarflow_seq: KV-cached loop |
-| tarflow_gs_jacobi | TarFlow, GS-Jacobi (8 segments, window 16) on every block | tarflow_seq |
+| tarflow_jacobi | TarFlow, frozen-prefix Jacobi (``tarflow.window`` 16), every block | tarflow_seq |
+| tarflow_gs_jacobi | TarFlow, GS-Jacobi (8 segments, ``tarflow.window`` 16), every block | tarflow_seq |
 
 Window and gamma per regime (``DEFAULTS``; JSON ``options.<key>[.b<batch>]``, and the value each
 cell ran with as ``<m>.b<b>.window`` / ``gamma``): the best ``cpu_ratio`` of each batch size in
@@ -423,7 +423,9 @@ def run(
     flat: dict = {"workload.tokens": w.ar.num_tokens if w.ar is not None else None}
     flat.update({f"workload.params.{k}": v for k, v in w.params.items()})
     for k, v in opts.items():
-        flat.update({f"options.{k}.b{b}": x for b, x in v.items()} if isinstance(v, dict) else {f"options.{k}": v})
+        flat.update(
+            {f"options.{k}.b{b}": x for b, x in v.items()} if isinstance(v, dict) else {f"options.{k}": v}
+        )
     base_fid: dict = {}
     for name in methods:
         if not available(name, w):

@@ -34,7 +34,15 @@ from benchmarks.common import meta, print_table, write_results
 WINDOWS = (2, 3, 4, 6, 8, 16)
 GAMMAS = (1, 2, 3, 4)
 SWEPT = {"sjd": ("window", "w"), "gsd": ("window", "w"), "gsd_exact": ("window", "w"), "sd": ("gamma", "g")}
-COLUMNS = ("wall_ratio", "cpu_ratio", "nfe_ratio", "mean_accepted_length", "alpha", "seconds", "baseline_seconds")
+COLUMNS = (
+    "wall_ratio",
+    "cpu_ratio",
+    "nfe_ratio",
+    "mean_accepted_length",
+    "alpha",
+    "seconds",
+    "baseline_seconds",
+)
 
 
 def cells(methods, windows, gammas):
@@ -57,7 +65,8 @@ def sweep(w, methods, batches, windows, gammas, reps, n_latency, n_throughput, l
             for c in COLUMNS:
                 if c in r:
                     flat[f"{key}.b{b}.{c}"] = r[c]
-            log(f"{key} b{b} ({n} images, best of {reps}): wall {r['wall_ratio']:.2f} cpu {r['cpu_ratio']:.2f}")
+            ratios = f"wall {r['wall_ratio']:.2f} cpu {r['cpu_ratio']:.2f}"
+            log(f"{key} b{b} ({n} images, best of {reps}): {ratios}")
     for m in methods:
         option, tag = SWEPT[m]
         for b in batches:
@@ -103,7 +112,9 @@ def main(argv=None):
         rows(flat, args.methods, args.batches, windows, gammas),
         ["method", "window", "gamma", "batch", *COLUMNS[:5], "best"],
     )
-    print("wrote", write_results("spec_sweep", flat, meta(args.quick, [0]), chart=("nfe_ratio", "wall_ratio")))
+    print(
+        "wrote", write_results("spec_sweep", flat, meta(args.quick, [0]), chart=("nfe_ratio", "wall_ratio"))
+    )
 
 
 if __name__ == "__main__":

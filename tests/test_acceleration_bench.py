@@ -171,3 +171,29 @@ def test_run_draws_each_regime_with_its_own_setting(workload, monkeypatch):
     assert sorted(set(seen)) == [(1, 2), (16, 5)]
     assert (flat["sjd_spy.b1.window"], flat["sjd_spy.b16.window"]) == (2, 5)
     assert (flat["options.sjd_spy.window.b1"], flat["options.sjd_spy.window.b16"]) == (2, 5)
+
+
+def test_cli_rejects_an_unknown_option_before_any_work(capsys):
+    from benchmarks.acceleration import main
+
+    with pytest.raises(SystemExit):
+        main(["--set", "window=3"])
+    assert "unknown acceleration option 'window'" in capsys.readouterr().err
+
+
+def test_spec_sweep_measures_every_cell_and_names_the_best(workload):
+    from benchmarks.spec_sweep import sweep
+
+    flat = sweep(workload, ["sjd", "sd"], (1, 16), (2, 4), (1, 2), 1, 2, 16, log=lambda *a: None)
+    for key in ("sjd.w2", "sjd.w4", "sd.g1", "sd.g2"):
+        for b in (1, 16):
+            assert flat[f"{key}.b{b}.nfe_ratio"] > 0 and flat[f"{key}.b{b}.cpu_ratio"] > 0
+    for m, tag, vals in (("sjd", "w", (2, 4)), ("sd", "g", (1, 2))):
+        for b in (1, 16):
+            ratios = {v: flat[f"{m}.{tag}{v}.b{b}.cpu_ratio"] for v in vals}
+            assert flat[f"best.{m}.b{b}"] == max(ratios, key=ratios.get)
+    # the swept value reaches the sampler: a window of W (gamma g) commits at most W (g + 1) tokens a call
+    for b in (1, 16):
+        assert (
+            flat[f"sjd.w2.b{b}.mean_accepted_length"] <= 2 and flat[f"sd.g1.b{b}.mean_accepted_length"] <= 2
+        )
