@@ -200,7 +200,7 @@ def _tarflow(method):
             "cfg_scale": o["cfg_scale"],
             "window": 0 if method == "sequential" else o["window"],
         }
-        tuned = jacobi_cpu_setting(slots) if o["tarflow_tuned"] and method != "sequential" else {}
+        tuned = jacobi_cpu_setting(slots) if o.get("tarflow_tuned") and method != "sequential" else {}
         continuous = tuned.pop("continuous", True)
         kw.update(tuned)
         if method == "jacobi" and continuous:
