@@ -15,8 +15,8 @@ its baseline, the same trained model unless named):
 | var | next-scale VAR on the VAT ids (5 scales) | ar (next-token on the VQ ids, same 16x16 grid) |
 | cspd | continuous speculative decoding, photos_xar_draft, ``cspd.gamma`` 4, verify last | xar |
 | cspd_path | CSpD, verify path (whole reverse chain), heads' variance beta | xar_beta: xar, variance beta |
-| tarflow_jacobi | TarFlow, frozen-prefix Jacobi (``tarflow.window`` 16), every block | tarflow_seq |
-| tarflow_gs_jacobi | TarFlow, GS-Jacobi (8 segments, ``tarflow.window`` 16), every block | tarflow_seq |
+| tarflow_jacobi | TarFlow, frozen-prefix Jacobi, all blocks, tuned per batch | tarflow_seq: KV-cached loop |
+| tarflow_gs_jacobi | TarFlow, GS-Jacobi (8 segments, tuned as tarflow_jacobi) on every block | tarflow_seq |
 
 Window and gamma per regime (``DEFAULTS``; JSON ``options.<key>[.b<batch>]``, and the value each
 cell ran with as ``<m>.b<b>.window`` / ``gamma``): the best ``cpu_ratio`` of each batch size in
@@ -207,17 +207,26 @@ def _cspd(**extra):
 
 def _tarflow(method):
     """Sequential and GS-Jacobi run chunks of ``slots`` rows (every row takes the same passes);
-    plain Jacobi batches continuously. Jacobi methods use the frozen-prefix window ``window``."""
+    plain Jacobi batches continuously. Jacobi methods use the frozen-prefix window ``window``,
+    or with ``tarflow_tuned`` the window, tol and batching measured best per batch size
+    (``vargen.sampling.decoders.tarflow.JACOBI_CPU``)."""
 
     def draw(w, cond, g, slots, o):
-        from vargen.sampling.decoders.tarflow import sample_tarflow, sample_tarflow_continuous
+        from vargen.sampling.decoders.tarflow import (
+            jacobi_cpu_setting,
+            sample_tarflow,
+            sample_tarflow_continuous,
+        )
 
         kw = {
             "method": method,
             "cfg_scale": o["cfg_scale"],
             "window": 0 if method == "sequential" else o["window"],
         }
-        if method == "jacobi":
+        tuned = jacobi_cpu_setting(slots) if o.get("tarflow_tuned") and method != "sequential" else {}
+        continuous = tuned.pop("continuous", True)
+        kw.update(tuned)
+        if method == "jacobi" and continuous:
             out, stats = sample_tarflow_continuous(w.tarflow, cond, generator=g, slots=slots, **kw)
             stats["row_target_forwards"] = stats["row_passes"]
             return _continuous((out, stats), slots)
@@ -261,11 +270,12 @@ METHODS = {
     "tarflow_jacobi": Method("tarflow", "tarflow_seq", _tarflow("jacobi"), decode_pixels),
     "tarflow_gs_jacobi": Method("tarflow", "tarflow_seq", _tarflow("gs_jacobi"), decode_pixels),
 }
-# Options: ``cfg_scale`` for every method, and ``<family>.<option>`` for the methods of a family
-# (FAMILY below), each either one value or ``{batch: value}`` per regime. A per-batch value applies
+# Options: ``cfg_scale`` and ``tarflow_tuned`` (keys without a dot) for every method, and
+# ``<family>.<option>`` for the methods of a family (FAMILY below), each either one value or
+# ``{batch: value}`` per regime. A per-batch value applies
 # from its batch size up to the next one listed (``{1: 4, 16: 3}``: 4 for 1..15 rows in flight, 3 for
 # 16 and more; FID draws at ``fid_batch`` = 100 rows so they use the 16 setting). The SD / SJD / GSD
-# values are the best wall ratio of each regime in ``benchmarks/results/spec_sweep.json``
+# values are the best cpu_ratio of each regime in ``benchmarks/results/spec_sweep.json``
 # (``python -m benchmarks.spec_sweep``, one thread, this CPU); CSpD and TarFlow were not swept.
 DEFAULTS = {
     "cfg_scale": 1.5,
@@ -274,7 +284,8 @@ DEFAULTS = {
     "gsd.window": {1: 6, 16: 2},
     "gsd_exact.window": {1: 16, 16: 2},
     "cspd.gamma": 4,
-    "tarflow.window": 16,
+    "tarflow.window": 16,  # when not tarflow_tuned
+    "tarflow_tuned": True,  # TarFlow Jacobi: window, tol, batching per batch from JACOBI_CPU
 }
 # The option family of each method (the prefix of its option keys); a method not named here is its own.
 FAMILY = {"cspd_path": "cspd", "tarflow_jacobi": "tarflow", "tarflow_gs_jacobi": "tarflow"}
@@ -295,14 +306,16 @@ def options(overrides: dict | None = None) -> dict:
 
 
 def resolve(opts: dict, name: str, batch: int) -> dict:
-    """The flat options a draw of method ``name`` at ``batch`` rows gets: ``cfg_scale`` and its
-    family's options (``window``, ``gamma``), a per-batch value read at the largest listed batch
-    size not above ``batch`` (the smallest listed when ``batch`` is below them all)."""
+    """The flat options a draw of method ``name`` at ``batch`` rows gets: the keys without a dot
+    and its family's options (``window``, ``gamma``), a per-batch value read at the largest listed
+    batch size not above ``batch`` (the smallest listed when ``batch`` is below them all)."""
     family = FAMILY.get(name, name)
-    out = {"cfg_scale": opts["cfg_scale"]}
+    out = {}
     for key, v in opts.items():
-        fam, _, option = key.partition(".")
-        if fam != family:
+        fam, dot, option = key.partition(".")
+        if not dot:
+            option = key
+        elif fam != family:
             continue
         if isinstance(v, dict):
             at = [b for b in v if b <= batch]
@@ -437,7 +450,7 @@ def run(
             log(f"{name} vs {METHODS[name].baseline} at batch {b} ({n} images, best of {reps}, {o})")
             for k, v in measure_speed(name, w, b, n, reps, o).items():
                 flat[f"{name}.b{b}.{k}"] = v
-            flat.update({f"{name}.b{b}.{k}": v for k, v in o.items() if k != "cfg_scale"})
+            flat.update({f"{name}.b{b}.{k}": v for k, v in o.items() if k in ("window", "gamma")})
         if fid_samples and w.evaluator is not None:
             bname, o = METHODS[name].baseline, resolve(opts, name, fid_batch)
             if bname not in base_fid:
@@ -445,7 +458,7 @@ def run(
             flat[f"{name}.fid_mean"], flat[f"{name}.fid_std"] = fid_of(
                 METHODS[name], w, fid_samples, seeds, fid_batch, o
             )
-            flat.update({f"{name}.fid_{k}": v for k, v in o.items() if k != "cfg_scale"})
+            flat.update({f"{name}.fid_{k}": v for k, v in o.items() if k in ("window", "gamma")})
             flat[f"{name}.baseline_fid_mean"], flat[f"{name}.baseline_fid_std"] = base_fid[bname]
             log(f"{name}: FID {flat[f'{name}.fid_mean']:.1f} (baseline {bname} {base_fid[bname][0]:.1f})")
     return flat

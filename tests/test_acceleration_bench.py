@@ -132,12 +132,13 @@ def test_methods_draw_from_their_explicit_generator(workload, name):
 def test_options_resolve_per_method_and_regime():
     opts = options({"sjd.window": {1: 6, 16: 3}, "sd.gamma": 2, "cfg_scale": 2.0})
     assert [resolve(opts, "sjd", b)["window"] for b in (1, 8, 15, 16, 100)] == [6, 6, 6, 3, 3]
-    assert resolve(opts, "sd", 16) == {"cfg_scale": 2.0, "gamma": 2}
+    assert resolve(opts, "sd", 16) == {"cfg_scale": 2.0, "gamma": 2, "tarflow_tuned": True}
     # every method reads only its own family's keys: GSD keeps its default, SJD's does not leak
     assert resolve(opts, "gsd", 1)["window"] == DEFAULTS["gsd.window"][1]
-    assert resolve(opts, "cspd_path", 16) == {"cfg_scale": 2.0, "gamma": DEFAULTS["cspd.gamma"]}
+    assert resolve(opts, "cspd_path", 16)["gamma"] == DEFAULTS["cspd.gamma"]
     assert resolve(opts, "tarflow_gs_jacobi", 1)["window"] == DEFAULTS["tarflow.window"]
-    assert resolve(opts, "var", 1) == resolve(opts, "ar", 16) == {"cfg_scale": 2.0}
+    # keys without a dot reach every method; window / gamma only their family's
+    assert resolve(opts, "var", 1) == resolve(opts, "ar", 16) == {"cfg_scale": 2.0, "tarflow_tuned": True}
     assert resolve(options({"sjd.window": {4: 5, 16: 3}}), "sjd", 1)["window"] == 5  # below them all
 
 
@@ -197,3 +198,21 @@ def test_spec_sweep_measures_every_cell_and_names_the_best(workload):
         assert (
             flat[f"sjd.w2.b{b}.mean_accepted_length"] <= 2 and flat[f"sd.g1.b{b}.mean_accepted_length"] <= 2
         )
+
+
+def test_tarflow_tuned_options_follow_the_batch_size(workload):
+    """``tarflow_tuned``: each batch size gets its JACOBI_CPU window/tol/batching (batch 1: continuous
+    rows, calls per image from rows; batch 16: chunks, calls per image = passes), and the images stay
+    within 1e-3 of the sequential baseline's from the same generator seed."""
+    from vargen.sampling.decoders.tarflow import JACOBI_CPU
+
+    cond, o = labels(4, CLASSES), {"cfg_scale": 1.5, "window": 4, "tarflow_tuned": True}
+    for slots in (1, 16):
+        g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+        ref, _ = BASELINES["tarflow_seq"].draw(workload, cond, g(), slots, o)
+        out, st = METHODS["tarflow_jacobi"].draw(workload, cond, g(), slots, o)
+        assert (out - ref).abs().max() < 1e-3, slots
+        assert ("row_target_forwards" in st) == JACOBI_CPU[slots]["continuous"]
+        _, plain = METHODS["tarflow_jacobi"].draw(workload, cond, g(), slots, {**o, "tarflow_tuned": False})
+        assert "row_target_forwards" in plain  # untuned: window 4, tol 1e-6, continuous
+        assert plain["positions_computed"] != st["positions_computed"], slots
