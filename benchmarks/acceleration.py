@@ -37,7 +37,8 @@ at batch 1: treat neighbouring windows within ~0.2 as ties.)
 A per-batch value applies from its batch size up to the next one listed. FID draws run at
 ``fid_batch`` = 100 rows and so at the batch-16 setting (``<m>.fid_window`` / ``fid_gamma`` record
 it). ``--set sjd.window=8`` overrides every regime, ``--set sd.gamma.b16=2`` one; an unknown key
-is an error.
+is an error. ``--merge`` keeps the other methods' results in the JSON (``meta.methods``: the commit
+each method was measured at), so an expensive method need not be rerun after an unrelated change.
 
 SD, SJD, GSD, CSpD and TarFlow Jacobi batch continuously: every image's condition goes into one
 call that keeps ``b`` rows in flight and refills a finished row's slot with the next image; the
@@ -64,6 +65,8 @@ FID (``<m>.fid_mean`` / ``fid_std`` beside ``<m>.baseline_fid_mean`` / ``_std``)
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -558,6 +561,12 @@ def main(argv=None):
         help="override an option: sjd.window=8 (every batch) or sd.gamma.b16=1 (one regime); keys: "
         + ", ".join(DEFAULTS),
     )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other methods' results already in results/acceleration.json (meta.methods "
+        "records the commit each method was measured at)",
+    )
     args = ap.parse_args(argv)
     try:
         opts = options({"cfg_scale": args.cfg_scale, **parse_set(args.set)})
@@ -598,15 +607,37 @@ def main(argv=None):
             "base_fid",
         ],
     )
-    print(
-        "wrote",
-        write_results(
-            "acceleration",
-            flat,
-            {**meta(args.quick, seeds), "zoo_quick": args.quick_zoo},
-            chart=("nfe_ratio", "wall_ratio"),
-        ),
-    )
+    entry = {**meta(args.quick, seeds), "zoo_quick": args.quick_zoo}
+    entry["methods"] = {m: entry["commit"] for m in args.methods}
+    if args.merge:
+        flat, entry = merge_previous(flat, entry, args.methods, RESULT_PATH)
+    print("wrote", write_results("acceleration", flat, entry, chart=("nfe_ratio", "wall_ratio")))
+
+
+RESULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "acceleration.json")
+
+
+def merge_previous(flat: dict, entry: dict, methods, path: str) -> tuple[dict, dict]:
+    """``flat`` and meta ``entry`` of a run of ``methods`` merged into the results at ``path``:
+    the other methods' keys (``<m>.*``, ``options.<m>.*``) and their ``meta.methods`` commits
+    are kept, everything of ``methods`` and the run-wide keys come from this run. A file from
+    before ``meta.methods`` existed credits its methods to its ``meta.commit``."""
+    if not os.path.exists(path):
+        return flat, entry
+    with open(path) as f:
+        old = json.load(f)
+    old_meta = old.pop("meta", {})
+    ran = set(methods)
+
+    def owner(key: str) -> str | None:
+        parts = key.split(".")
+        head = parts[1] if parts[0] == "options" and len(parts) > 2 else parts[0]
+        return head if head in METHODS else None
+
+    kept = {k: v for k, v in old.items() if owner(k) not in (None, *ran)}
+    commits = old_meta.get("methods") or {m: old_meta.get("commit") for m in {owner(k) for k in old} - {None}}
+    entry = {**entry, "methods": {**{m: c for m, c in commits.items() if m not in ran}, **entry["methods"]}}
+    return {**kept, **flat}, entry
 
 
 if __name__ == "__main__":

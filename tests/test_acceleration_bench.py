@@ -11,6 +11,7 @@ from benchmarks.acceleration import (
     Method,
     Workload,
     labels,
+    merge_previous,
     options,
     parse_set,
     resolve,
@@ -216,3 +217,38 @@ def test_tarflow_tuned_options_follow_the_batch_size(workload):
         _, plain = METHODS["tarflow_jacobi"].draw(workload, cond, g(), slots, {**o, "tarflow_tuned": False})
         assert "row_target_forwards" in plain  # untuned: window 4, tol 1e-6, continuous
         assert plain["positions_computed"] != st["positions_computed"], slots
+
+
+def test_merge_keeps_other_methods_and_credits_each_its_commit(tmp_path):
+    import json
+
+    path = tmp_path / "acceleration.json"
+    old = {
+        "sd.b1.wall_ratio": 0.5,
+        "options.sd.gamma.b1": 4,
+        "sjd.b1.wall_ratio": 0.9,
+        "options.sjd.window.b1": 16,
+        "options.cfg_scale": 1.0,
+        "workload.tokens": 64,
+        "meta": {"commit": "old"},
+    }
+    path.write_text(json.dumps(old))
+    new = {
+        "sjd.b1.wall_ratio": 1.4,
+        "options.sjd.window.b1": 3,
+        "options.cfg_scale": 1.5,
+        "workload.tokens": 256,
+    }
+    flat, entry = merge_previous(new, {"commit": "new", "methods": {"sjd": "new"}}, ["sjd"], str(path))
+    assert flat["sd.b1.wall_ratio"] == 0.5 and flat["options.sd.gamma.b1"] == 4  # kept
+    assert flat["sjd.b1.wall_ratio"] == 1.4 and flat["options.sjd.window.b1"] == 3  # replaced
+    assert flat["options.cfg_scale"] == 1.5 and flat["workload.tokens"] == 256  # run-wide: this run's
+    assert entry["methods"] == {"sd": "old", "sjd": "new"}
+    # a second merge keeps the per-method commits it found
+    path.write_text(json.dumps({**flat, "meta": entry}))
+    flat2, entry2 = merge_previous(
+        {"sd.b1.wall_ratio": 0.6}, {"commit": "c3", "methods": {"sd": "c3"}}, ["sd"], str(path)
+    )
+    assert entry2["methods"] == {"sd": "c3", "sjd": "new"} and flat2["sjd.b1.wall_ratio"] == 1.4
+    # nothing to merge into: the run as it is
+    assert merge_previous(new, {"methods": {}}, ["sjd"], str(tmp_path / "none.json"))[0] == new
