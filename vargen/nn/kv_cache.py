@@ -83,7 +83,8 @@ class RaggedKVCache:
         self.bound = 0  # host-side upper bound on max(length_B)
         self._slot_S = torch.arange(max_len, device=device)  # (T_max,) reused by every window
         self._slots_BW = None
-        self._idx_BHWd = None  # the window's scatter index, expanded once per window
+        self._rows_X = None  # the window's rows of the flattened (B*H*T_max, d) keys/values (begin)
+        self._base_BH1 = None  # the first such row of each (batch row, head)
         self._used = 0
         self._causal_SS = None  # additive causal mask of every slot, built on first use (_causal)
         self.equal_rows = False  # whether begin may take the equal-length fast path (class docstring)
@@ -114,7 +115,7 @@ class RaggedKVCache:
         self._used = min(self.bound + width, self.max_len) if used is None else int(used)
         if self._used > self.max_len:
             raise ValueError(f"KV cache overflow: {self._used} > {self.max_len}")
-        B, H, _, d = self.k[0].shape
+        B, H = self.k[0].shape[:2]
         self.start = self._common_length()
         if self.start is not None:
             L, S = self.start, self._used
@@ -124,7 +125,9 @@ class RaggedKVCache:
                 return None
             return self._causal()[L : L + width, :S].expand(B, 1, width, S)  # (B, 1, W, S) view
         self._slots_BW = self.positions(width)  # (B, W) slot = sequence position
-        self._idx_BHWd = self._slots_BW[:, None, :, None].expand(B, H, width, d)
+        if self._base_BH1 is None or self._base_BH1.shape[0] != B:
+            self._base_BH1 = (torch.arange(B * H, device=self._slot_S.device) * self.max_len).view(B, H, 1)
+        self._rows_X = (self._base_BH1 + self._slots_BW[:, None, :]).view(-1)  # (B*H*W,)
         return self._causal()[:, : self._used][self._slots_BW][:, None]  # (B, 1, W, S)
 
     def _common_length(self) -> int | None:
@@ -145,15 +148,17 @@ class RaggedKVCache:
         return self._causal_SS
 
     def append(self, layer: int, k_BHWd, v_BHWd):
-        """Write the window's keys/values into its slots (a slice with equal rows, else a
-        per-row scatter); return K, V (B, H, S, d)."""
+        """Write the window's keys/values into its slots (a slice with equal rows, else one
+        ``index_copy_`` of d-vectors into the flattened cache: 2-4x cheaper than a per-element
+        ``scatter_`` at batch 16); return K, V (B, H, S, d)."""
         if self.start is not None:
             L, W = self.start, k_BHWd.shape[2]
             self.k[layer][:, :, L : L + W] = k_BHWd
             self.v[layer][:, :, L : L + W] = v_BHWd
         else:
-            self.k[layer].scatter_(2, self._idx_BHWd, k_BHWd)
-            self.v[layer].scatter_(2, self._idx_BHWd, v_BHWd)
+            d = k_BHWd.shape[-1]
+            self.k[layer].view(-1, d).index_copy_(0, self._rows_X, k_BHWd.reshape(-1, d))
+            self.v[layer].view(-1, d).index_copy_(0, self._rows_X, v_BHWd.reshape(-1, d))
         return self.k[layer][:, :, : self._used], self.v[layer][:, :, : self._used]
 
     def advance(self, width: int):
