@@ -193,7 +193,8 @@ class ARTransformer(Generator):
         L = cache.start
         R = self.rope_cos.shape[0]  # 1 + N positions with their own angle
         if L is not None and L + W <= R:
-            x_BWC = self.embed(ids_BW[:, 1:] if L == 0 else ids_BW, cond_B if L == 0 else None, L)  # (B, W, C)
+            first = L == 0  # the class token stands at position 0: no id goes in there
+            x_BWC = self.embed(ids_BW[:, 1:] if first else ids_BW, cond_B if first else None, L)  # (B, W, C)
             rope_W = slice(L, L + W)  # every row's positions
         else:
             pos_BW = cache.positions(W)  # (B, W)
