@@ -15,8 +15,8 @@ its baseline, the same trained model unless named):
 | var | next-scale VAR on the VAT ids (5 scales) | ar (next-token on the VQ ids, same 16x16 grid) |
 | cspd | continuous speculative decoding, photos_xar_draft, gamma 4, verify last | xar: its own sampler |
 | cspd_path | CSpD, verify path (whole reverse chain), heads' variance beta | xar_beta: xar, variance beta |
-| tarflow_jacobi | TarFlow, frozen-prefix Jacobi (window 16), every block | tarflow_seq: KV-cached loop |
-| tarflow_gs_jacobi | TarFlow, GS-Jacobi (8 segments, window 16) on every block | tarflow_seq |
+| tarflow_jacobi | TarFlow, frozen-prefix Jacobi, all blocks, tuned per batch | tarflow_seq: KV-cached loop |
+| tarflow_gs_jacobi | TarFlow, GS-Jacobi (8 segments, tuned as tarflow_jacobi) on every block | tarflow_seq |
 
 SD, SJD, GSD, CSpD and TarFlow Jacobi batch continuously: every image's condition goes into one
 call that keeps ``b`` rows in flight and refills a finished row's slot with the next image; the
@@ -184,17 +184,26 @@ def _cspd(**extra):
 
 def _tarflow(method):
     """Sequential and GS-Jacobi run chunks of ``slots`` rows (every row takes the same passes);
-    plain Jacobi batches continuously. Jacobi methods use the frozen-prefix window ``window``."""
+    plain Jacobi batches continuously. Jacobi methods use the frozen-prefix window ``window``,
+    or with ``tarflow_tuned`` the window, tol and batching measured best per batch size
+    (``vargen.sampling.decoders.tarflow.JACOBI_CPU``)."""
 
     def draw(w, cond, g, slots, o):
-        from vargen.sampling.decoders.tarflow import sample_tarflow, sample_tarflow_continuous
+        from vargen.sampling.decoders.tarflow import (
+            jacobi_cpu_setting,
+            sample_tarflow,
+            sample_tarflow_continuous,
+        )
 
         kw = {
             "method": method,
             "cfg_scale": o["cfg_scale"],
             "window": 0 if method == "sequential" else o["window"],
         }
-        if method == "jacobi":
+        tuned = jacobi_cpu_setting(slots) if o.get("tarflow_tuned") and method != "sequential" else {}
+        continuous = tuned.pop("continuous", True)
+        kw.update(tuned)
+        if method == "jacobi" and continuous:
             out, stats = sample_tarflow_continuous(w.tarflow, cond, generator=g, slots=slots, **kw)
             stats["row_target_forwards"] = stats["row_passes"]
             return _continuous((out, stats), slots)
@@ -238,7 +247,7 @@ METHODS = {
     "tarflow_jacobi": Method("tarflow", "tarflow_seq", _tarflow("jacobi"), decode_pixels),
     "tarflow_gs_jacobi": Method("tarflow", "tarflow_seq", _tarflow("gs_jacobi"), decode_pixels),
 }
-DEFAULTS = {"cfg_scale": 1.5, "gamma": 4, "window": 16}
+DEFAULTS = {"cfg_scale": 1.5, "gamma": 4, "window": 16, "tarflow_tuned": True}
 
 
 def labels(n: int, num_classes: int) -> torch.Tensor:

@@ -114,3 +114,21 @@ def test_methods_draw_from_their_explicit_generator(workload, name):
     torch.manual_seed(456)
     assert torch.equal(a, draw(0))
     assert not torch.equal(a, draw(1))
+
+
+def test_tarflow_tuned_options_follow_the_batch_size(workload):
+    """``tarflow_tuned``: each batch size gets its JACOBI_CPU window/tol/batching (batch 1: continuous
+    rows, calls per image from rows; batch 16: chunks, calls per image = passes), and the images stay
+    within 1e-3 of the sequential baseline's from the same generator seed."""
+    from vargen.sampling.decoders.tarflow import JACOBI_CPU
+
+    cond, o = labels(4, CLASSES), {"cfg_scale": 1.5, "window": 4, "tarflow_tuned": True}
+    for slots in (1, 16):
+        g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+        ref, _ = BASELINES["tarflow_seq"].draw(workload, cond, g(), slots, o)
+        out, st = METHODS["tarflow_jacobi"].draw(workload, cond, g(), slots, o)
+        assert (out - ref).abs().max() < 1e-3, slots
+        assert ("row_target_forwards" in st) == JACOBI_CPU[slots]["continuous"]
+        _, plain = METHODS["tarflow_jacobi"].draw(workload, cond, g(), slots, {**o, "tarflow_tuned": False})
+        assert "row_target_forwards" in plain  # untuned: window 4, tol 1e-6, continuous
+        assert plain["positions_computed"] != st["positions_computed"], slots

@@ -445,6 +445,51 @@ def test_continuous_exact_counts_and_builder():
         SAMPLERS.build({**base, "method": "sequential"})(m, c, torch.Generator().manual_seed(0), slots=2)
 
 
+@pytest.mark.parametrize("guidance", [None, 1.5])
+def test_one_slot_fast_path_equals_the_ragged_path(guidance):
+    """Batch 1 (one slot, read every pass) runs the plain-cache path: the same commits, passes,
+    token rows and values as the ragged continuous path, and the sequential result at tol 0."""
+    m = tiny_tarflow(std=0.1, blocks=2)
+    block, c = m.blocks[1], torch.tensor([0, 2, 1])
+    zp = block.permute(torch.randn(3, T, CP, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    seq = torch.cat(
+        [
+            ts.invert_block_sequential(block, zp[i : i + 1], c[i : i + 1], guidance=guidance)[0]
+            for i in range(3)
+        ]
+    )
+    for window in (1, 3, 0):
+        for tol in (0.0, 1e-4, -1.0):
+            kw = dict(slots=1, window=window, tol=tol, guidance=guidance, check_every=1)
+            fast, i_fast = ts.invert_block_continuous(block, zp, c, **kw)
+            ragged, i_rag = ts.invert_block_continuous(block, zp, c, one_slot_fast=False, **kw)
+            assert (fast - ragged).abs().max() < 1e-12, (window, tol)
+            for key in ("passes", "row_passes", "token_rows", "forced"):
+                assert i_fast[key] == i_rag[key], (key, window, tol)
+            if tol <= 0:
+                assert (fast - seq).abs().max() < 1e-12
+    assert i_fast["passes"] == 3 * (T - 1)  # tol < 0: the guaranteed token only
+
+
+def test_cpu_jacobi_settings_stay_within_1e3_of_sequential():
+    """The measured per-batch settings (JACOBI_CPU: window, tol, batching) on a float32 flow whose
+    blocks couple their tokens: every image within 1e-3 of the sequential one, fewer passes."""
+    m = tiny_tarflow(std=0.1, blocks=3, dtype=torch.float32)  # tol 0.1 would be 3e-2 off
+    c = torch.arange(6) % 4
+    ref, _ = ts.sample_tarflow(m, c, generator=torch.Generator().manual_seed(0), cfg_scale=1.5)
+    assert ts.jacobi_cpu_setting(1) == ts.JACOBI_CPU[1] and ts.jacobi_cpu_setting(100) == ts.JACOBI_CPU[16]
+    for batch in ts.JACOBI_CPU:
+        kw = ts.jacobi_cpu_setting(batch)
+        cont = kw.pop("continuous")
+        g = torch.Generator().manual_seed(0)
+        if cont:
+            out, st = ts.sample_tarflow_continuous(m, c, generator=g, slots=batch, cfg_scale=1.5, **kw)
+        else:
+            out, st = ts.sample_tarflow(m, c, generator=g, method="jacobi", cfg_scale=1.5, **kw)
+        assert (out - ref).abs().max() < 1e-3, batch
+        assert st.get("target_calls_per_image", st["target_forwards"]) < 3 * (T - 1), batch
+
+
 @pytest.mark.slow
 def test_loss_decreases_on_digits():
     from vargen.data import build_dataset

@@ -47,6 +47,31 @@ from vargen_kernels.tarflow_step import tarflow_step
 METHODS = ("sequential", "jacobi", "gs_jacobi")
 INITS = ("z", "zero")
 
+# Frozen-prefix Jacobi settings measured fastest against the KV-cached sequential loop on the
+# photos TarFlow (256 tokens of 48 values, 4 blocks x 2 layers, width 128, cfg 1.5), one CPU
+# thread, per batch size (issue 16; alternating timings on a shared 2-core machine, +-15%):
+# - batch 1 is bound by per-pass overhead (a 64-token pass costs ~4 single-token steps), so a
+#   wide window pays: window 64 needs 204 passes per image against 1020 (tol 1e-6: 260) and
+#   runs ~1.35x the sequential loop (window 16, tol 1e-6, the former setting: ~0.9x);
+# - batch 16 is bound by the rows pushed through the network (a W-token pass costs ~W/2+ steps):
+#   window 2 (940 passes, 1880 token rows per image) batch-synchronous, ~0.85x (window 16: ~0.4x;
+#   continuous batching ~0.7x, its ragged attention spans the longest row of the batch).
+# tol 1e-4 per element keeps the images within 3.3e-4 of the sequential ones (2e-4 reached 5.4e-4,
+# 3e-4 1.2e-3). ``continuous``: refill freed rows (sample_tarflow_continuous) or run chunks.
+# benchmarks.acceleration --quick (two runs): Jacobi wall 1.08 / 1.39 at batch 1 (window 16,
+# tol 1e-6: 0.82 / 0.83), 0.80 / 0.85 at batch 16 (0.34 / 0.39); GS-Jacobi 1.15 / 1.16 and
+# 0.78 / 0.72 (0.63 / 1.07 and 0.52 / 0.33). Max |image difference| to sequential: 2.5e-4
+# (batch 1, 8 images), 7.2e-5 (batch 16, 32 images).
+JACOBI_CPU = {
+    1: {"window": 64, "tol": 1e-4, "continuous": True},
+    16: {"window": 2, "tol": 1e-4, "continuous": False},
+}
+
+
+def jacobi_cpu_setting(batch: int) -> dict:
+    """The :data:`JACOBI_CPU` entry of the largest measured batch size <= ``batch`` (at least 1)."""
+    return dict(JACOBI_CPU[max(b for b in JACOBI_CPU if b <= max(batch, 1))])
+
 
 @dataclass(frozen=True)
 class BlockPlan:
@@ -288,6 +313,7 @@ def invert_block_continuous(
     check_every: int = 1,
     backend: str = "auto",
     attn_temp: float = 1.0,
+    one_slot_fast: bool = True,
 ):
     """Frozen-prefix Jacobi for N rows through ``slots`` batch rows with refilling (issue 16).
 
@@ -304,11 +330,15 @@ def invert_block_continuous(
     ``row_passes``); between reads the attended width comes from a host-side bound on the
     committed lengths (grown by the window per pass, exact after each read). Returns (u_NTC, info);
     ``row_passes`` sums the occupied slots over passes (model rows per image = row_passes / N).
+    One slot read every pass (``one_slot_fast``) takes :func:`_one_slot`: the same commits
+    through the plain KV cache, 1.1-1.35x faster per pass at batch 1 on one CPU thread (window 2-64).
     """
     N, T, C = z_NTC.shape
     n_in = T - 1
     W = n_in if window <= 0 else min(window, n_in)
     S, R = min(slots, N), (1 if guidance is None else 2)
+    if S == 1 and check_every == 1 and one_slot_fast:  # batch 1: the uniform-cache path
+        return _one_slot(block, z_NTC, cond_N, window, tol, init, clamp, guidance, attn_temp)
     dev = z_NTC.device
     out = initial_guess(z_NTC, init)  # (N, T, C): iterates of pending rows, results of done ones
     pad = z_NTC.new_zeros(S, W, C)  # positions T .. T+W-1: padding of windows past the end
@@ -378,6 +408,37 @@ def invert_block_continuous(
             width = min(W, n_in - min(c_list[i] for i in keep))
             bound = max(c_list[i] for i in keep)
     info["iterations"] = info["passes"]
+    info["token_rows"] /= N
+    return out, info
+
+
+def _one_slot(block, z_NTC, cond_N, window, tol, init, clamp, guidance, attn_temp):
+    """:func:`invert_block_continuous` with one slot, read every pass: the rows run one after
+    another, so every pass's committed length is the same for all its rows and the plain
+    :class:`~vargen.nn.kv_cache.KVCache` path (:func:`_solve_segment`) makes the same commits
+    without the ragged cache's per-pass mask, gathers and scatters and with attention over the
+    row's own prefix (the batch-1 fast path; tests/test_tarflow.py checks it against the ragged
+    path). Same (u_NTC, info) as the general path."""
+    N = z_NTC.shape[0]
+    out = torch.empty_like(z_NTC)
+    info = {"iterations": 0, "passes": 0, "token_rows": 0, "syncs": 0, "forced": 0, "row_passes": 0}
+    for n in range(N):
+        u, part = invert_block_gs_jacobi(
+            block,
+            z_NTC[n : n + 1],
+            cond_N[n : n + 1],
+            window=window,
+            tol=tol,
+            init=init,
+            clamp=clamp,
+            guidance=guidance,
+            check_every=1,
+            attn_temp=attn_temp,
+        )
+        out[n] = u[0]
+        for key in ("passes", "token_rows", "syncs", "forced"):
+            info[key] += part[key]
+    info["iterations"] = info["row_passes"] = info["passes"]
     info["token_rows"] /= N
     return out, info
 
