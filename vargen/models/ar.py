@@ -182,22 +182,36 @@ class ARTransformer(Generator):
         j predicts image token L_b + j, as :meth:`logits` does at that position. Positions past
         the sequence get the last position's rotary angle: their outputs are meaningless, and
         no in-sequence query ever attends to them.
+
+        When every row has the same length L (``cache.start``, read on the CPU: see
+        :class:`RaggedKVCache`) the window is a plain cached block, as in :meth:`forward_step`:
+        one embedding lookup, rotary tables sliced at L (no per-row gathers), slice writes to
+        the cache. The same numbers as the ragged path, bit for bit (tested).
         """
         B, W = ids_BW.shape
-        pos_BW = cache.positions(W)  # (B, W)
-        x_BWC = torch.where(
-            (pos_BW == 0)[..., None], self.cls_emb(cond_B)[:, None], self.tok_emb(ids_BW)
-        )  # (B, W, C)
         mask_B1WS = cache.begin(W)
-        rope_BW = pos_BW.clamp(max=self.rope_cos.shape[0] - 1)
+        L = cache.start
+        R = self.rope_cos.shape[0]  # 1 + N positions with their own angle
+        if L is not None and L + W <= R:
+            first = L == 0  # the class token stands at position 0: no id goes in there
+            x_BWC = self.embed(ids_BW[:, 1:] if first else ids_BW, cond_B if first else None, L)  # (B, W, C)
+            rope_W = slice(L, L + W)  # every row's positions
+        else:
+            pos_BW = cache.positions(W)  # (B, W)
+            x_BWC = torch.where(
+                (pos_BW == 0)[..., None], self.cls_emb(cond_B)[:, None], self.tok_emb(ids_BW)
+            )  # (B, W, C)
+            rope_W = pos_BW.clamp(max=R - 1)  # (B, W)
         if self._module_path(x_BWC):
-            cos, sin = self.rope_cos[rope_BW][:, None], self.rope_sin[rope_BW][:, None]  # (B, 1, W, d/2)
+            cos, sin = self.rope_cos[rope_W], self.rope_sin[rope_W]  # ([B,] W, d/2)
+            if cos.dim() == 3:
+                cos, sin = cos[:, None], sin[:, None]  # (B, 1, W, d/2)
             for i, blk in enumerate(self.blocks):
                 x_BWC = blk(x_BWC, cos, sin, cache, i, mask_B1WS)
             cache.advance(W)
             return self.head(self.norm(x_BWC))  # (B, W, V)
         # the fast path of forward_step, with per-row rotary angles and the ragged mask
-        rope = (self.rope_cos_pairs[rope_BW], self.rope_sin_pairs[rope_BW], self.rope_swap)  # (B, W, d)
+        rope = (self.rope_cos_pairs[rope_W], self.rope_sin_pairs[rope_W], self.rope_swap)  # ([B,] W, d)
         if cache.weights is None:
             cache.weights = self.decode_weights()
         window = self._compiled_window or self._window_blocks
@@ -217,9 +231,11 @@ class ARTransformer(Generator):
         """An empty :class:`RaggedKVCache` for windows of up to ``window`` positions."""
         p = self.tok_emb.weight
         c = self.cfg
-        return RaggedKVCache(
+        cache = RaggedKVCache(
             c.depth, batch, c.heads, self.num_tokens + window, c.dim // c.heads, p.device, p.dtype
         )
+        cache.equal_rows = True  # forward_window runs windows of equal rows as plain blocks
+        return cache
 
     def forward(self, ids_BN, cond_B):
         return self.logits(ids_BN[:, :-1], cond_B)  # (B, N, V)

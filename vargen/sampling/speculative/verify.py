@@ -222,11 +222,10 @@ class RowQueue:
         attention over the stale slots cost ~10% of a batch-1 window forward (photos_ar)."""
         every = self.len_B.device.type == "cpu"
         while True:
-            working_B = self.len_B < self.T
-            left_B = (self.T - self.len_B).max()
-            longest_B = torch.where(working_B, self.len_B, 0).max()
-            left, pend, longest = torch.stack([left_B, self.N - self.next, longest_B]).tolist()  # one sync
+            *len_b, nxt = torch.cat([self.len_B, self.next.view(1)]).tolist()  # one sync, two ops
             stats["syncs"] += 1
+            left, pend = self.T - min(len_b), self.N - nxt
+            longest = max((n for n in len_b if n < self.T), default=0)  # the longest working row
             for scorer in scorers:
                 if scorer.cache is not None:
                     scorer.cache.bound = min(scorer.cache.bound, longest)
