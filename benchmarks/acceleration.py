@@ -38,7 +38,8 @@ A per-batch value applies from its batch size up to the next one listed. FID dra
 ``fid_batch`` = 100 rows and so at the batch-16 setting (``<m>.fid_window`` / ``fid_gamma`` record
 it). ``--set sjd.window=8`` overrides every regime, ``--set sd.gamma.b16=2`` one; an unknown key
 is an error. ``--merge`` keeps the other methods' results in the JSON (``meta.methods``: the commit
-each method was measured at), so an expensive method need not be rerun after an unrelated change.
+each method was measured at, its images and reps), so an expensive method need not be rerun
+after an unrelated change.
 
 SD, SJD, GSD, CSpD and TarFlow Jacobi batch continuously: every image's condition goes into one
 call that keeps ``b`` rows in flight and refills a finished row's slot with the next image; the
@@ -561,6 +562,11 @@ def main(argv=None):
         help="override an option: sjd.window=8 (every batch) or sd.gamma.b16=1 (one regime); keys: "
         + ", ".join(DEFAULTS),
     )
+    ap.add_argument("--images-b1", type=int, default=None, help="images timed at batch 1 (quick 2, else 4)")
+    ap.add_argument(
+        "--images-b16", type=int, default=None, help="images timed at batch 16 (quick 16, else 32)"
+    )
+    ap.add_argument("--reps", type=int, default=None, help="timing repetitions, best of (quick 1, else 3)")
     ap.add_argument(
         "--merge",
         action="store_true",
@@ -578,13 +584,15 @@ def main(argv=None):
     seeds = (0, 1) if args.quick else (0, 1, 2)
     zoo = Zoo(quick_overrides() if args.quick_zoo else [])
     w = zoo_workload(zoo, fid=fid_samples > 0)
+    reps = args.reps or (1 if args.quick else 3)
+    n_b1, n_b16 = args.images_b1 or (2 if args.quick else 4), args.images_b16 or (16 if args.quick else 32)
     flat = run(
         w,
         args.methods,
         tuple(args.batches),
-        reps=1 if args.quick else 3,
-        n_latency=2 if args.quick else 4,
-        n_throughput=16 if args.quick else 32,
+        reps=reps,
+        n_latency=n_b1,
+        n_throughput=n_b16,
         fid_samples=fid_samples,
         seeds=seeds,
         opts=opts,
@@ -608,7 +616,8 @@ def main(argv=None):
         ],
     )
     entry = {**meta(args.quick, seeds), "zoo_quick": args.quick_zoo}
-    entry["methods"] = {m: entry["commit"] for m in args.methods}
+    timing = {"images_b1": n_b1, "images_b16": n_b16, "reps": reps}
+    entry["methods"] = {m: {"commit": entry["commit"], **timing} for m in args.methods}
     if args.merge:
         flat, entry = merge_previous(flat, entry, args.methods, RESULT_PATH)
     print("wrote", write_results("acceleration", flat, entry, chart=("nfe_ratio", "wall_ratio")))
@@ -619,9 +628,10 @@ RESULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 def merge_previous(flat: dict, entry: dict, methods, path: str) -> tuple[dict, dict]:
     """``flat`` and meta ``entry`` of a run of ``methods`` merged into the results at ``path``:
-    the other methods' keys (``<m>.*``, ``options.<m>.*``) and their ``meta.methods`` commits
-    are kept, everything of ``methods`` and the run-wide keys come from this run. A file from
-    before ``meta.methods`` existed credits its methods to its ``meta.commit``."""
+    the other methods' keys (``<m>.*``, ``options.<m>.*``) and their ``meta.methods`` entries
+    (commit, images timed, reps) are kept, everything of ``methods`` and the run-wide keys come
+    from this run. A file from before ``meta.methods`` existed credits its methods to its
+    ``meta.commit``."""
     if not os.path.exists(path):
         return flat, entry
     with open(path) as f:
@@ -635,8 +645,10 @@ def merge_previous(flat: dict, entry: dict, methods, path: str) -> tuple[dict, d
         return head if head in METHODS else None
 
     kept = {k: v for k, v in old.items() if owner(k) not in (None, *ran)}
-    commits = old_meta.get("methods") or {m: old_meta.get("commit") for m in {owner(k) for k in old} - {None}}
-    entry = {**entry, "methods": {**{m: c for m, c in commits.items() if m not in ran}, **entry["methods"]}}
+    measured = {owner(k) for k in old} - {None}
+    before = old_meta.get("methods") or {m: {"commit": old_meta.get("commit")} for m in measured}
+    before = {m: e if isinstance(e, dict) else {"commit": e} for m, e in before.items() if m not in ran}
+    entry = {**entry, "methods": {**before, **entry["methods"]}}
     return {**kept, **flat}, entry
 
 

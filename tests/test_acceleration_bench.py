@@ -239,16 +239,17 @@ def test_merge_keeps_other_methods_and_credits_each_its_commit(tmp_path):
         "options.cfg_scale": 1.5,
         "workload.tokens": 256,
     }
-    flat, entry = merge_previous(new, {"commit": "new", "methods": {"sjd": "new"}}, ["sjd"], str(path))
+    run_meta = {"commit": "new", "methods": {"sjd": {"commit": "new", "reps": 3}}}
+    flat, entry = merge_previous(new, run_meta, ["sjd"], str(path))
     assert flat["sd.b1.wall_ratio"] == 0.5 and flat["options.sd.gamma.b1"] == 4  # kept
     assert flat["sjd.b1.wall_ratio"] == 1.4 and flat["options.sjd.window.b1"] == 3  # replaced
     assert flat["options.cfg_scale"] == 1.5 and flat["workload.tokens"] == 256  # run-wide: this run's
-    assert entry["methods"] == {"sd": "old", "sjd": "new"}
+    assert entry["methods"] == {"sd": {"commit": "old"}, "sjd": {"commit": "new", "reps": 3}}
     # a second merge keeps the per-method commits it found
     path.write_text(json.dumps({**flat, "meta": entry}))
-    flat2, entry2 = merge_previous(
-        {"sd.b1.wall_ratio": 0.6}, {"commit": "c3", "methods": {"sd": "c3"}}, ["sd"], str(path)
-    )
-    assert entry2["methods"] == {"sd": "c3", "sjd": "new"} and flat2["sjd.b1.wall_ratio"] == 1.4
+    rerun = {"commit": "c3", "methods": {"sd": {"commit": "c3"}}}
+    flat2, entry2 = merge_previous({"sd.b1.wall_ratio": 0.6}, rerun, ["sd"], str(path))
+    assert entry2["methods"] == {"sd": {"commit": "c3"}, "sjd": {"commit": "new", "reps": 3}}
+    assert flat2["sjd.b1.wall_ratio"] == 1.4
     # nothing to merge into: the run as it is
     assert merge_previous(new, {"methods": {}}, ["sjd"], str(tmp_path / "none.json"))[0] == new
