@@ -211,26 +211,17 @@ def _cspd(**extra):
 
 def _tarflow(method):
     """Sequential and GS-Jacobi run chunks of ``slots`` rows (every row takes the same passes);
-    plain Jacobi batches continuously. Jacobi methods use the frozen-prefix window ``window``,
-    or with ``tarflow_tuned`` the window, tol and batching measured best per batch size
-    (``vargen.sampling.decoders.tarflow.JACOBI_CPU``)."""
+    plain Jacobi batches continuously unless ``continuous`` is False. Jacobi methods use the
+    frozen-prefix window ``window`` and ``tol`` when given (``tarflow.tuned``: the setting measured
+    best per batch size, ``vargen.sampling.decoders.tarflow.JACOBI_CPU``, see :func:`resolve`)."""
 
     def draw(w, cond, g, slots, o):
-        from vargen.sampling.decoders.tarflow import (
-            jacobi_cpu_setting,
-            sample_tarflow,
-            sample_tarflow_continuous,
-        )
+        from vargen.sampling.decoders.tarflow import sample_tarflow, sample_tarflow_continuous
 
-        kw = {
-            "method": method,
-            "cfg_scale": o["cfg_scale"],
-            "window": 0 if method == "sequential" else o["window"],
-        }
-        tuned = jacobi_cpu_setting(slots) if o.get("tarflow_tuned") and method != "sequential" else {}
-        continuous = tuned.pop("continuous", True)
-        kw.update(tuned)
-        if method == "jacobi" and continuous:
+        kw = {"method": method, "cfg_scale": o["cfg_scale"], "window": 0}
+        if method != "sequential":
+            kw.update(window=o["window"], **({"tol": o["tol"]} if "tol" in o else {}))
+        if method == "jacobi" and o.get("continuous", True):
             out, stats = sample_tarflow_continuous(w.tarflow, cond, generator=g, slots=slots, **kw)
             stats["row_target_forwards"] = stats["row_passes"]
             return _continuous((out, stats), slots)
@@ -274,13 +265,14 @@ METHODS = {
     "tarflow_jacobi": Method("tarflow", "tarflow_seq", _tarflow("jacobi"), decode_pixels),
     "tarflow_gs_jacobi": Method("tarflow", "tarflow_seq", _tarflow("gs_jacobi"), decode_pixels),
 }
-# Options: ``cfg_scale`` and ``tarflow_tuned`` (keys without a dot) for every method, and
+# Options: ``cfg_scale`` (a key without a dot) for every method, and
 # ``<family>.<option>`` for the methods of a family (FAMILY below), each either one value or
 # ``{batch: value}`` per regime. A per-batch value applies
 # from its batch size up to the next one listed (``{1: 4, 16: 3}``: 4 for 1..15 rows in flight, 3 for
 # 16 and more; FID draws at ``fid_batch`` = 100 rows so they use the 16 setting). The SD / SJD / GSD
 # values are the best cpu_ratio of each regime in ``benchmarks/results/spec_sweep.json``
-# (``python -m benchmarks.spec_sweep``, one thread, this CPU); CSpD and TarFlow were not swept.
+# (``python -m benchmarks.spec_sweep``, one thread, this CPU); CSpD was not swept; TarFlow's
+# ``tuned`` setting is ``JACOBI_CPU`` in vargen/sampling/decoders/tarflow.py (its own sweep).
 DEFAULTS = {
     "cfg_scale": 1.5,
     "sd.gamma": {1: 4, 16: 1},
@@ -288,9 +280,10 @@ DEFAULTS = {
     "gsd.window": {1: 6, 16: 2},
     "gsd_exact.window": {1: 16, 16: 2},
     "cspd.gamma": 4,
-    "tarflow.window": 16,  # when not tarflow_tuned
-    "tarflow_tuned": True,  # TarFlow Jacobi: window, tol, batching per batch from JACOBI_CPU
+    "tarflow.window": 16,  # when not tarflow.tuned
+    "tarflow.tuned": True,  # TarFlow Jacobi: window, tol, batching per batch from JACOBI_CPU (resolve)
 }
+RECORDED = ("window", "gamma", "tol", "continuous")  # per-cell options written beside the cell's numbers
 # The option family of each method (the prefix of its option keys); a method not named here is its own.
 FAMILY = {"cspd_path": "cspd", "tarflow_jacobi": "tarflow", "tarflow_gs_jacobi": "tarflow"}
 
@@ -312,7 +305,8 @@ def options(overrides: dict | None = None) -> dict:
 def resolve(opts: dict, name: str, batch: int) -> dict:
     """The flat options a draw of method ``name`` at ``batch`` rows gets: the keys without a dot
     and its family's options (``window``, ``gamma``), a per-batch value read at the largest listed
-    batch size not above ``batch`` (the smallest listed when ``batch`` is below them all)."""
+    batch size not above ``batch`` (the smallest listed when ``batch`` is below them all). TarFlow's
+    ``tuned`` becomes the ``window``, ``tol`` and ``continuous`` of ``JACOBI_CPU`` at ``batch``."""
     family = FAMILY.get(name, name)
     out = {}
     for key, v in opts.items():
@@ -325,6 +319,10 @@ def resolve(opts: dict, name: str, batch: int) -> dict:
             at = [b for b in v if b <= batch]
             v = v[max(at) if at else min(v)]
         out[option] = v
+    if out.pop("tuned", False):  # TarFlow: the measured setting of this batch size, as it runs
+        from vargen.sampling.decoders.tarflow import jacobi_cpu_setting
+
+        out.update(jacobi_cpu_setting(batch))
     return out
 
 
@@ -454,7 +452,7 @@ def run(
             log(f"{name} vs {METHODS[name].baseline} at batch {b} ({n} images, best of {reps}, {o})")
             for k, v in measure_speed(name, w, b, n, reps, o).items():
                 flat[f"{name}.b{b}.{k}"] = v
-            flat.update({f"{name}.b{b}.{k}": v for k, v in o.items() if k in ("window", "gamma")})
+            flat.update({f"{name}.b{b}.{k}": v for k, v in o.items() if k in RECORDED})
         if fid_samples and w.evaluator is not None:
             bname, o = METHODS[name].baseline, resolve(opts, name, fid_batch)
             if bname not in base_fid:
@@ -462,7 +460,7 @@ def run(
             flat[f"{name}.fid_mean"], flat[f"{name}.fid_std"] = fid_of(
                 METHODS[name], w, fid_samples, seeds, fid_batch, o
             )
-            flat.update({f"{name}.fid_{k}": v for k, v in o.items() if k in ("window", "gamma")})
+            flat.update({f"{name}.fid_{k}": v for k, v in o.items() if k in RECORDED})
             flat[f"{name}.baseline_fid_mean"], flat[f"{name}.baseline_fid_std"] = base_fid[bname]
             log(f"{name}: FID {flat[f'{name}.fid_mean']:.1f} (baseline {bname} {base_fid[bname][0]:.1f})")
     return flat

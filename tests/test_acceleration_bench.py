@@ -133,13 +133,20 @@ def test_methods_draw_from_their_explicit_generator(workload, name):
 def test_options_resolve_per_method_and_regime():
     opts = options({"sjd.window": {1: 6, 16: 3}, "sd.gamma": 2, "cfg_scale": 2.0})
     assert [resolve(opts, "sjd", b)["window"] for b in (1, 8, 15, 16, 100)] == [6, 6, 6, 3, 3]
-    assert resolve(opts, "sd", 16) == {"cfg_scale": 2.0, "gamma": 2, "tarflow_tuned": True}
+    assert resolve(opts, "sd", 16) == {"cfg_scale": 2.0, "gamma": 2}
     # every method reads only its own family's keys: GSD keeps its default, SJD's does not leak
     assert resolve(opts, "gsd", 1)["window"] == DEFAULTS["gsd.window"][1]
     assert resolve(opts, "cspd_path", 16)["gamma"] == DEFAULTS["cspd.gamma"]
-    assert resolve(opts, "tarflow_gs_jacobi", 1)["window"] == DEFAULTS["tarflow.window"]
+    untuned = options({"tarflow.tuned": False})
+    assert resolve(untuned, "tarflow_gs_jacobi", 1)["window"] == DEFAULTS["tarflow.window"]
+    # tuned TarFlow: what runs at each batch size, so that the results record it
+    from vargen.sampling.decoders.tarflow import JACOBI_CPU
+
+    for b in (1, 16, 100):
+        tuned = JACOBI_CPU[1 if b == 1 else 16]
+        assert resolve(opts, "tarflow_jacobi", b) == {"cfg_scale": 2.0, **tuned}
     # keys without a dot reach every method; window / gamma only their family's
-    assert resolve(opts, "var", 1) == resolve(opts, "ar", 16) == {"cfg_scale": 2.0, "tarflow_tuned": True}
+    assert resolve(opts, "var", 1) == resolve(opts, "ar", 16) == {"cfg_scale": 2.0}
     assert resolve(options({"sjd.window": {4: 5, 16: 3}}), "sjd", 1)["window"] == 5  # below them all
 
 
@@ -202,19 +209,21 @@ def test_spec_sweep_measures_every_cell_and_names_the_best(workload):
 
 
 def test_tarflow_tuned_options_follow_the_batch_size(workload):
-    """``tarflow_tuned``: each batch size gets its JACOBI_CPU window/tol/batching (batch 1: continuous
+    """``tarflow.tuned``: each batch size gets its JACOBI_CPU window/tol/batching (batch 1: continuous
     rows, calls per image from rows; batch 16: chunks, calls per image = passes), and the images stay
     within 1e-3 of the sequential baseline's from the same generator seed."""
     from vargen.sampling.decoders.tarflow import JACOBI_CPU
 
-    cond, o = labels(4, CLASSES), {"cfg_scale": 1.5, "window": 4, "tarflow_tuned": True}
+    cond = labels(4, CLASSES)
     for slots in (1, 16):
+        o = resolve(options({"tarflow.window": 4}), "tarflow_jacobi", slots)
         g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
         ref, _ = BASELINES["tarflow_seq"].draw(workload, cond, g(), slots, o)
         out, st = METHODS["tarflow_jacobi"].draw(workload, cond, g(), slots, o)
         assert (out - ref).abs().max() < 1e-3, slots
         assert ("row_target_forwards" in st) == JACOBI_CPU[slots]["continuous"]
-        _, plain = METHODS["tarflow_jacobi"].draw(workload, cond, g(), slots, {**o, "tarflow_tuned": False})
+        untuned = resolve(options({"tarflow.window": 4, "tarflow.tuned": False}), "tarflow_jacobi", slots)
+        _, plain = METHODS["tarflow_jacobi"].draw(workload, cond, g(), slots, untuned)
         assert "row_target_forwards" in plain  # untuned: window 4, tol 1e-6, continuous
         assert plain["positions_computed"] != st["positions_computed"], slots
 
