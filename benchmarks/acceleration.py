@@ -584,6 +584,9 @@ def main(argv=None):
     w = zoo_workload(zoo, fid=fid_samples > 0)
     reps = args.reps or (1 if args.quick else 3)
     n_b1, n_b16 = args.images_b1 or (2 if args.quick else 4), args.images_b16 or (16 if args.quick else 32)
+    entry = {**meta(args.quick, seeds), "zoo_quick": args.quick_zoo}  # the commit that runs, read now
+    timing = {"images_b1": n_b1, "images_b16": n_b16, "reps": reps}
+    entry["methods"] = {m: {"commit": entry["commit"], **timing} for m in args.methods}
     flat = run(
         w,
         args.methods,
@@ -613,9 +616,6 @@ def main(argv=None):
             "base_fid",
         ],
     )
-    entry = {**meta(args.quick, seeds), "zoo_quick": args.quick_zoo}
-    timing = {"images_b1": n_b1, "images_b16": n_b16, "reps": reps}
-    entry["methods"] = {m: {"commit": entry["commit"], **timing} for m in args.methods}
     if args.merge:
         flat, entry = merge_previous(flat, entry, args.methods, RESULT_PATH)
     print("wrote", write_results("acceleration", flat, entry, chart=("nfe_ratio", "wall_ratio")))
