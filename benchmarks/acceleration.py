@@ -547,7 +547,7 @@ def main(argv=None):
         "--quick", action="store_true", help="fewer images, 1 rep... minutes, not for final numbers"
     )
     ap.add_argument("--quick-zoo", action="store_true", help="use the quick zoo (150-step models)")
-    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--batches", nargs="*", type=int, default=list(BATCHES))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--fid-samples", type=int, default=None, help="images per seed for FID (0 = no FID)")

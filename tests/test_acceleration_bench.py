@@ -188,6 +188,9 @@ def test_cli_rejects_an_unknown_option_before_any_work(capsys):
     with pytest.raises(SystemExit):
         main(["--set", "window=3"])
     assert "unknown acceleration option 'window'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--methods", "sjd", "gdd"])  # a typo: refused before any model is loaded
+    assert "invalid choice: 'gdd'" in capsys.readouterr().err
 
 
 def test_spec_sweep_measures_every_cell_and_names_the_best(workload):
