@@ -27,12 +27,16 @@ overhead, a window of 16 costs ~2x one token; batch 16: arithmetic, close to 16 
 | key | batch 1 | batch 16 (and FID) |
 |---|---|---|
 | ``sd.gamma`` | 4 (cpu_ratio 0.62; gamma 1-3: 0.53-0.61) | 1 (0.64; gamma 4: 0.42) |
-| ``sjd.window`` | 3 (1.37; W 6: 1.36, W 16: 1.15) | 2 (0.78; W 16: 0.35) |
-| ``gsd.window`` | 6 (1.17; W 16: 1.11) | 2 (0.70; W 16: 0.45) |
+| ``sjd.window`` | 6 (1.36; W 3: 1.37, W 16: 1.15) | 2 (0.78; W 16: 0.35) |
+| ``gsd.window`` | 16 (1.11; W 6: 1.17) | 2 (0.70; W 16: 0.45) |
 | ``gsd_exact.window`` | 16 (1.08; W 8: 0.79) | 2 (0.49; W 16: 0.26) |
 
 (4 images at batch 1, 32 at batch 16, best of 2; the same cells a run earlier read up to +-0.3 apart
-at batch 1: treat neighbouring windows within ~0.2 as ties.)
+at batch 1: treat neighbouring windows within ~0.2 as ties.) The batch-1 SJD / GSD windows are the
+ties that held up on an idle machine after the equal-rows window fast path: a batch-1 rerun of the
+sweep (best of 3) read SJD W 6 1.06 (W 3 0.88, W 16 0.83) and GSD W 16 1.45 (W 6 1.00, W 8 1.19),
+and two alternating runs of 8 images, best of 3, read SJD W 6 1.10 / 1.13 (W 16 0.86 / 1.09) and
+GSD W 16 1.14 / 1.13 (W 6 0.78 / 1.13).
 
 A per-batch value applies from its batch size up to the next one listed. FID draws run at
 ``fid_batch`` = 100 rows and so at the batch-16 setting (``<m>.fid_window`` / ``fid_gamma`` record
@@ -276,8 +280,8 @@ METHODS = {
 DEFAULTS = {
     "cfg_scale": 1.5,
     "sd.gamma": {1: 4, 16: 1},
-    "sjd.window": {1: 3, 16: 2},
-    "gsd.window": {1: 6, 16: 2},
+    "sjd.window": {1: 6, 16: 2},
+    "gsd.window": {1: 16, 16: 2},
     "gsd_exact.window": {1: 16, 16: 2},
     "cspd.gamma": 4,
     "tarflow.window": 16,  # when not tarflow.tuned
