@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from benchmarks.common import meta, print_table, write_results
+from benchmarks.common import RESULTS, meta, print_table, write_results
 
 BATCHES = (1, 16)
 
@@ -625,7 +625,7 @@ def main(argv=None):
     print("wrote", write_results("acceleration", flat, entry, chart=("nfe_ratio", "wall_ratio")))
 
 
-RESULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "acceleration.json")
+RESULT_PATH = os.path.join(RESULTS, "acceleration.json")  # where write_results("acceleration", ...) writes
 
 
 def merge_previous(flat: dict, entry: dict, methods, path: str) -> tuple[dict, dict]:

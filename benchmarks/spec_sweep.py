@@ -56,7 +56,7 @@ def cells(methods, windows, gammas):
 
 
 def sweep(w, methods, batches, windows, gammas, reps, n_latency, n_throughput, log=print) -> dict:
-    """Flat ``<m>.<w|g><k>.b<b>.<column>`` keys plus ``best.<m>.b<b>`` (the value of highest wall ratio)."""
+    """Flat ``<m>.<w|g><k>.b<b>.<column>`` keys plus ``best.<m>.b<b>`` (the value of highest cpu ratio)."""
     flat: dict = {}
     for b in batches:
         n = n_latency if b == 1 else max(b, n_throughput)
@@ -103,13 +103,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as measured)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    windows, gammas = WINDOWS, GAMMAS
     reps = args.reps or (1 if args.quick else 3)
     w = zoo_workload(Zoo(), fid=False)
-    flat = sweep(w, args.methods, args.batches, windows, gammas, reps, 4, 32)
+    flat = sweep(w, args.methods, args.batches, WINDOWS, GAMMAS, reps, 4, 32)
     flat.update({"options.reps": reps, "options.images.b1": 4, "options.images.b16": 32})
     print_table(
-        rows(flat, args.methods, args.batches, windows, gammas),
+        rows(flat, args.methods, args.batches, WINDOWS, GAMMAS),
         ["method", "window", "gamma", "batch", *COLUMNS[:5], "best"],
     )
     print(
