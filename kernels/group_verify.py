@@ -34,12 +34,61 @@ from vargen_kernels.speculative_verify import (
 )
 
 
+def rank_keys(p_XV: torch.Tensor) -> torch.Tensor:
+    """A unique int64 key per token (..., V) that orders like p's stable descending order: the
+    float32 bit pattern of p >= 0, then the smaller id first on ties (keys < 2**42)."""
+    V = p_XV.shape[-1]
+    tie_V = torch.arange(V - 1, -1, -1, device=p_XV.device)  # smaller id first on ties
+    return torch.add(tie_V, p_XV.float().view(torch.int32), alpha=V)
+
+
 def rank_partition(p_XV: torch.Tensor, group: int) -> torch.Tensor:
     """Group ids (..., V) fixed by the target alone: blocks of ``group`` consecutive ranks of p's
-    support (rank // G), and id V for every token with p = 0 (a group of mass 0, never emitted)."""
+    support (rank // G), and id V for every token with p = 0 (a group of mass 0, never emitted).
+    The ranks invert one stable argsort by a scatter (the same integers as a second argsort, at
+    half the cost)."""
     V = p_XV.shape[-1]
-    rank = p_XV.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
+    order = p_XV.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(V, device=p_XV.device).expand_as(order))
     return torch.where(p_XV > 0, rank // min(group, V), torch.full_like(rank, V))
+
+
+def rank_neighbours(p_XV: torch.Tensor, x_X1: torch.Tensor, G: int):
+    """x and its G-1 nearest neighbours on each side in p's stable descending order, without
+    sorting the vocabulary: a top-(G-1) selection of the keys (:func:`rank_keys`) above x's and
+    a top-G of those at or below it (whose first is x itself).
+
+    Returns (win (..., 2G-1) ids, r (..., 2G-1) their ranks, rank (..., 1) x's rank, 0 = most
+    likely): x at index G-1, the token at index i ranked rank + i - (G-1). A side with fewer
+    than G-1 tokens pads with other ids, whose r is then < 0 (above) or >= V (below)."""
+    key = rank_keys(p_XV)  # (..., V)
+    kx = key.gather(-1, x_X1)  # (..., 1)
+    above_XV = key > kx
+    rank = torch.count_nonzero(above_XV, dim=-1).unsqueeze(-1)  # (..., 1)
+    big = torch.iinfo(key.dtype).max
+    above = torch.where(above_XV, key, big).topk(G - 1, largest=False).indices.flip(-1)  # nearest last
+    below = key.masked_fill_(above_XV, -1).topk(G).indices  # x (the largest key left), then nearest first
+    r = rank + torch.arange(-(G - 1), G, device=p_XV.device)  # (..., 2G-1)
+    return torch.cat([above, below], -1), r, rank
+
+
+def rank_block_ratio(p_BgV, q_BgV, x_Bg, group: int):
+    """:func:`partition_ratio` on :func:`rank_partition` (the same floats), without ranking the
+    vocabulary: x's block is the support tokens ranked (rank(x) // G) * G .. + G-1, all among
+    :func:`rank_neighbours`; P and Q add its members in id order, as ``scatter_add`` does."""
+    V = p_BgV.shape[-1]
+    G = min(group, V)
+    x = x_Bg[..., None]  # (B, g, 1)
+    win, r, rank = rank_neighbours(p_BgV, x, G)  # (B, g, 2G-1)
+    win, order = win.sort(-1)  # ids ascending: the order scatter_add sums a group in
+    r = r.expand_as(order).gather(-1, order)
+    start = rank - rank % G  # x's block starts at this rank
+    pw, qw = p_BgV.gather(-1, win), q_BgV.gather(-1, win).to(p_BgV.dtype)
+    out = ((r < start) | (r >= start + G) | (r >= V) | (pw <= 0)).long()  # slot 1: not in x's group
+    P = torch.zeros(*pw.shape[:-1], 2, dtype=pw.dtype, device=pw.device).scatter_add_(-1, out, pw)
+    Q = torch.zeros_like(P).scatter_add_(-1, out, qw)
+    px = p_BgV.gather(-1, x)[..., 0]
+    return torch.where(px > 0, P[..., 0] / Q[..., 0], torch.zeros_like(px))
 
 
 def group_masses(p_XV, q_XV, part_XV):
@@ -76,8 +125,7 @@ def group_verify_reference(p_BWV, q_BgV, x_Bg, room_B, u_BWV, a_Bg, u_res_BV, *,
     if group < 1:
         raise ValueError(f"group must be >= 1, got {group}")
     g = p_BWV.shape[1] - 1
-    p_BgV = p_BWV[:, :g]
-    ratio_Bg = partition_ratio(p_BgV, q_BgV, x_Bg, rank_partition(p_BgV, group))
+    ratio_Bg = rank_block_ratio(p_BWV[:, :g], q_BgV, x_Bg, group)
     return verify_reference(
         p_BWV,
         q_BgV,

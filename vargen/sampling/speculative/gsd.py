@@ -47,6 +47,8 @@ from vargen_kernels.group_verify import (  # noqa: F401  (re-exported: the parti
     group_masses,
     group_residual,
     partition_ratio,
+    rank_block_ratio,
+    rank_neighbours,
     rank_partition,
 )
 
@@ -62,29 +64,14 @@ def relative_embeddings(emb_VD: torch.Tensor) -> torch.Tensor:
 
 def rank_window(p_XV, x_X1, G: int):
     """The G tokens at ranks start .. start+G-1 of p's stable descending order, start =
-    clamp(rank(x) - G//2, 0, V - G) (x among them), without sorting the vocabulary.
-
-    Each token gets a unique integer key that orders like that ranking (the float32 bit pattern
-    of p >= 0, then the smaller id first on ties); the window is x, the rank(x) - start tokens
-    just above it and the rest just below it: a top-(G-1) selection above x's key and a top-G
-    below it (whose first is x itself). Returns (win (..., 2G-1) ids in rank order, member
-    (..., 2G-1) bool): the candidates, x at index G-1, and which of them are in the window (a
-    side with fewer than G-1 tokens pads with ids that are not members).
-    """
+    clamp(rank(x) - G//2, 0, V - G) (x among them), without sorting the vocabulary
+    (:func:`~vargen_kernels.group_verify.rank_neighbours`). Returns (win (..., 2G-1) ids in
+    rank order, member (..., 2G-1) bool): the candidates, x at index G-1, and which of them are
+    in the window (start <= V - G, so padding is never a member)."""
     V = p_XV.shape[-1]
-    tie_V = torch.arange(V - 1, -1, -1, device=p_XV.device)  # smaller id first on ties
-    key = torch.add(tie_V, p_XV.float().view(torch.int32), alpha=V)  # (..., V) int64, unique, < 2^42
-    kx = key.gather(-1, x_X1)  # (..., 1)
-    above_XV = key > kx
-    rank = torch.count_nonzero(above_XV, dim=-1).unsqueeze(-1)  # (..., 1) x's rank, 0 = most likely
-    n_above = rank - (rank - G // 2).clamp(0, V - G)  # window tokens ranked before x
-    big = torch.iinfo(key.dtype).max
-    above = torch.where(above_XV, key, big).topk(G - 1, largest=False).indices.flip(-1)  # nearest last
-    below = key.masked_fill_(above_XV, -1).topk(G).indices  # x (the largest key left), then nearest first
-    win = torch.cat([above, below], -1)  # (..., 2G-1), x at G-1
-    # index k is in the window iff G-1 <= k + n_above < 2G-1 (n_above before x, G-1-n_above after)
-    k = torch.arange(2 * G - 1, device=p_XV.device) + n_above  # (..., 2G-1)
-    return win, (k >= G - 1) & (k < 2 * G - 1)
+    win, r, rank = rank_neighbours(p_XV, x_X1, G)
+    start = (rank - G // 2).clamp(0, V - G)
+    return win, (r >= start) & (r < start + G)
 
 
 def near_table(emb_VD: torch.Tensor, dist: float, rows: int = 512) -> torch.Tensor:
@@ -140,7 +127,7 @@ def exact_group_fns(group: int):
     """(ratio_fn, residual_fn) of GSD's group-exact variant with rank blocks of size ``group``."""
 
     def ratio(p_BgV, q_BgV, x_Bg):
-        return partition_ratio(p_BgV, q_BgV, x_Bg, rank_partition(p_BgV, group))
+        return rank_block_ratio(p_BgV, q_BgV, x_Bg, group)  # partition_ratio on rank_partition
 
     def residual(p_BV, q_BV):
         return group_residual(p_BV, q_BV, rank_partition(p_BV, group))
