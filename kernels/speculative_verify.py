@@ -85,11 +85,14 @@ def verify_reference(
     u_res_BV: torch.Tensor,
     ratio_Bg: torch.Tensor | None = None,
     residual_fn=token_residual,
+    all_y: bool = True,
 ):
     """Torch reference of :func:`verify` (steps 1-4 of the module docstring), vectorised.
 
     ``residual_fn(p_BV, q_BV)`` may replace the token residual (GSD's group residual); the
-    kernel only does the token one. Returns int64 ``(n_B, z_B, y_BW, cap_B)``.
+    kernel only does the token one. Returns int64 ``(n_B, z_B, y_BW, cap_B)``. ``all_y=False``
+    (a caller that only needs z, such as SD): y is drawn at the one position n from the same
+    uniforms (the same z), and ``y_BW`` is None.
     """
     _check_args(p_BWV, q_BgV, x_Bg, room_B, u_BWV, a_Bg, u_res_BV, ratio_Bg)
     B, W, V = p_BWV.shape
@@ -97,7 +100,7 @@ def verify_reference(
     if ratio_Bg is None:
         x = x_Bg[..., None]
         ratio_Bg = p_BWV[:, :g].gather(2, x)[..., 0] / q_BgV.gather(2, x)[..., 0]
-    y_BW = gumbel_argmax(p_BWV, u_BWV)
+    y_BW = gumbel_argmax(p_BWV, u_BWV) if all_y else None
     cap_B = (room_B - 1).clamp(min=0, max=g)
     j = torch.arange(g, device=p_BWV.device)
     acc_Bg = (a_Bg < ratio_Bg.clamp(max=1.0)) & (j[None] < cap_B[:, None])
@@ -110,7 +113,10 @@ def verify_reference(
     else:
         res = p_n
     z_res = gumbel_argmax(res, u_res_BV)
-    y_n = y_BW.gather(1, n_B[:, None])[:, 0]
+    if all_y:
+        y_n = y_BW.gather(1, n_B[:, None])[:, 0]
+    else:  # the same elementwise ops on the one row: the same y_n
+        y_n = gumbel_argmax(p_n, u_BWV.gather(1, n_B[:, None, None].expand(B, 1, V))[:, 0])
     z_B = torch.where(rejected_B, z_res, y_n)
     return n_B, z_B, y_BW, cap_B
 
@@ -220,6 +226,7 @@ def verify(
     ratio_Bg: torch.Tensor | None = None,
     *,
     backend: str = "auto",
+    all_y: bool = True,
 ):
     """Verify a window of drafts per row; int64 ``(n_B, z_B, y_BW, cap_B)`` (module docstring).
 
@@ -228,11 +235,13 @@ def verify(
     ``a_Bg``, ``u_res_BV`` uniforms in [0, 1) (``torch.rand`` of those shapes, in that order, is
     what the samplers draw), ``ratio_Bg`` an acceptance ratio replacing p(x)/q(x).
     ``backend``: ``"auto"`` (:func:`vargen_kernels.dispatch.backend_for`) or forced.
+    ``all_y=False``: the caller needs no ``y_BW`` (the torch path then returns None for it and
+    draws y only at n; the kernel, which reads every row anyway, returns it whole).
     """
     args = (p_BWV, q_BgV, x_Bg, room_B, u_BWV, a_Bg, u_res_BV, ratio_Bg)
     which = backend_for(*args, backend=backend)
     if which == "torch":
-        return verify_reference(*args)
+        return verify_reference(*args, all_y=all_y)
     _check_args(*args)
     check_kernel_mode(_verify_kernel, which)
     B, W, V = p_BWV.shape

@@ -93,9 +93,9 @@ def sample_speculative(
         p_BWV = p_model.window(ids_BX, len_B, gamma + 1)
         stats["draft_forwards"] += gamma
         stats["target_forwards"] += 1
-        # ratio None: the token ratio p(x)/q(x), computed inside the verification
+        # ratio None: the token ratio p(x)/q(x), computed inside the verification; y only at n
         n_B, z_B, _, cap_B = accept_and_correct(
-            p_BWV, q_BgV, x_Bg, None, T - len_B, generator, backend=backend
+            p_BWV, q_BgV, x_Bg, None, T - len_B, generator, backend=backend, all_y=False
         )
         ids_BX.scatter_(1, (len_B + n_B)[:, None], z_B[:, None])
         counts.add(n_B, cap_B, active_B)

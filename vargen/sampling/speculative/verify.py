@@ -261,7 +261,7 @@ class RowQueue:
 
 
 def accept_and_correct(
-    p_BWV, q_BgV, x_Bg, ratio_Bg, room_B, generator, residual_fn=token_residual, backend="auto"
+    p_BWV, q_BgV, x_Bg, ratio_Bg, room_B, generator, residual_fn=token_residual, backend="auto", all_y=True
 ):
     """The verification step shared by SD, SJD and GSD, vectorised over batch and window.
 
@@ -277,7 +277,9 @@ def accept_and_correct(
     draw. The computation is :func:`vargen_kernels.speculative_verify.verify` for the token
     residual, :func:`vargen_kernels.group_verify.group_verify` for the group-exact one (fused
     kernels under ``backend``, see :func:`vargen_kernels.dispatch.backend_for`), else the torch
-    reference with ``residual_fn``; every backend draws the same tokens.
+    reference with ``residual_fn``; every backend draws the same tokens. ``all_y=False`` (SD, which
+    uses z only): the torch path samples the target at position n alone and returns ``y_BW``
+    None, or whole from a kernel (same draws, same n and z).
     """
     B, W, V = p_BWV.shape
     u_BWV = _uniform((B, W, V), generator, p_BWV.device)
@@ -285,7 +287,7 @@ def accept_and_correct(
     u_res_BV = _uniform((B, V), generator, p_BWV.device)
     draws = (p_BWV, q_BgV, x_Bg, room_B, u_BWV, a_Bg, u_res_BV, ratio_Bg)
     if residual_fn is token_residual:
-        return verify(*draws, backend=backend)
+        return verify(*draws, backend=backend, all_y=all_y)
     group = getattr(residual_fn, "group", None)
     if group is not None and ratio_Bg is None:
         return group_verify(*draws[:-1], group=group, backend=backend)
