@@ -15,6 +15,8 @@ from vargen_kernels.group_verify import (  # noqa: E402
     group_residual,
     group_verify,
     group_verify_reference,
+    partition_ratio,
+    rank_block_ratio,
     rank_partition,
 )
 
@@ -73,3 +75,29 @@ def test_kernel_residual_draws(interpreter, group=3):
     assert (n == 0).sum() >= 12
     res = group_residual(p_BWV[:, 0], q_BgV[:, 0], rank_partition(p_BWV[:, 0], group))
     assert (res.gather(1, z[:, None])[n == 0] > 0).all()
+
+
+def _double_argsort_partition(p_XV, group):
+    """The partition as it was first written: ranks from two stable argsorts (frozen here)."""
+    V = p_XV.shape[-1]
+    rank = p_XV.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
+    return torch.where(p_XV > 0, rank // min(group, V), torch.full_like(rank, V))
+
+
+@pytest.mark.parametrize("levels,zero_frac", [(0, 0.3), (3, 0.3), (2, 0.6), (0, 0.0)])
+def test_block_ratio_is_the_partition_ratio_bit_for_bit(levels, zero_frac):
+    """The sort-free block ratio adds the same members in the same (id) order as scatter_add
+    over the whole partition: equal floats for drafts at every rank (every token as a draft),
+    rank ties, zero-probability tokens, a last block cut short by V and groups >= V."""
+    V = 23
+    p_BWV, q_BgV, *_ = verify_case(
+        2, 4, V, seed=levels * 10 + int(zero_frac * 10), zero_frac=zero_frac, levels=levels
+    )
+    p_XV = p_BWV.reshape(-1, 1, V).expand(-1, V, V)  # (rows, V, V): row r's p for every draft
+    q_XV = torch.cat([q_BgV, p_BWV[:, :1]], 1).reshape(-1, 1, V).expand(-1, V, V)
+    x_XV = torch.arange(V).expand(p_XV.shape[0], V)  # draft = every token
+    for group in (1, 2, 4, 5, 22, 23, 30):
+        part = _double_argsort_partition(p_XV, group)
+        assert torch.equal(rank_partition(p_XV, group), part)
+        want = partition_ratio(p_XV, q_XV, x_XV, part)
+        assert torch.equal(rank_block_ratio(p_XV, q_XV, x_XV, group), want), group

@@ -159,3 +159,14 @@ def test_samplers_tokens_equal_under_interpreter_and_reference(interpreter):
     for name, run in runs.items():
         ids = [run(b, torch.Generator().manual_seed(1))[0] for b in ("interpret", "torch")]
         assert torch.equal(*ids), name
+
+
+@pytest.mark.parametrize("W", [1, 2, 5])
+def test_bonus_only_verification_draws_the_same_n_and_z(W):
+    """``all_y=False`` (SD) samples the target at position n alone from the same uniforms:
+    the same n, z and cap as the whole window, on rooms that cap, accept all and reject."""
+    for seed in range(4):
+        args = verify_case(5, W, 17, seed=seed * 7 + W, q_equals_p=seed == 1)
+        n, z, y, cap = verify_reference(*args)
+        n1, z1, y1, cap1 = verify_reference(*args, all_y=False)
+        assert y1 is None and torch.equal(n1, n) and torch.equal(z1, z) and torch.equal(cap1, cap)
