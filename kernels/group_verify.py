@@ -4,16 +4,20 @@ GSD's group-exact variant (:func:`vargen.sampling.speculative.gsd.exact_group_fn
 vocabulary by the target alone: blocks of G consecutive ranks of supp(p) in p's stable descending
 order, plus one group for the tokens with p = 0. A draft x is accepted with
 min(1, P(C(x)) / Q(C(x))) and a rejection draws a group K ~ norm(max(0, P - Q)) and a token from
-p(. | K). In torch that is two ``argsort`` of every (B, g, V) row, two ``scatter_add`` for the group
-masses and the gathers of :mod:`vargen_kernels.speculative_verify`. The Triton kernel here sorts
+p(. | K). The torch path ranks no draft row: x's block is found among its rank neighbours (two
+top-k selections, :func:`rank_block_ratio`); only the residual row is argsorted (once), and its
+group masses are a ``scatter_add``; then the gathers of :mod:`vargen_kernels.speculative_verify`.
+(Ranking every (B, g, V) row by two argsorts cost ~3 ms of a ~7 ms batch-1 GSD-exact iteration on
+the CPU, window 16.) The Triton kernel here sorts
 each row once on the device (``tl.sort`` of a unique int64 key per token, no host round trip),
 reads group masses off the sorted row (masked sums for the draft's group; segmented scans for
 every group on the residual row) and draws the residual token with the caller's noise.
 
 Semantics: :func:`group_verify_reference`, which is :func:`verify_reference
 <vargen_kernels.speculative_verify.verify_reference>` with the group ratio of
-:func:`partition_ratio` and the residual :func:`group_residual` on :func:`rank_partition` -- the
-functions the sampler uses, so it draws the same tokens whichever backend runs.
+:func:`partition_ratio` (computed as :func:`rank_block_ratio`, the same floats) and the residual
+:func:`group_residual` on :func:`rank_partition` -- the functions the sampler uses, so it draws the
+same tokens whichever backend runs.
 The kernel's group sums run in another order than ``scatter_add``'s (identical for G <= 2, a few
 ulps otherwise), so an acceptance can differ only for a uniform within ulps of the ratio and a
 residual token only for Gumbel scores within ulps; ties between residual scores are not
