@@ -63,7 +63,8 @@ class Block(nn.Module):
         Decoding one token at batch 1 is bound by per-op overhead, not arithmetic, so this
         multiplies 2D rows by prepared weights (``mm``: no module calls, no ``matmul`` folding,
         w1 and w3 in one product), normalises with the functional RMSNorm, rotates q and k in one
-        :func:`rotate_pairs` on a view of the qkv output, and adds into the residual in place:
+        :func:`rotate_pairs` on a view of the qkv output (the pair swap as one 2D product over
+        every head of q, k and v: no strided copy), and adds into the residual in place:
         ``x_BTC`` is overwritten (the caller's own embeddings or block output). Equal to
         :meth:`forward` up to float rounding (tested) and, op for op, to the earlier form of this
         path bit for bit (the same products, sums and rotations; only views and dispatch differ).
@@ -76,9 +77,12 @@ class Block(nn.Module):
         n1, n2 = self.norm1, self.norm2
         x_MC = x_BTC.view(B * T, C)  # M = B*T rows
         qkv = torch.mm(F.rms_norm(x_MC, (C,), n1.weight, n1.eps), w_qkv)  # (M, 3C)
-        qkv_3BHTd = qkv.view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)  # views
         cos, sin, swap_dd = rope
-        q, k = rotate_pairs(qkv_3BHTd[:2], cos, sin, swap_dd).unbind(0)  # 2x (B, H, T, d)
+        swapped = torch.mm(qkv.view(-1, d), swap_dd).view(B, T, 3, H, d)  # every head's pairs swapped
+        qkv_3BHTd = qkv.view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)  # views
+        qk_2BHTd = qkv_3BHTd[:2]
+        swapped_2BHTd = swapped.permute(2, 0, 3, 1, 4)[:2]
+        q, k = rotate_pairs(qk_2BHTd, cos, sin, swap_dd, swapped_2BHTd).unbind(0)  # 2x (B, H, T, d)
         k, v = cache.append(layer, k, qkv_3BHTd[2])  # (B, H, S, d)
         y_BHTd = attention(q, k, v, mask, causal=mask is None, cache=cache)
         x_MC.add_(torch.mm(y_BHTd.transpose(1, 2).reshape(B * T, C), w_proj))
