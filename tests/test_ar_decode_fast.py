@@ -137,6 +137,8 @@ def test_chunked_noise_draws_the_per_step_tokens(monkeypatch, kw):
             prev = None if i == 0 else want[:, i - 1 : i].repeat(2 if guided else 1, 1)
             logits = m.forward_step(prev, labels, cache)[:, -1]
             u = torch.rand(B, V, generator=g_ref)
-            want[:, i] = warp_and_sample_reference(logits[:B], logits[B:] if guided else None, uniform_BV=u, **kw)
+            want[:, i] = warp_and_sample_reference(
+                logits[:B], logits[B:] if guided else None, uniform_BV=u, **kw
+            )
     assert torch.equal(got, want)
     assert torch.equal(g.get_state(), g_ref.get_state())
