@@ -187,7 +187,8 @@ class ARTransformer(Generator):
         on each weight's identity, storage and version counter: an optimizer step, a
         ``load_state_dict``, ``.to()`` or any in-place edit of a parameter (``p.add_`` under
         ``no_grad``) rebuilds them. Not seen: in-place edits through ``p.data``, which bypass the
-        version counter; call :meth:`clear_decode_weights` after those. Built outside inference
+        version counter; call :meth:`clear_decode_weights` after those (it also frees the copy,
+        which otherwise lives as long as the model). Built outside inference
         mode (normal tensors, usable under ``no_grad`` or with autograd on the inputs).
         Parameters made in inference mode have no version counter: then nothing is kept."""
         params = self._decode_weight_params()

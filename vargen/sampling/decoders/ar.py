@@ -3,9 +3,12 @@
 One step = one model forward on a batch of 2B rows when classifier-free guidance is on
 (conditional rows, then the same rows with the null class), followed by the fused
 logits warper (CFG mix on logits, temperature, top-k, top-p, Gumbel-max sampling from
-uniform noise drawn from the caller's generator). The uniform noise is drawn as
-(B, V) per step in token order, so cached and uncached decoding draw identical tokens
-from the same generator: caching changes only the cost.
+uniform noise drawn from the caller's generator). The uniform noise is (B, V) per step in
+token order (on a CPU generator drawn a chunk of steps at a time: the same numbers, see
+:class:`_StepNoise`), so cached and uncached decoding draw identical tokens from the same
+generator: caching changes only the cost. On the warper's torch reference (CPU) the loop runs
+the reference's own ops with the Gumbel transform of the noise done per chunk, and skips the
+CFG mix / top-k / top-p pass when they are off: the same ids, fewer ops per step.
 """
 
 from __future__ import annotations
