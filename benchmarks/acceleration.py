@@ -13,7 +13,7 @@ its baseline, the same trained model unless named):
 | gsd | grouped speculative decoding, window per regime (``gsd.window``; G = 14, relative dist 1.0) | ar |
 | gsd_exact | GSD's group-exact variant (``gsd_exact.window``) | ar |
 | var | next-scale VAR on the VAT ids (5 scales) | ar (next-token on the VQ ids, same 16x16 grid) |
-| cspd | continuous speculative decoding, photos_xar_draft, ``cspd.gamma`` 4, verify last | xar |
+| cspd | continuous speculative decoding, photos_xar_draft, ``cspd.gamma`` 1, ``cspd.proposals`` per regime, verify last | xar |
 | cspd_path | CSpD, verify path (whole reverse chain), heads' variance beta | xar_beta: xar, variance beta |
 | tarflow_jacobi | TarFlow, frozen-prefix Jacobi, all blocks, tuned per batch | tarflow_seq: KV-cached loop |
 | tarflow_gs_jacobi | TarFlow, GS-Jacobi (8 segments, tuned as tarflow_jacobi) on every block | tarflow_seq |
@@ -203,6 +203,7 @@ def _cspd(**extra):
                 cond,
                 generator=g,
                 gamma=o["gamma"],
+                K=o.get("proposals", 16),  # the sampler's default when not an option
                 cfg_scale=o["cfg_scale"],
                 slots=slots,
                 **extra,
@@ -275,7 +276,11 @@ METHODS = {
 # from its batch size up to the next one listed (``{1: 4, 16: 3}``: 4 for 1..15 rows in flight, 3 for
 # 16 and more; FID draws at ``fid_batch`` = 100 rows so they use the 16 setting). The SD / SJD / GSD
 # values are the best cpu_ratio of each regime in ``benchmarks/results/spec_sweep.json``
-# (``python -m benchmarks.spec_sweep``, one thread, this CPU); CSpD was not swept; TarFlow's
+# (``python -m benchmarks.spec_sweep``, one thread, this CPU); CSpD's (gamma 1; residual proposals K
+# 4 at batch 1, 2 at batch 16) are the best of an interleaved run against xar_beta (path + beta, one
+# thread; b1 cpu_ratio g1 K4 0.48, g1 K16 0.47, g2 0.38-0.41, g4 0.25; b16 g1 K2 0.41, K4 0.34,
+# g2 K4 0.30, g4 K16 0.10: at alpha ~0.25 a draft rarely survives, and every proposal is a whole
+# target chain over K x rows); TarFlow's
 # ``tuned`` setting is ``JACOBI_CPU`` in vargen/sampling/decoders/tarflow.py (its own sweep).
 DEFAULTS = {
     "cfg_scale": 1.5,
@@ -283,11 +288,12 @@ DEFAULTS = {
     "sjd.window": {1: 6, 16: 2},
     "gsd.window": {1: 16, 16: 2},
     "gsd_exact.window": {1: 16, 16: 2},
-    "cspd.gamma": 4,
+    "cspd.gamma": 1,
+    "cspd.proposals": {1: 4, 16: 2},  # K: target chains per row and residual round
     "tarflow.window": 16,  # when not tarflow.tuned
     "tarflow.tuned": True,  # TarFlow Jacobi: window, tol, batching per batch from JACOBI_CPU (resolve)
 }
-RECORDED = ("window", "gamma", "tol", "continuous")  # per-cell options written beside the cell's numbers
+RECORDED = ("window", "gamma", "proposals", "tol", "continuous")  # per-cell options written beside the cell's numbers
 # The option family of each method (the prefix of its option keys); a method not named here is its own.
 FAMILY = {"cspd_path": "cspd", "tarflow_jacobi": "tarflow", "tarflow_gs_jacobi": "tarflow"}
 

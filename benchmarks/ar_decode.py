@@ -32,6 +32,7 @@ import torch
 from benchmarks.common import meta, print_table, write_results
 from vargen.models.ar import ARConfig, ARTransformer
 from vargen.sampling.decoders.ar import sample_ar
+from vargen_kernels.dispatch import interpret_requested
 
 
 def time_decode(model, batch, use_cache, reps, seed, cfg_scale):
@@ -159,6 +160,8 @@ def main(argv=None):
     p.add_argument("--no-peer", action="store_true", help="skip the race against transformers")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if interpret_requested():  # the warper would run under the Triton interpreter: ~8x slower steps
+        print("warning: TRITON_INTERPRET is set; vargen's timings include the interpreted warper")
     reps = 2 if args.quick else 5
     torch.manual_seed(0)
 
@@ -198,9 +201,8 @@ def main(argv=None):
     print_table(rows, list(rows[0]))
     if not args.no_peer:
         flat.update(peer_race(3, list(PEER_CONFIGS), (1, 16), (64, 256)))
-    path = write_results(
-        "ar_decode", flat, {**meta(args.quick, [0]), "batch": args.batch, "cfg_scale": args.cfg_scale}
-    )
+    info = {**meta(args.quick, [0]), "batch": args.batch, "cfg_scale": args.cfg_scale}
+    path = write_results("ar_decode", flat, {**info, "triton_interpret": interpret_requested()})
     print(f"\nkv_speedup (longest grid) = {head['kv_speedup']:.2f}x; wrote {path}")
 
 

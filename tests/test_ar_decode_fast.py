@@ -90,3 +90,55 @@ def test_fast_decode_draws_the_module_path_tokens(monkeypatch):
     monkeypatch.setattr(ARTransformer, "forward_step", module_path_step)
     ref, _ = sample_ar(m, cond, generator=torch.Generator().manual_seed(3))
     assert torch.equal(fast, ref)
+
+
+def test_decode_weights_are_kept_until_a_weight_changes():
+    """prepared_decode_weights keeps one copy across runs and rebuilds it after an in-place
+    update (version counter), a load_state_dict, or clear_decode_weights (after p.data edits)."""
+    m = model()
+    w = m.prepared_decode_weights()
+    assert m.prepared_decode_weights() is w  # kept: no copy per run
+    with torch.no_grad():
+        m.blocks[0].mlp.w3.weight.add_(1.0)
+    w2 = m.prepared_decode_weights()
+    assert w2 is not w and torch.equal(w2[0][2], m.blocks[0].decode_weights()[2])
+    m.load_state_dict(model(seed=5).state_dict())
+    w3 = m.prepared_decode_weights()
+    assert w3 is not w2 and torch.equal(w3[-1], m.head.weight.t())
+    m.head.weight.data.mul_(2)  # bypasses the version counter: cleared by hand
+    m.clear_decode_weights()
+    assert torch.equal(m.prepared_decode_weights()[-1], m.head.weight.t())
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(top_k=0), dict(temperature=0.7), dict(cfg_scale=2.0, top_k=7, top_p=0.8, temperature=1.3)]
+)
+def test_chunked_noise_draws_the_per_step_tokens(monkeypatch, kw):
+    """sample_ar on the torch warper (noise drawn per chunk of steps and turned into Gumbel noise
+    at once) against the per-step loop it replaces: rand (B, V) and warp_and_sample_reference
+    each step. Same ids and the same generator state after, with chunks that do not divide N."""
+    from vargen.sampling.decoders import ar as ar_decoder
+    from vargen_kernels.logits_warper import warp_and_sample_reference
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    m, B = model(seed=2), 3
+    V, N = m.vocab_size, m.num_tokens
+    monkeypatch.setattr(ar_decoder._StepNoise, "CHUNK", 3 * B * V)  # 3 steps per draw, N = 16
+    cond = torch.tensor([0, 4, 2])
+    g = torch.Generator().manual_seed(9)
+    got, _ = sample_ar(m, cond, generator=g, **kw)
+    g_ref = torch.Generator().manual_seed(9)
+    guided = kw.get("cfg_scale", 1.0) != 1.0
+    want = torch.empty(B, N, dtype=torch.long)
+    with torch.no_grad():
+        cache = m.new_cache(2 * B if guided else B)
+        labels = m.guidance_labels(cond, guided)
+        for i in range(N):
+            prev = None if i == 0 else want[:, i - 1 : i].repeat(2 if guided else 1, 1)
+            logits = m.forward_step(prev, labels, cache)[:, -1]
+            u = torch.rand(B, V, generator=g_ref)
+            want[:, i] = warp_and_sample_reference(
+                logits[:B], logits[B:] if guided else None, uniform_BV=u, **kw
+            )
+    assert torch.equal(got, want)
+    assert torch.equal(g.get_state(), g_ref.get_state())

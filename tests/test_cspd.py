@@ -131,3 +131,36 @@ def test_path_means_equal_the_chain_means():
     assert torch.equal(tr["path"][0], x_T) and torch.allclose(
         tr["x0"], tr["mean_last"] + tr["std_last"] * noises[-1]
     )
+
+
+@pytest.mark.parametrize("subset", [False, True])
+def test_residual_rounds_draw_the_residual_with_later_rounds_on_unfilled_rows(subset):
+    """Enumerable toy: every row draws norm(max(0, p - q)) (chi-square), K = 1 so most rows take
+    several rounds; with ``subset`` the later rounds propose for the unfilled rows only."""
+    from scipy.stats import chisquare
+
+    from vargen.sampling.speculative.cspd_verify import residual_rounds
+
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    q = torch.tensor([0.25, 0.15, 0.2, 0.4])
+    resid = (p - q).clamp(min=0) / (p - q).clamp(min=0).sum()  # [0, 1 / 3, 2 / 3, 0]
+    n = 20_000
+    need = torch.arange(n) % 5 != 0  # every 5th row needs no residual: a plain p sample
+    seen = []
+
+    def propose(k, gen, rows=None):
+        m = n if rows is None else len(rows)
+        seen.append(m)
+        y = torch.multinomial(p, k * m, replacement=True, generator=gen).view(k, m, 1).float()
+        i = y[..., 0].long()
+        return y, (q[i] / p[i]).log()
+
+    y, tries, filled, rounds = residual_rounds(propose, need, torch.Generator().manual_seed(0), 1, subset=subset)
+    assert bool(filled.all()) and rounds > 3
+    assert seen[0] == n and (max(seen[1:]) < 0.9 * n if subset else set(seen) == {n})
+    for rows, law in ((need, resid), (~need, p)):
+        counts = torch.bincount(y[rows, 0].long(), minlength=4).double()
+        keep = law > 0
+        assert counts[~keep].sum() == 0
+        assert chisquare(counts[keep], counts.sum() * law[keep]).pvalue > 1e-3
+    assert abs(float(tries[need].float().mean()) - 1 / 0.15) < 0.2  # 1 / sum max(0, p - q)

@@ -115,6 +115,41 @@ class EpsNet(nn.Module):
         shift, scale = self.final_ada(y_NW).chunk(2, dim=-1)
         return self.out(modulate(self.final_norm(h_NW), shift, scale))  # (N, C)
 
+    def modulations(self, t_S: torch.Tensor, cond_RW: torch.Tensor) -> list:
+        """Everything of :meth:`forward` that depends on (t, cond) only, for the S timesteps of a
+        reverse chain at once: per step, each block's (shift, 1 + scale, gate) and the final
+        (shift, 1 + scale), (R, W) each. A chain calls this once and :meth:`forward_modulated`
+        per step, so the time embedding and depth + 4 of the 3 depth + 6 linears leave its
+        sequential loop (batch 1 is per-op overhead: ~half the ops of a step). The same
+        function as :meth:`forward` up to float rounding (a linear over S R rows rounds as it
+        likes, not as S calls over R rows)."""
+        temb_SW = self.time_embed(timestep_embedding(t_S, 256).to(cond_RW.dtype))  # (S, W)
+        y_SRW = temb_SW[:, None] + self.cond_embed(cond_RW)[None]  # (S, R, W)
+        per_block = []
+        for blk in self.blocks:
+            shift, scale, gate = blk.ada(y_SRW).chunk(3, dim=-1)  # 3 x (S, R, W)
+            per_block.append((shift.unbind(0), (1 + scale).unbind(0), gate.unbind(0)))
+        shift, scale = self.final_ada(y_SRW).chunk(2, dim=-1)
+        final = (shift.unbind(0), (1 + scale).unbind(0))
+        return [
+            ([(sh[k], sc[k], ga[k]) for sh, sc, ga in per_block], (final[0][k], final[1][k]))
+            for k in range(len(t_S))
+        ]
+
+    def forward_modulated(self, x_RC: torch.Tensor, step) -> torch.Tensor:
+        """:meth:`forward` at one step of :meth:`modulations` (functional calls: no module
+        dispatch per layer)."""
+        h_RW = F.linear(x_RC, self.input_proj.weight, self.input_proj.bias)
+        W = (self.width,)
+        for blk, (shift, scale1, gate) in zip(self.blocks, step[0]):
+            n = F.layer_norm(h_RW, W, blk.norm.weight, blk.norm.bias, blk.norm.eps)
+            l1, l2 = blk.mlp[0], blk.mlp[2]
+            m = F.linear(F.silu(F.linear(torch.addcmul(shift, n, scale1), l1.weight, l1.bias)), l2.weight, l2.bias)
+            h_RW = torch.addcmul(h_RW, gate, m)
+        shift, scale1 = step[1]
+        n = F.layer_norm(h_RW, W, None, None, self.final_norm.eps)
+        return F.linear(torch.addcmul(shift, n, scale1), self.out.weight, self.out.bias)  # (R, C)
+
 
 class DiffusionHead(nn.Module):
     """Per-token DDPM head: eps-MSE loss, respaced ancestral sampler with temperature and CFG."""
@@ -205,6 +240,31 @@ class DiffusionHead(nn.Module):
             x0_pred = x0_pred.clamp(-self.cfg.clip_x0, self.cfg.clip_x0)
         return c0[i] * x0_pred + ct[i] * x  # (N, C)
 
+    def _chain_eps(self, t_chain, cond_NW, cfg_scale, cond_uncond_NW):
+        """eps(x, k) at step k of a reverse chain whose timesteps are ``t_chain`` (noisiest
+        first), guided as :meth:`_eps`. An :class:`EpsNet` does its (t, cond)-only work for every
+        step here, once (:meth:`EpsNet.modulations`); any other net (an oracle in the tests) is
+        called per step through :meth:`_eps`, the reference this path equals up to rounding."""
+        per_row = torch.is_tensor(cfg_scale)
+        if not isinstance(self.net, EpsNet):
+            return lambda x, k: self._eps(x, t_chain[k], cond_NW, cfg_scale, cond_uncond_NW)
+        net = self.net
+        if cond_uncond_NW is None or (not per_row and cfg_scale == 1.0):
+            steps = net.modulations(t_chain, cond_NW)
+            return lambda x, k: net.forward_modulated(x, steps[k])
+        steps = net.modulations(t_chain, torch.cat([cond_NW, cond_uncond_NW]))  # (2N rows)
+        if per_row:
+            w_N1 = cfg_scale.to(cond_NW)[:, None]  # (N, 1)
+            plain_N1 = w_N1 == 1.0
+
+        def eps(x, k):
+            eps_c, eps_u = net.forward_modulated(torch.cat([x, x]), steps[k]).chunk(2)
+            if not per_row:
+                return eps_u + cfg_scale * (eps_c - eps_u)
+            return torch.where(plain_N1, eps_c, eps_u + w_N1 * (eps_c - eps_u))  # (N, C)
+
+        return eps
+
     def reverse_trajectory(
         self,
         cond_NW,
@@ -231,31 +291,36 @@ class DiffusionHead(nn.Module):
         """
         S = noises_SNC.shape[0]
         t_S, abar_S, c0_S, ct_S, std_S = self.schedule(S, variance)
-        sched = ([math.sqrt(1 - a) for a in abar_S.tolist()], [math.sqrt(a) for a in abar_S.tolist()])
-        sched += (c0_S.tolist(), ct_S.tolist())
+        # per step k (chain order): x0 = (x - a_k eps) / b_k, clamped; mean = c0_k x0 + ct_k x
+        a_S = [math.sqrt(1 - a) for a in abar_S.flip(0).tolist()]
+        inv_b_S = [1 / math.sqrt(a) for a in abar_S.flip(0).tolist()]
+        c0_k, ct_k = c0_S.flip(0).tolist(), ct_S.flip(0).tolist()
+        std_k = [temperature * s for s in std_S.flip(0).tolist()]
         if torch.is_tensor(cfg_scale) and bool((cfg_scale == 1.0).all()):
             cfg_scale = 1.0  # no guided row: the plain conditional chain
+        eps_at = self._chain_eps(t_S.flip(0).to(x_T_NC.device), cond_NW, cfg_scale, cond_uncond_NW)
+        clip = self.cfg.clip_x0
         x = temperature * x_T_NC if temperature != 1.0 else x_T_NC  # (N, C)
-        sum_log_std = x.new_zeros(x.shape[0])
         path, means = [], []
         for k in range(S):
-            i = S - 1 - k
-            eps = self._eps(x, t_S[i], cond_NW, cfg_scale, cond_uncond_NW)
-            mean = self._step_mean(x, eps, i, sched)  # (N, C)
-            std = temperature * float(std_S[i])
+            x0 = torch.add(x, eps_at(x, k), alpha=-a_S[k]).mul_(inv_b_S[k])  # (N, C)
+            if clip > 0:  # near t = T, 1 / sqrt(abar) ~ 2e4 amplifies any eps error
+                x0.clamp_(-clip, clip)
+            mean = torch.add(x0.mul_(c0_k[k]), x, alpha=ct_k[k])  # (N, C)
             if return_path:
                 path.append(x)
                 means.append(mean)
             if k < S - 1:
-                # isotropic Gaussian step: log-det term is C * log(std) per row
-                sum_log_std = sum_log_std + (x.shape[1] * math.log(std) if std > 0 else -math.inf)
-                x = mean + std * noises_SNC[k]
+                x = torch.add(mean, noises_SNC[k], alpha=std_k[k])
+        # isotropic Gaussian steps: the log-det term is C log(std) per row and step
+        logs = [math.log(s) if s > 0 else -math.inf for s in std_k[:-1]]
+        std = std_k[-1]
         std_last = torch.full((x.shape[0], 1), std, dtype=x.dtype, device=x.device)
         out = {
-            "x0": mean + std_last * noises_SNC[-1],
+            "x0": torch.add(mean, noises_SNC[-1], alpha=std),
             "mean_last": mean,
             "std_last": std_last,
-            "sum_log_std": sum_log_std,
+            "sum_log_std": x.new_full((x.shape[0],), x.shape[1] * math.fsum(logs) if logs else 0.0),
         }
         if return_path:
             out["path"], out["means"] = torch.stack(path), torch.stack(means)  # (S, N, C) each

@@ -77,6 +77,7 @@ class ARTransformer(Generator):
         gpt2_init_(self, cfg.depth)
         self._compiled_step = None  # see compile_decode
         self._compiled_window = None  # see compile_decode
+        self._decode_cache = None  # (key, weights): see prepared_decode_weights
 
     # ------------------------------------------------------------------ forward passes
     def _run(self, x_BTC, start: int, cache: KVCache | None):
@@ -123,7 +124,7 @@ class ARTransformer(Generator):
         )
         step = self._compiled_step or self._cached_blocks
         if cache.weights is None:
-            cache.weights = self.decode_weights()
+            cache.weights = self.prepared_decode_weights()
         logits_BTV = step(x_BTC, rope, cache, cache.weights)
         cache.advance(T)
         return logits_BTV
@@ -142,7 +143,13 @@ class ARTransformer(Generator):
         *block_w, head_w = weights
         for i, blk in enumerate(self.blocks):
             x_BTC = blk.forward_cached(x_BTC, rope, cache, i, block_w[i])
-        return self.norm(x_BTC) @ head_w  # (B, T, V)
+        return self._head(x_BTC, head_w)  # (B, T, V)
+
+    def _head(self, x_BTC, head_w):
+        """Final RMSNorm and output map of the fast paths, as one 2D product: (B, T, V)."""
+        B, T, C = x_BTC.shape
+        n = self.norm
+        return torch.mm(F.rms_norm(x_BTC.view(B * T, C), (C,), n.weight, n.eps), head_w).view(B, T, -1)
 
     def compile_decode(self, enable: bool = True) -> ARTransformer:
         """Run the blocks of :meth:`forward_step` and of :meth:`forward_window`'s fast path
@@ -157,14 +164,46 @@ class ARTransformer(Generator):
         return self
 
     def decode_weights(self) -> list:
-        """Per block :meth:`Block.decode_weights`, then the head as an (in, out) matrix.
-
-        :meth:`forward_step` builds them once per cache (one sampling run; a copy of the weights
-        on CPU) and keeps them on it: the weights cannot change during a run without making its
-        cached keys and values stale too."""
+        """Per block :meth:`Block.decode_weights`, then the head as an (in, out) matrix."""
         head = self.head.weight
         head_w = head.detach().t().contiguous() if head.device.type == "cpu" else head.t()
         return [blk.decode_weights() for blk in self.blocks] + [head_w]
+
+    def _decode_weight_params(self) -> list:
+        """The parameters :meth:`decode_weights` copies (the norms are read in place)."""
+        out = []
+        for blk in self.blocks:
+            a, m = blk.attn, blk.mlp
+            out += [a.qkv.weight, a.proj.weight, m.w1.weight, m.w3.weight, m.w2.weight]
+        return out + [self.head.weight]
+
+    def prepared_decode_weights(self) -> list:
+        """:meth:`decode_weights`, kept on the model and rebuilt only when a weight changed.
+
+        :meth:`forward_step` and :meth:`forward_window` put them on each new cache (the weights
+        cannot change during a run without making its cached keys and values stale too). On CPU
+        they are a copy of the weights (transposed: 20 ms for the 5M weights of a width-256,
+        6-layer model, ~10% of a 64-token batch-1 decode), so they are kept across runs, keyed
+        on each weight's identity, storage and version counter: an optimizer step, a
+        ``load_state_dict``, ``.to()`` or any in-place edit of a parameter (``p.add_`` under
+        ``no_grad``) rebuilds them. Not seen: in-place edits through ``p.data``, which bypass the
+        version counter; call :meth:`clear_decode_weights` after those (it also frees the copy,
+        which otherwise lives as long as the model). Built outside inference
+        mode (normal tensors, usable under ``no_grad`` or with autograd on the inputs).
+        Parameters made in inference mode have no version counter: then nothing is kept."""
+        params = self._decode_weight_params()
+        if any(p.is_inference() for p in params):
+            self._decode_cache = None
+            return self.decode_weights()
+        key = tuple((id(p), p.data_ptr(), p._version) for p in params)
+        if self._decode_cache is None or self._decode_cache[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._decode_cache = (key, self.decode_weights())
+        return self._decode_cache[1]
+
+    def clear_decode_weights(self) -> None:
+        """Drop the weights :meth:`prepared_decode_weights` keeps (after editing ``p.data``)."""
+        self._decode_cache = None
 
     def new_cache(self, batch: int, device=None, dtype=None) -> KVCache:
         p = self.tok_emb.weight
@@ -211,9 +250,12 @@ class ARTransformer(Generator):
             cache.advance(W)
             return self.head(self.norm(x_BWC))  # (B, W, V)
         # the fast path of forward_step, with per-row rotary angles and the ragged mask
-        rope = (self.rope_cos_pairs[rope_W], self.rope_sin_pairs[rope_W], self.rope_swap)  # ([B,] W, d)
+        cos, sin = self.rope_cos_pairs[rope_W], self.rope_sin_pairs[rope_W]  # ([B,] W, d)
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, W, d): against (B, H, W, d)
+        rope = (cos, sin, self.rope_swap)
         if cache.weights is None:
-            cache.weights = self.decode_weights()
+            cache.weights = self.prepared_decode_weights()
         window = self._compiled_window or self._window_blocks
         logits_BWV = window(x_BWC, rope, mask_B1WS, cache, cache.weights)
         cache.advance(W)
@@ -225,7 +267,7 @@ class ARTransformer(Generator):
         *block_w, head_w = weights
         for i, blk in enumerate(self.blocks):
             x_BWC = blk.forward_cached(x_BWC, rope, cache, i, block_w[i], mask_B1WS)
-        return self.norm(x_BWC) @ head_w  # (B, W, V)
+        return self._head(x_BWC, head_w)  # (B, W, V)
 
     def new_ragged_cache(self, batch: int, window: int) -> RaggedKVCache:
         """An empty :class:`RaggedKVCache` for windows of up to ``window`` positions."""

@@ -57,28 +57,38 @@ class Block(nn.Module):
 
     def forward_cached(self, x_BTC, rope, cache: KVCache | RaggedKVCache, layer: int, weights, mask=None):
         """:meth:`forward` for KV-cached decoding of fp32 activations in eval mode (dropout off),
-        with ``rope`` = (cos_Td, sin_Td, swap_dd) from :func:`rope_pair_tables` and ``weights`` from
+        with ``rope`` = (cos, sin, swap_dd) from :func:`rope_pair_tables` and ``weights`` from
         :meth:`decode_weights`: the same math in fewer, faster ops.
 
         Decoding one token at batch 1 is bound by per-op overhead, not arithmetic, so this
-        multiplies by prepared weights (no module calls, w1 and w3 in one product), rotates q
-        and k in one :func:`rotate_pairs` on the qkv output, and adds into the residual in place.
-        Equal to :meth:`forward` up to float rounding (tested). The rope tables are (T, d), or
-        (B, T, d) for per-row positions with ``mask`` (B, 1, T, S) (a :class:`RaggedKVCache`).
+        multiplies 2D rows by prepared weights (``mm``: no module calls, no ``matmul`` folding,
+        w1 and w3 in one product), normalises with the functional RMSNorm, rotates q and k in one
+        :func:`rotate_pairs` on a view of the qkv output (the pair swap as one 2D product over
+        every head of q, k and v: no strided copy), and adds into the residual in place:
+        ``x_BTC`` is overwritten (the caller's own embeddings or block output). Equal to
+        :meth:`forward` up to float rounding (tested) and, op for op, to the earlier form of this
+        path bit for bit (the same products, sums and rotations; only views and dispatch differ).
+        The rope tables broadcast against (B, H, T, d): (T, d), or (B, 1, T, d) for per-row
+        positions with ``mask`` (B, 1, T, S) (a :class:`RaggedKVCache`).
         """
         B, T, C = x_BTC.shape
         H, d = self.attn.heads, self.attn.head_dim
         w_qkv, w_proj, w_13, w_2 = weights
-        qkv = (self.norm1(x_BTC) @ w_qkv).view(B, T, 3, H, d)  # (B, T, 3, H, d)
-        cos_Td, sin_Td, swap_dd = rope
-        cos, sin = cos_Td.unsqueeze(-2).unsqueeze(-2), sin_Td.unsqueeze(-2).unsqueeze(-2)  # ([B,] T, 1, 1, d)
-        qk = rotate_pairs(qkv[:, :, :2], cos, sin, swap_dd)  # (B, T, 2, H, d)
-        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
-        k, v = cache.append(layer, k, v)  # (B, H, S, d)
-        y_BTC = attention(q, k, v, mask, causal=mask is None, cache=cache).transpose(1, 2).reshape(B, T, C)
-        x_BTC = x_BTC + y_BTC @ w_proj
-        g1, g3 = (self.norm2(x_BTC) @ w_13).chunk(2, dim=-1)  # (B, T, hidden) x 2
-        return x_BTC.add_(F.silu(g1).mul_(g3) @ w_2)
+        n1, n2 = self.norm1, self.norm2
+        x_MC = x_BTC.view(B * T, C)  # M = B*T rows
+        qkv = torch.mm(F.rms_norm(x_MC, (C,), n1.weight, n1.eps), w_qkv)  # (M, 3C)
+        cos, sin, swap_dd = rope
+        swapped = torch.mm(qkv.view(-1, d), swap_dd).view(B, T, 3, H, d)  # every head's pairs swapped
+        qkv_3BHTd = qkv.view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)  # views
+        qk_2BHTd = qkv_3BHTd[:2]
+        swapped_2BHTd = swapped.permute(2, 0, 3, 1, 4)[:2]
+        q, k = rotate_pairs(qk_2BHTd, cos, sin, swap_dd, swapped_2BHTd).unbind(0)  # 2x (B, H, T, d)
+        k, v = cache.append(layer, k, qkv_3BHTd[2])  # (B, H, S, d)
+        y_BHTd = attention(q, k, v, mask, causal=mask is None, cache=cache)
+        x_MC.add_(torch.mm(y_BHTd.transpose(1, 2).reshape(B * T, C), w_proj))
+        g1, g3 = torch.mm(F.rms_norm(x_MC, (C,), n2.weight, n2.eps), w_13).chunk(2, dim=-1)  # 2x (M, hidden)
+        x_MC.add_(torch.mm(F.silu(g1).mul_(g3), w_2))
+        return x_BTC
 
 
 def modulate(x_BTC, shift_BC, scale_BC):

@@ -53,13 +53,23 @@ def rope_pair_tables(cos_Td2: torch.Tensor, sin_Td2: torch.Tensor):
     return cos_Td2.repeat_interleave(2, dim=-1), sin_Td2.repeat_interleave(2, dim=-1), swap_dd
 
 
-def rotate_pairs(x_Td: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor, swap_dd: torch.Tensor):
+def rotate_pairs(
+    x_Td: torch.Tensor,
+    cos_Td: torch.Tensor,
+    sin_Td: torch.Tensor,
+    swap_dd: torch.Tensor,
+    x_swapped: torch.Tensor | None = None,
+):
     """:func:`apply_rope` in four ops, on fp32 ``x`` of any leading shape whose last dim is the
     head dim (tables from :func:`rope_pair_tables`, cos/sin broadcast against ``x``).
 
     ``x * cos + (x @ swap) * sin`` is ``(x0 cos - x1 sin, x1 cos + x0 sin)`` per pair:
     bit-identical to :func:`apply_rope`, since ``x @ swap`` only multiplies by +-1 and adds zeros
     (exact), and the sums are the same two rounded products (no fused multiply-add).
+    ``x_swapped``: ``x @ swap`` already computed by the caller (e.g. one 2D product over every
+    head of a qkv output, where ``x`` is a strided view that ``@`` would first copy); it is
+    overwritten.
     """
+    x_swapped = x_Td @ swap_dd if x_swapped is None else x_swapped
     out = x_Td * cos_Td
-    return out.add_((x_Td @ swap_dd).mul_(sin_Td))
+    return out.add_(x_swapped.mul_(sin_Td))

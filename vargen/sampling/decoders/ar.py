@@ -3,9 +3,12 @@
 One step = one model forward on a batch of 2B rows when classifier-free guidance is on
 (conditional rows, then the same rows with the null class), followed by the fused
 logits warper (CFG mix on logits, temperature, top-k, top-p, Gumbel-max sampling from
-uniform noise drawn from the caller's generator). The uniform noise is drawn as
-(B, V) per step in token order, so cached and uncached decoding draw identical tokens
-from the same generator: caching changes only the cost.
+uniform noise drawn from the caller's generator). The uniform noise is (B, V) per step in
+token order (on a CPU generator drawn a chunk of steps at a time: the same numbers, see
+:class:`_StepNoise`), so cached and uncached decoding draw identical tokens from the same
+generator: caching changes only the cost. On the warper's torch reference (CPU) the loop runs
+the reference's own ops with the Gumbel transform of the noise done per chunk, and skips the
+CFG mix / top-k / top-p pass when they are off: the same ids, fewer ops per step.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from tqdm.auto import tqdm
 from vargen.registry import SAMPLERS
 from vargen.sampling.base import Sampler, inference
 from vargen.sampling.stats import new_stats
-from vargen_kernels.logits_warper import warp_and_sample
+from vargen_kernels.dispatch import backend_for
+from vargen_kernels.logits_warper import U_EPS, warp_and_sample, warp_logits
 
 
 @dataclass
@@ -65,6 +69,11 @@ def sample_ar(
     cache = model.new_cache(rows) if use_cache else None
     if compile and use_cache and getattr(model, "_compiled_step", None) is None:
         model.compile_decode()
+    warp = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    noise = _StepNoise(generator, N, B, V, device, torch_warper=backend_for(ids_BN) == "torch")
+    if noise.torch_warper:
+        warp_logits(torch.zeros(1, V, device=device), **warp)  # the warper's argument checks, once
+    plain = not 0 < top_k < V and top_p == 1.0 and not guided  # the warper only divides by T
     reps = rows // B
     for i in tqdm(range(N), desc="decode", disable=not progress, leave=False):
         if use_cache:
@@ -78,18 +87,16 @@ def sample_ar(
             logits = model.logits(prefix, cond_in)[:, -1]  # (rows, V)
             stats["positions_computed"] += rows * (i + 1)
         stats["target_forwards"] += 1
-        u_BV = torch.rand(B, V, generator=generator, device=generator.device)
-        if u_BV.device != device:
-            u_BV = u_BV.to(device)
-        ids_BN[:, i] = warp_and_sample(
-            logits[:B],
-            logits[B:] if guided else None,
-            cfg_scale=cfg_scale,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            uniform_BV=u_BV,
-        )
+        if noise.torch_warper:  # warp_and_sample_reference's ops, the noise transformed per chunk
+            if plain:
+                l_BV = logits[:B].float() if temperature == 1.0 else logits[:B].float() / temperature
+            else:
+                l_BV = warp_logits(logits[:B], logits[B:] if guided else None, **warp)  # (B, V)
+            ids_BN[:, i] = torch.sub(l_BV, noise(i)).argmax(dim=-1)
+        else:
+            ids_BN[:, i] = warp_and_sample(
+                logits[:B], logits[B:] if guided else None, uniform_BV=noise(i), **warp
+            )
     stats["tokens"] = stats["accepted"] = stats["proposed"] = B * N
     stats["seconds"] = time.perf_counter() - t0
     return ids_BN, stats
@@ -112,6 +119,40 @@ def complete(model, ids_BN, cond_B, generator, stats, temperature=1.0, top_k=0):
     stats["target_forwards"] += 1
     stats["positions_computed"] += B * N
     return out_BN, stats
+
+
+class _StepNoise:
+    """The uniform noise (B, V) of each decoding step, drawn from ``generator`` in step order.
+
+    A CPU generator draws ``torch.rand(n, B, V)`` as the same numbers, in the same order and to
+    the same final state, as n draws of (B, V) (it fills tensors serially), so the noise of up
+    to ``CHUNK`` values is drawn in one call: one draw and one transfer per chunk instead of
+    per step. Other generators (CUDA's Philox advances its offset per call) draw per step.
+    With ``torch_warper`` (the warper runs its torch reference) the chunk is turned into
+    ``log(-log(clamp(u)))``, the negated Gumbel noise of :func:`warp_and_sample_reference`, at
+    once: the same elementwise ops on the same values as per step, so the same ids.
+    """
+
+    CHUNK = 1 << 20  # uniforms per draw (4 MiB of fp32)
+
+    def __init__(self, generator, steps, B, V, device, torch_warper: bool):
+        self.generator, self.steps, self.device = generator, steps, device
+        self.shape = (B, V)
+        self.per_draw = max(1, self.CHUNK // max(1, B * V)) if generator.device.type == "cpu" else 1
+        self.torch_warper = torch_warper
+        self.first, self.chunk_nBV = 0, None
+
+    def __call__(self, step: int) -> torch.Tensor:
+        """The noise (B, V) of ``step`` (asked for in step order): uniform in [0, 1), or with
+        ``torch_warper`` its ``log(-log(clamp(u)))`` (the sample is ``argmax(warped - this)``)."""
+        if self.chunk_nBV is None or step >= self.first + self.chunk_nBV.shape[0]:
+            n = min(self.per_draw, self.steps - step)
+            g = self.generator
+            self.first = step
+            self.chunk_nBV = torch.rand(n, *self.shape, generator=g, device=g.device).to(self.device)
+            if self.torch_warper:
+                self.chunk_nBV = self.chunk_nBV.float().clamp_(U_EPS, 1.0 - U_EPS).log_().neg_().log_()
+        return self.chunk_nBV[step - self.first]
 
 
 @SAMPLERS.register("ar", ARSamplerConfig)

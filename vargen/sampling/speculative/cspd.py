@@ -182,21 +182,23 @@ def _path_extra(
         col = n_M.clamp(max=zq.shape[1] - 1)
         qc, qu = _take(zq, col), _take(zqu, col)
 
-    def propose(k, gen):
+    def propose(k, gen, rows=None):  # rows: a later round's unfilled rows (all at first)
+        m = M if rows is None else len(rows)
+        sel = lambda t: t if rows is None or not torch.is_tensor(t) else t[rows]  # noqa: E731
         kw = {"generator": gen, "device": gen.device, "dtype": dtype}
-        x_T = torch.randn(k * M, C, **kw).to(zc.device)
-        noises = torch.randn(S, k * M, C, **kw).to(zc.device)
-        rep = lambda t: t if not torch.is_tensor(t) else t.repeat(k, *([1] * (t.dim() - 1)))  # noqa: E731
+        x_T = torch.randn(k * m, C, **kw).to(zc.device)
+        noises = torch.randn(S, k * m, C, **kw).to(zc.device)
+        rep = lambda t: t if not torch.is_tensor(t) else sel(t).repeat(k, *([1] * (t.dim() - 1)))  # noqa: E731
         tr = model.head.reverse_trajectory(
             rep(zc), x_T, noises, temperature, rep(w), rep(zu), return_path=zq is not None, variance=variance
         )
         if zq is None:  # no draft this iteration: nothing to reject
-            return tr["x0"].view(k, M, C), torch.zeros(k, M, device=zc.device, dtype=dtype)
-        mq = draft.head.path_means(rep(qc), tr["path"], rep(w), rep(qu))  # (S, k M, C)
+            return tr["x0"].view(k, m, C), torch.zeros(k, m, device=zc.device, dtype=dtype)
+        mq = draft.head.path_means(rep(qc), tr["path"], rep(w), rep(qu))  # (S, k m, C)
         log_pq = path_log_ratio(tr["path"], tr["x0"], tr["means"], mq, stds)
-        return tr["x0"].view(k, M, C), -log_pq.view(k, M)
+        return tr["x0"].view(k, m, C), -log_pq.view(k, m)
 
-    return residual_rounds(propose, need_M, generator, K, need_any=need_any)
+    return residual_rounds(propose, need_M, generator, K, need_any=need_any, subset=True)
 
 
 def _verify_last(

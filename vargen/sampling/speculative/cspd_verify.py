@@ -44,41 +44,53 @@ from vargen_kernels.cspd_ratio import (
 MODES = ("exact", "paper")
 
 
-def residual_rounds(propose, need_N, generator, K=16, max_rounds=100, need_any=True):
+def residual_rounds(propose, need_N, generator, K=16, max_rounds=100, need_any=True, subset=False):
     """Acceptance-rejection for norm(max(0, Sigma p - q)) per row, K proposals per row and round.
 
     ``propose(K, generator) -> (y_KNC, log_qp_KN)``: K proposals per row from p and
     log(q(y) / (Sigma p(y))) of each. Only rows with ``need_N`` wait for an acceptance (the
-    others count as filled and get the first proposal, a plain p sample). Returns (y_NC,
-    tries_N, filled_N, rounds); rounds is the number of host syncs spent (one per round; none
-    when the caller knows no row needs a residual, ``need_any`` False).
+    others count as filled and get the first proposal, a plain p sample). ``subset``: the rounds
+    after the first call ``propose(K, generator, rows_n)`` for the unfilled rows only (each row's
+    acceptance-rejection is its own, so leaving filled rows out changes no row's law; with
+    proposals that are whole target chains a second round then costs its few rows, not all).
+    Returns (y_NC, tries_N, filled_N, rounds); rounds is the number of host syncs spent (one per
+    round; none when the caller knows no row needs a residual, ``need_any`` False).
     """
-    out = filled = tries = None
+    out = filled = tries = rows = None
     rounds = 0
     for _ in range(max_rounds):
         rounds += 1
-        y_KNC, log_qp_KN = propose(K, generator)
-        acc_KN = 1 - torch.exp(log_qp_KN)  # max(0, .) via u < acc
-        u_KN = torch.rand(acc_KN.shape, generator=generator, device=generator.device).to(y_KNC.device)
-        ok_KN = u_KN < acc_KN
-        first_N = ok_KN.to(torch.uint8).argmax(0)  # first accepted proposal per row
-        got_N = ok_KN.any(0)
-        pick_NC = y_KNC.gather(0, first_N[None, :, None].expand(1, *y_KNC.shape[1:]))[0]
+        y_KnC, log_qp_Kn = propose(K, generator) if rows is None else propose(K, generator, rows)
+        acc_Kn = 1 - torch.exp(log_qp_Kn)  # max(0, .) via u < acc
+        u_Kn = torch.rand(acc_Kn.shape, generator=generator, device=generator.device).to(y_KnC.device)
+        ok_Kn = u_Kn < acc_Kn
+        first_n = ok_Kn.to(torch.uint8).argmax(0)  # first accepted proposal per row
+        got_n = ok_Kn.any(0)
+        pick_nC = y_KnC.gather(0, first_n[None, :, None].expand(1, *y_KnC.shape[1:]))[0]
         if out is None:
-            out = torch.where(need_N[:, None], pick_NC, y_KNC[0])
-            filled = got_N | ~need_N
-            tries = torch.where(got_N, first_N + 1, torch.full_like(first_N, K)) * need_N
+            out = torch.where(need_N[:, None], pick_nC, y_KnC[0])
+            filled = got_n | ~need_N
+            tries = torch.where(got_n, first_n + 1, torch.full_like(first_n, K)) * need_N
         else:
-            new = got_N & ~filled
-            out = torch.where(new[:, None], pick_NC, out)
-            tries = tries + torch.where(filled, 0, torch.where(got_N, first_N + 1, K))
-            filled = filled | got_N
+            if rows is not None:  # back to every row: the others neither got one nor pay tries
+                got_n = torch.zeros_like(filled).index_fill_(0, rows[got_n], True)
+                first_n = torch.zeros_like(tries).index_copy_(0, rows, first_n)
+                pick_nC = out.index_copy(0, rows, pick_nC)
+            new = got_n & ~filled
+            out = torch.where(new[:, None], pick_nC, out)
+            tries = tries + torch.where(filled, 0, torch.where(got_n, first_n + 1, K))
+            filled = filled | got_n
         if not need_any:
             return out, tries, filled, 0
         if bool(filled.all()):
             break
+        if subset:
+            rows = (~filled).nonzero()[:, 0]
     else:  # rows never filled get a plain p sample (reported as unfilled)
-        out = torch.where(filled[:, None], out, propose(1, generator)[0][0])
+        if subset:
+            out = out.index_copy(0, rows, propose(1, generator, rows)[0][0])
+        else:
+            out = torch.where(filled[:, None], out, propose(1, generator)[0][0])
     return out, tries, filled, rounds
 
 
