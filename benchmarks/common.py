@@ -107,7 +107,9 @@ def flat_results(swept: dict, keys=("fid_mean", "fid_std", "nfe", "seconds")) ->
 
 
 def commit() -> str:
-    """The checked-out commit (with "+dirty" when the tree has uncommitted changes), or "unknown"."""
+    """The checked-out commit (with "+dirty" when the tree has uncommitted changes outside
+    ``benchmarks/results/``: a benchmark that merges into its results file runs beside the
+    uncommitted results of the previous one), or "unknown"."""
     import subprocess
 
     try:
@@ -115,7 +117,7 @@ def commit() -> str:
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"],
             cwd=ROOT,
             capture_output=True,
             text=True,

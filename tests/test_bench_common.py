@@ -73,3 +73,29 @@ def test_sweep_interleaves_methods_per_seed_and_reduces_over_seeds():
     flat = flat_results({k: res[k] for k in "ab"})
     assert flat["a.fid_mean"] == res["a"]["fid_mean"] and flat["b.nfe"] == 7
     assert set(flat) == {f"{m}.{k}" for m in "ab" for k in ("fid_mean", "fid_std", "nfe", "seconds")}
+
+
+def test_commit_is_dirty_for_code_changes_not_for_results(tmp_path, monkeypatch):
+    """A benchmark merging into its results file runs beside the previous run's uncommitted
+    results: those must not mark the code dirty; an edited source file must."""
+    import shutil
+    import subprocess
+
+    import benchmarks.common as common
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.setattr(common, "ROOT", str(tmp_path))
+    clean = common.commit()
+    assert len(clean) == 40 and "+dirty" not in clean
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text('{"a": 1}\n')
+    assert common.commit() == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert common.commit() == clean + "+dirty"
