@@ -13,7 +13,7 @@ its baseline, the same trained model unless named):
 | gsd | grouped speculative decoding, window per regime (``gsd.window``; G = 14, relative dist 1.0) | ar |
 | gsd_exact | GSD's group-exact variant (``gsd_exact.window``) | ar |
 | var | next-scale VAR on the VAT ids (5 scales) | ar (next-token on the VQ ids, same 16x16 grid) |
-| cspd | continuous speculative decoding, photos_xar_draft, ``cspd.gamma`` 1, ``cspd.proposals`` per regime, verify last | xar |
+| cspd | continuous speculative decoding, photos_xar_draft, ``cspd.gamma`` 1, K per batch, verify last | xar |
 | cspd_path | CSpD, verify path (whole reverse chain), heads' variance beta | xar_beta: xar, variance beta |
 | tarflow_jacobi | TarFlow, frozen-prefix Jacobi, all blocks, tuned per batch | tarflow_seq: KV-cached loop |
 | tarflow_gs_jacobi | TarFlow, GS-Jacobi (8 segments, tuned as tarflow_jacobi) on every block | tarflow_seq |
@@ -203,9 +203,9 @@ def _cspd(**extra):
                 cond,
                 generator=g,
                 gamma=o["gamma"],
-                K=o.get("proposals", 16),  # the sampler's default when not an option
                 cfg_scale=o["cfg_scale"],
                 slots=slots,
+                **({"K": o["proposals"]} if "proposals" in o else {}),  # else the sampler's default
                 **extra,
             ),
             slots,
@@ -293,7 +293,8 @@ DEFAULTS = {
     "tarflow.window": 16,  # when not tarflow.tuned
     "tarflow.tuned": True,  # TarFlow Jacobi: window, tol, batching per batch from JACOBI_CPU (resolve)
 }
-RECORDED = ("window", "gamma", "proposals", "tol", "continuous")  # per-cell options written beside the cell's numbers
+# per-cell options written beside the cell's numbers
+RECORDED = ("window", "gamma", "proposals", "tol", "continuous")
 # The option family of each method (the prefix of its option keys); a method not named here is its own.
 FAMILY = {"cspd_path": "cspd", "tarflow_jacobi": "tarflow", "tarflow_gs_jacobi": "tarflow"}
 

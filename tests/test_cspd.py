@@ -155,7 +155,9 @@ def test_residual_rounds_draw_the_residual_with_later_rounds_on_unfilled_rows(su
         i = y[..., 0].long()
         return y, (q[i] / p[i]).log()
 
-    y, tries, filled, rounds = residual_rounds(propose, need, torch.Generator().manual_seed(0), 1, subset=subset)
+    y, tries, filled, rounds = residual_rounds(
+        propose, need, torch.Generator().manual_seed(0), 1, subset=subset
+    )
     assert bool(filled.all()) and rounds > 3
     assert seen[0] == n and (max(seen[1:]) < 0.9 * n if subset else set(seen) == {n})
     for rows, law in ((need, resid), (~need, p)):

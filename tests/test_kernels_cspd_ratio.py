@@ -58,8 +58,9 @@ def test_accept_exercises_partial_acceptance_and_full_stds(interpreter):
     """Many rows, every count 0..g reached; per-dimension stds (B, g, C), non-zero log Sigma
     (paper mode), non-contiguous drafts."""
     x0, mp, sp, mq, sq, ls, u, _ = _window(24, 4, 8, seed=3, spread=0.2)
-    sp, sq = sp.expand(-1, -1, 8).clone(), sq.expand(-1, -1, 8) * (
-        1 + 0.1 * torch.rand(24, 4, 8, generator=torch.Generator().manual_seed(5))
+    sp, sq = (
+        sp.expand(-1, -1, 8).clone(),
+        sq.expand(-1, -1, 8) * (1 + 0.1 * torch.rand(24, 4, 8, generator=torch.Generator().manual_seed(5))),
     )
     ls = 0.1 * torch.randn(24, 4, generator=torch.Generator().manual_seed(4))
     x0 = torch.cat([x0, x0], -1)[..., ::2]  # stride 2 in C

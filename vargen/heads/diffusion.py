@@ -144,11 +144,20 @@ class EpsNet(nn.Module):
         for blk, (shift, scale1, gate) in zip(self.blocks, step[0]):
             n = F.layer_norm(h_RW, W, blk.norm.weight, blk.norm.bias, blk.norm.eps)
             l1, l2 = blk.mlp[0], blk.mlp[2]
-            m = F.linear(F.silu(F.linear(torch.addcmul(shift, n, scale1), l1.weight, l1.bias)), l2.weight, l2.bias)
+            a = F.silu(F.linear(torch.addcmul(shift, n, scale1), l1.weight, l1.bias))
+            m = F.linear(a, l2.weight, l2.bias)
             h_RW = torch.addcmul(h_RW, gate, m)
         shift, scale1 = step[1]
         n = F.layer_norm(h_RW, W, None, None, self.final_norm.eps)
         return F.linear(torch.addcmul(shift, n, scale1), self.out.weight, self.out.bias)  # (R, C)
+
+
+def _guided(eps_c, eps_u, w, plain_N1=None):
+    """Classifier-free guidance eps_u + w (eps_c - eps_u), w a float or (N, 1) per row; rows
+    marked in ``plain_N1`` (w == 1) take eps_c itself, so a per-row scale equals per-row scalar
+    calls. (N, C)"""
+    mixed = eps_u + w * (eps_c - eps_u)
+    return mixed if plain_N1 is None else torch.where(plain_N1, eps_c, mixed)
 
 
 class DiffusionHead(nn.Module):
@@ -227,9 +236,9 @@ class DiffusionHead(nn.Module):
         )
         eps_c, eps_u = eps_2N.chunk(2)
         if not per_row:
-            return eps_u + cfg_scale * (eps_c - eps_u)
+            return _guided(eps_c, eps_u, cfg_scale)
         w_N1 = cfg_scale.to(eps_c)[:, None]  # (N, 1)
-        return torch.where(w_N1 == 1.0, eps_c, eps_u + w_N1 * (eps_c - eps_u))  # (N, C)
+        return _guided(eps_c, eps_u, w_N1, w_N1 == 1.0)
 
     def _step_mean(self, x, eps, i, sched):
         """Posterior mean of reverse step i (0 = last) from x at t_S[i] and its eps; ``i`` an int
@@ -259,9 +268,7 @@ class DiffusionHead(nn.Module):
 
         def eps(x, k):
             eps_c, eps_u = net.forward_modulated(torch.cat([x, x]), steps[k]).chunk(2)
-            if not per_row:
-                return eps_u + cfg_scale * (eps_c - eps_u)
-            return torch.where(plain_N1, eps_c, eps_u + w_N1 * (eps_c - eps_u))  # (N, C)
+            return _guided(eps_c, eps_u, w_N1, plain_N1) if per_row else _guided(eps_c, eps_u, cfg_scale)
 
         return eps
 

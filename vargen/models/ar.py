@@ -169,14 +169,6 @@ class ARTransformer(Generator):
         head_w = head.detach().t().contiguous() if head.device.type == "cpu" else head.t()
         return [blk.decode_weights() for blk in self.blocks] + [head_w]
 
-    def _decode_weight_params(self) -> list:
-        """The parameters :meth:`decode_weights` copies (the norms are read in place)."""
-        out = []
-        for blk in self.blocks:
-            a, m = blk.attn, blk.mlp
-            out += [a.qkv.weight, a.proj.weight, m.w1.weight, m.w3.weight, m.w2.weight]
-        return out + [self.head.weight]
-
     def prepared_decode_weights(self) -> list:
         """:meth:`decode_weights`, kept on the model and rebuilt only when a weight changed.
 
@@ -184,14 +176,14 @@ class ARTransformer(Generator):
         cannot change during a run without making its cached keys and values stale too). On CPU
         they are a copy of the weights (transposed: 20 ms for the 5M weights of a width-256,
         6-layer model, ~10% of a 64-token batch-1 decode), so they are kept across runs, keyed
-        on each weight's identity, storage and version counter: an optimizer step, a
+        on every parameter's identity, storage and version counter: an optimizer step, a
         ``load_state_dict``, ``.to()`` or any in-place edit of a parameter (``p.add_`` under
         ``no_grad``) rebuilds them. Not seen: in-place edits through ``p.data``, which bypass the
         version counter; call :meth:`clear_decode_weights` after those (it also frees the copy,
         which otherwise lives as long as the model). Built outside inference
         mode (normal tensors, usable under ``no_grad`` or with autograd on the inputs).
         Parameters made in inference mode have no version counter: then nothing is kept."""
-        params = self._decode_weight_params()
+        params = list(self.parameters())  # a superset of what decode_weights copies: no list to keep in step
         if any(p.is_inference() for p in params):
             self._decode_cache = None
             return self.decode_weights()
