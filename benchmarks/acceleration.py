@@ -73,6 +73,7 @@ import argparse
 import json
 import os
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -97,6 +98,7 @@ class Workload:
     tarflow: object = None
     num_classes: int = 1
     evaluator: object = None  # FIDEvaluator against the held-out split, or None (no FID)
+    device: torch.device = torch.device("cpu")  # where the models run (labels and generators follow)
     params: dict = field(default_factory=dict)
 
 
@@ -356,8 +358,8 @@ def parse_set(items) -> dict:
     return out
 
 
-def labels(n: int, num_classes: int) -> torch.Tensor:
-    return torch.arange(n) % num_classes
+def labels(n: int, num_classes: int, device="cpu") -> torch.Tensor:
+    return torch.arange(n, device=device) % num_classes
 
 
 def per_image(stats: dict, n: int) -> dict:
@@ -373,11 +375,19 @@ def per_image(stats: dict, n: int) -> dict:
 
 
 def timed(method: Method, w: Workload, cond, seed: int, slots: int, opts: dict):
-    """(wall seconds, process CPU seconds, stats) of one draw."""
-    g = torch.Generator().manual_seed(seed)
+    """(wall seconds, process CPU seconds, stats) of one draw (on CUDA: to the end of its last
+    kernel)."""
+    g = torch.Generator(device=cond.device).manual_seed(seed)
+    _sync(cond.device)
     t0, c0 = time.perf_counter(), time.process_time()
     _, stats = method.draw(w, cond, g, slots, opts)
+    _sync(cond.device)
     return time.perf_counter() - t0, time.process_time() - c0, stats
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measure_speed(name: str, w: Workload, batch: int, n: int, reps: int, opts: dict) -> dict:
@@ -387,7 +397,10 @@ def measure_speed(name: str, w: Workload, batch: int, n: int, reps: int, opts: d
     the wall ratio of an otherwise idle core, far less noisy on a shared machine (a slow spell of a
     neighbour stretches wall time but not the CPU time of a descheduled process)."""
     method, base = METHODS[name], BASELINES[METHODS[name].baseline]
-    cond = labels(n, w.num_classes)
+    cond = labels(n, w.num_classes, w.device)
+    if w.device.type != "cpu":  # compile the kernels (Triton JIT, cuBLAS plans) before the clock
+        for m in (base, method):
+            timed(m, w, cond[: min(n, 2)], 0, batch, opts)
     best = {"method": float("inf"), "baseline": float("inf")}
     cpu = dict(best)
     counts = {}
@@ -410,8 +423,8 @@ def measure_speed(name: str, w: Workload, batch: int, n: int, reps: int, opts: d
 def fid_of(method: Method, w: Workload, samples: int, seeds, batch: int, opts: dict) -> tuple[float, float]:
     scores = []
     for seed in seeds:
-        g = torch.Generator().manual_seed(seed)
-        out, _ = method.draw(w, labels(samples, w.num_classes), g, batch, opts)
+        g = torch.Generator(device=w.device).manual_seed(seed)
+        out, _ = method.draw(w, labels(samples, w.num_classes, w.device), g, batch, opts)
         with torch.no_grad():
             images = torch.cat(
                 [method.decode(w, _rows(out, i, batch)).cpu() for i in range(0, samples, batch)]
@@ -443,8 +456,11 @@ def run(
     fid_batch: int = 100,
     opts: dict | None = None,
     log=print,
+    keep_going: bool = False,
 ) -> dict:
-    """Measure ``methods`` on workload ``w``; flat result keys (see the module docstring)."""
+    """Measure ``methods`` on workload ``w``; flat result keys (see the module docstring). With
+    ``keep_going`` a method that raises is logged with its traceback and recorded as
+    ``<m>.error``, and the next method runs (for a one-shot run on a borrowed machine)."""
     opts = options(opts)
     flat: dict = {"workload.tokens": w.ar.num_tokens if w.ar is not None else None}
     flat.update({f"workload.params.{k}": v for k, v in w.params.items()})
@@ -456,6 +472,28 @@ def run(
     for name in methods:
         if not available(name, w):
             log(f"skip {name}: its models are not in the workload")
+            continue
+        if keep_going:
+            try:
+                flat.update(
+                    run(
+                        w,
+                        [name],
+                        batches,
+                        reps,
+                        n_latency,
+                        n_throughput,
+                        fid_samples,
+                        seeds,
+                        fid_batch,
+                        opts,
+                        log,
+                        keep_going=False,
+                    )
+                )
+            except Exception as e:  # noqa: BLE001 - reported in the results, the other methods go on
+                log(f"{name} failed:\n{traceback.format_exc()}")
+                flat[f"{name}.error"] = f"{type(e).__name__}: {e}"
             continue
         for b in batches:
             n = n_latency if b == 1 else max(b, n_throughput)
@@ -510,6 +548,7 @@ def zoo_workload(zoo, fid: bool = True, device: str = "cpu") -> Workload:
         tarflow=loaded["photos_tarflow"][0],
         num_classes=ar.num_classes,
         evaluator=FIDEvaluator.for_dataset(dict(cfg.data), split="heldout") if fid else None,
+        device=torch.device(device),
     )
     w.params = {
         n.removeprefix("photos_"): sum(p.numel() for p in m.parameters()) for n, (m, _) in loaded.items()
@@ -561,6 +600,12 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--batches", nargs="*", type=int, default=list(BATCHES))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="where the models run (cuda: results go to results/acceleration_cuda.json; timings "
+        "after one untimed warm-up draw of each sampler, to the end of its last kernel)",
+    )
     ap.add_argument("--fid-samples", type=int, default=None, help="images per seed for FID (0 = no FID)")
     ap.add_argument("--cfg-scale", type=float, default=DEFAULTS["cfg_scale"])
     ap.add_argument(
@@ -577,9 +622,12 @@ def main(argv=None):
     )
     ap.add_argument("--reps", type=int, default=None, help="timing repetitions, best of (quick 1, else 3)")
     ap.add_argument(
+        "--keep-going", action="store_true", help="a method that fails is recorded as <m>.error; the rest run"
+    )
+    ap.add_argument(
         "--merge",
         action="store_true",
-        help="keep the other methods' results already in results/acceleration.json (meta.methods "
+        help="keep the other methods' results already in the results JSON (meta.methods "
         "records the commit each method was measured at)",
     )
     args = ap.parse_args(argv)
@@ -591,11 +639,16 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     fid_samples = args.fid_samples if args.fid_samples is not None else (200 if args.quick else 1000)
     seeds = (0, 1) if args.quick else (0, 1, 2)
+    device = torch.device(args.device)
+    topic = "acceleration" if device.type == "cpu" else f"acceleration_{device.type}"
     zoo = Zoo(quick_overrides() if args.quick_zoo else [])
-    w = zoo_workload(zoo, fid=fid_samples > 0)
+    w = zoo_workload(zoo, fid=fid_samples > 0, device=device)
     reps = args.reps or (1 if args.quick else 3)
     n_b1, n_b16 = args.images_b1 or (2 if args.quick else 4), args.images_b16 or (16 if args.quick else 32)
-    entry = {**meta(args.quick, seeds), "zoo_quick": args.quick_zoo}  # the commit that runs, read now
+    entry = {
+        **meta(args.quick, seeds, _device_name(device)),
+        "zoo_quick": args.quick_zoo,
+    }  # the commit that runs, read now
     timing = {"images_b1": n_b1, "images_b16": n_b16, "reps": reps}
     entry["methods"] = {m: {"commit": entry["commit"], **timing} for m in args.methods}
     flat = run(
@@ -608,6 +661,7 @@ def main(argv=None):
         fid_samples=fid_samples,
         seeds=seeds,
         opts=opts,
+        keep_going=args.keep_going,
     )
     print_table(
         table(flat, args.methods, tuple(args.batches)),
@@ -628,11 +682,12 @@ def main(argv=None):
         ],
     )
     if args.merge:
-        flat, entry = merge_previous(flat, entry, args.methods, RESULT_PATH)
-    print("wrote", write_results("acceleration", flat, entry, chart=("nfe_ratio", "wall_ratio")))
+        flat, entry = merge_previous(flat, entry, args.methods, os.path.join(RESULTS, f"{topic}.json"))
+    print("wrote", write_results(topic, flat, entry, chart=("nfe_ratio", "wall_ratio")))
 
 
-RESULT_PATH = os.path.join(RESULTS, "acceleration.json")  # where write_results("acceleration", ...) writes
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def merge_previous(flat: dict, entry: dict, methods, path: str) -> tuple[dict, dict]:

@@ -109,7 +109,8 @@ def flat_results(swept: dict, keys=("fid_mean", "fid_std", "nfe", "seconds")) ->
 def commit() -> str:
     """The checked-out commit (with "+dirty" when the tree has uncommitted changes outside
     ``benchmarks/results/``: a benchmark that merges into its results file runs beside the
-    uncommitted results of the previous one), or "unknown"."""
+    uncommitted results of the previous one); outside a git checkout ``$VARGEN_COMMIT`` (set by
+    whoever copied the tree), else "unknown"."""
     import subprocess
 
     try:
@@ -124,8 +125,8 @@ def commit() -> str:
             check=True,
         )
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    except (OSError, subprocess.CalledProcessError):  # no git (a copied tree): what the caller says
+        return os.environ.get("VARGEN_COMMIT", "unknown")
 
 
 def meta(quick: bool, seeds, device: str = "cpu") -> dict:

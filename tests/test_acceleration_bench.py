@@ -265,3 +265,32 @@ def test_merge_keeps_other_methods_and_credits_each_its_commit(tmp_path):
     assert flat2["sjd.b1.wall_ratio"] == 1.4
     # nothing to merge into: the run as it is
     assert merge_previous(new, {"methods": {}}, ["sjd"], str(tmp_path / "none.json"))[0] == new
+
+
+def test_keep_going_records_a_failing_method_and_runs_the_rest(workload, monkeypatch):
+    def broken(w, cond, g, slots, o):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(METHODS, "broken", Method("ar", "ar", broken, METHODS["sjd"].decode, ("vq",)))
+    kw = dict(reps=1, n_latency=1, n_throughput=1, fid_samples=0, log=lambda *a: None)
+    flat = run(workload, ["broken", "var"], (1,), keep_going=True, **kw)
+    assert flat["broken.error"] == "RuntimeError: boom"
+    assert flat["var.b1.nfe"] == 3  # the method after the failure still ran
+    with pytest.raises(RuntimeError, match="boom"):  # without the switch a failure stops the run
+        run(workload, ["broken"], (1,), **kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on a GPU machine)")
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_runs_on_cuda_with_device_generators(workload, name):
+    """``--device cuda``: the models, labels and generators on the GPU, timed after a warm-up."""
+    import copy
+
+    w = copy.copy(workload)
+    w.device = torch.device("cuda")
+    for f in ("ar", "draft", "var", "vat", "xar", "xar_draft", "tarflow"):
+        setattr(w, f, copy.deepcopy(getattr(workload, f)).to(w.device))
+    w.var.attach_tokenizer(w.vat)
+    flat = run(w, [name], BATCHES, reps=1, n_latency=2, n_throughput=16, fid_samples=0, log=lambda *a: None)
+    for b in BATCHES:
+        assert flat[f"{name}.b{b}.nfe"] > 0 and flat[f"{name}.b{b}.wall_ratio"] > 0
