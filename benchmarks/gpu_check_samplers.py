@@ -116,7 +116,14 @@ def main():
     from vargen.models.xar import XAR, XARConfig
     from vargen.sampling.speculative.cspd import sample_cspd
 
-    xcfg = dict(grid=[1, 4] if args.small else [4, 4], code_dim=4, num_classes=4, entity="token", dim=32)
+    xcfg = dict(
+        grid=[1, 4] if args.small else [4, 4],
+        code_dim=4,
+        num_classes=4,
+        entity="token",
+        denoiser="head",
+        dim=32,
+    )
     head = {"name": "mar_diffusion", "width": 32, "depth": 2, "num_sampling_steps": 8}
     torch.manual_seed(4)
     xt = XAR(XARConfig(**xcfg, depth=2, heads=2, head=head)).to(dev).eval()
