@@ -35,6 +35,7 @@ class ARSamplerConfig:
     top_p: float = 1.0  # 1 = off
     use_cache: bool = True  # False recomputes the whole prefix every step (the baseline)
     compile: bool = False  # torch.compile the cached step (ARTransformer.compile_decode); slow to start
+    cuda_graph: bool = False  # replay one static step as a CUDA graph (ar_graph.py); CUDA models only
 
 
 @inference
@@ -49,6 +50,7 @@ def sample_ar(
     top_p: float = 1.0,
     use_cache: bool = True,
     compile: bool = False,
+    cuda_graph: bool = False,
     progress: bool = False,
 ):
     """Draw ids (B, N) for class labels ``cond_B``; returns (ids_BN, stats).
@@ -56,7 +58,24 @@ def sample_ar(
     ``compile`` turns on :meth:`ARTransformer.compile_decode` for the model (it stays on, and
     compiles once, on the first call) before decoding; it changes the cost, not the tokens,
     up to float rounding.
+
+    ``cuda_graph`` decodes with a static-shape step (a full-length cache written at a device-held
+    position, attention masked past it) captured once as a CUDA graph and replayed for every
+    further token (:mod:`vargen.sampling.decoders.ar_graph`): fewer launches per token, the same
+    noise in the same order, so the same tokens up to float rounding. It needs a CUDA model
+    (ValueError otherwise: there is no silent fallback), ``use_cache`` and not ``compile``.
     """
+    if cuda_graph:
+        if model.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a model on CUDA, got one on {model.device.type}")
+        if not use_cache or compile:
+            raise ValueError(
+                "cuda_graph=True replaces the cached eager step: it needs use_cache=True and compile=False"
+            )
+        from vargen.sampling.decoders.ar_graph import sample_ar_static  # it imports this module
+
+        warp = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+        return sample_ar_static(model, cond_B, generator=generator, capture=True, progress=progress, **warp)
     t0 = time.perf_counter()
     B, N, V = cond_B.shape[0], model.num_tokens, model.vocab_size
     device = model.device
