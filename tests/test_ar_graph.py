@@ -4,12 +4,14 @@ generator state as ``sample_ar`` from the same generator; ``cuda_graph`` off CUD
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from tests.toys import tiny_llamagen
 from vargen.models.ar import ARConfig, ARTransformer
 from vargen.registry import SAMPLERS
 from vargen.sampling.decoders.ar import ARSamplerConfig, sample_ar
-from vargen.sampling.decoders.ar_graph import StaticDecoder, decode, sample_ar_static
+from vargen.sampling.decoders.ar_graph import StaticDecoder, _StepNoise, decode, sample_ar_static
 
 
 def model(seed=0):
@@ -107,6 +109,61 @@ def test_step_is_capturable():
     assert {k: v for k, v in vars(dec).items() if not torch.is_tensor(v)} == before[1]
     assert int(dec.pos_1) == 4 and torch.equal(dec.tok_in[:2, 0], dec.ids_BN[:, 3])
     assert torch.equal(dec.tok_in[2:], dec.tok_in[:2])  # the null-class rows get the same ids
+
+
+class GraphEmulator(TorchDispatchMode):
+    """A CUDA graph's semantics on CPU: records the aten ops of one call (refusing host reads, as
+    capture does) and :meth:`replay` re-runs them on the same tensors, writing each fresh result
+    into the recorded output (fixed addresses; views and in-place ops alias by themselves).
+    Python code is not re-run: state kept in Python instead of device tensors would go stale."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise RuntimeError("a host read (.item(), int(t), ...) inside a captured step")
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func, args, kwargs or {}, out))
+        return out
+
+    def replay(self):
+        for func, args, kwargs, out in self.ops:
+            fresh = func(*args, **kwargs)
+            for rec, new in zip(tree_flatten(out)[0], tree_flatten(fresh)[0]):
+                if (
+                    torch.is_tensor(rec)
+                    and rec.untyped_storage().data_ptr() != new.untyped_storage().data_ptr()
+                ):
+                    rec.copy_(new)
+
+
+@pytest.mark.parametrize(
+    "batch,warp", [(1, dict()), (3, dict(cfg_scale=1.5, temperature=0.9, top_k=10, top_p=0.9))]
+)
+def test_one_recorded_step_replayed_draws_the_ids_of_sample_ar(batch, warp):
+    m = model(seed=2)
+    cond_B = torch.arange(batch) % 5
+    want, _ = sample_ar(m, cond_B, generator=torch.Generator().manual_seed(3), **warp)
+    N, V = m.num_tokens, m.vocab_size
+    with torch.inference_mode():
+        noise = _StepNoise(torch.Generator().manual_seed(3), N, batch, V, "cpu", torch_warper=False)
+        dec = StaticDecoder(
+            m,
+            m.guidance_labels(cond_B, "cfg_scale" in warp),
+            batch,
+            torch.stack([noise(i) for i in range(N)]),
+            warp,
+        )
+        dec.step(first=True)
+        graph = GraphEmulator()
+        with graph:
+            dec.step()  # recorded (and, unlike a CUDA capture, run: step 1)
+        for _ in range(N - 2):
+            graph.replay()
+    assert int(dec.pos_1) == N
+    assert torch.equal(dec.ids_BN, want)
 
 
 def test_cuda_graph_needs_cuda():
