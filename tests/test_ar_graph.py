@@ -1,6 +1,9 @@
 """The static decode step that ``sample_ar(..., cuda_graph=True)`` captures, run eagerly on CPU:
 logits equal to ``forward_step``'s up to float rounding at every position, and the same ids and
-generator state as ``sample_ar`` from the same generator; ``cuda_graph`` off CUDA is refused."""
+generator state as ``sample_ar`` from the same generator, also when one recorded step is replayed
+with a CUDA graph's semantics (:class:`GraphEmulator`); no host reads (the meta device); static
+buffers; ``cuda_graph`` off CUDA is refused. The real capture runs in the CUDA-only test here and
+in ``benchmarks/gpu_check_graphs.py``."""
 
 import pytest
 import torch
@@ -10,8 +13,8 @@ from torch.utils._pytree import tree_flatten
 from tests.toys import tiny_llamagen
 from vargen.models.ar import ARConfig, ARTransformer
 from vargen.registry import SAMPLERS
-from vargen.sampling.decoders.ar import ARSamplerConfig, sample_ar
-from vargen.sampling.decoders.ar_graph import StaticDecoder, _StepNoise, decode, sample_ar_static
+from vargen.sampling.decoders.ar import ARSamplerConfig, _StepNoise, sample_ar
+from vargen.sampling.decoders.ar_graph import StaticDecoder, decode, sample_ar_static
 
 
 def model(seed=0):

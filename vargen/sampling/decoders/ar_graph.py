@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from vargen.sampling.base import inference
 from vargen.sampling.decoders.ar import _StepNoise
 from vargen.sampling.stats import new_stats
+from vargen_kernels.dispatch import interpret_requested
 from vargen_kernels.logits_warper import warp_and_sample
 
 WARMUP_STEPS = 2  # eager steps on a side stream before capture (compile Triton, pick SDPA backends)
@@ -195,6 +196,8 @@ def sample_ar_static(
     """
     if capture and model.device.type != "cuda":
         raise ValueError(f"cuda_graph needs a model on CUDA, got one on {model.device.type}")
+    if capture and interpret_requested():  # the interpreter copies to the host: not capturable
+        raise ValueError("cuda_graph cannot capture the Triton interpreter: unset TRITON_INTERPRET")
     t0 = time.perf_counter()
     B, N, V = cond_B.shape[0], model.num_tokens, model.vocab_size
     device = model.device
