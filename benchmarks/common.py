@@ -109,10 +109,12 @@ def flat_results(swept: dict, keys=("fid_mean", "fid_std", "nfe", "seconds")) ->
 def commit() -> str:
     """The checked-out commit (with "+dirty" when the tree has uncommitted changes outside
     ``benchmarks/results/``: a benchmark that merges into its results file runs beside the
-    uncommitted results of the previous one); outside a git checkout ``$VARGEN_COMMIT`` (set by
-    whoever copied the tree), else "unknown"."""
+    uncommitted results of the previous one), or "unknown". ``$VARGEN_COMMIT``, when set, is
+    taken instead: a tree copied to another machine may carry a stale ``.git``."""
     import subprocess
 
+    if os.environ.get("VARGEN_COMMIT"):  # a copied tree (a borrowed machine): its git may be stale
+        return os.environ["VARGEN_COMMIT"]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
@@ -125,8 +127,8 @@ def commit() -> str:
             check=True,
         )
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):  # no git (a copied tree): what the caller says
-        return os.environ.get("VARGEN_COMMIT", "unknown")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def meta(quick: bool, seeds, device: str = "cpu") -> dict:

@@ -31,8 +31,9 @@ echo $? > "$tmp/graphs.rc"
 
 "$PY" - "$tmp" <<'PYEOF'
 import datetime, json, os, sys
+from benchmarks.common import commit
 tmp = sys.argv[1]
-res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit()}
 for step in ("kernels", "samplers", "graphs"):
     res[f"{step}.rc"] = int(open(os.path.join(tmp, f"{step}.rc")).read())
     log = open(os.path.join(tmp, f"{step}.log")).read()

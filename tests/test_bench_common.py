@@ -85,6 +85,7 @@ def test_commit_is_dirty_for_code_changes_not_for_results(tmp_path, monkeypatch)
 
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
+    monkeypatch.delenv("VARGEN_COMMIT", raising=False)
     git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     (tmp_path / "code.py").write_text("x = 1\n")
@@ -99,3 +100,5 @@ def test_commit_is_dirty_for_code_changes_not_for_results(tmp_path, monkeypatch)
     assert common.commit() == clean
     (tmp_path / "code.py").write_text("x = 2\n")
     assert common.commit() == clean + "+dirty"
+    monkeypatch.setenv("VARGEN_COMMIT", "abc123")  # a copied tree: the caller names the commit
+    assert common.commit() == "abc123"
