@@ -20,7 +20,9 @@ Prints a table and one line ``RESULT {json}`` with ``graphs.<model>.b<batch>.eag
 CUDA ``.static_eager_token_mismatch`` (the static step run without capture vs eager: tells a
 capture problem from a math one);
 ``--json PATH`` also writes that JSON. A failing case is recorded as ``.error`` (traceback on
-stderr) and the others still run; exits 1 only then, 0 with mismatches.
+stderr; on CUDA the case is retried once under the plain-math SDPA backend, ``.math_sdpa.*``, to
+tell an attention-kernel capture problem from others) and the others still run; exits 1 only
+then, 0 with mismatches.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import traceback
 
 import torch
 from omegaconf import OmegaConf
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import ROOT, print_table
 from vargen.registry import MODELS
@@ -127,6 +130,15 @@ def main():
                 traceback.print_exc()
                 res["error"] = f"{type(e).__name__}: {e}"[:500]
                 failed = True
+                if device.type == "cuda":  # one diagnostic retry with the plain-math SDPA backend
+                    retry = {}
+                    try:
+                        with sdpa_kernel(SDPBackend.MATH):
+                            run_case(model, batch, device, 1, 100 + batch, retry)
+                    except Exception as e2:
+                        traceback.print_exc()
+                        retry["error"] = f"{type(e2).__name__}: {e2}"[:500]
+                    res.update({f"math_sdpa.{k}": v for k, v in retry.items()})
             out.update({f"{key}.{k}": v for k, v in res.items()})
             rows.append({"case": key, **res})
             print(f"{key}: {res}", flush=True)
@@ -138,7 +150,8 @@ def main():
         "token_mismatch",
         "mismatch_images",
     ]
-    print_table(rows, cols + (["static_eager_token_mismatch"] if device.type == "cuda" else []))
+    cols += ["static_eager_token_mismatch"] if device.type == "cuda" else []
+    print_table(rows, cols + (["error"] if failed else []))
     out["graphs.device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (no capture)"
     out["graphs.torch"] = torch.__version__
     out["graphs.cfg_scale"] = CFG_SCALE
