@@ -12,7 +12,10 @@
 # benchmark only run the kernels under the Triton interpreter.
 #     bash benchmarks/gpu_check.sh     (PYTHON=... to choose the interpreter; vargen installed with
 #                                      pip install -e ., which maps vargen_kernels to kernels/)
+#     STEPS="graphs" bash benchmarks/gpu_check.sh   (only these steps; the other steps' results in
+#                                      gpu_check.json are kept, each with its own <step>.date/.commit)
 set -u
+STEPS=${STEPS:-kernels samplers graphs}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -20,21 +23,33 @@ unset TRITON_INTERPRET  # compiled kernels
 mkdir -p benchmarks/results
 tmp=$(mktemp -d)
 
-timeout 300 "$PY" -m benchmarks.kernels > "$tmp/kernels.log" 2>&1
-echo $? > "$tmp/kernels.rc"
-
-timeout 240 "$PY" -m benchmarks.gpu_check_samplers > "$tmp/samplers.log" 2>&1
-echo $? > "$tmp/samplers.rc"
-
-timeout 120 "$PY" -m benchmarks.gpu_check_graphs > "$tmp/graphs.log" 2>&1
-echo $? > "$tmp/graphs.rc"
+run() {  # step name, timeout (s), module: only the steps named in $STEPS
+    case " $STEPS " in *" $1 "*) ;; *) return ;; esac
+    timeout "$2" "$PY" -m "$3" > "$tmp/$1.log" 2>&1
+    echo $? > "$tmp/$1.rc"
+}
+run kernels 300 benchmarks.kernels
+run samplers 240 benchmarks.gpu_check_samplers
+run graphs 120 benchmarks.gpu_check_graphs
 
 "$PY" - "$tmp" <<'PYEOF'
 import datetime, json, os, sys
 from benchmarks.common import commit
 tmp = sys.argv[1]
-res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit()}
-for step in ("kernels", "samplers", "graphs"):
+STEPS, out = ("kernels", "samplers", "graphs"), "benchmarks/results/gpu_check.json"
+ran = [s for s in STEPS if os.path.exists(os.path.join(tmp, f"{s}.rc"))]
+now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+res = {}
+if len(ran) < len(STEPS) and os.path.exists(out):  # a partial run: keep the other steps' results
+    old = json.load(open(out))
+    res = {k: v for k, v in old.items() if k.split(".")[0] not in ran and k != "ok"}
+    for s in STEPS:  # when and where each kept step ran
+        if s not in ran and f"{s}.rc" in old:
+            res.setdefault(f"{s}.date", old.get("date"))
+            res.setdefault(f"{s}.commit", old.get("commit"))
+res.update(date=now, commit=commit())
+for step in ran:
+    res[f"{step}.date"], res[f"{step}.commit"] = now, res["commit"]
     res[f"{step}.rc"] = int(open(os.path.join(tmp, f"{step}.rc")).read())
     log = open(os.path.join(tmp, f"{step}.log")).read()
     res[f"{step}.log_tail"] = log[-3000:]
@@ -42,13 +57,13 @@ for step in ("kernels", "samplers", "graphs"):
         if line.startswith("RESULT "):
             res.update(json.loads(line[len("RESULT "):]))
 path = "benchmarks/results/kernels.json"
-if res["kernels.rc"] == 0 and os.path.exists(path):
+if "kernels" in ran and res["kernels.rc"] == 0 and os.path.exists(path):
     res.update({k: v for k, v in json.load(open(path)).items() if k.startswith("kernels.")})
 # graphs: its rc is 1 only when a case raised; its token mismatches are reported, not gated
-res["ok"] = res["kernels.rc"] == 0 and res["samplers.rc"] == 0 and res["graphs.rc"] == 0 and all(
+res["ok"] = all(res.get(f"{s}.rc") == 0 for s in STEPS) and all(
     v for k, v in res.items() if k.endswith(".equal")
 )
-json.dump(res, open("benchmarks/results/gpu_check.json", "w"), indent=2)
+json.dump(res, open(out, "w"), indent=2)
 print(json.dumps({k: v for k, v in res.items() if not k.endswith("log_tail")}, indent=2))
 PYEOF
 rm -rf "$tmp"

@@ -38,7 +38,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.common import ROOT, print_table
+from benchmarks.common import ROOT, commit, print_table
 from vargen.registry import MODELS
 from vargen.sampling.decoders.ar import sample_ar
 from vargen.sampling.decoders.ar_graph import sample_ar_static
@@ -154,6 +154,7 @@ def main():
     print_table(rows, cols + (["error"] if failed else []))
     out["graphs.device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (no capture)"
     out["graphs.torch"] = torch.__version__
+    out["graphs.commit"] = commit()
     out["graphs.cfg_scale"] = CFG_SCALE
     out["graphs.seconds"] = round(time.perf_counter() - t_start, 1)
     line = json.dumps(out)
