@@ -606,6 +606,11 @@ def main(argv=None):
         help="where the models run (cuda: results go to results/acceleration_cuda.json; timings "
         "after one untimed warm-up draw of each sampler, to the end of its last kernel)",
     )
+    ap.add_argument(
+        "--topic",
+        default=None,
+        help="results/<topic>.json (default acceleration, or acceleration_<device> off the CPU)",
+    )
     ap.add_argument("--fid-samples", type=int, default=None, help="images per seed for FID (0 = no FID)")
     ap.add_argument("--cfg-scale", type=float, default=DEFAULTS["cfg_scale"])
     ap.add_argument(
@@ -640,7 +645,7 @@ def main(argv=None):
     fid_samples = args.fid_samples if args.fid_samples is not None else (200 if args.quick else 1000)
     seeds = (0, 1) if args.quick else (0, 1, 2)
     device = torch.device(args.device)
-    topic = "acceleration" if device.type == "cpu" else f"acceleration_{device.type}"
+    topic = args.topic or ("acceleration" if device.type == "cpu" else f"acceleration_{device.type}")
     zoo = Zoo(quick_overrides() if args.quick_zoo else [])
     w = zoo_workload(zoo, fid=fid_samples > 0, device=device)
     reps = args.reps or (1 if args.quick else 3)
