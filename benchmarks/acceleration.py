@@ -43,7 +43,9 @@ A per-batch value applies from its batch size up to the next one listed. FID dra
 it). ``--set sjd.window=8`` overrides every regime, ``--set sd.gamma.b16=2`` one; an unknown key
 is an error. ``--merge`` keeps the other methods' results in the JSON (``meta.methods``: the commit
 each method was measured at, its images and reps), so an expensive method need not be rerun
-after an unrelated change.
+after an unrelated change. The JSON is written after each method, so an interrupted run keeps the
+methods it finished. ``--device cuda`` runs the models on the GPU (``acceleration_cuda.json``),
+``--keep-going`` records a method that raises as ``<m>.error`` and runs the rest.
 
 SD, SJD, GSD, CSpD and TarFlow Jacobi batch continuously: every image's condition goes into one
 call that keeps ``b`` rows in flight and refills a finished row's slot with the next image; the
@@ -457,10 +459,13 @@ def run(
     opts: dict | None = None,
     log=print,
     keep_going: bool = False,
+    on_method=None,
 ) -> dict:
     """Measure ``methods`` on workload ``w``; flat result keys (see the module docstring). With
     ``keep_going`` a method that raises is logged with its traceback and recorded as
-    ``<m>.error``, and the next method runs (for a one-shot run on a borrowed machine)."""
+    ``<m>.error``, and the next method runs (for a one-shot run on a borrowed machine).
+    ``on_method(flat_so_far, name)`` is called after each method (the CLI saves there, so an
+    interrupted run keeps the methods it finished)."""
     opts = options(opts)
     flat: dict = {"workload.tokens": w.ar.num_tokens if w.ar is not None else None}
     flat.update({f"workload.params.{k}": v for k, v in w.params.items()})
@@ -468,51 +473,59 @@ def run(
         flat.update(
             {f"options.{k}.b{b}": x for b, x in v.items()} if isinstance(v, dict) else {f"options.{k}": v}
         )
-    base_fid: dict = {}
+    base_fid: dict = {}  # baseline FIDs, shared by the methods of one baseline
     for name in methods:
         if not available(name, w):
             log(f"skip {name}: its models are not in the workload")
             continue
-        if keep_going:
-            try:
-                flat.update(
-                    run(
-                        w,
-                        [name],
-                        batches,
-                        reps,
-                        n_latency,
-                        n_throughput,
-                        fid_samples,
-                        seeds,
-                        fid_batch,
-                        opts,
-                        log,
-                        keep_going=False,
-                    )
-                )
-            except Exception as e:  # noqa: BLE001 - reported in the results, the other methods go on
-                log(f"{name} failed:\n{traceback.format_exc()}")
-                flat[f"{name}.error"] = f"{type(e).__name__}: {e}"
-            continue
-        for b in batches:
-            n = n_latency if b == 1 else max(b, n_throughput)
-            o = resolve(opts, name, b)
-            log(f"{name} vs {METHODS[name].baseline} at batch {b} ({n} images, best of {reps}, {o})")
-            for k, v in measure_speed(name, w, b, n, reps, o).items():
-                flat[f"{name}.b{b}.{k}"] = v
-            flat.update({f"{name}.b{b}.{k}": v for k, v in o.items() if k in RECORDED})
-        if fid_samples and w.evaluator is not None:
-            bname, o = METHODS[name].baseline, resolve(opts, name, fid_batch)
-            if bname not in base_fid:
-                base_fid[bname] = fid_of(BASELINES[bname], w, fid_samples, seeds, fid_batch, o)
-            flat[f"{name}.fid_mean"], flat[f"{name}.fid_std"] = fid_of(
-                METHODS[name], w, fid_samples, seeds, fid_batch, o
+        try:
+            measure_method(
+                w,
+                name,
+                flat,
+                base_fid,
+                batches,
+                reps,
+                n_latency,
+                n_throughput,
+                fid_samples,
+                seeds,
+                fid_batch,
+                opts,
+                log,
             )
-            flat.update({f"{name}.fid_{k}": v for k, v in o.items() if k in RECORDED})
-            flat[f"{name}.baseline_fid_mean"], flat[f"{name}.baseline_fid_std"] = base_fid[bname]
-            log(f"{name}: FID {flat[f'{name}.fid_mean']:.1f} (baseline {bname} {base_fid[bname][0]:.1f})")
+        except Exception as e:
+            if not keep_going:
+                raise
+            log(f"{name} failed:\n{traceback.format_exc()}")  # reported in the results; the rest run
+            flat[f"{name}.error"] = f"{type(e).__name__}: {e}"
+        if on_method is not None:
+            on_method(dict(flat), name)
     return flat
+
+
+def measure_method(
+    w, name, flat, base_fid, batches, reps, n_latency, n_throughput, fid_samples, seeds, fid_batch, opts, log
+) -> None:
+    """One method of :func:`run`: its speed per batch size and, with ``fid_samples``, its FID
+    beside its baseline's (computed once per baseline into ``base_fid``), into ``flat``."""
+    for b in batches:
+        n = n_latency if b == 1 else max(b, n_throughput)
+        o = resolve(opts, name, b)
+        log(f"{name} vs {METHODS[name].baseline} at batch {b} ({n} images, best of {reps}, {o})")
+        for k, v in measure_speed(name, w, b, n, reps, o).items():
+            flat[f"{name}.b{b}.{k}"] = v
+        flat.update({f"{name}.b{b}.{k}": v for k, v in o.items() if k in RECORDED})
+    if fid_samples and w.evaluator is not None:
+        bname, o = METHODS[name].baseline, resolve(opts, name, fid_batch)
+        if bname not in base_fid:
+            base_fid[bname] = fid_of(BASELINES[bname], w, fid_samples, seeds, fid_batch, o)
+        flat[f"{name}.fid_mean"], flat[f"{name}.fid_std"] = fid_of(
+            METHODS[name], w, fid_samples, seeds, fid_batch, o
+        )
+        flat.update({f"{name}.fid_{k}": v for k, v in o.items() if k in RECORDED})
+        flat[f"{name}.baseline_fid_mean"], flat[f"{name}.baseline_fid_std"] = base_fid[bname]
+        log(f"{name}: FID {flat[f'{name}.fid_mean']:.1f} (baseline {bname} {base_fid[bname][0]:.1f})")
 
 
 def zoo_workload(zoo, fid: bool = True, device: str = "cpu") -> Workload:
@@ -650,12 +663,20 @@ def main(argv=None):
     w = zoo_workload(zoo, fid=fid_samples > 0, device=device)
     reps = args.reps or (1 if args.quick else 3)
     n_b1, n_b16 = args.images_b1 or (2 if args.quick else 4), args.images_b16 or (16 if args.quick else 32)
-    entry = {
-        **meta(args.quick, seeds, _device_name(device)),
-        "zoo_quick": args.quick_zoo,
-    }  # the commit that runs, read now
+    # the commit that runs, read now
+    entry = {**meta(args.quick, seeds, _device_name(device)), "zoo_quick": args.quick_zoo}
     timing = {"images_b1": n_b1, "images_b16": n_b16, "reps": reps}
     entry["methods"] = {m: {"commit": entry["commit"], **timing} for m in args.methods}
+    done: list[str] = []
+
+    def save(partial: dict, name: str) -> None:  # after each method: an interrupted run keeps these
+        done.append(name)
+        e = {**entry, "methods": {m: entry["methods"][m] for m in done}}
+        if args.merge:
+            partial, e = merge_previous(partial, e, done, path)
+        write_results(topic, partial, e, chart=("nfe_ratio", "wall_ratio"))
+
+    path = os.path.join(RESULTS, f"{topic}.json")
     flat = run(
         w,
         args.methods,
@@ -667,6 +688,7 @@ def main(argv=None):
         seeds=seeds,
         opts=opts,
         keep_going=args.keep_going,
+        on_method=save,
     )
     print_table(
         table(flat, args.methods, tuple(args.batches)),
@@ -686,9 +708,8 @@ def main(argv=None):
             "base_fid",
         ],
     )
-    if args.merge:
-        flat, entry = merge_previous(flat, entry, args.methods, os.path.join(RESULTS, f"{topic}.json"))
-    print("wrote", write_results(topic, flat, entry, chart=("nfe_ratio", "wall_ratio")))
+    if done:
+        print("wrote", path)
 
 
 def _device_name(device: torch.device) -> str:

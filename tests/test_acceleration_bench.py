@@ -273,9 +273,14 @@ def test_keep_going_records_a_failing_method_and_runs_the_rest(workload, monkeyp
 
     monkeypatch.setitem(METHODS, "broken", Method("ar", "ar", broken, METHODS["sjd"].decode, ("vq",)))
     kw = dict(reps=1, n_latency=1, n_throughput=1, fid_samples=0, log=lambda *a: None)
-    flat = run(workload, ["broken", "var"], (1,), keep_going=True, **kw)
+    saved = []  # what the CLI would write after each method
+    flat = run(
+        workload, ["broken", "var"], (1,), keep_going=True, on_method=lambda f, m: saved.append((m, f)), **kw
+    )
     assert flat["broken.error"] == "RuntimeError: boom"
     assert flat["var.b1.nfe"] == 3  # the method after the failure still ran
+    assert [m for m, _ in saved] == ["broken", "var"]
+    assert "broken.error" in saved[0][1] and "var.b1.nfe" not in saved[0][1]  # saved as each ends
     with pytest.raises(RuntimeError, match="boom"):  # without the switch a failure stops the run
         run(workload, ["broken"], (1,), **kw)
 
