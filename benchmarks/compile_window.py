@@ -4,21 +4,28 @@
     OMP_NUM_THREADS=1 python -m benchmarks.compile_window [--quick] [--images 6]
 
 At batch 1 on CPU every decode is bound by per-op overhead, so a W=16 window costs well over one
-plain step. :meth:`ARTransformer.compile_decode` compiles both the plain cached step and the
-window forward's fast path (:meth:`ARTransformer.forward_window`, which SJD / GSD / SD call), so
-the race is fair: both sides compiled. The ``photos_ar`` zoo model (CFG 1.5, so 2 rows per image,
-top_k 0) draws one image at a time with six methods, interleaved image by image in one process
-(plain, GSD and SJD, each eager and compiled; a compiled copy of the same weights), after one
-warm-up image per method whose time, minus a warm image's, is the compile time
-(``*.compile_s``). Times are CPU seconds of this process (``time.process_time``), medians over
-the images; ``*.ms_per_forward`` is per plain step or per window iteration (verification
-included), ``*.images_per_s`` = 1 / median. Ratios (> 1: the first is faster):
-``ratio.gsd_c_vs_ar_c`` (compiled GSD vs compiled plain), ``ratio.gsd_c_vs_ar_e``,
-``ratio.sjd_c_vs_ar_c``, ``ratio.sjd_c_vs_ar_e``, ``ratio.<m>_c_vs_<m>_e``. ``fwd.*``: the
-model forward alone (ms, 2 rows, cache length 128): a plain step and a W=16 window, eager and
-compiled (:func:`forward_costs`). Token equality of
-compiled vs eager (same seed): ``*.same_images`` (images with every token equal) and
-``*.token_match`` (fraction of equal tokens; a speculative sampler diverges after one flip).
+plain step. With ``compile=True`` the race is fair, both sides compiled:
+:meth:`ARTransformer.compile_decode` compiles the plain cached step and the window forward's fast
+path (:meth:`ARTransformer.forward_window`, which SJD / GSD / SD call), and SJD / GSD also run
+each iteration's verification and Jacobi update through ``torch.compile``
+(:func:`vargen.sampling.speculative.jacobi.compiled_jacobi_step`; ~100 small eager ops
+otherwise). The ``photos_ar`` zoo model (CFG 1.5, so 2 rows per image, top_k 0) draws one image at
+a time with eight methods, interleaved image by image in one process: plain, GSD and SJD, each
+eager (``_e``) and compiled (``_c``, on a compiled copy of the same weights), and GSD / SJD with
+the compiled window forward but the eager verification (``_cw``: what ``compile=True`` meant
+before the step was compiled). One warm-up image per method runs first; its time minus a warm
+image's is the compile time (``*.compile_s``; ``_cw`` warms up before ``_c``, so ``gsd_cw``'s is
+the window forward's and ``gsd_c``'s / ``sjd_c``'s the verification step's). Times are CPU
+seconds of this process (``time.process_time``), medians over the images;
+``*.ms_per_forward`` is per plain step or per window iteration (verification included),
+``*.images_per_s`` = 1 / median. Ratios (> 1: the first is faster): ``ratio.gsd_c_vs_ar_c``
+(compiled GSD vs compiled plain), ``ratio.gsd_c_vs_ar_e``, ``ratio.sjd_c_vs_ar_c``,
+``ratio.sjd_c_vs_ar_e``, ``ratio.<m>_c_vs_<m>_e``, ``ratio.<m>_c_vs_<m>_cw`` (the compiled
+verification's gain). ``fwd.*``: the model forward alone (ms, 2 rows, cache length 128): a
+plain step and a W=16 window, eager and compiled (:func:`forward_costs`). Token equality of
+compiled (``_c``, ``_cw``) vs eager (same seed): ``*.same_images`` (images with every token
+equal) and ``*.token_match`` (fraction of equal tokens; a speculative sampler diverges after
+one flip).
 Writes benchmarks/results/compile_window.json.
 """
 
@@ -38,17 +45,24 @@ WARP = {"cfg_scale": CFG_SCALE, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 
 def methods(eager, compiled):
-    """{name: draw(cond_B, generator) -> (ids, stats)}: plain / GSD / SJD, eager (_e) and compiled (_c)."""
+    """{name: draw(cond_B, generator) -> (ids, stats)}: plain / GSD / SJD eager (_e) and compiled
+    (_c: ``compile=True``, the compiled window forward and the compiled verification step), and
+    GSD / SJD with the compiled window forward but the eager verification (_cw, on the compiled
+    copy with ``compile=False``: what ``compile=True`` compiled before the step was)."""
     from vargen.registry import SAMPLERS
     from vargen.sampling.decoders.ar import sample_ar
 
-    gsd = SAMPLERS.build({"name": "gsd", "window": WINDOW, **WARP})
-    sjd = SAMPLERS.build({"name": "sjd", "window": WINDOW, **WARP})
+    spec = {
+        (n, c): SAMPLERS.build({"name": n, "window": WINDOW, "compile": c, **WARP})
+        for n in ("gsd", "sjd")
+        for c in (False, True)
+    }
     out = {}
-    for tag, m in (("e", eager), ("c", compiled)):
-        out[f"ar_{tag}"] = lambda c, g, m=m: sample_ar(m, c, generator=g, **WARP)
-        out[f"gsd_{tag}"] = lambda c, g, m=m: gsd(m, c, g)
-        out[f"sjd_{tag}"] = lambda c, g, m=m: sjd(m, c, g)
+    for tag, m, c in (("e", eager, False), ("cw", compiled, False), ("c", compiled, True)):
+        if tag != "cw":
+            out[f"ar_{tag}"] = lambda cond, g, m=m: sample_ar(m, cond, generator=g, **WARP)
+        for n in ("gsd", "sjd"):
+            out[f"{n}_{tag}"] = lambda cond, g, m=m, s=spec[n, c]: s(m, cond, g)
     return out
 
 
@@ -112,7 +126,7 @@ def main():
     for name, draw in draws.items():  # warm-up: compiles (the compiled copy), then a warm image
         first = run(draw, torch.tensor([K - 1]), 1000)[2]
         warm = run(draw, torch.tensor([K - 1]), 1001)[2]
-        if name.endswith("_c"):  # the eager methods' first image is only a slower warm-up
+        if not name.endswith("_e"):  # the eager methods' first image is only a slower warm-up
             flat[f"{name}.compile_s"] = max(first - warm, 0.0)
         print(f"warm-up {name}: first image {first:.1f} s, next {warm:.2f} s", flush=True)
     ids = {n: [] for n in draws}
@@ -136,8 +150,8 @@ def main():
         flat[f"{name}.images_per_s"] = 1 / med
         row = {"method": name, "cpu_s": med, "forwards": nf, "ms_per_fwd": 1000 * med / nf}
         row.update({"img_per_s": 1 / med, "compile_s": flat.get(f"{name}.compile_s")})
-        if name.endswith("_c"):
-            e = ids[name[:-1] + "e"]
+        if not name.endswith("_e"):
+            e = ids[name.rsplit("_", 1)[0] + "_e"]
             same = sum(bool(torch.equal(a, b)) for a, b in zip(ids[name], e))
             match = sum(float((a == b).float().mean()) for a, b in zip(ids[name], e)) / n_img
             flat[f"{name}.same_images"], flat[f"{name}.token_match"] = same, match
@@ -147,6 +161,8 @@ def main():
         flat[f"ratio.{a}_vs_{b}"] = flat[f"{b}.cpu_s"] / flat[f"{a}.cpu_s"]
     for m in ("ar", "gsd", "sjd"):
         flat[f"ratio.{m}_c_vs_{m}_e"] = flat[f"{m}_e.cpu_s"] / flat[f"{m}_c.cpu_s"]
+    for m in ("gsd", "sjd"):  # the gain of the compiled verification step
+        flat[f"ratio.{m}_c_vs_{m}_cw"] = flat[f"{m}_cw.cpu_s"] / flat[f"{m}_c.cpu_s"]
     print_table(
         rows,
         ["method", "cpu_s", "forwards", "ms_per_fwd", "img_per_s", "compile_s"]

@@ -172,7 +172,7 @@ class GSDConfig:
     top_k: int = 0
     top_p: float = 1.0
     backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
-    compile: bool = False  # torch.compile the cached windows (ARTransformer.compile_decode); slow to start
+    compile: bool = False  # torch.compile the cached windows and the CPU verification step; slow to start
 
 
 @SAMPLERS.register("gsd", GSDConfig)

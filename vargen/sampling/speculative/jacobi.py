@@ -25,12 +25,14 @@ from vargen.sampling.speculative.verify import (
     CountLog,
     RowQueue,
     WindowScorer,
-    accept_and_correct,
     token_ratio,
     token_residual,
+    verification_draws,
+    verify_drawn,
     warp_kwargs,
 )
 from vargen.sampling.stats import finish_speculative, new_stats
+from vargen_kernels.dispatch import backend_for
 
 
 @inference
@@ -57,8 +59,9 @@ def sample_jacobi(
     0 = every sample at once); a refilled row restarts from random drafts with one-hot q.
     ``backend``: how the verification (:func:`accept_and_correct`) and the cached windows'
     attention run; all draw the same ids (to float rounding of the attention). ``compile``:
-    ``torch.compile`` the cached windows (:meth:`ARTransformer.compile_decode`; same ids to
-    float rounding, slow to start).
+    ``torch.compile`` the cached windows (:meth:`ARTransformer.compile_decode`) and, where the
+    verification runs the torch reference (the CPU), each iteration's verification and Jacobi
+    update (:func:`compiled_jacobi_step`); same ids to float rounding, slow to start.
 
     Random draws per iteration, all (slots, ...): :func:`accept_and_correct`'s, then (slots, g)
     random ids that pad the Jacobi update and restart refilled rows; (slots, g) random initial
@@ -84,34 +87,99 @@ def sample_jacobi(
     fused = (ratio_fn is token_ratio and residual_fn is token_residual) or (
         group is not None and getattr(ratio_fn, "group", None) == group
     )
+    step = jacobi_step
+    if compile and backend_for(cond_N, backend=backend) == "torch":  # CUDA: the fused kernels instead
+        step, backend = compiled_jacobi_step(), "torch"
     for _ in rows.iterations(window, stats, (scorer,)):
         active_B = rows.active()
         len_B, ids_BX = rows.len_B, rows.ids_BX
         ids_BX.scatter_(1, len_B[:, None] + ar_g, draft_Bg)  # drafts at len .. len+g-1 (padded)
         p_BWV = scorer.window(ids_BX, len_B, window)  # inputs: last committed token + drafts
         stats["target_forwards"] += 1
-        # matching token or group-exact pairs: the ratio is computed inside the fused verification
-        ratio_Bg = None if fused else ratio_fn(p_BWV[:, :g], q_BgV, draft_Bg)
-        n_B, z_B, y_BW, cap_B = accept_and_correct(
-            p_BWV, q_BgV, draft_Bg, ratio_Bg, T - len_B, generator, residual_fn, backend
-        )
-        ids_BX.scatter_(1, (len_B + n_B)[:, None], z_B[:, None])
-        counts.add(n_B, cap_B, active_B)
-        rows.len_B = len_B + (n_B + 1) * active_B
-        # Jacobi update (1b(a).5): slot j of the next window is window position n + 1 + j
-        src_Bg = n_B[:, None] + 1 + ar_g
-        has_Bg = src_Bg < window
-        src_Bg = src_Bg.clamp(max=window - 1)
+        draws = verification_draws(p_BWV.shape, generator, device)
         fresh_Bg = rand_ids()
-        if rows.R < rows.N:  # a refilled row restarts from random drafts with its own class
-            has_Bg = has_Bg & ~rows.refill()[:, None]
+        n_B, cap_B, rows.len_B, draft_Bg, q_BgV = step(
+            p_BWV,
+            q_BgV,
+            draft_Bg,
+            len_B,
+            active_B,
+            ids_BX,
+            T,
+            draws,
+            fresh_Bg,
+            ratio_fn,
+            residual_fn,
+            fused,
+            backend,
+        )
+        counts.add(n_B, cap_B, active_B)
+        if rows.R < rows.N:  # a refilled row restarts from random drafts (one-hot q) with its own class
+            restart_B1 = rows.refill()[:, None]
             scorer.set_cond(rows.cond_B)
-        draft_Bg = torch.where(has_Bg, y_BW.gather(1, src_Bg), fresh_Bg)
-        fresh_Bg1 = ~has_Bg[..., None]  # one-hot q for the random drafts
-        q_BgV = p_BWV.gather(1, src_Bg[..., None].expand(B, g, V)).masked_fill_(fresh_Bg1, 0.0)
-        q_BgV.scatter_add_(2, fresh_Bg[..., None], fresh_Bg1.to(q_BgV.dtype))
+            draft_Bg = torch.where(restart_B1, fresh_Bg, draft_Bg)
+            q_BgV = torch.where(restart_B1[..., None], F.one_hot(fresh_Bg, V).to(q_BgV.dtype), q_BgV)
         scorer.commit(rows.len_B)
     return rows.ids(), finish_speculative(stats, rows.N, rows.N * T, t0, counts.total())
+
+
+def jacobi_step(
+    p_BWV,
+    q_BgV,
+    draft_Bg,
+    len_B,
+    active_B,
+    ids_BX,
+    T: int,
+    draws,
+    fresh_Bg,
+    ratio_fn,
+    residual_fn,
+    fused,
+    backend,
+):
+    """What an SJD / GSD iteration does after its window forward, as one function of tensors
+    (so that ``compile=True`` can run it through ``torch.compile``): the verification
+    (:func:`verify_drawn` on the caller's uniforms ``draws``), the emitted token written into
+    ``ids_BX`` (in place), the committed lengths (``T`` tokens per sample), and the Jacobi
+    update (1b(a).5): slot j of the next window is window position n + 1 + j, drawn from that
+    position's p; slots past the window take the caller's random ids ``fresh_Bg`` with one-hot q.
+
+    ``fused``: the ratio that goes with ``residual_fn`` is computed inside the verification.
+    Returns (n_B, cap_B, len_B, draft_Bg, q_BgV) of the next iteration."""
+    B, W, V = p_BWV.shape
+    g = W - 1
+    # matching token or group-exact pairs: the ratio is computed inside the fused verification
+    ratio_Bg = None if fused else ratio_fn(p_BWV[:, :g], q_BgV, draft_Bg)
+    n_B, z_B, y_BW, cap_B = verify_drawn(
+        p_BWV, q_BgV, draft_Bg, ratio_Bg, T - len_B, draws, residual_fn, backend
+    )
+    ids_BX.scatter_(1, (len_B + n_B)[:, None], z_B[:, None])
+    len_B = len_B + (n_B + 1) * active_B
+    ar_g = torch.arange(g, device=p_BWV.device)
+    src_Bg = n_B[:, None] + 1 + ar_g
+    has_Bg = src_Bg < W
+    src_Bg = src_Bg.clamp(max=W - 1)
+    draft_Bg = torch.where(has_Bg, y_BW.gather(1, src_Bg), fresh_Bg)
+    fresh_Bg1 = ~has_Bg[..., None]  # one-hot q for the random drafts
+    q_BgV = p_BWV.gather(1, src_Bg[..., None].expand(B, g, V)).masked_fill_(fresh_Bg1, 0.0)
+    q_BgV.scatter_add_(2, fresh_Bg[..., None], fresh_Bg1.to(q_BgV.dtype))
+    return n_B, cap_B, len_B, draft_Bg, q_BgV
+
+
+_COMPILED_STEP = None
+
+
+def compiled_jacobi_step():
+    """:func:`jacobi_step` through ``torch.compile`` (built once per process; each window
+    shape and ratio compiles once, on first use), for the torch verification on the CPU, where
+    an iteration's ~100 small eager ops cost as much as the compiled window forward. Its random
+    numbers come in as arguments (drawn outside from the caller's generator, in the eager order),
+    so it draws the same tokens as the eager step up to float rounding."""
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(jacobi_step, dynamic=False, fullgraph=True)
+    return _COMPILED_STEP
 
 
 @dataclass
@@ -124,7 +192,7 @@ class SJDConfig:
     top_k: int = 0
     top_p: float = 1.0
     backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
-    compile: bool = False  # torch.compile the cached windows (ARTransformer.compile_decode); slow to start
+    compile: bool = False  # torch.compile the cached windows and the CPU verification step; slow to start
 
 
 def check_window(cfg):

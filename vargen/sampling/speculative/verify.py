@@ -281,17 +281,31 @@ def accept_and_correct(
     uses z only): the torch path samples the target at position n alone and returns ``y_BW``
     None, or whole from a kernel (same draws, same n and z).
     """
-    B, W, V = p_BWV.shape
-    u_BWV = _uniform((B, W, V), generator, p_BWV.device)
-    a_Bg = _uniform((B, W - 1), generator, p_BWV.device)
-    u_res_BV = _uniform((B, V), generator, p_BWV.device)
-    draws = (p_BWV, q_BgV, x_Bg, room_B, u_BWV, a_Bg, u_res_BV, ratio_Bg)
+    draws = verification_draws(p_BWV.shape, generator, p_BWV.device)
+    return verify_drawn(p_BWV, q_BgV, x_Bg, ratio_Bg, room_B, draws, residual_fn, backend, all_y)
+
+
+def verification_draws(shape_BWV, generator, device):
+    """:func:`accept_and_correct`'s uniforms, in its order: (u_BWV, a_Bg, u_res_BV)."""
+    B, W, V = shape_BWV
+    u_BWV = _uniform((B, W, V), generator, device)
+    a_Bg = _uniform((B, W - 1), generator, device)
+    u_res_BV = _uniform((B, V), generator, device)
+    return u_BWV, a_Bg, u_res_BV
+
+
+def verify_drawn(
+    p_BWV, q_BgV, x_Bg, ratio_Bg, room_B, draws, residual_fn=token_residual, backend="auto", all_y=True
+):
+    """:func:`accept_and_correct` on uniforms already drawn (:func:`verification_draws`): no
+    generator inside, so it can run inside ``torch.compile`` (with ``backend="torch"``)."""
+    args = (p_BWV, q_BgV, x_Bg, room_B, *draws)
     if residual_fn is token_residual:
-        return verify(*draws, backend=backend, all_y=all_y)
+        return verify(*args, ratio_Bg, backend=backend, all_y=all_y)
     group = getattr(residual_fn, "group", None)
     if group is not None and ratio_Bg is None:
-        return group_verify(*draws[:-1], group=group, backend=backend)
-    return verify_reference(*draws, residual_fn=residual_fn)
+        return group_verify(*args, group=group, backend=backend)
+    return verify_reference(*args, ratio_Bg, residual_fn=residual_fn)
 
 
 def verify_counts(n_B, cap_B, active_B, draft_calls: int) -> torch.Tensor:
