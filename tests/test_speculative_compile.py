@@ -1,12 +1,13 @@
 """``compile=True`` of SJD / GSD on the CPU: the verification and Jacobi update of every
-iteration run through ``torch.compile`` (:func:`~vargen.sampling.speculative.jacobi.compiled_jacobi_step`,
-``fullgraph``: a graph break fails here), with the random numbers drawn outside, in the eager
+iteration run through ``torch.compile`` (:func:`~vargen.sampling.speculative.jacobi.compiled_jacobi_step`, one
+graph: a graph break fails here), with the random numbers drawn outside, in the eager
 order, from the caller's generator. So the compiled samplers draw the eager samplers' ids. The
 float64 toy keeps the window forward eager (the module path), so only the step compiles: one
 graph per case, ~10 s each on one CPU thread."""
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from tests.toys import LLAMAGEN_CLASSES as CLASSES
 from tests.toys import tiny_llamagen
@@ -39,6 +40,7 @@ def test_compiled_step_draws_the_eager_ids(model, case, monkeypatch):
     monkeypatch.setattr(jacobi, "compiled_jacobi_step", lambda: counted)
     eager, compiled = (SAMPLERS.build({**cfg, "compile": c}) for c in (False, True))
     cond = torch.arange(5) % CLASSES
+    breaks = sum(counters["graph_break"].values())
     accepted = rejected = 0
     for seed in range(3):
         ids_e, st_e = eager(model, cond, torch.Generator().manual_seed(seed), slots=slots)
@@ -49,4 +51,5 @@ def test_compiled_step_draws_the_eager_ids(model, case, monkeypatch):
         assert (st_c["accepted"], st_c["target_forwards"]) == (st_e["accepted"], st_e["target_forwards"])
         accepted += st_c["accepted"]
         rejected += st_c["proposed"] - st_c["accepted"]
+    assert sum(counters["graph_break"].values()) == breaks  # the step compiled whole
     assert accepted > 0 and rejected > 0  # both outcomes of the test were exercised
