@@ -129,7 +129,9 @@ def distill_loss(
         t, t_next, last = times_n1[i], times_n1[i + 1], i == n - 1
         q = transition_probs(lp_s, x_s, t, t_next, eps, coefs_n[i], last)  # (B, L, V+1)
         p = transition_probs(lp_t, x_t, t, t_next, eps, 1.0, last)  # teacher at the student's times
-        return (torch.xlogy(p, p) - p * torch.log(q.clamp_min(1e-30))).sum(-1)  # (B, L)
+        # both logs by the same op, so equal p and q give exactly 0 on every CPU (xlogy and
+        # p * log(q) may round differently where the vector math library differs)
+        return (torch.xlogy(p, p) - torch.xlogy(p, q.clamp_min(1e-30))).sum(-1)  # (B, L)
 
     return _aligned_steps(
         kl_BL, student_logp0, student_states, teacher_logp0, teacher_states, teacher_times, times_n1
