@@ -474,26 +474,32 @@ def run(
             {f"options.{k}.b{b}": x for b, x in v.items()} if isinstance(v, dict) else {f"options.{k}": v}
         )
     base_fid: dict = {}  # baseline FIDs, shared by the methods of one baseline
+
+    def measure(name: str) -> None:  # speed per batch size, then FID beside its baseline's
+        for b in batches:
+            n = n_latency if b == 1 else max(b, n_throughput)
+            o = resolve(opts, name, b)
+            log(f"{name} vs {METHODS[name].baseline} at batch {b} ({n} images, best of {reps}, {o})")
+            for k, v in measure_speed(name, w, b, n, reps, o).items():
+                flat[f"{name}.b{b}.{k}"] = v
+            flat.update({f"{name}.b{b}.{k}": v for k, v in o.items() if k in RECORDED})
+        if fid_samples and w.evaluator is not None:
+            bname, o = METHODS[name].baseline, resolve(opts, name, fid_batch)
+            if bname not in base_fid:
+                base_fid[bname] = fid_of(BASELINES[bname], w, fid_samples, seeds, fid_batch, o)
+            flat[f"{name}.fid_mean"], flat[f"{name}.fid_std"] = fid_of(
+                METHODS[name], w, fid_samples, seeds, fid_batch, o
+            )
+            flat.update({f"{name}.fid_{k}": v for k, v in o.items() if k in RECORDED})
+            flat[f"{name}.baseline_fid_mean"], flat[f"{name}.baseline_fid_std"] = base_fid[bname]
+            log(f"{name}: FID {flat[f'{name}.fid_mean']:.1f} (baseline {bname} {base_fid[bname][0]:.1f})")
+
     for name in methods:
         if not available(name, w):
             log(f"skip {name}: its models are not in the workload")
             continue
         try:
-            measure_method(
-                w,
-                name,
-                flat,
-                base_fid,
-                batches,
-                reps,
-                n_latency,
-                n_throughput,
-                fid_samples,
-                seeds,
-                fid_batch,
-                opts,
-                log,
-            )
+            measure(name)
         except Exception as e:
             if not keep_going:
                 raise
@@ -502,30 +508,6 @@ def run(
         if on_method is not None:
             on_method(dict(flat), name)
     return flat
-
-
-def measure_method(
-    w, name, flat, base_fid, batches, reps, n_latency, n_throughput, fid_samples, seeds, fid_batch, opts, log
-) -> None:
-    """One method of :func:`run`: its speed per batch size and, with ``fid_samples``, its FID
-    beside its baseline's (computed once per baseline into ``base_fid``), into ``flat``."""
-    for b in batches:
-        n = n_latency if b == 1 else max(b, n_throughput)
-        o = resolve(opts, name, b)
-        log(f"{name} vs {METHODS[name].baseline} at batch {b} ({n} images, best of {reps}, {o})")
-        for k, v in measure_speed(name, w, b, n, reps, o).items():
-            flat[f"{name}.b{b}.{k}"] = v
-        flat.update({f"{name}.b{b}.{k}": v for k, v in o.items() if k in RECORDED})
-    if fid_samples and w.evaluator is not None:
-        bname, o = METHODS[name].baseline, resolve(opts, name, fid_batch)
-        if bname not in base_fid:
-            base_fid[bname] = fid_of(BASELINES[bname], w, fid_samples, seeds, fid_batch, o)
-        flat[f"{name}.fid_mean"], flat[f"{name}.fid_std"] = fid_of(
-            METHODS[name], w, fid_samples, seeds, fid_batch, o
-        )
-        flat.update({f"{name}.fid_{k}": v for k, v in o.items() if k in RECORDED})
-        flat[f"{name}.baseline_fid_mean"], flat[f"{name}.baseline_fid_std"] = base_fid[bname]
-        log(f"{name}: FID {flat[f'{name}.fid_mean']:.1f} (baseline {bname} {base_fid[bname][0]:.1f})")
 
 
 def zoo_workload(zoo, fid: bool = True, device: str = "cpu") -> Workload:

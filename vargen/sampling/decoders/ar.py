@@ -65,16 +65,14 @@ def sample_ar(
     noise in the same order, so the same tokens up to float rounding. It needs a CUDA model
     (ValueError otherwise: there is no silent fallback), ``use_cache`` and not ``compile``.
     """
-    if cuda_graph:
-        if model.device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs a model on CUDA, got one on {model.device.type}")
+    warp = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    if cuda_graph:  # sample_ar_static refuses a model off CUDA
         if not use_cache or compile:
             raise ValueError(
                 "cuda_graph=True replaces the cached eager step: it needs use_cache=True and compile=False"
             )
         from vargen.sampling.decoders.ar_graph import sample_ar_static  # it imports this module
 
-        warp = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
         return sample_ar_static(model, cond_B, generator=generator, capture=True, progress=progress, **warp)
     t0 = time.perf_counter()
     B, N, V = cond_B.shape[0], model.num_tokens, model.vocab_size
@@ -88,7 +86,6 @@ def sample_ar(
     cache = model.new_cache(rows) if use_cache else None
     if compile and use_cache and getattr(model, "_compiled_step", None) is None:
         model.compile_decode()
-    warp = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
     noise = _StepNoise(generator, N, B, V, device, torch_warper=backend_for(ids_BN) == "torch")
     if noise.torch_warper:
         warp_logits(torch.zeros(1, V, device=device), **warp)  # the warper's argument checks, once

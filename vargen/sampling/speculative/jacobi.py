@@ -12,6 +12,7 @@ needs the token-AR contract (:mod:`vargen.models.generator`).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -167,9 +168,7 @@ def jacobi_step(
     return n_B, cap_B, len_B, draft_Bg, q_BgV
 
 
-_COMPILED_STEP = None
-
-
+@functools.cache
 def compiled_jacobi_step():
     """:func:`jacobi_step` through ``torch.compile``, for the torch verification on the CPU,
     where an iteration's 40-100 small eager ops cost ~0.3-0.7 ms next to a ~2.5 ms compiled
@@ -179,10 +178,7 @@ def compiled_jacobi_step():
     shapes: each (batch, window, vocabulary, dtype, ratio and its constants) compiles once, on
     first use, in 1-3 s. It compiles to one graph (tested); not ``fullgraph``, so that past
     Dynamo's recompile limit (8 variants) the step runs eagerly instead of raising."""
-    global _COMPILED_STEP
-    if _COMPILED_STEP is None:
-        _COMPILED_STEP = torch.compile(jacobi_step, dynamic=False)
-    return _COMPILED_STEP
+    return torch.compile(jacobi_step, dynamic=False)
 
 
 @dataclass
