@@ -222,7 +222,14 @@ def _tarflow(method):
     """Sequential and GS-Jacobi run chunks of ``slots`` rows (every row takes the same passes);
     plain Jacobi batches continuously unless ``continuous`` is False. Jacobi methods use the
     frozen-prefix window ``window`` and ``tol`` when given (``tarflow.tuned``: the setting measured
-    best per batch size, ``vargen.sampling.decoders.tarflow.JACOBI_CPU``, see :func:`resolve`)."""
+    best per batch size, ``vargen.sampling.decoders.tarflow.JACOBI_CPU``, see :func:`resolve`).
+    ``policy: "cost"`` (a JACOBI_CPU entry): each block gets the cheapest of the sequential loop and
+    the method at each of ``windows``, timed at this batch size on ``calib`` rows of its own seeded
+    noise (``tarflow_cost.calibrate_cost``), measured once per model and batch size and then reused,
+    as the sampler's ``setup`` does; the first draw pays for it, the best of the reps does not."""
+    import weakref
+
+    plans = weakref.WeakKeyDictionary()  # model -> {slots: the measured per-block plans}
 
     def draw(w, cond, g, slots, o):
         from vargen.sampling.decoders.tarflow import sample_tarflow, sample_tarflow_continuous
@@ -230,11 +237,31 @@ def _tarflow(method):
         kw = {"method": method, "cfg_scale": o["cfg_scale"], "window": 0}
         if method != "sequential":
             kw.update(window=o["window"], **({"tol": o["tol"]} if "tol" in o else {}))
+        if method != "sequential" and o.get("policy") == "cost":
+            kw["policy"] = _cost_plans(w, slots, o, kw)
         if method == "jacobi" and o.get("continuous", True):
             out, stats = sample_tarflow_continuous(w.tarflow, cond, generator=g, slots=slots, **kw)
             stats["row_target_forwards"] = stats["row_passes"]
             return _continuous((out, stats), slots)
         return _chunked(lambda c: sample_tarflow(w.tarflow, c, generator=g, **kw), cond, slots)
+
+    def _cost_plans(w, slots, o, kw):
+        from vargen.sampling.decoders.tarflow_cost import calibrate_cost
+
+        per_batch = plans.setdefault(w.tarflow, {})
+        if slots not in per_batch:
+            n = max(slots, o.get("calib", slots))
+            per_batch[slots], _ = calibrate_cost(
+                w.tarflow,
+                torch.arange(n, device=w.device) % w.num_classes,
+                torch.Generator(device=w.device).manual_seed(0),
+                batch=slots,
+                method=method,
+                windows=o["windows"],
+                tol=kw.get("tol", 1e-6),
+                guidance=None if o["cfg_scale"] == 1.0 else o["cfg_scale"] - 1.0,
+            )
+        return per_batch[slots]
 
     return draw
 

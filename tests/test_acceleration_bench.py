@@ -299,3 +299,19 @@ def test_every_method_runs_on_cuda_with_device_generators(workload, name):
     flat = run(w, [name], BATCHES, reps=1, n_latency=2, n_throughput=16, fid_samples=0, log=lambda *a: None)
     for b in BATCHES:
         assert flat[f"{name}.b{b}.nfe"] > 0 and flat[f"{name}.b{b}.wall_ratio"] > 0
+
+
+def test_tarflow_cost_policy_is_measured_once_per_batch_size(workload, monkeypatch):
+    """``policy: "cost"`` (JACOBI_CPU at batch 16): the per-block plans are timed on the first draw
+    at a batch size and reused by the next draws, as the sampler's setup does."""
+    import vargen.sampling.decoders.tarflow_cost as tc
+    from benchmarks.acceleration import _tarflow
+
+    calls, real = [], tc.calibrate_cost
+    monkeypatch.setattr(tc, "calibrate_cost", lambda *a, **k: calls.append(k["batch"]) or real(*a, **k))
+    o = resolve(options(), "tarflow_jacobi", 16)
+    assert o["policy"] == "cost"
+    draw, cond = _tarflow("jacobi"), labels(4, CLASSES)
+    a, _ = draw(workload, cond, torch.Generator().manual_seed(0), 16, o)
+    b, _ = draw(workload, cond, torch.Generator().manual_seed(0), 16, o)
+    assert calls == [16] and torch.equal(a, b)

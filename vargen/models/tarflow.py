@@ -122,7 +122,12 @@ class FlowBlock(nn.Module):
         return KVCache(depth, batch, self.heads, T, self.head_dim, p.device, p.dtype)
 
     def params(self, u_BLC, cond_B, cache: KVCache | RaggedKVCache | None = None, attn_temp_B=None):
-        """(a, b), each (B, L, C_p), for tokens start+1 .. start+L of the permuted sequence.
+        """(a, b), each (B, L, C_p): :meth:`params_joint` split into the log-scale and shift halves."""
+        return self.params_joint(u_BLC, cond_B, cache, attn_temp_B).chunk(2, dim=-1)
+
+    def params_joint(self, u_BLC, cond_B, cache: KVCache | RaggedKVCache | None = None, attn_temp_B=None):
+        """(a | b) as one (B, L, 2 C_p) tensor, a = [..., :C_p], for tokens start+1 .. start+L of the
+        permuted sequence (one tensor: a sampler's elementwise guidance mix runs once, not twice).
 
         ``attn_temp_B`` (B,): per-row attention temperature (TarFlow's ``attn_temp`` of the
         unguided stream), None = 1 in every row.
@@ -145,12 +150,13 @@ class FlowBlock(nn.Module):
         else:
             start = 0 if cache is None else cache.length
             pos = pos_TD[start : start + L]  # (L, D)
+            if cache is not None and L > 1:  # bottom-right causal mask, built once for every layer
+                mask = torch.ones(L, start + L, dtype=torch.bool, device=u_BLC.device).tril(start)
         h = self.proj_in(u_BLC) + pos + self.cond_emb(cond_B)[:, None]  # (B, L, D)
         inv_temp_B = None if attn_temp_B is None else 1.0 / attn_temp_B
         for i, layer in enumerate(self.layers):
             h = layer(h, cache, i, mask, inv_temp_B)
-        a_BLC, b_BLC = self.proj_out(self.norm(h)).chunk(2, dim=-1)
-        return a_BLC, b_BLC
+        return self.proj_out(self.norm(h))  # (B, L, 2 C_p)
 
     def shifted_params(self, u_BTC, cond_B):
         """(a, b), each (B, T, C_p), for all tokens: token i depends on u_<i, token 0 gets (0, 0)."""

@@ -50,21 +50,24 @@ INITS = ("z", "zero")
 # Frozen-prefix Jacobi settings measured fastest against the KV-cached sequential loop on the
 # photos TarFlow (256 tokens of 48 values, 4 blocks x 2 layers, width 128, cfg 1.5), one CPU
 # thread, per batch size (issue 16; alternating timings on a shared 2-core machine, +-15%):
-# - batch 1 is bound by per-pass overhead (a 64-token pass costs ~4 single-token steps), so a
-#   wide window pays: window 64 needs 204 passes per image against 1020 (tol 1e-6: 260) and
-#   runs ~1.35x the sequential loop (window 16, tol 1e-6, the former setting: ~0.9x);
+# - batch 1 is bound by per-pass overhead (a 64-token pass costs ~3.3 single-token steps), so a
+#   wide window pays: window 64 needs 189 passes per image against 1020 (tol 1e-6: 260); passes
+#   per image for windows 8 / 16 / 32 / 64 / 128 / 255: 609 / 440 / 297 / 198 / 136 / 94, token
+#   rows 4817 / 6859 / 9023 / 11496 / 14861 / 20700. Every token needs ~10-15 Jacobi updates before
+#   it moves by < tol (the deltas after the frozen front decay ~0.65x per pass), so a pass's rows
+#   cost what its fewer passes save: per-block windows timed by tarflow_cost gained <10% on 4
+#   calibration images, within the noise, and ran slower on 8 (1.54 vs 1.64), so batch 1 keeps 64;
 # - batch 16 is bound by the rows pushed through the network (a W-token pass costs ~W/2+ steps):
-#   window 2 (940 passes, 1880 token rows per image) batch-synchronous, ~0.85x (window 16: ~0.4x;
-#   continuous batching ~0.7x, its ragged attention spans the longest row of the batch).
-# tol 1e-4 per element keeps the images within 3.3e-4 of the sequential ones (2e-4 reached 5.4e-4,
-# 3e-4 1.2e-3). ``continuous``: refill freed rows (sample_tarflow_continuous) or run chunks.
-# benchmarks.acceleration --quick (two runs): Jacobi wall 1.08 / 1.39 at batch 1 (window 16,
-# tol 1e-6: 0.82 / 0.83), 0.80 / 0.85 at batch 16 (0.34 / 0.39); GS-Jacobi 1.15 / 1.16 and
-# 0.78 / 0.72 (0.63 / 1.07 and 0.52 / 0.33). Max |image difference| to sequential: 2.5e-4
-# (batch 1, 8 images), 7.2e-5 (batch 16, 32 images).
+#   Jacobi pays on no block of this model (tarflow_cost.calibrate_cost at batch 16: sequential
+#   0.53-0.84 s per block on 16 rows, the best Jacobi window 0.72-0.99 s; window 2 everywhere read
+#   0.82x in the benchmark, continuous batching ~0.7x), so ``policy: "cost"`` times each block at
+#   this batch size (``calib`` rows of seeded noise, candidate ``windows``) and keeps the sequential
+#   loop where Jacobi does not pay: every block here, ~1.0x by construction.
+# tol 1e-4 per element keeps the images within 3.9e-4 of the sequential ones (2e-4 reached 7.5e-4,
+# 3e-4 1.1e-3). ``continuous``: refill freed rows (sample_tarflow_continuous) or run chunks.
 JACOBI_CPU = {
     1: {"window": 64, "tol": 1e-4, "continuous": True},
-    16: {"window": 2, "tol": 1e-4, "continuous": False},
+    16: {"window": 2, "tol": 1e-4, "continuous": False, "policy": "cost", "windows": [2, 4, 8], "calib": 16},
 }
 
 
@@ -123,17 +126,30 @@ def _anneal(tok, guidance, T):
     return tok / (T - 1) * guidance
 
 
-def _guided_params(block, u_BLC, cond_R, cache, guidance, temp_R=None):
-    """(a, b) for tokens start+1..start+L from ONE pass, with the annealed guidance mix."""
+def _anneal_table(block, guidance, dtype, device):
+    """(T, 1) annealed guidance weights of every token, g_t = t / (T - 1) w, built once per block
+    inversion (the same float64 arithmetic as :func:`_anneal`, so the same values); None unguided."""
+    if guidance is None:
+        return None
+    tok = torch.arange(block.num_tokens, dtype=torch.float64, device=device)
+    return _anneal(tok, guidance, block.num_tokens).to(dtype)[:, None]
+
+
+def _guided_params(block, u_BLC, cond_R, cache, guidance, temp_R=None, g_T1=None):
+    """(a, b) for tokens start+1..start+L from ONE pass, with the annealed guidance mix.
+
+    The mix runs once on the joint (a, b) output (:meth:`FlowBlock.params_joint`), elementwise
+    the same as mixing a and b apart; ``g_T1`` (:func:`_anneal_table`) saves rebuilding the
+    weights every pass."""
     start = 0 if cache is None else cache.length
     B, L = u_BLC.shape[:2]
-    a, b = block.params(_stream_rows(u_BLC, guidance), cond_R, cache, temp_R)
+    ab = block.params_joint(_stream_rows(u_BLC, guidance), cond_R, cache, temp_R)  # (R, L, 2C)
     if guidance is not None:
-        tok = torch.arange(start + 1, start + L + 1, dtype=torch.float64, device=a.device)
-        g_L1 = _anneal(tok, guidance, block.num_tokens).to(a.dtype)[:, None]  # (L, 1): g_i = i/(T-1) w
-        a = a[:B] + g_L1 * (a[:B] - a[B:])
-        b = b[:B] + g_L1 * (b[:B] - b[B:])
-    return a, b
+        if g_T1 is None:
+            g_T1 = _anneal_table(block, guidance, ab.dtype, ab.device)
+        g_L1 = g_T1[start + 1 : start + L + 1]  # (L, 1): g_i = i/(T-1) w
+        ab = ab[:B] + g_L1 * (ab[:B] - ab[B:])
+    return ab.chunk(2, dim=-1)
 
 
 def _affine(z, a, b, clamp):
@@ -157,9 +173,10 @@ def invert_block_sequential(block, z_BTC, cond_B, *, guidance: float | None = No
     cond_R = _cond_rows(block, cond_B, guidance)
     temp_R = _temp_rows(cond_R, guidance, attn_temp)
     cache = block.new_cache(cond_R.shape[0])
+    g_T1 = _anneal_table(block, guidance, z_BTC.dtype, z_BTC.device)
     u = z_BTC.clone()  # token 0: a = b = 0
     for i in range(T - 1):
-        a, b = _guided_params(block, u[:, i : i + 1], cond_R, cache, guidance, temp_R)  # token i+1
+        a, b = _guided_params(block, u[:, i : i + 1], cond_R, cache, guidance, temp_R, g_T1)  # token i+1
         cache.advance(1)
         u[:, i + 1 : i + 2] = _affine(z_BTC[:, i + 1 : i + 2], a, b, None)
     info = {"iterations": T - 1, "passes": T - 1, "token_rows": T - 1, "syncs": 0, "forced": 0}
@@ -196,17 +213,29 @@ def _solve_segment(
     Returns {"iterations", "passes", "token_rows" (positions per stream row), "syncs", "forced"}.
     """
     n_in = block.num_tokens - 1
-    age = [0] * (e + 1)  # updates of token j in this segment (host-side: no sync)
+    age = [0] * (e + 1) if cap > 0 else None  # updates of token j in this segment (host-side: no sync)
+    g_T1 = _anneal_table(block, guidance, z_BTC.dtype, z_BTC.device)
     c, k = s, 0
     out = {"iterations": 0, "passes": 0, "token_rows": 0, "syncs": 0, "forced": 0}
     while c < e:
         w = e if window <= 0 else min(c + window, e)
-        a, b = _guided_params(block, u_BTC[:, c:w], cond_R, cache, guidance, temp_R)  # tokens c+1..w
+        a, b = _guided_params(block, u_BTC[:, c:w], cond_R, cache, guidance, temp_R, g_T1)  # tokens c+1..w
         new = _affine(z_BTC[:, c + 1 : w + 1], a, b, clamp)  # (B, w - c, C)
         k += 1
         out["token_rows"] += w - c
+        check = tol >= 0 and w - c > 1 and k % every == 0
+        if age is None:  # no cap: the committed run is the leading run of tol verdicts, read as one count
+            run = 0
+            if check:
+                d_n = (new[:, :-1] - u_BTC[:, c + 1 : w]).abs().amax(dim=(0, 2))  # (w-c-1,) max |delta|
+                run = int((d_n <= tol).cumprod(0).sum())  # the one host sync of this pass
+                out["syncs"] += 1
+            u_BTC[:, c + 1 : w + 1] = new
+            cache.advance(1 + run)
+            c += 1 + run
+            continue
         ok = []  # tol verdicts of inputs c+1..w-1, read on check passes only
-        if tol >= 0 and w - c > 1 and k % every == 0:
+        if check:
             d_n = (new[:, :-1] - u_BTC[:, c + 1 : w]).abs().amax(dim=(0, 2))  # (w-c-1,) max |delta|
             ok = (d_n <= tol).tolist()  # the one host sync of this pass
             out["syncs"] += 1
@@ -216,7 +245,7 @@ def _solve_segment(
         run, forced_from = 0, None  # committed inputs c+1 .. c+run; first one forced by the cap
         for i, j in enumerate(range(c + 1, w)):
             by_tol = i < len(ok) and ok[i]
-            if not (by_tol or (cap > 0 and age[j] >= cap)):
+            if not (by_tol or age[j] >= cap):
                 break
             if not by_tol and forced_from is None:
                 forced_from = j
@@ -830,6 +859,13 @@ class TarFlowSamplerConfig:
     gs_max_iters: int = 32  # cap per token in GS segments (gs_blocks, and auto's unconverged blocks)
     calib: int = 32  # auto: rows of the calibration batch (labels cycle through the classes)
     calib_seed: int = 0  # auto: seed of the calibration noise (its own generator, not the sampler's)
+    # auto: how the per-block plan is chosen. "passes": Jacobi unless the cap forced tokens, then
+    # GS-Jacobi (calibrate_policy); "cost": the measured cheapest of the sequential loop and
+    # Jacobi at each of ``cost_windows`` per block (tarflow_cost.calibrate_cost), timed in batches
+    # of ``calib_batch`` rows (the batch size the run samples at; 0 = all ``calib`` rows at once)
+    auto_by: str = "passes"
+    cost_windows: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32, 64])
+    calib_batch: int = 0
     backend: str = "auto"  # continuous Jacobi's step kernel: auto | triton | interpret | torch
 
 
@@ -841,12 +877,27 @@ class TarFlowSampler(Sampler):
     (:func:`calibrate_policy` on ``calib`` rows of its own seeded noise, guided like the
     sampler): plain Jacobi per block unless the cap ``max_iters`` forced tokens there, then
     GS-Jacobi. With the default cap 0 every block stays Jacobi (exact, at most T-1 passes).
+    ``auto_by="cost"`` instead times the sequential loop and Jacobi at each of ``cost_windows``
+    per block (:func:`~vargen.sampling.decoders.tarflow_cost.calibrate_cost`, batches of
+    ``calib_batch`` rows) and keeps the cheapest: sequential where Jacobi does not pay.
     ``policy`` holds the plans, ``calibration`` the measurements; ``stats["plans"]`` and
-    ``stats["calibration_passes"]`` carry them into metrics.json. Jacobi and auto samplers are
+    ``stats["calibration_passes"]`` (``calibration_seconds`` by cost) carry them into
+    metrics.json. Jacobi and auto samplers are
     ``continuous``: called with ``slots > 0`` and all labels they refill freed batch rows.
     """
 
-    DROP = ("name", "gs_blocks", "gs_max_iters", "clamp", "calib", "calib_seed", "backend")
+    DROP = (
+        "name",
+        "gs_blocks",
+        "gs_max_iters",
+        "clamp",
+        "calib",
+        "calib_seed",
+        "backend",
+        "auto_by",
+        "cost_windows",
+        "calib_batch",
+    )
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -859,6 +910,8 @@ class TarFlowSampler(Sampler):
         # rows refill freed slots only in plain Jacobi (auto: its Jacobi blocks); sequential and
         # GS-Jacobi rows all take the same passes, and the sequential images stay as they were
         self.continuous = cfg["method"] in ("jacobi", "auto") and not self.gs_blocks
+        if cfg["auto_by"] not in ("passes", "cost"):
+            raise ValueError(f"sampler.auto_by must be passes or cost, got {cfg['auto_by']!r}")
 
     def setup(self, ctx):
         """``auto``: measure the policy for the run's model."""
@@ -868,6 +921,24 @@ class TarFlowSampler(Sampler):
         p = next(model.parameters())
         labels = torch.arange(cfg["calib"], device=p.device) % model.num_classes
         g = torch.Generator(device=p.device).manual_seed(cfg["calib_seed"])
+        guidance = None if kw["cfg_scale"] == 1.0 else kw["cfg_scale"] - 1.0
+        if cfg["auto_by"] == "cost":
+            from vargen.sampling.decoders.tarflow_cost import calibrate_cost  # it imports this module
+
+            self.policy, self.calibration = calibrate_cost(
+                model,
+                labels,
+                g,
+                batch=cfg["calib_batch"],
+                windows=list(cfg["cost_windows"]),
+                tol=kw["tol"],
+                clamp=self.clamp,
+                guidance=guidance,
+                check_every=_check_every(kw["check_every"], p.device),
+                attn_temp=kw["attn_temp"],
+            )
+            self.calibrated_for = model
+            return
         self.policy, self.calibration = calibrate_policy(
             model,
             labels,
@@ -878,7 +949,7 @@ class TarFlowSampler(Sampler):
             gs_segments=kw["segments"],
             gs_max_iters=cfg["gs_max_iters"],
             clamp=self.clamp,
-            guidance=None if kw["cfg_scale"] == 1.0 else kw["cfg_scale"] - 1.0,
+            guidance=guidance,
             check_every=_check_every(kw["check_every"], p.device),
             attn_temp=kw["attn_temp"],
         )
@@ -918,6 +989,8 @@ class TarFlowSampler(Sampler):
             images, stats = sample_tarflow(
                 model, cond_B, generator=generator, policy=policy, clamp=self.clamp, progress=progress, **kw
             )
-        if self.auto:
+        if self.auto and "passes" in self.calibration:
             stats["calibration_passes"] = list(self.calibration["passes"])
+        if self.auto and "seconds" in self.calibration:
+            stats["calibration_seconds"] = [dict(s) for s in self.calibration["seconds"]]
         return images, stats
