@@ -118,6 +118,21 @@ def test_after_k_jacobi_iterations_tokens_0_to_k_are_exact():
         assert (u[:, k + 1] - exact[:, k + 1]).abs().max() > 1e-8  # the next one is not yet
 
 
+def test_cache_carries_the_blocks_tables_and_changes_no_value():
+    """new_cache stores the permuted positions and the class table once per inversion; a pass
+    through the cache gives the same (a, b), bit for bit, as one that rebuilds them."""
+    m = tiny_tarflow(std=0.05)
+    x, c = data()
+    block = m.blocks[1]  # flipped
+    cache = block.new_cache(3)
+    pos_TD, table = cache.weights
+    assert torch.equal(pos_TD, block.pos_emb.flip(0)) and torch.equal(table[c], block.cond_emb(c))
+    with torch.no_grad():
+        cached = block.params_joint(x[:, :-1], c, cache)
+        plain = block.params_joint(x[:, :-1], c)
+    assert torch.equal(cached, plain)
+
+
 @pytest.mark.parametrize("window,every", [(0, 1), (5, 1), (5, 2)])
 def test_uncapped_fast_commit_matches_the_general_path(window, every):
     """Without a cap the committed run is read as one count on the device; a cap that never binds

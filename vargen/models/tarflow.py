@@ -110,16 +110,31 @@ class FlowBlock(nn.Module):
 
     def cond_emb(self, cond_B):
         """Class embeddings (B, D); the null class gets the mean of the class embeddings."""
-        table = torch.cat([self.class_emb, self.class_emb.mean(0, keepdim=True)])  # (K+1, D)
-        return table[cond_B]
+        return self._class_table()[cond_B]
+
+    def _class_table(self):
+        """(K+1, D): the class embeddings and, last, the null class's (their mean)."""
+        return torch.cat([self.class_emb, self.class_emb.mean(0, keepdim=True)])
+
+    def _tables(self):
+        """What every pass reads and no pass changes: positions in permuted order (T, D) and the
+        class table (K+1, D)."""
+        return self.pos_emb.flip(0) if self.flip else self.pos_emb, self._class_table()
 
     def new_cache(self, batch: int, window: int = 0) -> KVCache | RaggedKVCache:
-        """A KV cache for ``batch`` rows; ``window`` > 0: a ragged one for windows that wide."""
+        """A KV cache for ``batch`` rows; ``window`` > 0: a ragged one for windows that wide.
+
+        The cache carries the block's :meth:`_tables` for its inversion (``cache.weights``), so
+        a pass does not re-flip the positions or re-average the class table (a sequential step
+        spent ~15% of its time there on one CPU thread); the values are the same."""
         p = self.proj_in.weight
         depth, T = len(self.layers), self.num_tokens
         if window > 0:
-            return RaggedKVCache(depth, batch, self.heads, T + window, self.head_dim, p.device, p.dtype)
-        return KVCache(depth, batch, self.heads, T, self.head_dim, p.device, p.dtype)
+            cache = RaggedKVCache(depth, batch, self.heads, T + window, self.head_dim, p.device, p.dtype)
+        else:
+            cache = KVCache(depth, batch, self.heads, T, self.head_dim, p.device, p.dtype)
+        cache.weights = self._tables()
+        return cache
 
     def params(self, u_BLC, cond_B, cache: KVCache | RaggedKVCache | None = None, attn_temp_B=None):
         """(a, b), each (B, L, C_p): :meth:`params_joint` split into the log-scale and shift halves."""
@@ -141,7 +156,8 @@ class FlowBlock(nn.Module):
         meaningless outputs, which cannot reach the real positions before them (causal).
         """
         L = u_BLC.shape[1]
-        pos_TD = self.pos_emb.flip(0) if self.flip else self.pos_emb  # positions in permuted order
+        # positions in permuted order (T, D), class table (K+1, D): the cache's copy (new_cache)
+        pos_TD, table = self._tables() if cache is None or cache.weights is None else cache.weights
         mask = None
         if isinstance(cache, RaggedKVCache):
             mask = cache.begin(L)  # (B, 1, L, S)
@@ -152,7 +168,7 @@ class FlowBlock(nn.Module):
             pos = pos_TD[start : start + L]  # (L, D)
             if cache is not None and L > 1:  # bottom-right causal mask, built once for every layer
                 mask = torch.ones(L, start + L, dtype=torch.bool, device=u_BLC.device).tril(start)
-        h = self.proj_in(u_BLC) + pos + self.cond_emb(cond_B)[:, None]  # (B, L, D)
+        h = self.proj_in(u_BLC) + pos + table[cond_B][:, None]  # (B, L, D)
         inv_temp_B = None if attn_temp_B is None else 1.0 / attn_temp_B
         for i, layer in enumerate(self.layers):
             h = layer(h, cache, i, mask, inv_temp_B)
