@@ -7,9 +7,8 @@ in ``benchmarks/gpu_check_graphs.py``."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from tests.graph_emulator import GraphEmulator
 from tests.toys import tiny_llamagen
 from vargen.models.ar import ARConfig, ARTransformer
 from vargen.registry import SAMPLERS
@@ -112,34 +111,6 @@ def test_step_is_capturable():
     assert {k: v for k, v in vars(dec).items() if not torch.is_tensor(v)} == before[1]
     assert int(dec.pos_1) == 4 and torch.equal(dec.tok_in[:2, 0], dec.ids_BN[:, 3])
     assert torch.equal(dec.tok_in[2:], dec.tok_in[:2])  # the null-class rows get the same ids
-
-
-class GraphEmulator(TorchDispatchMode):
-    """A CUDA graph's semantics on CPU: records the aten ops of one call (refusing host reads, as
-    capture does) and :meth:`replay` re-runs them on the same tensors, writing each fresh result
-    into the recorded output (fixed addresses; views and in-place ops alias by themselves).
-    Python code is not re-run: state kept in Python instead of device tensors would go stale."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            raise RuntimeError("a host read (.item(), int(t), ...) inside a captured step")
-        out = func(*args, **(kwargs or {}))
-        self.ops.append((func, args, kwargs or {}, out))
-        return out
-
-    def replay(self):
-        for func, args, kwargs, out in self.ops:
-            fresh = func(*args, **kwargs)
-            for rec, new in zip(tree_flatten(out)[0], tree_flatten(fresh)[0]):
-                if (
-                    torch.is_tensor(rec)
-                    and rec.untyped_storage().data_ptr() != new.untyped_storage().data_ptr()
-                ):
-                    rec.copy_(new)
 
 
 @pytest.mark.parametrize(

@@ -173,6 +173,7 @@ class GSDConfig:
     top_p: float = 1.0
     backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
     compile: bool = False  # torch.compile the cached windows and the CPU verification step; slow to start
+    cuda_graph: bool = False  # replay one static-shape iteration as a CUDA graph (jacobi_graph.py); CUDA only
 
 
 @SAMPLERS.register("gsd", GSDConfig)
@@ -220,6 +221,7 @@ class GSDSampler(Sampler):
             slots=slots,
             backend=c.backend,
             compile=c.compile,
+            cuda_graph=c.cuda_graph,
             **warp_kwargs(c),
         )
         return complete(model, ids, cond_B, generator, stats)
