@@ -13,7 +13,7 @@ from vargen.models.ar import ARConfig, ARTransformer
 from vargen.registry import SAMPLERS
 from vargen.sampling.speculative.gsd import exact_group_fns, gsd_ratio, relative_embeddings
 from vargen.sampling.speculative.jacobi import sample_jacobi
-from vargen.sampling.speculative.jacobi_graph import StaticJacobi, sample_jacobi_static
+from vargen.sampling.speculative.jacobi_graph import _GRAPHS, StaticJacobi, sample_jacobi_static
 from vargen.sampling.speculative.verify import token_ratio, token_residual
 
 COUNTS = ("target_forwards", "positions_computed", "accepted", "proposed", "first_accepted", "first_proposed")
@@ -68,6 +68,28 @@ def test_static_iterations_draw_the_ids_of_sample_jacobi(kind, batch, window, wa
         m, cond_B, generator=torch.Generator().manual_seed(4), capture=False, **kw
     )
     assert not torch.equal(other, want)  # the ids follow the generator
+
+
+def test_a_later_call_reuses_the_static_iteration_until_a_weight_changes():
+    """The kept iteration (and on CUDA its graph) serves the next call of the same shapes from
+    a clean state: other labels and seeds draw the eager ids; a weight edit builds a new one."""
+    m = model(seed=4)
+    ratio_fn, residual_fn = fns("gsd", m)
+    kw = dict(window=4, ratio_fn=ratio_fn, residual_fn=residual_fn, cfg_scale=2.0)
+    seen = []
+    for labels, seed, edit in (([0, 1], 1, False), ([3, 2], 2, False), ([4, 4], 3, True)):
+        if edit:
+            with torch.no_grad():
+                m.head.weight.mul_(1.5)  # a new version: new prepared weights
+        cond_B = torch.tensor(labels)
+        want, want_stats = sample_jacobi(m, cond_B, generator=torch.Generator().manual_seed(seed), **kw)
+        got, stats = sample_jacobi_static(
+            m, cond_B, generator=torch.Generator().manual_seed(seed), capture=False, **kw
+        )
+        assert torch.equal(got, want)
+        assert [stats[k] for k in COUNTS] == [want_stats[k] for k in COUNTS]
+        seen.append(next(reversed(_GRAPHS[m].values())))
+    assert seen[0] is seen[1] and seen[2] is not seen[1] and len(_GRAPHS[m]) == 2
 
 
 @pytest.mark.parametrize("kind,batch,warp", [("sjd", 1, dict()), ("gsd_exact", 3, dict(cfg_scale=2.0))])
@@ -175,3 +197,8 @@ def test_cuda_graph_draws_the_ids_of_sample_jacobi_on_cuda(kind, batch, cfg_scal
     assert torch.equal(got, ref)
     if batch <= 2:  # one chunk: the eager loop's draws exactly
         assert torch.equal(got, want)
+    again, stats = sample_jacobi(
+        m, cond_B, generator=torch.Generator("cuda").manual_seed(3), cuda_graph=True, slots=2, **kw
+    )
+    assert torch.equal(again, got)  # the kept graphs, replayed from a clean state
+    assert stats["graph_replays"] == stats["target_forwards"]  # no warm-up, no capture: all replays

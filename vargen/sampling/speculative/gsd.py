@@ -135,6 +135,7 @@ def exact_group_fns(group: int):
     # the pair is recognised by its group size: :func:`accept_and_correct` then runs the fused
     # group verification (:func:`vargen_kernels.group_verify.group_verify`), the same computation
     ratio.group = residual.group = group
+    ratio.graph_key, residual.graph_key = ("rank_block_ratio", group), ("group_residual", group)
     return ratio, residual
 
 
@@ -208,6 +209,9 @@ class GSDSampler(Sampler):
 
         def ratio(p, q, x):
             return gsd_ratio(p, q, x, group, delta, dist, emb, near)
+
+        # a captured iteration (cuda_graph) may be replayed by a later call with equal constants
+        ratio.graph_key = ("gsd_ratio", group, delta, dist, near is None)
 
         ratio_fn, residual_fn = exact_group_fns(c.group) if c.exact_groups else (ratio, token_residual)
         ids, stats = sample_jacobi(

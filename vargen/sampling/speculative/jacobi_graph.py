@@ -33,8 +33,10 @@ the host); ``sample_jacobi(..., cuda_graph=True, slots=s)`` runs chunks of ``s``
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,8 @@ from vargen_kernels.dispatch import interpret_requested
 from vargen_kernels.logits_warper import warped_probs
 
 WARMUP_ITERATIONS = 2  # eager iterations on a side stream before capture (Triton compiles, SDPA picks)
+GRAPHS_PER_MODEL = 4  # captured iterations kept per model (least recently used dropped)
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OrderedDict(key -> StaticJacobi)
 
 
 class StaticWindowCache:
@@ -109,7 +113,7 @@ class StaticJacobi:
             slot_S[None, :] > slot_S[:, None], float("-inf")
         )  # row i: the slots a query at position i sees (additive)
         self.ar_W = torch.arange(W, device=device)
-        self.cond_in = cond_in  # (R,)
+        self.cond_in = cond_in.clone()  # (R,) written by reset
         # the Jacobi state (1b(a)), updated in place by every iteration
         self.ids_BX = torch.zeros(B, T + W, dtype=torch.long, device=device)  # pad absorbs writes past T
         self.len_B = torch.zeros(B, dtype=torch.long, device=device)
@@ -123,6 +127,16 @@ class StaticJacobi:
         self.ures_KBV = torch.zeros(K, B, V, device=device)
         self.fresh_KBg = torch.zeros(K, B, g, dtype=torch.long, device=device)
         self.it_1 = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph = None  # the captured iteration (:func:`run`), replayed by every later call
+
+    def reset(self, cond_in: torch.Tensor) -> None:
+        """Start a new batch on the same buffers (so a captured iteration replays on it): new
+        labels, no tokens, zero counts. Drafts and q come with :meth:`draw` (``start``); stale
+        keys/values need no clearing (a slot is written before any query may see it)."""
+        self.cond_in.copy_(cond_in)
+        self.ids_BX.zero_()
+        self.len_B.zero_()
+        self.counts_C.zero_()
 
     @property
     def capacity(self) -> int:
@@ -210,11 +224,12 @@ class StaticJacobi:
 
 def run(jac: StaticJacobi, generator: torch.Generator, capture: bool, stats: dict) -> int:
     """Run ``jac`` until every row holds T tokens, on the eager loop's schedule (module
-    docstring); returns the number of graph replays. ``capture`` (CUDA): the first
-    :data:`WARMUP_ITERATIONS` iterations eagerly on a side stream, one captured (recorded, not
-    run), then replays; ends with a sync. Counts ``target_forwards`` and ``syncs``."""
+    docstring); returns the number of graph replays. ``capture`` (CUDA): replays of
+    ``jac.graph`` when an earlier call captured it, else the first :data:`WARMUP_ITERATIONS`
+    iterations eagerly on a side stream, one captured (recorded, not run, and kept on ``jac``),
+    then replays; ends with a sync. Counts ``target_forwards`` and ``syncs``."""
     T, W = jac.T, jac.W
-    graph, replays, start = None, 0, True
+    graph, replays, start = jac.graph, 0, True
     device = jac.len_B.device
     stream = torch.cuda.Stream(device) if capture else None
     with torch.cuda.device(device) if capture else contextlib.nullcontext():
@@ -241,7 +256,7 @@ def run(jac: StaticJacobi, generator: torch.Generator, capture: bool, stats: dic
                             jac.step()
                     main.wait_stream(stream)
                     if k > warm:  # capture only once an iteration is left to replay
-                        graph = torch.cuda.CUDAGraph()
+                        graph = jac.graph = torch.cuda.CUDAGraph()
                         with torch.cuda.graph(graph, stream=stream):
                             jac.step()  # recorded, not run
                         for _ in range(k - warm):
@@ -272,7 +287,9 @@ def sample_jacobi_static(
 ):
     """:func:`~vargen.sampling.speculative.jacobi.sample_jacobi` on the static iteration: ids
     (B, T) and the same stats. ``capture`` needs a CUDA model; ``capture=False`` runs the same
-    iterations eagerly on any device (the CPU tests). Every row of ``cond_B`` runs at once."""
+    iterations eagerly on any device (the CPU tests). Every row of ``cond_B`` runs at once.
+    The static iteration and its graph are kept per model and reused by a later call of the
+    same shapes and options (:func:`static_jacobi`): capturing costs a few eager iterations."""
     if capture and model.device.type != "cuda":
         raise ValueError(f"cuda_graph needs a model on CUDA, got one on {model.device.type}")
     if capture and interpret_requested():  # the interpreter copies to the host: not capturable
@@ -289,8 +306,50 @@ def sample_jacobi_static(
     fused = (ratio_fn is token_ratio and residual_fn is token_residual) or (
         group is not None and getattr(ratio_fn, "group", None) == group
     )
-    jac = StaticJacobi(model, cond_in, B, window, warp, ratio_fn, residual_fn, fused, backend)
+    jac = static_jacobi(model, cond_in, B, window, warp, ratio_fn, residual_fn, fused, backend, capture)
     stats = {**new_stats(), "syncs": 0}
     stats["graph_replays"] = run(jac, generator, capture, stats)
     stats["positions_computed"] = stats["target_forwards"] * cond_in.shape[0] * window
     return jac.ids_BX[:, :T], finish_speculative(stats, B, B * T, t0, jac.counts_C)
+
+
+def graph_key(fn):
+    """What identifies a ratio or residual function in :func:`static_jacobi`'s cache: its
+    ``graph_key`` attribute (the samplers' closures set one from their constants), else itself."""
+    return getattr(fn, "graph_key", fn)
+
+
+def static_jacobi(
+    model, cond_in, B, window, warp, ratio_fn, residual_fn, fused, backend, capture
+) -> StaticJacobi:
+    """A :class:`StaticJacobi` for these shapes and options, reset to ``cond_in``: the one an
+    earlier call built (with its captured graph) when the key matches, else a new one, kept.
+
+    The key holds the model's prepared decode weights (the list itself, kept alive with the
+    entry: a weight change builds a new list, so a graph never replays on stale weights), the
+    shapes, the warper options, the ratio / residual (:func:`graph_key`), the backend and
+    whether it is captured. A closure's own tensors (GSD's embedding table) are read where the
+    first call's closure holds them: equal for equal weights."""
+    weights = model.prepared_decode_weights()
+    key = (
+        id(weights),
+        tuple(cond_in.shape),
+        B,
+        window,
+        tuple(sorted(warp.items())),
+        graph_key(ratio_fn),
+        graph_key(residual_fn),
+        fused,
+        backend,
+        capture,
+    )
+    kept = _GRAPHS.setdefault(model, collections.OrderedDict())
+    jac = kept.get(key)
+    if jac is None or jac.weights is not weights:
+        jac = StaticJacobi(model, cond_in, B, window, warp, ratio_fn, residual_fn, fused, backend)
+        kept[key] = jac
+        while len(kept) > GRAPHS_PER_MODEL:
+            kept.popitem(last=False)
+    kept.move_to_end(key)
+    jac.reset(cond_in)
+    return jac
