@@ -120,7 +120,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     reps = args.reps or (1 if args.quick else 3)
     w = zoo_workload(Zoo(), fid=False, device=args.device)
-    extra = {"cuda_graph": True} if args.cuda_graph else {}
+    extra = {"cuda_graph": True, "graph_noise": args.graph_noise} if args.cuda_graph else {}
     flat = sweep(
         w,
         args.methods,
@@ -139,6 +139,7 @@ def main(argv=None):
             "options.images.b16": args.images_b16,
             "options.device": args.device,
             "options.cuda_graph": args.cuda_graph,
+            "options.graph_noise": args.graph_noise,
         }
     )
     print_table(

@@ -175,6 +175,7 @@ class GSDConfig:
     backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
     compile: bool = False  # torch.compile the cached windows and the CPU verification step; slow to start
     cuda_graph: bool = False  # replay one static-shape iteration as a CUDA graph (jacobi_graph.py); CUDA only
+    graph_noise: str = "eager"  # with cuda_graph: eager (sample_jacobi's ids) | chunk (fewer host calls)
 
 
 @SAMPLERS.register("gsd", GSDConfig)
@@ -226,6 +227,7 @@ class GSDSampler(Sampler):
             backend=c.backend,
             compile=c.compile,
             cuda_graph=c.cuda_graph,
+            graph_noise=c.graph_noise,
             **warp_kwargs(c),
         )
         return complete(model, ids, cond_B, generator, stats)

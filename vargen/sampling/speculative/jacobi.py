@@ -50,6 +50,7 @@ def sample_jacobi(
     backend="auto",
     compile=False,
     cuda_graph=False,
+    graph_noise="eager",
     **warp,
 ):
     """SJD with window L = ``window`` (L-1 drafts + 1); ``ratio_fn(p, q, x)`` is the acceptance
@@ -66,7 +67,9 @@ def sample_jacobi(
     update (:func:`compiled_jacobi_step`); same ids to float rounding, slow to start.
     ``cuda_graph`` (CUDA models): each iteration replays one captured static-shape iteration
     (:mod:`~vargen.sampling.speculative.jacobi_graph`; the same draws, so the same ids to float
-    rounding); it runs chunks of ``slots`` samples without refilling.
+    rounding); it runs chunks of ``slots`` samples without refilling. ``graph_noise="chunk"`` draws
+    its random numbers one call per kind and chunk of iterations instead (other ids, the same
+    sampler, less host time: :meth:`~vargen.sampling.speculative.jacobi_graph.StaticJacobi.draw`).
 
     Random draws per iteration, all (slots, ...): :func:`accept_and_correct`'s, then (slots, g)
     random ids that pad the Jacobi update and restart refilled rows; (slots, g) random initial
@@ -77,7 +80,18 @@ def sample_jacobi(
         raise ValueError(f"sampler.window must be >= 1, got {window}")
     if cuda_graph:
         return _graph_chunks(
-            model, cond_N, generator, window, ratio_fn, residual_fn, use_cache, slots, backend, compile, warp
+            model,
+            cond_N,
+            generator,
+            window,
+            ratio_fn,
+            residual_fn,
+            use_cache,
+            slots,
+            backend,
+            compile,
+            graph_noise,
+            warp,
         )
     warp = {"cfg_scale": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, **warp}
     T, V = model.num_tokens, model.vocab_size
@@ -133,7 +147,7 @@ def sample_jacobi(
 
 
 def _graph_chunks(
-    model, cond_N, generator, window, ratio_fn, residual_fn, use_cache, slots, backend, compile, warp
+    model, cond_N, generator, window, ratio_fn, residual_fn, use_cache, slots, backend, compile, noise, warp
 ):
     """:func:`sample_jacobi` with ``cuda_graph``: chunks of ``slots`` samples (all at once for 0)
     through :func:`~vargen.sampling.speculative.jacobi_graph.sample_jacobi_static`, stats summed."""
@@ -155,6 +169,7 @@ def _graph_chunks(
             ratio_fn=ratio_fn,
             residual_fn=residual_fn,
             backend=backend,
+            noise=noise,
             **warp,
         )
         outs.append(ids)
@@ -231,6 +246,7 @@ class SJDConfig:
     backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
     compile: bool = False  # torch.compile the cached windows and the CPU verification step; slow to start
     cuda_graph: bool = False  # replay one static-shape iteration as a CUDA graph (jacobi_graph.py); CUDA only
+    graph_noise: str = "eager"  # with cuda_graph: eager (sample_jacobi's ids) | chunk (fewer host calls)
 
 
 def check_window(cfg):
@@ -261,6 +277,7 @@ class SJDSampler(Sampler):
             backend=c.backend,
             compile=c.compile,
             cuda_graph=c.cuda_graph,
+            graph_noise=c.graph_noise,
             **warp_kwargs(c),
         )
         return complete(model, ids, cond_B, generator, stats)

@@ -143,13 +143,22 @@ class StaticJacobi:
         """Iterations whose random numbers fit in the buffers."""
         return self.u_KBWV.shape[0]
 
-    def draw(self, generator: torch.Generator, iterations: int, start: bool = False) -> None:
+    def draw(
+        self, generator: torch.Generator, iterations: int, start: bool = False, order: str = "eager"
+    ) -> None:
         """Draw the random numbers of the next ``iterations`` iterations into the buffers and
-        rewind the counter: the same generator calls, in the same order, as ``sample_jacobi``
-        makes for them (per iteration: the verification's (B, W, V), (B, g), (B, V) uniforms,
-        then (B, g) random ids). ``start``: first the (B, g) random initial drafts, one-hot q."""
+        rewind the counter. ``order="eager"``: the same generator calls, in the same order, as
+        ``sample_jacobi`` makes for them (per iteration: the verification's (B, W, V), (B, g),
+        (B, V) uniforms, then (B, g) random ids), so the same ids; 4 calls per iteration, which
+        on a GPU cost more host time than a replayed iteration (~0.2 ms against ~0.5 ms at batch
+        1, photos_ar). ``order="chunk"``: one call per kind for the whole chunk, in that kind
+        order: other numbers (so other ids than ``sample_jacobi``), the same distribution (every
+        number is still a fresh uniform used once). ``start``: first the (B, g) random initial
+        drafts, one-hot q."""
         if not 0 < iterations <= self.capacity:
             raise ValueError(f"iterations must be in 1..{self.capacity}, got {iterations}")
+        if order not in ("eager", "chunk"):
+            raise ValueError(f"noise order must be 'eager' or 'chunk', got {order!r}")
         gen_dev = generator.device
 
         def put(buf, fill):
@@ -162,10 +171,16 @@ class StaticJacobi:
         if start:
             put(self.draft_Bg, lambda t: t.random_(0, V, generator=generator))
             self.q_BgV.copy_(F.one_hot(self.draft_Bg, V))
-        for k in range(iterations):
-            for buf in (self.u_KBWV[k], self.a_KBg[k], self.ures_KBV[k]):
+        if order == "chunk":
+            k = iterations
+            for buf in (self.u_KBWV[:k], self.a_KBg[:k], self.ures_KBV[:k]):
                 put(buf, lambda t: t.uniform_(generator=generator))
-            put(self.fresh_KBg[k], lambda t: t.random_(0, V, generator=generator))
+            put(self.fresh_KBg[:k], lambda t: t.random_(0, V, generator=generator))
+        else:
+            for k in range(iterations):
+                for buf in (self.u_KBWV[k], self.a_KBg[k], self.ures_KBV[k]):
+                    put(buf, lambda t: t.uniform_(generator=generator))
+                put(self.fresh_KBg[k], lambda t: t.random_(0, V, generator=generator))
         self.it_1.zero_()
 
     def window_probs(self) -> torch.Tensor:
@@ -222,12 +237,15 @@ class StaticJacobi:
         it.add_(1)
 
 
-def run(jac: StaticJacobi, generator: torch.Generator, capture: bool, stats: dict) -> int:
+def run(
+    jac: StaticJacobi, generator: torch.Generator, capture: bool, stats: dict, noise: str = "eager"
+) -> int:
     """Run ``jac`` until every row holds T tokens, on the eager loop's schedule (module
     docstring); returns the number of graph replays. ``capture`` (CUDA): replays of
     ``jac.graph`` when an earlier call captured it, else the first :data:`WARMUP_ITERATIONS`
     iterations eagerly on a side stream, one captured (recorded, not run, and kept on ``jac``),
-    then replays; ends with a sync. Counts ``target_forwards`` and ``syncs``."""
+    then replays; ends with a sync. ``noise``: the order of the draws (:meth:`StaticJacobi.draw`).
+    Counts ``target_forwards`` and ``syncs``."""
     T, W = jac.T, jac.W
     graph, replays, start = jac.graph, 0, True
     device = jac.len_B.device
@@ -242,7 +260,7 @@ def run(jac: StaticJacobi, generator: torch.Generator, capture: bool, stats: dic
             todo = -(-left // W)  # an iteration emits at most W tokens per row: these are certain
             while todo > 0:
                 k = min(todo, jac.capacity)
-                jac.draw(generator, k, start)
+                jac.draw(generator, k, start, noise)
                 start = False
                 stats["target_forwards"] += k
                 if not capture:
@@ -283,13 +301,17 @@ def sample_jacobi_static(
     residual_fn=token_residual,
     backend="auto",
     capture=True,
+    noise="eager",
     **warp,
 ):
     """:func:`~vargen.sampling.speculative.jacobi.sample_jacobi` on the static iteration: ids
     (B, T) and the same stats. ``capture`` needs a CUDA model; ``capture=False`` runs the same
     iterations eagerly on any device (the CPU tests). Every row of ``cond_B`` runs at once.
     The static iteration and its graph are kept per model and reused by a later call of the
-    same shapes and options (:func:`static_jacobi`): capturing costs a few eager iterations."""
+    same shapes and options (:func:`static_jacobi`): capturing costs a few eager iterations.
+    ``noise``: ``"eager"`` draws ``sample_jacobi``'s numbers (the same ids), ``"chunk"`` one call
+    per kind and chunk of iterations (other ids, the same sampler; less host time per iteration:
+    :meth:`StaticJacobi.draw`)."""
     if capture and model.device.type != "cuda":
         raise ValueError(f"cuda_graph needs a model on CUDA, got one on {model.device.type}")
     if capture and interpret_requested():  # the interpreter copies to the host: not capturable
@@ -308,7 +330,7 @@ def sample_jacobi_static(
     )
     jac = static_jacobi(model, cond_in, B, window, warp, ratio_fn, residual_fn, fused, backend, capture)
     stats = {**new_stats(), "syncs": 0}
-    stats["graph_replays"] = run(jac, generator, capture, stats)
+    stats["graph_replays"] = run(jac, generator, capture, stats, noise)
     stats["positions_computed"] = stats["target_forwards"] * cond_in.shape[0] * window
     return jac.ids_BX[:, :T], finish_speculative(stats, B, B * T, t0, jac.counts_C)
 
