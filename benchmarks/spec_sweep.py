@@ -114,6 +114,12 @@ def main(argv=None):
         "--cuda-graph", action="store_true", help="plain decoding and SJD / GSD replay captured steps (CUDA)"
     )
     ap.add_argument(
+        "--graph-noise",
+        default="eager",
+        choices=["eager", "chunk"],
+        help="SJD / GSD draw order under --cuda-graph",
+    )
+    ap.add_argument(
         "--topic", default="spec_sweep", help="results file name (benchmarks/results/<topic>.json)"
     )
     args = ap.parse_args(argv)
