@@ -85,10 +85,10 @@ class StaticJacobi:
     graph captures, callable eagerly on any device.
 
     ``cond_in``: (R,) labels of the forward (with CFG the B labels, then B null classes);
-    ``window`` W; ``iterations``: how many iterations' random numbers the buffers hold (the most
-    one read of the lengths can make certain, ceil(T / W)); ``ratio_fn``, ``residual_fn``,
-    ``fused``, ``backend`` as :func:`~vargen.sampling.speculative.jacobi.jacobi_step` takes them.
-    Fill the random numbers with :meth:`draw` (``start`` sets the initial drafts), then call
+    ``window`` W; ``ratio_fn``, ``residual_fn``, ``fused``, ``backend`` as
+    :func:`~vargen.sampling.speculative.jacobi.jacobi_step` takes them. The buffers hold the
+    random numbers of :attr:`capacity` = ceil(T / W) iterations (the most one read of the lengths
+    can make certain). Fill them with :meth:`draw` (``start`` sets the initial drafts), then call
     :meth:`step` once per drawn iteration."""
 
     def __init__(self, model, cond_in, B, window, warp, ratio_fn, residual_fn, fused, backend):
@@ -120,7 +120,7 @@ class StaticJacobi:
         self.draft_Bg = torch.zeros(B, g, dtype=torch.long, device=device)
         self.q_BgV = torch.zeros(B, g, V, dtype=w.dtype, device=device)
         self.counts_C = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
-        # the random numbers of up to K iterations, in the eager order, and which one is next
+        # the random numbers of up to K iterations (draw), and which one is next
         K = max(1, -(-T // W))
         self.u_KBWV = torch.zeros(K, B, W, V, device=device)
         self.a_KBg = torch.zeros(K, B, g, device=device)
