@@ -46,6 +46,12 @@ each method was measured at, its images and reps), so an expensive method need n
 after an unrelated change. The JSON is written after each method, so an interrupted run keeps the
 methods it finished. ``--device cuda`` runs the models on the GPU (``acceleration_cuda.json``),
 ``--keep-going`` records a method that raises as ``<m>.error`` and runs the rest.
+``--set cuda_graph=true`` (CUDA) replays captured static steps: plain decoding
+(``sample_ar(cuda_graph=True)``) and SJD / GSD iterations
+(:mod:`vargen.sampling.speculative.jacobi_graph`, chunks of ``b`` samples without refill); SD,
+CSpD, VAR and TarFlow stay eager, so their ratios are then against graph-replayed plain decoding.
+``--set graph_noise=chunk`` draws SJD / GSD's random numbers one call per kind and chunk of
+iterations (other ids than the eager samplers', the same samplers; less host time per iteration).
 
 SD, SJD, GSD, CSpD and TarFlow Jacobi batch continuously: every image's condition goes into one
 call that keeps ``b`` rows in flight and refills a finished row's slot with the next image; the
@@ -137,7 +143,8 @@ def _warp(o):
 def draw_ar(w, cond, g, slots, o):
     from vargen.sampling.decoders.ar import sample_ar
 
-    return _chunked(lambda c: sample_ar(w.ar, c, generator=g, **_warp(o)), cond, slots)
+    graph = o.get("cuda_graph", False)
+    return _chunked(lambda c: sample_ar(w.ar, c, generator=g, cuda_graph=graph, **_warp(o)), cond, slots)
 
 
 def _continuous(out_stats, slots):
@@ -158,7 +165,8 @@ def draw_sd(w, cond, g, slots, o):
 def _jacobi(w, cond, g, slots, o, name, **extra):
     from vargen.registry import SAMPLERS
 
-    run = SAMPLERS.build({"name": name, "window": o["window"], **_warp(o), **extra})
+    graph = {"cuda_graph": o.get("cuda_graph", False), "graph_noise": o.get("graph_noise", "eager")}
+    run = SAMPLERS.build({"name": name, "window": o["window"], **graph, **_warp(o), **extra})
     return _continuous(run(w.ar, cond, g, slots=slots), slots)
 
 
@@ -315,6 +323,8 @@ METHODS = {
 # ``tuned`` setting is ``JACOBI_CPU`` in vargen/sampling/decoders/tarflow.py (its own sweep).
 DEFAULTS = {
     "cfg_scale": 1.5,
+    "cuda_graph": False,  # CUDA: plain decoding and SJD / GSD replay captured steps (the others stay eager)
+    "graph_noise": "eager",  # SJD / GSD under cuda_graph: eager (the eager ids) | chunk (fewer host calls)
     "sd.gamma": {1: 4, 16: 1},
     "sjd.window": {1: 6, 16: 2},
     "gsd.window": {1: 16, 16: 2},
@@ -325,7 +335,7 @@ DEFAULTS = {
     "tarflow.tuned": True,  # TarFlow Jacobi: window, tol, batching per batch from JACOBI_CPU (resolve)
 }
 # per-cell options written beside the cell's numbers
-RECORDED = ("window", "gamma", "proposals", "tol", "continuous")
+RECORDED = ("window", "gamma", "proposals", "tol", "continuous", "cuda_graph", "graph_noise")
 # The option family of each method (the prefix of its option keys); a method not named here is its own.
 FAMILY = {"cspd_path": "cspd", "tarflow_jacobi": "tarflow", "tarflow_gs_jacobi": "tarflow"}
 
@@ -370,13 +380,20 @@ def resolve(opts: dict, name: str, batch: int) -> dict:
 
 def parse_set(items) -> dict:
     """``--set KEY=VALUE`` / ``KEY.bB=VALUE`` pairs as options overrides (``sjd.window=8`` in every
-    regime; ``sjd.window.b16=4`` at batch 16 only, the other regimes keep their default)."""
+    regime; ``sjd.window.b16=4`` at batch 16 only, the other regimes keep their default);
+    ``true`` / ``false`` are booleans (``cuda_graph=true``), other words strings."""
     out: dict = {}
     for item in items or ():
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set wants KEY=VALUE, got {item!r}")
-        num = float(value) if "." in value else int(value)
+        if value.lower() in ("true", "false"):
+            num = value.lower() == "true"
+        else:
+            try:
+                num = float(value) if "." in value else int(value)
+            except ValueError:
+                num = value  # a name (graph_noise=chunk)
         head, _, last = key.rpartition(".")
         if head and last[:1] == "b" and last[1:].isdigit():
             base = out.get(head, DEFAULTS.get(head))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Which SJD / GSD window and which SD gamma pay on this CPU, per regime (batch 1 and batch 16).
 
-    python -m benchmarks.spec_sweep [--quick] [--threads 1]
+    python -m benchmarks.spec_sweep [--quick] [--threads 1] [--windows 4 16] [--device cuda --cuda-graph]
 
 Every cell is one call of ``benchmarks.acceleration.measure_speed``: the method at one window W
 (SJD, GSD, GSD-exact: W in 2, 3, 4, 6, 8, 16) or one gamma (SD with photos_ar_draft: 1, 2, 3, 4),
@@ -55,13 +55,17 @@ def cells(methods, windows, gammas):
     return out
 
 
-def sweep(w, methods, batches, windows, gammas, reps, n_latency, n_throughput, log=print) -> dict:
-    """Flat ``<m>.<w|g><k>.b<b>.<column>`` keys plus ``best.<m>.b<b>`` (the value of highest cpu ratio)."""
+def sweep(w, methods, batches, windows, gammas, reps, n_latency, n_throughput, log=print, extra=None) -> dict:
+    """Flat ``<m>.<w|g><k>.b<b>.<column>`` keys plus ``best.<m>.b<b>`` (the value of highest cpu
+    ratio, or of wall ratio off the CPU, where process CPU time is the host's launch time).
+    ``extra``: more options of every cell (``{"cuda_graph": True}``)."""
     flat: dict = {}
+    rank = "cpu_ratio" if w.device.type == "cpu" else "wall_ratio"
     for b in batches:
         n = n_latency if b == 1 else max(b, n_throughput)
         for m, option, v, key in cells(methods, windows, gammas):
-            r = measure_speed(m, w, b, n, reps, {"cfg_scale": DEFAULTS["cfg_scale"], option: v})
+            opts = {"cfg_scale": DEFAULTS["cfg_scale"], **(extra or {}), option: v}
+            r = measure_speed(m, w, b, n, reps, opts)
             for c in COLUMNS:
                 if c in r:
                     flat[f"{key}.b{b}.{c}"] = r[c]
@@ -71,7 +75,7 @@ def sweep(w, methods, batches, windows, gammas, reps, n_latency, n_throughput, l
         option, tag = SWEPT[m]
         for b in batches:
             vals = windows if option == "window" else gammas
-            flat[f"best.{m}.b{b}"] = max(vals, key=lambda v: flat[f"{m}.{tag}{v}.b{b}.cpu_ratio"])
+            flat[f"best.{m}.b{b}"] = max(vals, key=lambda v: flat[f"{m}.{tag}{v}.b{b}.{rank}"])
     return flat
 
 
@@ -101,19 +105,54 @@ def main(argv=None):
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 16])
     ap.add_argument("--reps", type=int, default=None, help="best of this many (default 3, --quick 1)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as measured)")
+    ap.add_argument("--windows", nargs="*", type=int, default=list(WINDOWS))
+    ap.add_argument("--gammas", nargs="*", type=int, default=list(GAMMAS))
+    ap.add_argument("--images-b1", type=int, default=4)
+    ap.add_argument("--images-b16", type=int, default=32)
+    ap.add_argument("--device", default="cpu", help="where the models run (cuda: ranked by wall ratio)")
+    ap.add_argument(
+        "--cuda-graph", action="store_true", help="plain decoding and SJD / GSD replay captured steps (CUDA)"
+    )
+    ap.add_argument(
+        "--graph-noise",
+        default="eager",
+        choices=["eager", "chunk"],
+        help="SJD / GSD draw order under --cuda-graph",
+    )
+    ap.add_argument(
+        "--topic", default="spec_sweep", help="results file name (benchmarks/results/<topic>.json)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     reps = args.reps or (1 if args.quick else 3)
-    w = zoo_workload(Zoo(), fid=False)
-    flat = sweep(w, args.methods, args.batches, WINDOWS, GAMMAS, reps, 4, 32)
-    flat.update({"options.reps": reps, "options.images.b1": 4, "options.images.b16": 32})
+    w = zoo_workload(Zoo(), fid=False, device=args.device)
+    extra = {"cuda_graph": True, "graph_noise": args.graph_noise} if args.cuda_graph else {}
+    flat = sweep(
+        w,
+        args.methods,
+        args.batches,
+        args.windows,
+        args.gammas,
+        reps,
+        args.images_b1,
+        args.images_b16,
+        extra=extra,
+    )
+    flat.update(
+        {
+            "options.reps": reps,
+            "options.images.b1": args.images_b1,
+            "options.images.b16": args.images_b16,
+            "options.device": args.device,
+            "options.cuda_graph": args.cuda_graph,
+            "options.graph_noise": args.graph_noise,
+        }
+    )
     print_table(
-        rows(flat, args.methods, args.batches, WINDOWS, GAMMAS),
+        rows(flat, args.methods, args.batches, args.windows, args.gammas),
         ["method", "window", "gamma", "batch", *COLUMNS[:5], "best"],
     )
-    print(
-        "wrote", write_results("spec_sweep", flat, meta(args.quick, [0]), chart=("nfe_ratio", "wall_ratio"))
-    )
+    print("wrote", write_results(args.topic, flat, meta(args.quick, [0]), chart=("nfe_ratio", "wall_ratio")))
 
 
 if __name__ == "__main__":

@@ -133,7 +133,12 @@ def test_methods_draw_from_their_explicit_generator(workload, name):
 def test_options_resolve_per_method_and_regime():
     opts = options({"sjd.window": {1: 6, 16: 3}, "sd.gamma": 2, "cfg_scale": 2.0})
     assert [resolve(opts, "sjd", b)["window"] for b in (1, 8, 15, 16, 100)] == [6, 6, 6, 3, 3]
-    assert resolve(opts, "sd", 16) == {"cfg_scale": 2.0, "gamma": 2}
+    assert resolve(opts, "sd", 16) == {
+        "cfg_scale": 2.0,
+        "cuda_graph": False,
+        "graph_noise": "eager",
+        "gamma": 2,
+    }
     # every method reads only its own family's keys: GSD keeps its default, SJD's does not leak
     assert resolve(opts, "gsd", 1)["window"] == DEFAULTS["gsd.window"][1]
     assert resolve(opts, "cspd_path", 16)["gamma"] == DEFAULTS["cspd.gamma"]
@@ -144,9 +149,18 @@ def test_options_resolve_per_method_and_regime():
 
     for b in (1, 16, 100):
         tuned = JACOBI_CPU[1 if b == 1 else 16]
-        assert resolve(opts, "tarflow_jacobi", b) == {"cfg_scale": 2.0, **tuned}
+        assert resolve(opts, "tarflow_jacobi", b) == {
+            "cfg_scale": 2.0,
+            "cuda_graph": False,
+            "graph_noise": "eager",
+            **tuned,
+        }
     # keys without a dot reach every method; window / gamma only their family's
-    assert resolve(opts, "var", 1) == resolve(opts, "ar", 16) == {"cfg_scale": 2.0}
+    assert (
+        resolve(opts, "var", 1)
+        == resolve(opts, "ar", 16)
+        == {"cfg_scale": 2.0, "cuda_graph": False, "graph_noise": "eager"}
+    )
     assert resolve(options({"sjd.window": {4: 5, 16: 3}}), "sjd", 1)["window"] == 5  # below them all
 
 
@@ -165,6 +179,18 @@ def test_set_flags_override_one_regime_or_all():
     over = parse_set(["sjd.window.b16=4", "sd.gamma=2", "cfg_scale=2.0"])
     assert over == {"sjd.window": {**DEFAULTS["sjd.window"], 16: 4}, "sd.gamma": 2, "cfg_scale": 2.0}
     assert resolve(options(over), "sjd", 1)["window"] == DEFAULTS["sjd.window"][1]
+    assert parse_set(["cuda_graph=true", "graph_noise=chunk"]) == {"cuda_graph": True, "graph_noise": "chunk"}
+    assert DEFAULTS["cuda_graph"] is False
+
+
+@pytest.mark.parametrize("name", ["ar", "sjd", "gsd_exact"])
+def test_cuda_graph_option_reaches_the_samplers(workload, name):
+    """``--set cuda_graph=true`` makes plain decoding and SJD / GSD capture their steps: off CUDA
+    that is refused, which shows the option got through."""
+    method = {**BASELINES, **METHODS}[name]
+    o = resolve(options({"cuda_graph": True}), name, 1)
+    with pytest.raises(ValueError, match="needs a model on CUDA"):
+        method.draw(workload, labels(1, workload.num_classes), torch.Generator().manual_seed(0), 1, o)
 
 
 def test_run_draws_each_regime_with_its_own_setting(workload, monkeypatch):

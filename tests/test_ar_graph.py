@@ -7,14 +7,13 @@ in ``benchmarks/gpu_check_graphs.py``."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from tests.graph_emulator import GraphEmulator
 from tests.toys import tiny_llamagen
 from vargen.models.ar import ARConfig, ARTransformer
 from vargen.registry import SAMPLERS
 from vargen.sampling.decoders.ar import ARSamplerConfig, _StepNoise, sample_ar
-from vargen.sampling.decoders.ar_graph import StaticDecoder, decode, sample_ar_static
+from vargen.sampling.decoders.ar_graph import _DECODERS, StaticDecoder, decode, sample_ar_static
 
 
 def model(seed=0):
@@ -72,6 +71,25 @@ def test_static_decode_draws_the_ids_of_sample_ar(batch, warp):
     assert not torch.equal(other, want)  # the ids follow the generator
 
 
+def test_a_later_call_reuses_the_static_decoder_until_a_weight_changes():
+    """The kept decoder (and on CUDA its graph) serves the next call of the same shapes from a
+    clean state: other labels and seeds draw the eager ids; a weight edit builds a new one."""
+    m = model(seed=5)
+    seen = []
+    for labels, seed, edit in (([0, 1], 1, False), ([3, 2], 2, False), ([4, 4], 3, True)):
+        if edit:
+            with torch.no_grad():
+                m.head.weight.mul_(1.5)  # a new version: new prepared weights
+        cond_B = torch.tensor(labels)
+        want, _ = sample_ar(m, cond_B, generator=torch.Generator().manual_seed(seed), cfg_scale=2.0)
+        got, _ = sample_ar_static(
+            m, cond_B, generator=torch.Generator().manual_seed(seed), cfg_scale=2.0, capture=False
+        )
+        assert torch.equal(got, want)
+        seen.append(next(reversed(_DECODERS[m].values())))
+    assert seen[0] is seen[1] and seen[2] is not seen[1] and len(_DECODERS[m]) == 2
+
+
 def test_decode_without_capture_counts_no_replays():
     m = model()
     cond_in = torch.tensor([1])
@@ -112,34 +130,6 @@ def test_step_is_capturable():
     assert {k: v for k, v in vars(dec).items() if not torch.is_tensor(v)} == before[1]
     assert int(dec.pos_1) == 4 and torch.equal(dec.tok_in[:2, 0], dec.ids_BN[:, 3])
     assert torch.equal(dec.tok_in[2:], dec.tok_in[:2])  # the null-class rows get the same ids
-
-
-class GraphEmulator(TorchDispatchMode):
-    """A CUDA graph's semantics on CPU: records the aten ops of one call (refusing host reads, as
-    capture does) and :meth:`replay` re-runs them on the same tensors, writing each fresh result
-    into the recorded output (fixed addresses; views and in-place ops alias by themselves).
-    Python code is not re-run: state kept in Python instead of device tensors would go stale."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            raise RuntimeError("a host read (.item(), int(t), ...) inside a captured step")
-        out = func(*args, **(kwargs or {}))
-        self.ops.append((func, args, kwargs or {}, out))
-        return out
-
-    def replay(self):
-        for func, args, kwargs, out in self.ops:
-            fresh = func(*args, **kwargs)
-            for rec, new in zip(tree_flatten(out)[0], tree_flatten(fresh)[0]):
-                if (
-                    torch.is_tensor(rec)
-                    and rec.untyped_storage().data_ptr() != new.untyped_storage().data_ptr()
-                ):
-                    rec.copy_(new)
 
 
 @pytest.mark.parametrize(
@@ -199,3 +189,8 @@ def test_cuda_graph_draws_the_ids_of_sample_ar_on_cuda(batch, cfg_scale):
     )
     assert stats["graph_replays"] > 0
     assert (got != want).float().mean() < 0.05  # float rounding may flip a rare token
+    again, stats = sample_ar(
+        m, cond_B, generator=torch.Generator("cuda").manual_seed(3), cfg_scale=cfg_scale, cuda_graph=True
+    )
+    assert torch.equal(again, got)  # the kept graph, replayed from a clean state
+    assert stats["graph_replays"] == m.num_tokens - 1  # no warm-up, no capture: every step after the first

@@ -26,7 +26,9 @@ the same ids); :func:`sample_ar_static` with ``capture=True`` captures it on CUD
 
 from __future__ import annotations
 
+import collections
 import time
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,10 @@ from vargen_kernels.dispatch import interpret_requested
 from vargen_kernels.logits_warper import warp_and_sample
 
 WARMUP_STEPS = 2  # eager steps on a side stream before capture (compile Triton, pick SDPA backends)
+GRAPHS_PER_MODEL = 4  # captured steps kept per model (least recently used dropped)
+_DECODERS: weakref.WeakKeyDictionary = (
+    weakref.WeakKeyDictionary()
+)  # model -> OrderedDict(key -> StaticDecoder)
 
 
 class StaticKVCache:
@@ -99,10 +105,21 @@ class StaticDecoder:
         self.mask_SS = torch.zeros(N, N, dtype=w.dtype, device=device).masked_fill_(
             ~allowed_SS, float("-inf")
         )
-        self.cond_in = cond_in  # (rows,)
+        self.cond_in = cond_in.clone()  # (rows,) written by reset
         self.tok_in = torch.zeros(rows, 1, dtype=torch.long, device=device)  # (rows, 1) the last ids
-        self.noise_NBV = noise_NBV
+        self.noise_NBV = noise_NBV  # owned (the caller's fresh draw); reset copies into it
         self.ids_BN = torch.zeros(B, N, dtype=torch.long, device=device)
+        self.graph = None  # the captured step (:func:`decode`), replayed by every later call
+
+    def reset(self, cond_in: torch.Tensor, noise_NBV: torch.Tensor) -> None:
+        """Start a new sequence on the same buffers (so a captured step replays on it): new labels
+        and noise, position 0. Stale keys/values need no clearing (each step writes its slot
+        before it attends)."""
+        self.cond_in.copy_(cond_in)
+        self.noise_NBV.copy_(noise_NBV)
+        self.pos_1.zero_()
+        self.tok_in.zero_()
+        self.ids_BN.zero_()
 
     def step(self, first: bool = False) -> torch.Tensor:
         """Decode the token at the current position and advance; returns the logits (rows, V).
@@ -139,9 +156,10 @@ class StaticDecoder:
 def decode(dec: StaticDecoder, capture: bool, progress: bool = False) -> int:
     """Run ``dec`` over the whole sequence; returns the number of graph replays.
 
-    ``capture`` (CUDA): position 0 and :data:`WARMUP_STEPS` steps eagerly (the warm-up on a side
-    stream, as graph capture needs: Triton kernels compile, libraries pick their kernels), then one
-    step captured into a :class:`torch.cuda.CUDAGraph` and replayed for the rest; the warm-up
+    ``capture`` (CUDA): position 0 eagerly, then replays of ``dec.graph`` when an earlier call
+    captured it; else :data:`WARMUP_STEPS` steps eagerly (the warm-up on a side stream, as graph
+    capture needs: Triton kernels compile, libraries pick their kernels), then one step captured
+    into a :class:`torch.cuda.CUDAGraph` (kept on ``dec``) and replayed for the rest; the warm-up
     steps are real steps (the graph reads the position from the device, so it continues from
     there). Ends with a sync of the current stream, so that the graph and its memory are not
     freed under running work and the caller's clock sees the whole decode. Without ``capture``
@@ -153,6 +171,11 @@ def decode(dec: StaticDecoder, capture: bool, progress: bool = False) -> int:
             dec.step()
         return 0
     device = dec.ids_BN.device
+    if dec.graph is not None:
+        for _ in tqdm(range(1, N), desc="decode", disable=not progress, leave=False):
+            dec.graph.replay()
+        torch.cuda.current_stream(device).synchronize()
+        return N - 1
     with torch.cuda.device(device):
         main = torch.cuda.current_stream()
         side = torch.cuda.Stream()
@@ -164,7 +187,7 @@ def decode(dec: StaticDecoder, capture: bool, progress: bool = False) -> int:
         main.wait_stream(side)
         rest = N - 1 - warm
         if rest > 0:
-            graph = torch.cuda.CUDAGraph()
+            graph = dec.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=side):
                 dec.step()  # recorded, not run
             for _ in tqdm(range(rest), desc="decode", disable=not progress, leave=False):
@@ -192,7 +215,9 @@ def sample_ar_static(
     (:class:`_StepNoise`: the same numbers, the same final generator state), so with equal logits
     the ids are those of ``sample_ar``. It is held whole: (N, B, V) fp32 (16 MiB at N=256, B=16,
     V=1024). ``capture`` needs a CUDA model (:func:`decode`); ``capture=False`` runs the same steps
-    eagerly on any device (the CPU tests). The stats count what ``sample_ar`` counts.
+    eagerly on any device (the CPU tests). The stats count what ``sample_ar`` counts. The
+    static step and its graph are kept per model and reused by a later call of the same shapes
+    and options (:func:`static_decoder`): capturing costs a few eager steps.
     """
     if capture and model.device.type != "cuda":
         raise ValueError(f"cuda_graph needs a model on CUDA, got one on {model.device.type}")
@@ -205,7 +230,7 @@ def sample_ar_static(
     noise = _StepNoise(generator, N, B, V, device, torch_warper=False)
     noise_NBV = torch.stack([noise(i) for i in range(N)])  # (N, B, V): one copy, not N
     warp = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
-    dec = StaticDecoder(model, cond_in, B, noise_NBV, warp)
+    dec = static_decoder(model, cond_in, B, noise_NBV, warp, capture)
     replays = decode(dec, capture, progress)
     stats = new_stats()
     stats["target_forwards"] = N
@@ -214,3 +239,23 @@ def sample_ar_static(
     stats["graph_replays"] = replays
     stats["seconds"] = time.perf_counter() - t0
     return dec.ids_BN, stats
+
+
+def static_decoder(model, cond_in, B, noise_NBV, warp, capture) -> StaticDecoder:
+    """A :class:`StaticDecoder` for these shapes and options, reset to ``cond_in`` and
+    ``noise_NBV``: the one an earlier call built (with its captured graph) when the key matches,
+    else a new one, kept. The key holds the model's prepared decode weights (the list itself,
+    kept alive with the entry: a weight change builds a new list, so a graph never replays on
+    stale weights), the shapes, the warper options and whether it is captured."""
+    weights = model.prepared_decode_weights()
+    key = (id(weights), tuple(cond_in.shape), B, tuple(sorted(warp.items())), capture)
+    kept = _DECODERS.setdefault(model, collections.OrderedDict())
+    dec = kept.get(key)
+    if dec is None or dec.weights is not weights:
+        dec = kept[key] = StaticDecoder(model, cond_in, B, noise_NBV, warp)
+        while len(kept) > GRAPHS_PER_MODEL:
+            kept.popitem(last=False)
+    else:
+        dec.reset(cond_in, noise_NBV)
+    kept.move_to_end(key)
+    return dec

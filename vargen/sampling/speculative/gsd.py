@@ -135,6 +135,7 @@ def exact_group_fns(group: int):
     # the pair is recognised by its group size: :func:`accept_and_correct` then runs the fused
     # group verification (:func:`vargen_kernels.group_verify.group_verify`), the same computation
     ratio.group = residual.group = group
+    ratio.graph_key, residual.graph_key = ("rank_block_ratio", group), ("group_residual", group)
     return ratio, residual
 
 
@@ -173,6 +174,8 @@ class GSDConfig:
     top_p: float = 1.0
     backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
     compile: bool = False  # torch.compile the cached windows and the CPU verification step; slow to start
+    cuda_graph: bool = False  # replay one static-shape iteration as a CUDA graph (jacobi_graph.py); CUDA only
+    graph_noise: str = "eager"  # with cuda_graph: eager (sample_jacobi's ids) | chunk (fewer host calls)
 
 
 @SAMPLERS.register("gsd", GSDConfig)
@@ -208,6 +211,9 @@ class GSDSampler(Sampler):
         def ratio(p, q, x):
             return gsd_ratio(p, q, x, group, delta, dist, emb, near)
 
+        # a captured iteration (cuda_graph) may be replayed by a later call with equal constants
+        ratio.graph_key = ("gsd_ratio", group, delta, dist, near is None)
+
         ratio_fn, residual_fn = exact_group_fns(c.group) if c.exact_groups else (ratio, token_residual)
         ids, stats = sample_jacobi(
             ar,
@@ -220,6 +226,8 @@ class GSDSampler(Sampler):
             slots=slots,
             backend=c.backend,
             compile=c.compile,
+            cuda_graph=c.cuda_graph,
+            graph_noise=c.graph_noise,
             **warp_kwargs(c),
         )
         return complete(model, ids, cond_B, generator, stats)

@@ -49,6 +49,8 @@ def sample_jacobi(
     slots=0,
     backend="auto",
     compile=False,
+    cuda_graph=False,
+    graph_noise="eager",
     **warp,
 ):
     """SJD with window L = ``window`` (L-1 drafts + 1); ``ratio_fn(p, q, x)`` is the acceptance
@@ -63,6 +65,11 @@ def sample_jacobi(
     ``torch.compile`` the cached windows (:meth:`ARTransformer.compile_decode`) and, where the
     verification runs the torch reference (the CPU), each iteration's verification and Jacobi
     update (:func:`compiled_jacobi_step`); same ids to float rounding, slow to start.
+    ``cuda_graph`` (CUDA models): each iteration replays one captured static-shape iteration
+    (:mod:`~vargen.sampling.speculative.jacobi_graph`; the same draws, so the same ids to float
+    rounding); it runs chunks of ``slots`` samples without refilling. ``graph_noise="chunk"`` draws
+    its random numbers one call per kind and chunk of iterations instead (other ids, the same
+    sampler, less host time: :meth:`~vargen.sampling.speculative.jacobi_graph.StaticJacobi.draw`).
 
     Random draws per iteration, all (slots, ...): :func:`accept_and_correct`'s, then (slots, g)
     random ids that pad the Jacobi update and restart refilled rows; (slots, g) random initial
@@ -71,6 +78,21 @@ def sample_jacobi(
     cond_N = cond_B  # every pending sample (the keyword keeps its historical name)
     if window < 1:
         raise ValueError(f"sampler.window must be >= 1, got {window}")
+    if cuda_graph:
+        return _graph_chunks(
+            model,
+            cond_N,
+            generator,
+            window,
+            ratio_fn,
+            residual_fn,
+            use_cache,
+            slots,
+            backend,
+            compile,
+            graph_noise,
+            warp,
+        )
     warp = {"cfg_scale": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, **warp}
     T, V = model.num_tokens, model.vocab_size
     device = cond_N.device
@@ -122,6 +144,37 @@ def sample_jacobi(
             q_BgV = torch.where(restart_B1[..., None], F.one_hot(fresh_Bg, V).to(q_BgV.dtype), q_BgV)
         scorer.commit(rows.len_B)
     return rows.ids(), finish_speculative(stats, rows.N, rows.N * T, t0, counts.total())
+
+
+def _graph_chunks(
+    model, cond_N, generator, window, ratio_fn, residual_fn, use_cache, slots, backend, compile, noise, warp
+):
+    """:func:`sample_jacobi` with ``cuda_graph``: chunks of ``slots`` samples (all at once for 0)
+    through :func:`~vargen.sampling.speculative.jacobi_graph.sample_jacobi_static`, stats summed."""
+    from vargen.sampling.speculative.jacobi_graph import sample_jacobi_static  # imports this module
+    from vargen.sampling.stats import add_stats, derived_stats
+
+    if not use_cache or compile:
+        raise ValueError(
+            "cuda_graph=True replaces the cached eager windows: it needs use_cache=True and compile=False"
+        )
+    step = len(cond_N) if slots <= 0 else int(slots)
+    outs, total = [], {}
+    for i in range(0, len(cond_N), step):
+        ids, stats = sample_jacobi_static(
+            model,
+            cond_N[i : i + step],
+            generator=generator,
+            window=window,
+            ratio_fn=ratio_fn,
+            residual_fn=residual_fn,
+            backend=backend,
+            noise=noise,
+            **warp,
+        )
+        outs.append(ids)
+        add_stats(total, stats)
+    return torch.cat(outs), derived_stats(total, len(cond_N))
 
 
 def jacobi_step(
@@ -192,6 +245,8 @@ class SJDConfig:
     top_p: float = 1.0
     backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
     compile: bool = False  # torch.compile the cached windows and the CPU verification step; slow to start
+    cuda_graph: bool = False  # replay one static-shape iteration as a CUDA graph (jacobi_graph.py); CUDA only
+    graph_noise: str = "eager"  # with cuda_graph: eager (sample_jacobi's ids) | chunk (fewer host calls)
 
 
 def check_window(cfg):
@@ -221,6 +276,8 @@ class SJDSampler(Sampler):
             slots=slots,
             backend=c.backend,
             compile=c.compile,
+            cuda_graph=c.cuda_graph,
+            graph_noise=c.graph_noise,
             **warp_kwargs(c),
         )
         return complete(model, ids, cond_B, generator, stats)
