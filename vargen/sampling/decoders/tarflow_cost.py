@@ -43,7 +43,10 @@ def device_clock(device) -> Callable[[], float]:
         return time.process_time
 
     def clock() -> float:
-        torch.accelerator.synchronize(dev)
+        if dev.type == "cuda":  # torch.accelerator (any device) needs torch >= 2.6; we support 2.4
+            torch.cuda.synchronize(dev)
+        else:
+            torch.accelerator.synchronize(dev)
         return time.perf_counter()
 
     return clock
