@@ -335,7 +335,17 @@ DEFAULTS = {
     "tarflow.tuned": True,  # TarFlow Jacobi: window, tol, batching per batch from JACOBI_CPU (resolve)
 }
 # per-cell options written beside the cell's numbers
-RECORDED = ("window", "gamma", "proposals", "tol", "continuous", "policy", "windows", "cuda_graph", "graph_noise")
+RECORDED = (
+    "window",
+    "gamma",
+    "proposals",
+    "tol",
+    "continuous",
+    "policy",
+    "windows",
+    "cuda_graph",
+    "graph_noise",
+)
 # The option family of each method (the prefix of its option keys); a method not named here is its own.
 FAMILY = {"cspd_path": "cspd", "tarflow_jacobi": "tarflow", "tarflow_gs_jacobi": "tarflow"}
 
