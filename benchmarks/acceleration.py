@@ -350,11 +350,21 @@ RECORDED = (
 FAMILY = {"cspd_path": "cspd", "tarflow_jacobi": "tarflow", "tarflow_gs_jacobi": "tarflow"}
 
 
+# SJD / GSD windows under ``cuda_graph`` (used unless set): the best wall ratio of each regime in a
+# GPU sweep against graph-replayed plain decoding (``benchmarks/results/spec_sweep_cuda_graph_chunk.json``,
+# H200, ``spec_sweep --device cuda --cuda-graph --graph-noise chunk``; the eager-order sweep agreed
+# at batch 1): a replayed window costs far less than the CPU's, so wider windows pay
+GRAPH_WINDOWS = {"sjd.window": 16, "gsd.window": {1: 24, 16: 16}, "gsd_exact.window": 16}
+
+
 def options(overrides: dict | None = None) -> dict:
     """DEFAULTS updated by ``overrides``, checked: an unknown key or a per-batch value keyed by
     anything but a positive batch size raises ValueError naming it (a typo must not silently
-    leave the default in force)."""
+    leave the default in force). With ``cuda_graph`` the SJD / GSD windows not given are
+    :data:`GRAPH_WINDOWS`."""
     out = dict(DEFAULTS)
+    if (overrides or {}).get("cuda_graph"):
+        out.update(GRAPH_WINDOWS)
     for key, v in (overrides or {}).items():
         if key not in DEFAULTS:
             raise ValueError(f"unknown acceleration option {key!r}; known: {', '.join(DEFAULTS)}")

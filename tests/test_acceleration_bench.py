@@ -181,6 +181,12 @@ def test_set_flags_override_one_regime_or_all():
     assert resolve(options(over), "sjd", 1)["window"] == DEFAULTS["sjd.window"][1]
     assert parse_set(["cuda_graph=true", "graph_noise=chunk"]) == {"cuda_graph": True, "graph_noise": "chunk"}
     assert DEFAULTS["cuda_graph"] is False
+    graph = options({"cuda_graph": True, "sjd.window": 8})  # the GPU's windows, unless given
+    assert resolve(graph, "gsd", 1)["window"] == 24 and resolve(graph, "gsd_exact", 16)["window"] == 16
+    assert (
+        resolve(graph, "sjd", 1)["window"] == 8
+        and resolve(graph, "sd", 1)["gamma"] == DEFAULTS["sd.gamma"][1]
+    )
 
 
 @pytest.mark.parametrize("name", ["ar", "sjd", "gsd_exact"])
