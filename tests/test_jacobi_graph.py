@@ -174,6 +174,8 @@ def test_cuda_graph_needs_cuda(name, extra):
     assert sampler.options()["cuda_graph"] is True
     with pytest.raises(ValueError, match="needs a model on CUDA"):
         sampler(m, torch.tensor([0, 1]), torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="graph_noise must be 'eager' or 'chunk'"):
+        SAMPLERS.build({"name": name, "cuda_graph": True, "graph_noise": "chnk", **extra})  # before any work
     with pytest.raises(ValueError, match="use_cache=True and compile=False"):
         sample_jacobi(m, torch.tensor([0]), generator=torch.Generator(), cuda_graph=True, compile=True)
 

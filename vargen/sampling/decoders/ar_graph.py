@@ -42,9 +42,8 @@ from vargen_kernels.logits_warper import warp_and_sample
 
 WARMUP_STEPS = 2  # eager steps on a side stream before capture (compile Triton, pick SDPA backends)
 GRAPHS_PER_MODEL = 4  # captured steps kept per model (least recently used dropped)
-_DECODERS: weakref.WeakKeyDictionary = (
-    weakref.WeakKeyDictionary()
-)  # model -> OrderedDict(key -> StaticDecoder)
+# model -> OrderedDict(key -> StaticDecoder): the kept steps (static_decoder)
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class StaticKVCache:

@@ -79,20 +79,12 @@ def sample_jacobi(
     if window < 1:
         raise ValueError(f"sampler.window must be >= 1, got {window}")
     if cuda_graph:
-        return _graph_chunks(
-            model,
-            cond_N,
-            generator,
-            window,
-            ratio_fn,
-            residual_fn,
-            use_cache,
-            slots,
-            backend,
-            compile,
-            graph_noise,
-            warp,
-        )
+        if not use_cache or compile:
+            raise ValueError(
+                "cuda_graph=True replaces the cached eager windows: it needs use_cache=True and compile=False"
+            )
+        static_kw = dict(window=window, ratio_fn=ratio_fn, residual_fn=residual_fn, backend=backend)
+        return _graph_chunks(model, cond_N, generator, slots, noise=graph_noise, **static_kw, **warp)
     warp = {"cfg_scale": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, **warp}
     T, V = model.num_tokens, model.vocab_size
     device = cond_N.device
@@ -106,10 +98,7 @@ def sample_jacobi(
     counts = CountLog(0, device)
     scorer = WindowScorer(model, rows.cond_B, warp, stats, use_cache, window, backend, compile)
     ar_g = torch.arange(g, device=device)
-    group = getattr(residual_fn, "group", None)
-    fused = (ratio_fn is token_ratio and residual_fn is token_residual) or (
-        group is not None and getattr(ratio_fn, "group", None) == group
-    )
+    fused = fused_pair(ratio_fn, residual_fn)
     step = jacobi_step
     if compile and backend_for(cond_N, backend=backend) == "torch":  # CUDA: the fused kernels instead
         step, backend = compiled_jacobi_step(), "torch"
@@ -146,35 +135,28 @@ def sample_jacobi(
     return rows.ids(), finish_speculative(stats, rows.N, rows.N * T, t0, counts.total())
 
 
-def _graph_chunks(
-    model, cond_N, generator, window, ratio_fn, residual_fn, use_cache, slots, backend, compile, noise, warp
-):
+def _graph_chunks(model, cond_N, generator, slots, **static_kw):
     """:func:`sample_jacobi` with ``cuda_graph``: chunks of ``slots`` samples (all at once for 0)
     through :func:`~vargen.sampling.speculative.jacobi_graph.sample_jacobi_static`, stats summed."""
     from vargen.sampling.speculative.jacobi_graph import sample_jacobi_static  # imports this module
     from vargen.sampling.stats import add_stats, derived_stats
 
-    if not use_cache or compile:
-        raise ValueError(
-            "cuda_graph=True replaces the cached eager windows: it needs use_cache=True and compile=False"
-        )
     step = len(cond_N) if slots <= 0 else int(slots)
     outs, total = [], {}
     for i in range(0, len(cond_N), step):
-        ids, stats = sample_jacobi_static(
-            model,
-            cond_N[i : i + step],
-            generator=generator,
-            window=window,
-            ratio_fn=ratio_fn,
-            residual_fn=residual_fn,
-            backend=backend,
-            noise=noise,
-            **warp,
-        )
+        ids, stats = sample_jacobi_static(model, cond_N[i : i + step], generator=generator, **static_kw)
         outs.append(ids)
         add_stats(total, stats)
     return torch.cat(outs), derived_stats(total, len(cond_N))
+
+
+def fused_pair(ratio_fn, residual_fn) -> bool:
+    """Whether the verification computes ``ratio_fn`` itself (the matching token pair, or GSD's
+    group-exact pair of one group size): :func:`jacobi_step` then passes it no ratio."""
+    group = getattr(residual_fn, "group", None)
+    return (ratio_fn is token_ratio and residual_fn is token_residual) or (
+        group is not None and getattr(ratio_fn, "group", None) == group
+    )
 
 
 def jacobi_step(
@@ -250,8 +232,11 @@ class SJDConfig:
 
 
 def check_window(cfg):
+    """The options SJD and GSD share, checked before any work."""
     if cfg.window < 1:
         raise ValueError(f"sampler.window must be >= 1, got {cfg.window}")
+    if cfg.graph_noise not in ("eager", "chunk"):
+        raise ValueError(f"sampler.graph_noise must be 'eager' or 'chunk', got {cfg.graph_noise!r}")
 
 
 @SAMPLERS.register("sjd", SJDConfig)
