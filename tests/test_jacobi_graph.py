@@ -152,7 +152,17 @@ def test_iteration_is_capturable():
         jac.draw(torch.Generator().manual_seed(0), 4, start=True)
 
         def buffers():
-            names = ("ids_BX", "len_B", "draft_Bg", "q_BgV", "counts_C", "it_1", "u_KBWV", "fresh_KBg")
+            names = (
+                "ids_BX",
+                "len_B",
+                "draft_Bg",
+                "q_BgV",
+                "log_I3B",
+                "done_1",
+                "it_1",
+                "u_KBWV",
+                "fresh_KBg",
+            )
             return [getattr(jac, n).data_ptr() for n in names] + [
                 t.data_ptr() for t in jac.cache.k + jac.cache.v
             ]

@@ -50,6 +50,13 @@ class KVCache:
         return out
 
 
+def additive_causal(S: int, dtype, device) -> torch.Tensor:
+    """(S, S) additive mask: row i is 0 at the slots a query at position i sees (<= i), -inf after."""
+    slot_S = torch.arange(S, device=device)
+    mask_SS = torch.zeros(S, S, dtype=dtype, device=device)
+    return mask_SS.masked_fill_(slot_S[None, :] > slot_S[:, None], float("-inf"))
+
+
 class RaggedKVCache:
     """Preallocated keys/values per layer, (B, H, T_max, d), where row b has its own length L_b.
 
@@ -138,13 +145,10 @@ class RaggedKVCache:
         return lengths[0] if lengths.count(lengths[0]) == len(lengths) else None
 
     def _causal(self) -> torch.Tensor:
-        """(T_max, T_max) additive mask: 0 where slot s <= slot i (a query at slot i sees it),
-        -inf elsewhere; row i is the mask of every query at sequence position i."""
+        """(T_max, T_max) :func:`additive_causal` mask; row i is the mask of every query at
+        sequence position i."""
         if self._causal_SS is None:
-            s_S = self._slot_S
-            allowed_SS = s_S[None, :] <= s_S[:, None]
-            mask_SS = torch.zeros(allowed_SS.shape, dtype=self.k[0].dtype, device=s_S.device)
-            self._causal_SS = mask_SS.masked_fill_(~allowed_SS, float("-inf"))
+            self._causal_SS = additive_causal(self.max_len, self.k[0].dtype, self._slot_S.device)
         return self._causal_SS
 
     def append(self, layer: int, k_BHWd, v_BHWd):

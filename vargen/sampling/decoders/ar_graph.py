@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vargen.nn.kv_cache import additive_causal
 from vargen.sampling.base import inference
 from vargen.sampling.decoders.ar import _StepNoise
 from vargen.sampling.stats import new_stats
@@ -44,6 +45,47 @@ WARMUP_STEPS = 2  # eager steps on a side stream before capture (compile Triton,
 GRAPHS_PER_MODEL = 4  # captured steps kept per model (least recently used dropped)
 # model -> OrderedDict(key -> StaticDecoder): the kept steps (static_decoder)
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def static_weights(model, what: str, path: str) -> list:
+    """The prepared decode weights a static step runs on (:meth:`ARTransformer.prepared_decode_weights`),
+    after checking that the model takes the prepared-weight fast path of ``ARTransformer.<path>``."""
+    if model._module_path(model.tok_emb.weight):
+        raise ValueError(
+            f"the static {what} runs the prepared-weight fast path of ARTransformer.{path}: "
+            "it needs fp32 weights, eval mode (or dropout 0) and ARTransformer's own output map"
+        )
+    return model.prepared_decode_weights()
+
+
+def kept(store: weakref.WeakKeyDictionary, model, key, build):
+    """The object ``store`` keeps for ``model`` under ``key`` (the last :data:`GRAPHS_PER_MODEL`
+    used, least recently used dropped), or ``build()``'s, kept. Returns (object, built)."""
+    entries = store.setdefault(model, collections.OrderedDict())
+    obj, built = entries.get(key), False
+    if obj is None:
+        obj = entries[key] = build()
+        built = True
+        while len(entries) > GRAPHS_PER_MODEL:
+            entries.popitem(last=False)
+    entries.move_to_end(key)
+    return obj, built
+
+
+def warm_and_capture(step, warm: int, side: torch.cuda.Stream):
+    """``warm`` eager calls of ``step`` on the side stream (graph capture needs them: Triton kernels
+    compile, libraries pick their kernels), then one call captured, not run, into a new
+    :class:`torch.cuda.CUDAGraph`, returned. Call inside ``torch.cuda.device``."""
+    main = torch.cuda.current_stream()
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        for _ in range(warm):
+            step()
+    main.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        step()  # recorded, not run
+    return graph
 
 
 class StaticKVCache:
@@ -80,12 +122,8 @@ class StaticDecoder:
     """
 
     def __init__(self, model, cond_in: torch.Tensor, B: int, noise_NBV: torch.Tensor, warp: dict):
+        self.weights = static_weights(model, "decode step", "forward_step")
         w = model.tok_emb.weight
-        if model._module_path(w):
-            raise ValueError(
-                "the static decode step runs the prepared-weight fast path of ARTransformer.forward_step: "
-                "it needs fp32 weights, eval mode (or dropout 0) and ARTransformer's own output map"
-            )
         c, N, V = model.cfg, model.num_tokens, model.vocab_size
         rows, device = cond_in.shape[0], w.device
         if noise_NBV.shape != (N, B, V) or rows % B:
@@ -96,14 +134,9 @@ class StaticDecoder:
         self.model, self.B, self.rows, self.N = model, B, rows, N
         self.guided = warp.get("cfg_scale", 1.0) != 1.0
         self.warp = warp
-        self.weights = model.prepared_decode_weights()
         self.pos_1 = torch.zeros(1, dtype=torch.long, device=device)  # the position being fed
         self.cache = StaticKVCache(c.depth, rows, c.heads, N, c.dim // c.heads, self.pos_1, device, w.dtype)
-        slot_S = torch.arange(N, device=device)
-        allowed_SS = slot_S[None, :] <= slot_S[:, None]  # row i: the slots position i sees
-        self.mask_SS = torch.zeros(N, N, dtype=w.dtype, device=device).masked_fill_(
-            ~allowed_SS, float("-inf")
-        )
+        self.mask_SS = additive_causal(N, w.dtype, device)  # row i: the slots position i sees
         self.cond_in = cond_in.clone()  # (rows,) written by reset
         self.tok_in = torch.zeros(rows, 1, dtype=torch.long, device=device)  # (rows, 1) the last ids
         self.noise_NBV = noise_NBV  # owned (the caller's fresh draw); reset copies into it
@@ -169,29 +202,19 @@ def decode(dec: StaticDecoder, capture: bool, progress: bool = False) -> int:
         for _ in tqdm(range(1, N), desc="decode", disable=not progress, leave=False):
             dec.step()
         return 0
-    device = dec.ids_BN.device
-    if dec.graph is not None:
-        for _ in tqdm(range(1, N), desc="decode", disable=not progress, leave=False):
+    rest = N - 1
+    with torch.cuda.device(dec.ids_BN.device):
+        if dec.graph is None:
+            warm = min(WARMUP_STEPS, rest)
+            rest -= warm
+            if rest > 0:  # the warm-up steps are real steps: the graph continues from there
+                dec.graph = warm_and_capture(dec.step, warm, torch.cuda.Stream())
+            else:
+                for _ in range(warm):
+                    dec.step()
+        for _ in tqdm(range(rest), desc="decode", disable=not progress, leave=False):
             dec.graph.replay()
-        torch.cuda.current_stream(device).synchronize()
-        return N - 1
-    with torch.cuda.device(device):
-        main = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        warm = min(WARMUP_STEPS, N - 1)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            for _ in range(warm):
-                dec.step()
-        main.wait_stream(side)
-        rest = N - 1 - warm
-        if rest > 0:
-            graph = dec.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=side):
-                dec.step()  # recorded, not run
-            for _ in tqdm(range(rest), desc="decode", disable=not progress, leave=False):
-                graph.replay()
-        main.synchronize()
+        torch.cuda.current_stream().synchronize()
     return rest
 
 
@@ -243,18 +266,12 @@ def sample_ar_static(
 def static_decoder(model, cond_in, B, noise_NBV, warp, capture) -> StaticDecoder:
     """A :class:`StaticDecoder` for these shapes and options, reset to ``cond_in`` and
     ``noise_NBV``: the one an earlier call built (with its captured graph) when the key matches,
-    else a new one, kept. The key holds the model's prepared decode weights (the list itself,
-    kept alive with the entry: a weight change builds a new list, so a graph never replays on
-    stale weights), the shapes, the warper options and whether it is captured."""
+    else a new one, kept (:func:`kept`). The key holds the model's prepared decode weights (the
+    list itself, kept alive with the entry: a weight change builds a new list, so a graph never
+    replays on stale weights), the shapes, the warper options and whether it is captured."""
     weights = model.prepared_decode_weights()
     key = (id(weights), tuple(cond_in.shape), B, tuple(sorted(warp.items())), capture)
-    kept = _DECODERS.setdefault(model, collections.OrderedDict())
-    dec = kept.get(key)
-    if dec is None or dec.weights is not weights:
-        dec = kept[key] = StaticDecoder(model, cond_in, B, noise_NBV, warp)
-        while len(kept) > GRAPHS_PER_MODEL:
-            kept.popitem(last=False)
-    else:
+    dec, built = kept(_DECODERS, model, key, lambda: StaticDecoder(model, cond_in, B, noise_NBV, warp))
+    if not built:
         dec.reset(cond_in, noise_NBV)
-    kept.move_to_end(key)
     return dec

@@ -921,38 +921,30 @@ class TarFlowSampler(Sampler):
         p = next(model.parameters())
         labels = torch.arange(cfg["calib"], device=p.device) % model.num_classes
         g = torch.Generator(device=p.device).manual_seed(cfg["calib_seed"])
-        guidance = None if kw["cfg_scale"] == 1.0 else kw["cfg_scale"] - 1.0
+        run = dict(  # how both calibrations invert, as sampling will
+            tol=kw["tol"],
+            clamp=self.clamp,
+            guidance=None if kw["cfg_scale"] == 1.0 else kw["cfg_scale"] - 1.0,
+            check_every=_check_every(kw["check_every"], p.device),
+            attn_temp=kw["attn_temp"],
+        )
         if cfg["auto_by"] == "cost":
             from vargen.sampling.decoders.tarflow_cost import calibrate_cost  # it imports this module
 
             self.policy, self.calibration = calibrate_cost(
+                model, labels, g, batch=cfg["calib_batch"], windows=list(cfg["cost_windows"]), **run
+            )
+        else:
+            self.policy, self.calibration = calibrate_policy(
                 model,
                 labels,
                 g,
-                batch=cfg["calib_batch"],
-                windows=list(cfg["cost_windows"]),
-                tol=kw["tol"],
-                clamp=self.clamp,
-                guidance=guidance,
-                check_every=_check_every(kw["check_every"], p.device),
-                attn_temp=kw["attn_temp"],
+                window=kw["window"],
+                max_iters=kw["max_iters"],
+                gs_segments=kw["segments"],
+                gs_max_iters=cfg["gs_max_iters"],
+                **run,
             )
-            self.calibrated_for = model
-            return
-        self.policy, self.calibration = calibrate_policy(
-            model,
-            labels,
-            g,
-            window=kw["window"],
-            max_iters=kw["max_iters"],
-            tol=kw["tol"],
-            gs_segments=kw["segments"],
-            gs_max_iters=cfg["gs_max_iters"],
-            clamp=self.clamp,
-            guidance=guidance,
-            check_every=_check_every(kw["check_every"], p.device),
-            attn_temp=kw["attn_temp"],
-        )
         self.calibrated_for = model
 
     def __call__(self, model, cond_B, generator, progress=False, slots=0):

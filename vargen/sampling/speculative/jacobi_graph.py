@@ -19,7 +19,7 @@ random numbers and the Jacobi state are new tensors every iteration. Here:
 * the verification and Jacobi update are :func:`~vargen.sampling.speculative.jacobi.jacobi_step`
   itself (one copy of the math), on uniforms pre-drawn into a buffer indexed by a device-held
   iteration counter; its results are copied into the static state (tokens, lengths, drafts, q)
-  and its counts added into device counters.
+  and its verification counts logged on the device.
 
 The host drives it as the eager loop does (:meth:`RowQueue.iterations`'s schedule): it reads
 how far the furthest-behind row still has to go, which makes ceil(left / W) more iterations
@@ -39,7 +39,6 @@ per iteration, ~0.19 ms of host time on the H200 against a ~0.5 ms replayed iter
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import time
 import weakref
@@ -47,15 +46,16 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from vargen.nn.kv_cache import additive_causal
 from vargen.sampling.base import inference
+from vargen.sampling.decoders.ar_graph import kept, static_weights, warm_and_capture
 from vargen.sampling.speculative.jacobi import fused_pair, jacobi_step
 from vargen.sampling.speculative.verify import token_ratio, token_residual, verify_counts, window_inputs
-from vargen.sampling.stats import COUNTERS, finish_speculative, new_stats
+from vargen.sampling.stats import finish_speculative, new_stats
 from vargen_kernels.dispatch import interpret_requested
 from vargen_kernels.logits_warper import warped_probs
 
 WARMUP_ITERATIONS = 2  # eager iterations on a side stream before capture (Triton compiles, SDPA picks)
-GRAPHS_PER_MODEL = 4  # captured iterations kept per model (least recently used dropped)
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OrderedDict(key -> StaticJacobi)
 
 
@@ -98,12 +98,8 @@ class StaticJacobi:
     :meth:`step` once per drawn iteration."""
 
     def __init__(self, model, cond_in, B, window, warp, ratio_fn, residual_fn, fused, backend):
+        self.weights = static_weights(model, "window", "forward_window")
         w = model.tok_emb.weight
-        if model._module_path(w):
-            raise ValueError(
-                "the static window runs the prepared-weight fast path of ARTransformer.forward_window: "
-                "it needs fp32 weights, eval mode (or dropout 0) and ARTransformer's own output map"
-            )
         c, T, V = model.cfg, model.num_tokens, model.vocab_size
         R, W, device = cond_in.shape[0], window, w.device
         if R % B:
@@ -112,12 +108,8 @@ class StaticJacobi:
         self.model, self.B, self.R, self.W, self.T, self.V = model, B, R, W, T, V
         self.warp, self.guided = warp, warp.get("cfg_scale", 1.0) != 1.0
         self.step_args = (ratio_fn, residual_fn, fused, backend)
-        self.weights = model.prepared_decode_weights()
         self.cache = StaticWindowCache(c.depth, R, c.heads, S, c.dim // c.heads, W, device, w.dtype)
-        slot_S = torch.arange(S, device=device)
-        self.mask_SS = torch.zeros(S, S, dtype=w.dtype, device=device).masked_fill_(
-            slot_S[None, :] > slot_S[:, None], float("-inf")
-        )  # row i: the slots a query at position i sees (additive)
+        self.mask_SS = additive_causal(S, w.dtype, device)  # row i: the slots a query at position i sees
         self.ar_W = torch.arange(W, device=device)
         self.cond_in = cond_in.clone()  # (R,) written by reset
         # the Jacobi state (1b(a)), updated in place by every iteration
@@ -125,7 +117,10 @@ class StaticJacobi:
         self.len_B = torch.zeros(B, dtype=torch.long, device=device)
         self.draft_Bg = torch.zeros(B, g, dtype=torch.long, device=device)
         self.q_BgV = torch.zeros(B, g, V, dtype=w.dtype, device=device)
-        self.counts_C = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
+        # each iteration's (n_B, cap_B, active_B), reduced to COUNTERS once at the end (counts):
+        # at most T iterations run (the furthest-behind row emits >= 1 token in each)
+        self.log_I3B = torch.zeros(T, 3, B, dtype=torch.long, device=device)
+        self.done_1 = torch.zeros(1, dtype=torch.long, device=device)  # iterations so far
         # the random numbers of up to K iterations (draw), and which one is next
         K = max(1, -(-T // W))
         self.u_KBWV = torch.zeros(K, B, W, V, device=device)
@@ -142,7 +137,15 @@ class StaticJacobi:
         self.cond_in.copy_(cond_in)
         self.ids_BX.zero_()
         self.len_B.zero_()
-        self.counts_C.zero_()
+        self.log_I3B.zero_()
+        self.done_1.zero_()
+
+    def counts(self) -> torch.Tensor:
+        """:data:`COUNTERS` of the iterations since :meth:`reset` (a device tensor): the same
+        integers as adding each iteration's :func:`verify_counts`, a dozen small ops that would
+        otherwise be replayed in every iteration."""
+        n_IB, cap_IB, active_IB = self.log_I3B.unbind(1)
+        return verify_counts(n_IB, cap_IB, active_IB.bool(), 0)
 
     @property
     def capacity(self) -> int:
@@ -239,7 +242,8 @@ class StaticJacobi:
         self.len_B.copy_(len_B)
         self.draft_Bg.copy_(draft_Bg)
         self.q_BgV.copy_(q_BgV)
-        self.counts_C.add_(verify_counts(n_B, cap_B, active_B, 0))
+        self.log_I3B.index_copy_(0, self.done_1, torch.stack([n_B, cap_B, active_B.long()])[None])
+        self.done_1.add_(1)
         it.add_(1)
 
 
@@ -254,10 +258,7 @@ def run(
     Counts ``target_forwards`` and ``syncs``."""
     T, W = jac.T, jac.W
     graph, replays, start = jac.graph, 0, True
-    device = jac.len_B.device
-    stream = torch.cuda.Stream(device) if capture else None
-    with torch.cuda.device(device) if capture else contextlib.nullcontext():
-        main = torch.cuda.current_stream() if capture else None
+    with torch.cuda.device(jac.len_B.device) if capture else contextlib.nullcontext():
         while True:
             left = T - int(jac.len_B.min())  # the one host read per chunk
             stats["syncs"] += 1
@@ -274,25 +275,21 @@ def run(
                         jac.step()
                 elif graph is None:
                     warm = min(WARMUP_ITERATIONS, k)
-                    stream.wait_stream(main)
-                    with torch.cuda.stream(stream):
-                        for _ in range(warm):
-                            jac.step()
-                    main.wait_stream(stream)
                     if k > warm:  # capture only once an iteration is left to replay
-                        graph = jac.graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph, stream=stream):
-                            jac.step()  # recorded, not run
+                        graph = jac.graph = warm_and_capture(jac.step, warm, torch.cuda.Stream())
                         for _ in range(k - warm):
                             graph.replay()
                         replays += k - warm
+                    else:
+                        for _ in range(warm):
+                            jac.step()
                 else:
                     for _ in range(k):
                         graph.replay()
                     replays += k
                 todo -= k
         if capture:
-            main.synchronize()
+            torch.cuda.current_stream().synchronize()
     return replays
 
 
@@ -335,7 +332,7 @@ def sample_jacobi_static(
     stats = {**new_stats(), "syncs": 0}
     stats["graph_replays"] = run(jac, generator, capture, stats, noise)
     stats["positions_computed"] = stats["target_forwards"] * cond_in.shape[0] * window
-    return jac.ids_BX[:, :T], finish_speculative(stats, B, B * T, t0, jac.counts_C)
+    return jac.ids_BX[:, :T], finish_speculative(stats, B, B * T, t0, jac.counts())
 
 
 def graph_key(fn):
@@ -348,7 +345,8 @@ def static_jacobi(
     model, cond_in, B, window, warp, ratio_fn, residual_fn, fused, backend, capture
 ) -> StaticJacobi:
     """A :class:`StaticJacobi` for these shapes and options, reset to ``cond_in``: the one an
-    earlier call built (with its captured graph) when the key matches, else a new one, kept.
+    earlier call built (with its captured graph) when the key matches, else a new one, kept
+    (:func:`~vargen.sampling.decoders.ar_graph.kept`).
 
     The key holds the model's prepared decode weights (the list itself, kept alive with the
     entry: a weight change builds a new list, so a graph never replays on stale weights), the
@@ -368,13 +366,7 @@ def static_jacobi(
         backend,
         capture,
     )
-    kept = _GRAPHS.setdefault(model, collections.OrderedDict())
-    jac = kept.get(key)
-    if jac is None or jac.weights is not weights:
-        jac = StaticJacobi(model, cond_in, B, window, warp, ratio_fn, residual_fn, fused, backend)
-        kept[key] = jac
-        while len(kept) > GRAPHS_PER_MODEL:
-            kept.popitem(last=False)
-    kept.move_to_end(key)
+    build = lambda: StaticJacobi(model, cond_in, B, window, warp, ratio_fn, residual_fn, fused, backend)  # noqa: E731
+    jac, _ = kept(_GRAPHS, model, key, build)
     jac.reset(cond_in)
     return jac
