@@ -155,18 +155,21 @@ def _continuous(out_stats, slots):
 
 
 def draw_sd(w, cond, g, slots, o):
-    from vargen.sampling.speculative.draft import sample_speculative
+    from vargen.registry import SAMPLERS
+    from vargen.sampling.base import SamplerContext
 
-    return _continuous(
-        sample_speculative(w.ar, w.draft, cond, generator=g, gamma=o["gamma"], slots=slots, **_warp(o)), slots
-    )
+    cfg = {"name": "speculative", "draft_ckpt": "photos_ar_draft", "gamma": o["gamma"], **_warp(o)}
+    run = SAMPLERS.build({**cfg, "speculate_by": o.get("speculate_by", "fixed")})
+    run.setup(SamplerContext(w.ar, loader=lambda ckpt, device: (w.draft, None)))
+    return _continuous(run(w.ar, cond, g, slots=slots), slots)
 
 
 def _jacobi(w, cond, g, slots, o, name, **extra):
     from vargen.registry import SAMPLERS
 
     graph = {"cuda_graph": o.get("cuda_graph", False), "graph_noise": o.get("graph_noise", "eager")}
-    run = SAMPLERS.build({"name": name, "window": o["window"], **graph, **_warp(o), **extra})
+    plan = {"window": o["window"], "speculate_by": o.get("speculate_by", "fixed")}
+    run = SAMPLERS.build({"name": name, **plan, **graph, **_warp(o), **extra})
     return _continuous(run(w.ar, cond, g, slots=slots), slots)
 
 
@@ -325,6 +328,12 @@ DEFAULTS = {
     "cfg_scale": 1.5,
     "cuda_graph": False,  # CUDA: plain decoding and SJD / GSD replay captured steps (the others stay eager)
     "graph_noise": "eager",  # SJD / GSD under cuda_graph: eager (the eager ids) | chunk (fewer host calls)
+    # SD / SJD / GSD: fixed (the width below) | cost (the measured fastest of plain decoding and each
+    # width, per batch size: vargen/sampling/speculative/cost_plan.py; the cell records plan_width)
+    "sd.speculate_by": "fixed",
+    "sjd.speculate_by": "fixed",
+    "gsd.speculate_by": "fixed",
+    "gsd_exact.speculate_by": "fixed",
     "sd.gamma": {1: 4, 16: 1},
     "sjd.window": {1: 6, 16: 2},
     "gsd.window": {1: 16, 16: 2},
@@ -336,6 +345,7 @@ DEFAULTS = {
 }
 # per-cell options written beside the cell's numbers
 RECORDED = (
+    "speculate_by",
     "window",
     "gamma",
     "proposals",
@@ -437,6 +447,8 @@ def per_image(stats: dict, n: int) -> dict:
     for k in ("alpha", "mean_accepted_length"):
         if k in stats:
             out[k] = stats[k]
+    if "plan_widths" in stats:  # the width that ran (speculate_by: the measured plan; 0 = plain)
+        out["plan_width"] = stats["plan_widths"][-1]
     return out
 
 
@@ -464,7 +476,9 @@ def measure_speed(name: str, w: Workload, batch: int, n: int, reps: int, opts: d
     neighbour stretches wall time but not the CPU time of a descheduled process)."""
     method, base = METHODS[name], BASELINES[METHODS[name].baseline]
     cond = labels(n, w.num_classes, w.device)
-    if w.device.type != "cpu":  # compile the kernels (Triton JIT, cuBLAS plans) before the clock
+    # compile the kernels (Triton JIT, cuBLAS plans) and measure a speculate_by="cost" plan before
+    # the clock (the plan is kept per model and batch size)
+    if w.device.type != "cpu" or opts.get("speculate_by") == "cost":
         for m in (base, method):
             timed(m, w, cond[: min(n, 2)], 0, batch, opts)
     best = {"method": float("inf"), "baseline": float("inf")}

@@ -138,6 +138,7 @@ def test_options_resolve_per_method_and_regime():
         "cuda_graph": False,
         "graph_noise": "eager",
         "gamma": 2,
+        "speculate_by": "fixed",
     }
     # every method reads only its own family's keys: GSD keeps its default, SJD's does not leak
     assert resolve(opts, "gsd", 1)["window"] == DEFAULTS["gsd.window"][1]
@@ -347,3 +348,23 @@ def test_tarflow_cost_policy_is_measured_once_per_batch_size(workload, monkeypat
     a, _ = draw(workload, cond, torch.Generator().manual_seed(0), 16, o)
     b, _ = draw(workload, cond, torch.Generator().manual_seed(0), 16, o)
     assert calls == [16] and torch.equal(a, b)
+
+
+def test_speculate_by_cost_is_measured_before_the_clock_and_recorded(workload, monkeypatch):
+    """``<family>.speculate_by=cost``: SD / SJD / GSD time plain decoding and each width once per
+    batch size (in the warm-up, not in the timed reps) and the cell names the width that ran."""
+    from vargen.sampling.speculative import cost_plan
+
+    calls, real = [], cost_plan.choose_width
+    monkeypatch.setattr(cost_plan, "choose_width", lambda *a, **k: calls.append(k["rows"]) or real(*a, **k))
+    sets = {f"{m}.speculate_by": "cost" for m in ("sd", "sjd", "gsd")}
+    methods = ["sd", "sjd", "gsd"]
+    flat = run(workload, methods, (1,), reps=2, n_latency=2, opts=sets, fid_samples=0, log=lambda *a: None)
+    assert calls == [1, 1, 1]  # one plan per method at batch 1, reused by both reps
+    from vargen.sampling.speculative.draft import SpeculativeConfig
+    from vargen.sampling.speculative.jacobi import COST_WINDOWS
+
+    for m in methods:
+        assert flat[f"{m}.b1.speculate_by"] == "cost"
+        widths = SpeculativeConfig().cost_gammas if m == "sd" else COST_WINDOWS
+        assert flat[f"{m}.b1.plan_width"] in (0, *widths)

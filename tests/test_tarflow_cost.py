@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.toys import tiny_tarflow
+from tests.toys import ScriptedClock, tiny_tarflow
 from vargen.registry import SAMPLERS
 from vargen.sampling.base import SamplerContext
 from vargen.sampling.decoders import tarflow as ts
@@ -15,19 +15,6 @@ from vargen.sampling.decoders import tarflow_cost as tc
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):  # conftest: tiny tensors, one intra-op thread
     yield
-
-
-class ScriptedClock:
-    """Reads in pairs (before, after a candidate): each pair spans the next scripted duration."""
-
-    def __init__(self, durations):
-        self.durations, self.t, self.reads = list(durations), 0.0, 0
-
-    def __call__(self):
-        self.reads += 1
-        if self.reads % 2 == 0:
-            self.t += self.durations.pop(0)
-        return self.t
 
 
 def test_cheapest_candidate_wins_and_sequential_where_jacobi_does_not_pay():

@@ -14,6 +14,20 @@ from vargen.models.tarflow import TarFlow, TarFlowConfig
 LLAMAGEN_VOCAB, LLAMAGEN_GRID, LLAMAGEN_CLASSES = 24, [3, 4], 3
 
 
+class ScriptedClock:
+    """A clock for measured-cost calibrations, read in pairs (before, after a candidate): each
+    pair spans the next scripted duration."""
+
+    def __init__(self, durations):
+        self.durations, self.t, self.reads = list(durations), 0.0, 0
+
+    def __call__(self):
+        self.reads += 1
+        if self.reads % 2 == 0:
+            self.t += self.durations.pop(0)
+        return self.t
+
+
 def tiny_llamagen(seed, dim=16, depth=2):
     """A float64 llamagen (V=24, 3x4 grid, 3 classes) with N(0, 0.4) weights: larger than the
     init, so its conditionals are peaked and varied (drafts are accepted at varied rates)."""

@@ -25,31 +25,14 @@ sequential loop by that factor before it is chosen (a guard against timing noise
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
 from vargen.sampling.decoders.tarflow import BlockPlan, _invert_block
+from vargen.sampling.timing import device_clock
 
 COST_WINDOWS = (2, 4, 8, 16, 32, 64)
-
-
-def device_clock(device) -> Callable[[], float]:
-    """Seconds for timing a candidate: process CPU time on the CPU, wall time after a
-    synchronize on an accelerator (its kernels run asynchronously)."""
-    dev = torch.device(device)
-    if dev.type == "cpu":
-        return time.process_time
-
-    def clock() -> float:
-        if dev.type == "cuda":  # torch.accelerator (any device) needs torch >= 2.6; we support 2.4
-            torch.cuda.synchronize(dev)
-        else:
-            torch.accelerator.synchronize(dev)
-        return time.perf_counter()
-
-    return clock
 
 
 def candidates(method: str, windows: Sequence[int], segments: int = 8) -> list[BlockPlan]:

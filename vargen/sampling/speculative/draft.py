@@ -16,13 +16,14 @@ with the one of the draft and ends with :func:`~vargen.sampling.decoders.ar.comp
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from vargen.registry import SAMPLERS
 from vargen.sampling.base import Sampler, inference
-from vargen.sampling.decoders.ar import complete
+from vargen.sampling.decoders.ar import complete, sample_ar
+from vargen.sampling.speculative.cost_plan import check_cost_options, plain_chunks, planned
 from vargen.sampling.speculative.verify import (
     CountLog,
     RowQueue,
@@ -46,6 +47,13 @@ class SpeculativeConfig:
     top_p: float = 1.0
     backend: str = "auto"  # verification kernel: auto | triton | interpret | torch (vargen_kernels.dispatch)
     compile: bool = False  # torch.compile both models' cached windows (ARTransformer.compile_decode)
+    # fixed: speculate at `gamma`; cost: the measured fastest of plain decoding and SD at each of
+    # cost_gammas, at the batch that runs (cost_plan.py; named in stats["plan_widths"])
+    speculate_by: str = "fixed"
+    cost_gammas: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    cost_margin: float = 1.05  # a gamma must be this many times faster than plain decoding
+    cost_images: int = 4  # calibration images (at least the rows in flight)
+    cost_reps: int = 1  # interleaved timing rounds, best of
 
 
 @inference
@@ -123,6 +131,7 @@ class SpeculativeSampler(Sampler):
             raise ValueError("sampler.draft_ckpt must name a trained draft llamagen run for 'speculative'")
         if cfg.gamma < 1:
             raise ValueError(f"sampler.gamma must be >= 1, got {cfg.gamma}")
+        check_cost_options(cfg, "cost_gammas", least=1)
         self.draft = None
 
     def setup(self, ctx):
@@ -135,19 +144,27 @@ class SpeculativeSampler(Sampler):
     def __call__(self, model, cond_N, generator, progress=False, slots=0):
         if self.draft is None:
             raise RuntimeError("the speculative sampler loads its draft in setup(ctx): call it first")
-        target = model.next_token_model
+        target, draft = model.next_token_model, self.draft.next_token_model
         cond_N = cond_N.to(target.device)
         c = self.cfg
-        ids_NT, stats = sample_speculative(
-            target,
-            self.draft.next_token_model,
-            cond_N,
-            generator=generator,
-            gamma=c.gamma,
-            use_cache=c.use_cache,
-            slots=slots,
-            backend=c.backend,
-            compile=c.compile,
-            **warp_kwargs(c),
-        )
+        warp = warp_kwargs(c)
+
+        def run(gamma, cond, g, rows):
+            if gamma == 0:  # plain decoding: the target itself (exact whatever the plan)
+                opts = dict(use_cache=c.use_cache, compile=c.compile, **warp)
+                return plain_chunks(lambda cond_b: sample_ar(target, cond_b, generator=g, **opts), cond, rows)
+            return sample_speculative(
+                target,
+                draft,
+                cond,
+                generator=g,
+                gamma=gamma,
+                use_cache=c.use_cache,
+                slots=rows,
+                backend=c.backend,
+                compile=c.compile,
+                **warp,
+            )
+
+        ids_NT, stats = planned(target, c, c.gamma, c.cost_gammas, cond_N, generator, slots, run, id(draft))
         return complete(model, ids_NT, cond_N, generator, stats)

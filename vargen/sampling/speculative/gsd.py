@@ -34,15 +34,14 @@ commits its own n_b + 1), which is exact and wastes nothing.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from vargen.registry import SAMPLERS
 from vargen.sampling.base import Sampler
-from vargen.sampling.decoders.ar import complete
-from vargen.sampling.speculative.jacobi import check_window, sample_jacobi
-from vargen.sampling.speculative.verify import token_residual, warp_kwargs
+from vargen.sampling.speculative.jacobi import COST_WINDOWS, check_window, run_jacobi_sampler
+from vargen.sampling.speculative.verify import token_residual
 from vargen_kernels.group_verify import (  # noqa: F401  (re-exported: the partition's reference)
     group_masses,
     group_residual,
@@ -176,6 +175,13 @@ class GSDConfig:
     compile: bool = False  # torch.compile the cached windows and the CPU verification step; slow to start
     cuda_graph: bool = False  # replay one static-shape iteration as a CUDA graph (jacobi_graph.py); CUDA only
     graph_noise: str = "eager"  # with cuda_graph: eager (sample_jacobi's ids) | chunk (fewer host calls)
+    # fixed: speculate at `window`; cost: the measured fastest of plain decoding and GSD at each
+    # of cost_windows, at the batch that runs (cost_plan.py; named in stats["plan_widths"])
+    speculate_by: str = "fixed"
+    cost_windows: list[int] = field(default_factory=lambda: list(COST_WINDOWS))
+    cost_margin: float = 1.05  # a window must be this many times faster than plain decoding
+    cost_images: int = 4  # calibration images (at least the rows in flight)
+    cost_reps: int = 1  # interleaved timing rounds, best of
 
 
 @SAMPLERS.register("gsd", GSDConfig)
@@ -215,19 +221,4 @@ class GSDSampler(Sampler):
         ratio.graph_key = ("gsd_ratio", group, delta, dist, near is None)
 
         ratio_fn, residual_fn = exact_group_fns(c.group) if c.exact_groups else (ratio, token_residual)
-        ids, stats = sample_jacobi(
-            ar,
-            cond_B,
-            generator=generator,
-            window=c.window,
-            ratio_fn=ratio_fn,
-            residual_fn=residual_fn,
-            use_cache=c.use_cache,
-            slots=slots,
-            backend=c.backend,
-            compile=c.compile,
-            cuda_graph=c.cuda_graph,
-            graph_noise=c.graph_noise,
-            **warp_kwargs(c),
-        )
-        return complete(model, ids, cond_B, generator, stats)
+        return run_jacobi_sampler(model, c, cond_B, generator, slots, ratio_fn, residual_fn)

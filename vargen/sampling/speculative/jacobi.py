@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from vargen.registry import SAMPLERS
 from vargen.sampling.base import Sampler, inference
-from vargen.sampling.decoders.ar import complete
+from vargen.sampling.decoders.ar import complete, sample_ar
+from vargen.sampling.speculative.cost_plan import check_cost_options, plain_chunks, planned
 from vargen.sampling.speculative.verify import (
     CountLog,
     RowQueue,
@@ -229,6 +230,18 @@ class SJDConfig:
     compile: bool = False  # torch.compile the cached windows and the CPU verification step; slow to start
     cuda_graph: bool = False  # replay one static-shape iteration as a CUDA graph (jacobi_graph.py); CUDA only
     graph_noise: str = "eager"  # with cuda_graph: eager (sample_jacobi's ids) | chunk (fewer host calls)
+    # fixed: speculate at `window`; cost: the measured fastest of plain decoding and SJD at each
+    # of cost_windows, at the batch that runs (cost_plan.py; named in stats["plan_widths"])
+    speculate_by: str = "fixed"
+    cost_windows: list[int] = field(default_factory=lambda: list(COST_WINDOWS))
+    cost_margin: float = 1.05  # a window must be this many times faster than plain decoding
+    cost_images: int = 4  # calibration images (at least the rows in flight)
+    cost_reps: int = 1  # interleaved timing rounds, best of
+
+
+# the windows speculate_by="cost" times: the CPU's best lie at 2-6 (batch 1), the GPU's with
+# graphs at 16-24 (spec_sweep*.json)
+COST_WINDOWS = (2, 4, 6, 8, 16, 24)
 
 
 def check_window(cfg):
@@ -237,6 +250,42 @@ def check_window(cfg):
         raise ValueError(f"sampler.window must be >= 1, got {cfg.window}")
     if cfg.graph_noise not in ("eager", "chunk"):
         raise ValueError(f"sampler.graph_noise must be 'eager' or 'chunk', got {cfg.graph_noise!r}")
+    check_cost_options(cfg, "cost_windows", least=2)
+
+
+def run_jacobi_sampler(
+    model, cfg, cond_B, generator, slots, ratio_fn=token_ratio, residual_fn=token_residual
+):
+    """What the SJD and GSD samplers run: :func:`sample_jacobi` at ``cfg.window``, or, with
+    ``speculate_by="cost"``, at the measured plan (:mod:`~vargen.sampling.speculative.cost_plan`:
+    a window of ``cost_windows``, or plain decoding where no window pays); then
+    :func:`~vargen.sampling.decoders.ar.complete`."""
+    ar, c = model.next_token_model, cfg
+    cond_B = cond_B.to(ar.device)
+    warp = warp_kwargs(c)
+
+    def run(window, cond_N, g, rows):
+        if window == 0:  # plain decoding: the target itself (exact whatever the plan)
+            opts = dict(use_cache=c.use_cache, compile=c.compile, cuda_graph=c.cuda_graph, **warp)
+            return plain_chunks(lambda cond_b: sample_ar(ar, cond_b, generator=g, **opts), cond_N, rows)
+        return sample_jacobi(
+            ar,
+            cond_N,
+            generator=g,
+            window=window,
+            ratio_fn=ratio_fn,
+            residual_fn=residual_fn,
+            use_cache=c.use_cache,
+            slots=rows,
+            backend=c.backend,
+            compile=c.compile,
+            cuda_graph=c.cuda_graph,
+            graph_noise=c.graph_noise,
+            **warp,
+        )
+
+    ids, stats = planned(ar, c, c.window, c.cost_windows, cond_B, generator, slots, run)
+    return complete(model, ids, cond_B, generator, stats)
 
 
 @SAMPLERS.register("sjd", SJDConfig)
@@ -250,19 +299,4 @@ class SJDSampler(Sampler):
         check_window(cfg)
 
     def __call__(self, model, cond_B, generator, progress=False, slots=0):
-        ar, c = model.next_token_model, self.cfg
-        cond_B = cond_B.to(ar.device)
-        ids, stats = sample_jacobi(
-            ar,
-            cond_B,
-            generator=generator,
-            window=c.window,
-            use_cache=c.use_cache,
-            slots=slots,
-            backend=c.backend,
-            compile=c.compile,
-            cuda_graph=c.cuda_graph,
-            graph_noise=c.graph_noise,
-            **warp_kwargs(c),
-        )
-        return complete(model, ids, cond_B, generator, stats)
+        return run_jacobi_sampler(model, self.cfg, cond_B, generator, slots)

@@ -1,0 +1,162 @@
+"""Whether to speculate, and how wide: chosen by MEASURED cost at the batch size that will run
+(issue 16), for SD (width = gamma), SJD and GSD (width = window).
+
+Speculation saves target calls, but it pays only where an iteration costs about one plain
+step. Where a step is bound by per-call overhead (batch 1 on a GPU replaying graphs, or on a
+CPU) a window is nearly free; where it is bound by arithmetic (batch 16 on one CPU thread) a
+W-wide window pushes about W times the rows of a plain step. Measured on photos_ar (one CPU
+thread, CFG 1.5): at batch 1 a plain step costs 2.1 ms and an SJD window-4 iteration 3.4 ms
+for 1.9 tokens (1.15x); at batch 16 no window of SJD, GSD or SD beats plain decoding
+(``benchmarks/results/spec_sweep.json``: 0.38-0.93x), while on an H200 with CUDA graphs
+windows 16-24 win at both batch sizes (``spec_sweep_cuda_graph*.json``). The best width is a
+property of the machine and the batch, so ``speculate_by="cost"`` measures it.
+
+:func:`choose_width` times plain decoding and the sampler at each candidate width on a
+calibration set (``images`` labels ``0, 1, ...`` modulo the classes, run ``rows`` at a time:
+the batch that will be sampled; its own generator, seeded, so the caller's stream is not
+consumed), interleaved over ``reps`` rounds, best round each, on :func:`device_clock`. The
+fastest width wins unless it is not ``margin`` times faster than plain decoding, in which case
+the sampler runs plain decoding (width 0). Plain decoding draws from the target itself, so an
+exact sampler stays exact under any plan, and lossy GSD, when it yields, samples the target.
+
+:func:`plan_for` keeps a plan per model and key (sampler options, rows, device, threads), so a
+process measures once. This is a named option, never a silent default: ``speculate_by="fixed"``
+speculates at the configured width. The ids depend on the width, and a timed choice may differ
+between processes: pin the width (``fixed``) for ids reproducible across processes; the stats
+name the width that ran (``plan_width``, 0 = plain decoding).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+
+from vargen.sampling.stats import add_stats
+from vargen.sampling.timing import device_clock
+
+SPECULATE_BY = ("fixed", "cost")
+
+# model -> {key: (width, measurements)}; weak, so a freed model takes its plans with it
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_cost_options(cfg, widths_field: str, least: int) -> None:
+    """The plan options of a sampler config, checked before any work (naming the field)."""
+    if cfg.speculate_by not in SPECULATE_BY:
+        raise ValueError(f"sampler.speculate_by must be one of {SPECULATE_BY}, got {cfg.speculate_by!r}")
+    widths = list(getattr(cfg, widths_field))
+    if not widths or min(widths) < least:
+        raise ValueError(f"sampler.{widths_field} must be a non-empty list of ints >= {least}, got {widths}")
+    if cfg.cost_margin <= 0 or cfg.cost_images < 1 or cfg.cost_reps < 1:
+        raise ValueError(
+            "sampler.cost_margin must be > 0 and sampler.cost_images, sampler.cost_reps >= 1, got "
+            f"{cfg.cost_margin}, {cfg.cost_images}, {cfg.cost_reps}"
+        )
+
+
+def choose_width(
+    run: Callable[[int, torch.Tensor, torch.Generator, int], object],
+    widths: Sequence[int],
+    *,
+    num_classes: int,
+    rows: int,
+    images: int,
+    device,
+    reps: int = 1,
+    margin: float = 1.05,
+    seed: int = 0,
+    clock: Callable[[], float] | None = None,
+) -> tuple[int, dict]:
+    """(the width to run, 0 = plain decoding; {"seconds": {width: seconds per image}, "chosen"}).
+
+    ``run(width, cond_N, generator, rows)`` samples ``cond_N`` at ``width`` (0: plain decoding)
+    with ``rows`` in flight. Every candidate draws the same labels from a generator seeded with
+    ``seed``; the candidates take turns within each of ``reps`` rounds (a slow spell or the
+    first call's allocations do not fall on one of them) and each keeps its best round."""
+    if reps < 1 or margin <= 0 or rows < 1 or images < 1:
+        raise ValueError(
+            f"need reps, rows, images >= 1 and margin > 0, got {reps}, {rows}, {images}, {margin}"
+        )
+    dev = torch.device(device)
+    clock = clock or device_clock(dev)
+    cond_N = torch.arange(images, device=dev) % num_classes
+    cands = [0, *dict.fromkeys(int(w) for w in widths)]
+    secs = {w: float("inf") for w in cands}
+    for _ in range(reps):
+        for w in cands:
+            g = torch.Generator(device=dev).manual_seed(seed)
+            t0 = clock()
+            run(w, cond_N, g, rows)
+            secs[w] = min(secs[w], (clock() - t0) / images)
+    best = min(cands[1:], key=secs.__getitem__)
+    chosen = best if secs[best] * margin < secs[0] else 0
+    return chosen, {"seconds": secs, "chosen": chosen}
+
+
+def plan_for(model, key: tuple, measure: Callable[[], tuple[int, dict]]) -> tuple[int, dict, bool]:
+    """(width, measurements, fresh) kept per ``model`` and ``key``; ``measure()`` runs on a miss
+    (``fresh`` True) and its plan serves every later call with the same key."""
+    plans = _PLANS.setdefault(model, {})
+    fresh = key not in plans
+    if fresh:
+        plans[key] = measure()
+    return (*plans[key], fresh)
+
+
+def plan_key(cfg, rows: int, device, *extra) -> tuple:
+    """What a plan depends on: the sampler's options (its config's repr), the rows in flight,
+    the device and the intra-op threads (the cost of a window depends on them)."""
+    return (repr(cfg), rows, str(device), torch.get_num_threads(), *extra)
+
+
+def plain_chunks(sample_plain, cond_N, rows: int) -> tuple[torch.Tensor, dict]:
+    """``sample_plain(cond_b)`` (plain decoding) on chunks of ``rows`` (0 = all at once), the
+    stats summed, with the per-row target calls the speculative samplers report."""
+    step = len(cond_N) if rows <= 0 else rows
+    outs, total = [], {}
+    for i in range(0, len(cond_N), step):
+        ids, stats = sample_plain(cond_N[i : i + step])
+        stats["row_target_forwards"] = stats["target_forwards"] * len(ids)
+        outs.append(ids)
+        add_stats(total, stats)
+    total["target_calls_per_image"] = total["row_target_forwards"] / max(1, len(cond_N))
+    return torch.cat(outs), total
+
+
+def planned(model, cfg, width: int, widths, cond_N, generator, slots: int, run, *extra_key):
+    """``run(w, cond_N, generator, slots)`` at the configured ``width`` (``speculate_by="fixed"``)
+    or at the measured plan over ``widths`` (``"cost"``; w = 0 is plain decoding). The stats
+    carry ``plan_widths`` (a list: one entry per call, so that batches and ranks concatenate)
+    and, from the call that measured the plan, ``calibration`` ([{"seconds": seconds per image
+    by width, "chosen", "seconds_total"}])."""
+    if cfg.speculate_by == "fixed":
+        out, stats = run(width, cond_N, generator, slots)
+        stats["plan_widths"] = [width]
+        return out, stats
+    rows = slots if slots > 0 else len(cond_N)
+    device = cond_N.device
+    clock = device_clock(device)
+    t0 = clock()
+
+    def measure():
+        return choose_width(
+            run,
+            widths,
+            num_classes=model.num_classes,
+            rows=rows,
+            images=max(rows, cfg.cost_images),
+            device=device,
+            reps=cfg.cost_reps,
+            margin=cfg.cost_margin,
+        )
+
+    chosen, info, fresh = plan_for(model, plan_key(cfg, rows, device, *extra_key), measure)
+    spent = clock() - t0
+    out, stats = run(chosen, cond_N, generator, slots)
+    stats["plan_widths"] = [chosen]
+    if fresh:
+        seconds = {str(w): s for w, s in info["seconds"].items()}
+        stats["calibration"] = [{"seconds": seconds, "chosen": chosen, "seconds_total": spent}]
+    return out, stats
