@@ -209,22 +209,21 @@ def draw_xar_beta(w, cond, g, slots, o):
 
 def _cspd(**extra):
     def draw(w, cond, g, slots, o):
-        from vargen.sampling.speculative.cspd import sample_cspd
+        from vargen.registry import SAMPLERS
+        from vargen.sampling.base import SamplerContext
 
-        return _continuous(
-            sample_cspd(
-                w.xar,
-                w.xar_draft,
-                cond,
-                generator=g,
-                gamma=o["gamma"],
-                cfg_scale=o["cfg_scale"],
-                slots=slots,
-                **({"K": o["proposals"]} if "proposals" in o else {}),  # else the sampler's default
-                **extra,
-            ),
-            slots,
-        )
+        cfg = {
+            "name": "cspd",
+            "draft_ckpt": "photos_xar_draft",
+            "gamma": o["gamma"],
+            "cfg_scale": o["cfg_scale"],
+        }
+        cfg.update(speculate_by=o.get("speculate_by", "fixed"), **extra)
+        if "proposals" in o:  # else the sampler's default
+            cfg["proposals"] = o["proposals"]
+        run = SAMPLERS.build(cfg)
+        run.setup(SamplerContext(w.xar, loader=lambda ckpt, device: (w.xar_draft, None)))
+        return _continuous(run(w.xar, cond, g, slots=slots), slots)
 
     return draw
 
@@ -334,6 +333,7 @@ DEFAULTS = {
     "sjd.speculate_by": "fixed",
     "gsd.speculate_by": "fixed",
     "gsd_exact.speculate_by": "fixed",
+    "cspd.speculate_by": "fixed",
     "sd.gamma": {1: 4, 16: 1},
     "sjd.window": {1: 6, 16: 2},
     "gsd.window": {1: 16, 16: 2},

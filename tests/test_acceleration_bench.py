@@ -351,20 +351,22 @@ def test_tarflow_cost_policy_is_measured_once_per_batch_size(workload, monkeypat
 
 
 def test_speculate_by_cost_is_measured_before_the_clock_and_recorded(workload, monkeypatch):
-    """``<family>.speculate_by=cost``: SD / SJD / GSD time plain decoding and each width once per
-    batch size (in the warm-up, not in the timed reps) and the cell names the width that ran."""
+    """``<family>.speculate_by=cost``: SD / SJD / GSD / CSpD time plain sampling and each width once
+    per batch size (in the warm-up, not in the timed reps) and the cell names the width that ran."""
     from vargen.sampling.speculative import cost_plan
 
     calls, real = [], cost_plan.choose_width
     monkeypatch.setattr(cost_plan, "choose_width", lambda *a, **k: calls.append(k["rows"]) or real(*a, **k))
-    sets = {f"{m}.speculate_by": "cost" for m in ("sd", "sjd", "gsd")}
-    methods = ["sd", "sjd", "gsd"]
+    methods = ["sd", "sjd", "gsd", "cspd"]
+    sets = {f"{m}.speculate_by": "cost" for m in methods}
     flat = run(workload, methods, (1,), reps=2, n_latency=2, opts=sets, fid_samples=0, log=lambda *a: None)
-    assert calls == [1, 1, 1]  # one plan per method at batch 1, reused by both reps
+    assert calls == [1, 1, 1, 1]  # one plan per method at batch 1, reused by both reps
+    from vargen.sampling.speculative.cspd import CSpDConfig
     from vargen.sampling.speculative.draft import SpeculativeConfig
     from vargen.sampling.speculative.jacobi import COST_WINDOWS
 
+    gammas = {"sd": SpeculativeConfig().cost_gammas, "cspd": CSpDConfig().cost_gammas}
     for m in methods:
         assert flat[f"{m}.b1.speculate_by"] == "cost"
-        widths = SpeculativeConfig().cost_gammas if m == "sd" else COST_WINDOWS
+        widths = gammas.get(m, COST_WINDOWS)
         assert flat[f"{m}.b1.plan_width"] in (0, *widths)

@@ -253,3 +253,38 @@ def test_path_verification_accepts_an_identical_draft(target):
     g = torch.Generator().manual_seed(7)
     _, st = sample_cspd(target, target, y, generator=g, gamma=2, verify="path", prefill=0.0)
     assert st["acceptance"] == 1.0 and st["alpha"] == 1.0 and st["target_forwards"] == 1
+
+
+@pytest.mark.parametrize("fast", [0, 1])  # 0: no gamma pays, the plain xar sampler runs
+def test_cspd_by_cost_draws_what_the_chosen_plan_draws(target, monkeypatch, fast):
+    """speculate_by=cost (cost_plan.py): the plan's gamma, or the plain xar sampler of the very
+    target CSpD follows (the config's step variance, here beta, set on the head for that call)."""
+    from tests.toys import ScriptedClock
+    from vargen.registry import SAMPLERS
+    from vargen.sampling.base import SamplerContext
+    from vargen.sampling.speculative import cost_plan
+
+    real = cost_plan.choose_width
+    secs = [1.0, 0.5 if fast else 1.5, 2.0]  # plain, gamma 1, gamma 2
+    monkeypatch.setattr(cost_plan, "choose_width", lambda *a, **k: real(*a, clock=ScriptedClock(secs), **k))
+    draft = _draft_near(target, 0.02)
+    opts = {"verify": "path", "variance": "beta", "cfg_scale": 2.0, "prefill": 0.0}
+    cfg = {"name": "cspd", "draft_ckpt": "d", "speculate_by": "cost", "cost_gammas": [1, 2], **opts}
+    sampler = SAMPLERS.build(cfg)
+    sampler.setup(SamplerContext(target, loader=lambda ckpt, device: (draft, None)))
+    y = torch.tensor([0, 1, 1])
+    out, st = sampler(target, y, torch.Generator().manual_seed(5), slots=2)
+    g = torch.Generator().manual_seed(5)
+    if fast:
+        want, _ = sample_cspd(target, draft, y, generator=g, gamma=1, slots=2, **opts)
+    else:
+        assert target.head.sample_variance != "beta"
+        target.head.sample_variance = "beta"
+        try:
+            want = torch.cat(
+                [sample_xar(target, y[i : i + 2], generator=g, cfg_scale=2.0)[0] for i in (0, 2)]
+            )
+        finally:
+            target.head.sample_variance = "beta_tilde"
+    assert torch.equal(out, want) and st["plan_widths"] == [fast]
+    assert target.head.sample_variance == "beta_tilde"  # the plain sampler restored the head

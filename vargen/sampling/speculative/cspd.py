@@ -50,7 +50,7 @@ per iteration plus one per residual round).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -58,6 +58,8 @@ import torch
 from vargen.models.xar import cfg_ramp
 from vargen.registry import SAMPLERS
 from vargen.sampling.base import Sampler
+from vargen.sampling.decoders.xar import sample_xar
+from vargen.sampling.speculative.cost_plan import check_cost_options, plain_chunks, planned
 from vargen.sampling.speculative.cspd_verify import (
     MODES,
     accept_last_step,
@@ -88,6 +90,13 @@ class CSpDConfig:
     use_cache: bool = True  # False: both backbones recompute every sequence per call (the reference)
     slots: int = 0  # rows in flight under continuous batching; 0 = all samples at once
     backend: str = "auto"  # fused kernels (last-step test, residual proposals, window attention)
+    # fixed: speculate at `gamma`; cost: the measured fastest of the plain xar sampler (the target,
+    # with this config's variance) and CSpD at each of cost_gammas (cost_plan.py; stats["plan_widths"])
+    speculate_by: str = "fixed"
+    cost_gammas: list[int] = field(default_factory=lambda: [1, 2, 4])
+    cost_margin: float = 1.05  # a gamma must be this many times faster than the plain sampler
+    cost_images: int = 4  # calibration images (at least the rows in flight)
+    cost_reps: int = 1  # interleaved timing rounds, best of
 
 
 def _check_pair(model, draft):
@@ -501,6 +510,7 @@ class CSpDSampler(Sampler):
             raise ValueError(f"sampler.gamma must be >= 1, got {cfg.gamma}")
         if cfg.verify not in VERIFY:
             raise ValueError(f"sampler.verify must be one of {VERIFY}, got {cfg.verify!r}")
+        check_cost_options(cfg, "cost_gammas", least=1)
         self.draft = None
 
     def setup(self, ctx):
@@ -511,22 +521,50 @@ class CSpDSampler(Sampler):
     def __call__(self, model, cond_B, generator, progress=False, slots=0):
         if self.draft is None:
             raise RuntimeError("the cspd sampler loads its draft in setup(ctx): call it first")
-        c = self.cfg
-        return sample_cspd(
+        c, draft = self.cfg, self.draft
+
+        def run(gamma, cond, g, rows):
+            if gamma == 0:  # the plain xar sampler of the target CSpD follows (exact whatever the plan)
+                return plain_chunks(lambda cond_b: target_sampler(model, cond_b, g, c), cond, rows)
+            return sample_cspd(
+                model,
+                draft,
+                cond,
+                generator=g,
+                gamma=gamma,
+                temperature=c.temperature,
+                num_steps=c.num_steps,
+                mode=c.mode,
+                verify=c.verify,
+                K=c.proposals,
+                cfg_scale=c.cfg_scale,
+                prefill=c.prefill,
+                use_cache=c.use_cache,
+                slots=rows,
+                variance=c.variance,
+                backend=c.backend,
+            )
+
+        cond_B = cond_B.to(model.device)
+        return planned(model, c, c.gamma, c.cost_gammas, cond_B, generator, slots or c.slots, run, id(draft))
+
+
+def target_sampler(model, cond_B, generator, cfg: CSpDConfig):
+    """The plain ``xar`` sampler whose output CSpD under ``cfg`` follows: its guidance,
+    temperature and reverse steps, and the head's step variance ``cfg.variance`` (set on the
+    head for this call only)."""
+    head = model.head
+    before = head.sample_variance
+    head.sample_variance = cfg.variance or before
+    try:
+        return sample_xar(
             model,
-            self.draft,
             cond_B,
             generator=generator,
-            gamma=c.gamma,
-            temperature=c.temperature,
-            num_steps=c.num_steps,
-            mode=c.mode,
-            verify=c.verify,
-            K=c.proposals,
-            cfg_scale=c.cfg_scale,
-            prefill=c.prefill,
-            use_cache=c.use_cache,
-            slots=slots or c.slots,
-            variance=c.variance,
-            backend=c.backend,
+            cfg_scale=cfg.cfg_scale,
+            temperature=cfg.temperature,
+            num_steps=cfg.num_steps,
+            use_cache=cfg.use_cache,
         )
+    finally:
+        head.sample_variance = before
