@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -37,6 +38,18 @@ from vargen.sampling.stats import add_stats
 from vargen.sampling.timing import device_clock
 
 SPECULATE_BY = ("fixed", "cost")
+
+
+@dataclass
+class CostPlanOptions:
+    """The plan options of every speculative sampler's config (each adds its candidate widths:
+    ``cost_windows`` or ``cost_gammas``)."""
+
+    speculate_by: str = "fixed"  # fixed: the configured width; cost: the measured plan (this module)
+    cost_margin: float = 1.05  # a width must be this many times faster than plain decoding
+    cost_images: int = 4  # calibration images (at least the rows in flight)
+    cost_reps: int = 1  # interleaved timing rounds, best of
+
 
 # model -> {key: (width, measurements)}; weak, so a freed model takes its plans with it
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -59,7 +59,7 @@ from vargen.models.xar import cfg_ramp
 from vargen.registry import SAMPLERS
 from vargen.sampling.base import Sampler
 from vargen.sampling.decoders.xar import sample_xar
-from vargen.sampling.speculative.cost_plan import check_cost_options, plain_chunks, planned
+from vargen.sampling.speculative.cost_plan import CostPlanOptions, check_cost_options, plain_chunks, planned
 from vargen.sampling.speculative.cspd_verify import (
     MODES,
     accept_last_step,
@@ -75,7 +75,7 @@ VERIFY = ("last", "path")
 
 
 @dataclass
-class CSpDConfig:
+class CSpDConfig(CostPlanOptions):
     name: str = "cspd"
     draft_ckpt: str = ""  # a trained smaller xar (entity token, head mar_diffusion) on the same tokenizer
     gamma: int = 4  # drafts per iteration
@@ -92,11 +92,7 @@ class CSpDConfig:
     backend: str = "auto"  # fused kernels (last-step test, residual proposals, window attention)
     # fixed: speculate at `gamma`; cost: the measured fastest of the plain xar sampler (the target,
     # with this config's variance) and CSpD at each of cost_gammas (cost_plan.py; stats["plan_widths"])
-    speculate_by: str = "fixed"
     cost_gammas: list[int] = field(default_factory=lambda: [1, 2, 4])
-    cost_margin: float = 1.05  # a gamma must be this many times faster than the plain sampler
-    cost_images: int = 4  # calibration images (at least the rows in flight)
-    cost_reps: int = 1  # interleaved timing rounds, best of
 
 
 def _check_pair(model, draft):

@@ -23,7 +23,7 @@ import torch
 from vargen.registry import SAMPLERS
 from vargen.sampling.base import Sampler, inference
 from vargen.sampling.decoders.ar import complete, sample_ar
-from vargen.sampling.speculative.cost_plan import check_cost_options, plain_chunks, planned
+from vargen.sampling.speculative.cost_plan import CostPlanOptions, check_cost_options, plain_chunks, planned
 from vargen.sampling.speculative.verify import (
     CountLog,
     RowQueue,
@@ -36,7 +36,7 @@ from vargen.sampling.stats import finish_speculative, new_stats
 
 
 @dataclass
-class SpeculativeConfig:
+class SpeculativeConfig(CostPlanOptions):
     name: str = "speculative"
     draft_ckpt: str = ""  # run dir of a smaller llamagen trained on the same tokenizer
     gamma: int = 4  # draft tokens per target call
@@ -49,11 +49,7 @@ class SpeculativeConfig:
     compile: bool = False  # torch.compile both models' cached windows (ARTransformer.compile_decode)
     # fixed: speculate at `gamma`; cost: the measured fastest of plain decoding and SD at each of
     # cost_gammas, at the batch that runs (cost_plan.py; named in stats["plan_widths"])
-    speculate_by: str = "fixed"
     cost_gammas: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
-    cost_margin: float = 1.05  # a gamma must be this many times faster than plain decoding
-    cost_images: int = 4  # calibration images (at least the rows in flight)
-    cost_reps: int = 1  # interleaved timing rounds, best of
 
 
 @inference

@@ -40,6 +40,7 @@ import torch
 
 from vargen.registry import SAMPLERS
 from vargen.sampling.base import Sampler
+from vargen.sampling.speculative.cost_plan import CostPlanOptions
 from vargen.sampling.speculative.jacobi import COST_WINDOWS, check_window, run_jacobi_sampler
 from vargen.sampling.speculative.verify import token_residual
 from vargen_kernels.group_verify import (  # noqa: F401  (re-exported: the partition's reference)
@@ -157,7 +158,7 @@ def _near_table_of(model, dist: float):
 
 
 @dataclass
-class GSDConfig:
+class GSDConfig(CostPlanOptions):
     name: str = "gsd"
     window: int = 16
     group: int = 14  # G: ranking window around the draft (reference: sorted[r-7:r+7])
@@ -177,11 +178,7 @@ class GSDConfig:
     graph_noise: str = "eager"  # with cuda_graph: eager (sample_jacobi's ids) | chunk (fewer host calls)
     # fixed: speculate at `window`; cost: the measured fastest of plain decoding and GSD at each
     # of cost_windows, at the batch that runs (cost_plan.py; named in stats["plan_widths"])
-    speculate_by: str = "fixed"
     cost_windows: list[int] = field(default_factory=lambda: list(COST_WINDOWS))
-    cost_margin: float = 1.05  # a window must be this many times faster than plain decoding
-    cost_images: int = 4  # calibration images (at least the rows in flight)
-    cost_reps: int = 1  # interleaved timing rounds, best of
 
 
 @SAMPLERS.register("gsd", GSDConfig)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from vargen.registry import SAMPLERS
 from vargen.sampling.base import Sampler, inference
 from vargen.sampling.decoders.ar import complete, sample_ar
-from vargen.sampling.speculative.cost_plan import check_cost_options, plain_chunks, planned
+from vargen.sampling.speculative.cost_plan import CostPlanOptions, check_cost_options, plain_chunks, planned
 from vargen.sampling.speculative.verify import (
     CountLog,
     RowQueue,
@@ -217,8 +217,13 @@ def compiled_jacobi_step():
     return torch.compile(jacobi_step, dynamic=False)
 
 
+# the windows speculate_by="cost" times: the CPU's best lie at 2-6 (batch 1), the GPU's with
+# graphs at 16-24 (spec_sweep*.json)
+COST_WINDOWS = (2, 4, 6, 8, 16, 24)
+
+
 @dataclass
-class SJDConfig:
+class SJDConfig(CostPlanOptions):
     name: str = "sjd"
     window: int = 16  # L (reference max_num_new_tokens)
     use_cache: bool = True  # False: recompute the whole prefix every call (baseline)
@@ -232,16 +237,7 @@ class SJDConfig:
     graph_noise: str = "eager"  # with cuda_graph: eager (sample_jacobi's ids) | chunk (fewer host calls)
     # fixed: speculate at `window`; cost: the measured fastest of plain decoding and SJD at each
     # of cost_windows, at the batch that runs (cost_plan.py; named in stats["plan_widths"])
-    speculate_by: str = "fixed"
     cost_windows: list[int] = field(default_factory=lambda: list(COST_WINDOWS))
-    cost_margin: float = 1.05  # a window must be this many times faster than plain decoding
-    cost_images: int = 4  # calibration images (at least the rows in flight)
-    cost_reps: int = 1  # interleaved timing rounds, best of
-
-
-# the windows speculate_by="cost" times: the CPU's best lie at 2-6 (batch 1), the GPU's with
-# graphs at 16-24 (spec_sweep*.json)
-COST_WINDOWS = (2, 4, 6, 8, 16, 24)
 
 
 def check_window(cfg):
