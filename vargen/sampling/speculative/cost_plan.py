@@ -20,10 +20,11 @@ the sampler runs plain decoding (width 0). Plain decoding draws from the target 
 exact sampler stays exact under any plan, and lossy GSD, when it yields, samples the target.
 
 :func:`plan_for` keeps a plan per model and key (sampler options, rows, device, threads), so a
-process measures once. This is a named option, never a silent default: ``speculate_by="fixed"``
-speculates at the configured width. The ids depend on the width, and a timed choice may differ
-between processes: pin the width (``fixed``) for ids reproducible across processes; the stats
-name the width that ran (``plan_width``, 0 = plain decoding).
+process measures once (under torchrun each rank measures its own). This is a named option,
+never a silent default: ``speculate_by="fixed"`` speculates at the configured width. The ids
+depend on the width, and a timed choice may differ between processes: pin the width
+(``fixed``) for ids reproducible across processes; the stats name the width that ran
+(``plan_widths``, 0 = plain decoding).
 """
 
 from __future__ import annotations
