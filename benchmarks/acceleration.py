@@ -479,8 +479,9 @@ def measure_speed(name: str, w: Workload, batch: int, n: int, reps: int, opts: d
     # compile the kernels (Triton JIT, cuBLAS plans) and measure a speculate_by="cost" plan before
     # the clock (the plan is kept per model and batch size)
     if w.device.type != "cpu" or opts.get("speculate_by") == "cost":
+        warm = cond[:batch] if opts.get("speculate_by") == "cost" else cond[: min(n, 2)]  # plan: all rows
         for m in (base, method):
-            timed(m, w, cond[: min(n, 2)], 0, batch, opts)
+            timed(m, w, warm, 0, batch, opts)
     best = {"method": float("inf"), "baseline": float("inf")}
     cpu = dict(best)
     counts = {}

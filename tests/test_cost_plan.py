@@ -149,3 +149,19 @@ def test_fixed_runs_the_configured_width_and_names_it():
 def test_bad_plan_options_fail_when_built_naming_the_field(cfg, field):
     with pytest.raises(ValueError, match=field):
         SAMPLERS.build(cfg)
+
+
+def test_the_plan_is_measured_at_the_rows_that_run(monkeypatch):
+    """slots above the number of samples: the samplers keep every sample in flight, so the plan
+    is timed (and kept) at that many rows, not at the unused slots."""
+    rows, real = [], cost_plan.choose_width
+    monkeypatch.setattr(cost_plan, "choose_width", lambda *a, **k: rows.append(k["rows"]) or real(*a, **k))
+    cfg = {"name": "sjd", "speculate_by": "cost", "cost_windows": [2], "cost_images": 1, **WARP, **TORCH}
+    model = tiny_llamagen(0)
+    for labels, slots in (
+        (torch.tensor([0, 1, 2]), 8),
+        (torch.tensor([2, 1, 0, 1]), 3),
+        (torch.tensor([1, 0]), 0),
+    ):
+        _, stats = SAMPLERS.build(cfg)(model, labels, seeded(0), slots=slots)
+    assert rows == [3, 2]  # measured at 3 rows (not 8), reused by the 3-slot call, then 2 rows

@@ -149,7 +149,7 @@ def planned(model, cfg, width: int, widths, cond_N, generator, slots: int, run, 
         out, stats = run(width, cond_N, generator, slots)
         stats["plan_widths"] = [width]
         return out, stats
-    rows = slots if slots > 0 else len(cond_N)
+    rows = min(slots, len(cond_N)) if slots > 0 else len(cond_N)  # what the samplers keep in flight
     device = cond_N.device
     clock = device_clock(device)
     t0 = clock()
