@@ -38,6 +38,12 @@ sweep (best of 3) read SJD W 6 1.06 (W 3 0.88, W 16 0.83) and GSD W 16 1.45 (W 6
 and two alternating runs of 8 images, best of 3, read SJD W 6 1.10 / 1.13 (W 16 0.86 / 1.09) and
 GSD W 16 1.14 / 1.13 (W 6 0.78 / 1.13).
 
+``--set <family>.speculate_by=cost`` (sd, sjd, gsd, gsd_exact, cspd) measures the width instead:
+the sampler times plain sampling and each of its candidate widths at the batch size in a warm-up
+draw of a full batch (``vargen/sampling/speculative/cost_plan.py``), outside the timed reps, and
+runs the fastest or plain sampling; the cell records ``speculate_by`` and ``plan_width`` (0 =
+plain). Results of the CPU run: ``acceleration_cost.json`` (README).
+
 A per-batch value applies from its batch size up to the next one listed. FID draws run at
 ``fid_batch`` = 100 rows and so at the batch-16 setting (``<m>.fid_window`` / ``fid_gamma`` record
 it). ``--set sjd.window=8`` overrides every regime, ``--set sd.gamma.b16=2`` one; an unknown key
