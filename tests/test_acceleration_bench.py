@@ -370,3 +370,23 @@ def test_speculate_by_cost_is_measured_before_the_clock_and_recorded(workload, m
         assert flat[f"{m}.b1.speculate_by"] == "cost"
         widths = gammas.get(m, COST_WINDOWS)
         assert flat[f"{m}.b1.plan_width"] in (0, *widths)
+
+
+def test_cost_plan_benchmark_reports_every_width_and_the_choice(workload):
+    from benchmarks.cost_plan import measure, table
+    from vargen.sampling.speculative.jacobi import COST_WINDOWS
+
+    torch.set_num_threads(1)
+    flat = measure(workload, ["sjd", "sd", "cspd"], (1, 2), reps=1)
+    for b in (1, 2):
+        widths = [f"w{k}" for k in COST_WINDOWS]
+        assert all(flat[f"sjd.b{b}.{k}_ms"] > 0 for k in ["plain", *widths])
+        for m in ("sjd", "sd", "cspd"):
+            key = f"{m}.b{b}."
+            fastest = min(v for k, v in flat.items() if k.startswith(key + "w"))
+            assert flat[key + "best_ratio"] == pytest.approx(flat[key + "plain_ms"] / fastest)
+            # the choice follows the sampler's rule: a width only where it beats plain by the margin
+            chosen = flat[key + "chosen"]
+            assert chosen == 0 or flat[f"{key}w{chosen}_ms"] == fastest
+            assert (chosen != 0) == (fastest * 1.05 < flat[key + "plain_ms"])
+    assert len(table(flat, ["sjd", "sd", "cspd"], (1, 2))) == 6
