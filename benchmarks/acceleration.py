@@ -484,9 +484,10 @@ def measure_speed(name: str, w: Workload, batch: int, n: int, reps: int, opts: d
     cond = labels(n, w.num_classes, w.device)
     # compile the kernels (Triton JIT, cuBLAS plans) and measure a speculate_by="cost" plan before
     # the clock (the plan is kept per model and batch size)
-    if w.device.type != "cpu" or opts.get("speculate_by") == "cost":
-        warm = cond[:batch] if opts.get("speculate_by") == "cost" else cond[: min(n, 2)]  # plan: all rows
-        for m in (base, method):
+    cost = opts.get("speculate_by") == "cost"
+    if w.device.type != "cpu" or cost:
+        warm = cond[:batch] if cost else cond[: min(n, 2)]  # the plan is measured at a full batch
+        for m in (base, method) if w.device.type != "cpu" else (method,):
             timed(m, w, warm, 0, batch, opts)
     best = {"method": float("inf"), "baseline": float("inf")}
     cpu = dict(best)

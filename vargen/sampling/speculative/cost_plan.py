@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vargen.sampling.decoders.ar import sample_ar
 from vargen.sampling.stats import add_stats
 from vargen.sampling.timing import device_clock
 
@@ -125,6 +126,15 @@ def plan_key(cfg, rows: int, device, *extra) -> tuple:
     return (repr(cfg), rows, str(device), torch.get_num_threads(), *extra)
 
 
+def plain_decoding(ar, cond_N, generator, rows: int, cfg, warp: dict) -> tuple[torch.Tensor, dict]:
+    """The plan's width 0 for SD / SJD / GSD: :func:`~vargen.sampling.decoders.ar.sample_ar` of
+    the target ``ar`` (exact whatever the plan) in chunks of ``rows``, with the sampler config's
+    ``use_cache``, ``compile`` and, where it has one, ``cuda_graph``."""
+    opts = dict(use_cache=cfg.use_cache, compile=cfg.compile, cuda_graph=getattr(cfg, "cuda_graph", False))
+    opts.update(warp)
+    return plain_chunks(lambda cond_b: sample_ar(ar, cond_b, generator=generator, **opts), cond_N, rows)
+
+
 def plain_chunks(sample_plain, cond_N, rows: int) -> tuple[torch.Tensor, dict]:
     """``sample_plain(cond_b)`` (plain decoding) on chunks of ``rows`` (0 = all at once), the
     stats summed, with the per-row target calls the speculative samplers report."""
@@ -151,11 +161,11 @@ def planned(model, cfg, width: int, widths, cond_N, generator, slots: int, run, 
         return out, stats
     rows = min(slots, len(cond_N)) if slots > 0 else len(cond_N)  # what the samplers keep in flight
     device = cond_N.device
-    clock = device_clock(device)
-    t0 = clock()
 
-    def measure():
-        return choose_width(
+    def measure():  # timed only here: a kept plan costs no clock read (no device sync) per call
+        clock = device_clock(device)
+        t0 = clock()
+        chosen, info = choose_width(
             run,
             widths,
             num_classes=model.num_classes,
@@ -165,12 +175,12 @@ def planned(model, cfg, width: int, widths, cond_N, generator, slots: int, run, 
             reps=cfg.cost_reps,
             margin=cfg.cost_margin,
         )
+        return chosen, {**info, "seconds_total": clock() - t0}
 
     chosen, info, fresh = plan_for(model, plan_key(cfg, rows, device, *extra_key), measure)
-    spent = clock() - t0
     out, stats = run(chosen, cond_N, generator, slots)
     stats["plan_widths"] = [chosen]
     if fresh:
         seconds = {str(w): s for w, s in info["seconds"].items()}
-        stats["calibration"] = [{"seconds": seconds, "chosen": chosen, "seconds_total": spent}]
+        stats["calibration"] = [{**info, "seconds": seconds}]
     return out, stats

@@ -22,8 +22,8 @@ import torch
 
 from vargen.registry import SAMPLERS
 from vargen.sampling.base import Sampler, inference
-from vargen.sampling.decoders.ar import complete, sample_ar
-from vargen.sampling.speculative.cost_plan import CostPlanOptions, check_cost_options, plain_chunks, planned
+from vargen.sampling.decoders.ar import complete
+from vargen.sampling.speculative.cost_plan import CostPlanOptions, check_cost_options, plain_decoding, planned
 from vargen.sampling.speculative.verify import (
     CountLog,
     RowQueue,
@@ -146,9 +146,8 @@ class SpeculativeSampler(Sampler):
         warp = warp_kwargs(c)
 
         def run(gamma, cond, g, rows):
-            if gamma == 0:  # plain decoding: the target itself (exact whatever the plan)
-                opts = dict(use_cache=c.use_cache, compile=c.compile, **warp)
-                return plain_chunks(lambda cond_b: sample_ar(target, cond_b, generator=g, **opts), cond, rows)
+            if gamma == 0:
+                return plain_decoding(target, cond, g, rows, c, warp)
             return sample_speculative(
                 target,
                 draft,

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from vargen.registry import SAMPLERS
 from vargen.sampling.base import Sampler, inference
-from vargen.sampling.decoders.ar import complete, sample_ar
-from vargen.sampling.speculative.cost_plan import CostPlanOptions, check_cost_options, plain_chunks, planned
+from vargen.sampling.decoders.ar import complete
+from vargen.sampling.speculative.cost_plan import CostPlanOptions, check_cost_options, plain_decoding, planned
 from vargen.sampling.speculative.verify import (
     CountLog,
     RowQueue,
@@ -261,9 +261,8 @@ def run_jacobi_sampler(
     warp = warp_kwargs(c)
 
     def run(window, cond_N, g, rows):
-        if window == 0:  # plain decoding: the target itself (exact whatever the plan)
-            opts = dict(use_cache=c.use_cache, compile=c.compile, cuda_graph=c.cuda_graph, **warp)
-            return plain_chunks(lambda cond_b: sample_ar(ar, cond_b, generator=g, **opts), cond_N, rows)
+        if window == 0:
+            return plain_decoding(ar, cond_N, g, rows, c, warp)
         return sample_jacobi(
             ar,
             cond_N,
