@@ -165,3 +165,19 @@ def test_the_plan_is_measured_at_the_rows_that_run(monkeypatch):
     ):
         _, stats = SAMPLERS.build(cfg)(model, labels, seeded(0), slots=slots)
     assert rows == [3, 2]  # measured at 3 rows (not 8), reused by the 3-slot call, then 2 rows
+
+
+@pytest.mark.parametrize("threads, counts_a_wait", [(1, False), (2, True)])
+def test_the_cpu_clock_is_process_time_on_one_thread_and_wall_time_on_more(threads, counts_a_wait):
+    """One thread: process CPU time, so time lost to a neighbour (here a sleep) does not count.
+    More threads: wall time, since process time sums the threads and would charge a width that
+    runs its products in parallel for every thread."""
+    import time
+
+    from vargen.sampling.timing import device_clock
+
+    torch.set_num_threads(threads)  # the autouse fixture restores the thread count
+    clock = device_clock("cpu")
+    t0 = clock()
+    time.sleep(0.2)
+    assert (clock() - t0 > 0.15) is counts_a_wait

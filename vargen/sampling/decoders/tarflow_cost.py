@@ -17,10 +17,10 @@ This is a named choice (``TarFlowSamplerConfig.auto_by="cost"``; the ``policy: "
 of :data:`~vargen.sampling.decoders.tarflow.JACOBI_CPU`), never what ``method="jacobi"``
 means: a plain Jacobi sampler still runs Jacobi on every block.
 
-Timing: process CPU time on the CPU (one intra-op thread is the intended setting; robust to
-a neighbour on a shared machine, where wall time is not), wall time after a synchronize on an
-accelerator; the best of ``reps``. ``margin`` > 1 asks a Jacobi candidate to beat the
-sequential loop by that factor before it is chosen (a guard against timing noise).
+Timing: :func:`~vargen.sampling.timing.device_clock` (process CPU time on one CPU thread, wall
+time with more threads or after a synchronize on an accelerator); the best of ``reps``.
+``margin`` > 1 asks a Jacobi candidate to beat the sequential loop by that factor before it is
+chosen (a guard against timing noise).
 """
 
 from __future__ import annotations
