@@ -1,11 +1,11 @@
-"""The clock a measured-cost calibration reads (TarFlow's per-block plan, the speculative
-samplers' width plan): process CPU time on one CPU thread, wall time with more threads or after
-a synchronize on an accelerator."""
+"""What a measured-cost calibration shares (TarFlow's per-block plan, the speculative samplers'
+width plan): the clock it reads (process CPU time on one CPU thread, wall time with more threads
+or after a synchronize on an accelerator) and how it picks (:func:`fastest`)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
@@ -30,3 +30,28 @@ def device_clock(device) -> Callable[[], float]:
         return time.perf_counter()
 
     return clock
+
+
+def fastest(
+    candidates: Sequence[Hashable],
+    run: Callable[[Hashable], object],
+    *,
+    reps: int,
+    margin: float,
+    clock: Callable[[], float],
+) -> tuple[Hashable, dict, dict]:
+    """(chosen, {candidate: best seconds}, {candidate: its last output}) of ``run(candidate)``.
+
+    The candidates take turns within each of ``reps`` rounds (a slow spell or the first call's
+    allocations do not fall on one of them), each keeps its best round, and the fastest of
+    ``candidates[1:]`` is chosen only if it is ``margin`` times faster than ``candidates[0]``
+    (the baseline; a guard against timing noise), else the baseline. ``clock`` is read before
+    and after each run."""
+    secs, outs = dict.fromkeys(candidates, float("inf")), {}
+    for _ in range(reps):
+        for c in candidates:
+            t0 = clock()
+            outs[c] = run(c)
+            secs[c] = min(secs[c], clock() - t0)
+    best = min(candidates[1:], key=secs.__getitem__)
+    return (best if secs[best] * margin < secs[candidates[0]] else candidates[0]), secs, outs

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from vargen.sampling.decoders.tarflow import BlockPlan, _invert_block
-from vargen.sampling.timing import device_clock
+from vargen.sampling.timing import device_clock, fastest
 
 COST_WINDOWS = (2, 4, 8, 16, 32, 64)
 
@@ -76,9 +76,8 @@ def calibrate_cost(
 
     Draws a calibration set z ~ N(0, I) for labels ``cond_N`` from ``generator`` and runs it in
     chunks of ``batch`` rows (0 = all at once): the batch size to be sampled, since the cost of
-    a pass depends on it. For each block every plan of :func:`candidates` inverts every chunk;
-    the reps are interleaved (candidate after candidate, ``reps`` rounds, so a slow spell or the
-    first call's allocations do not fall on one candidate) and each keeps its best round. The
+    a pass depends on it. For each block every plan of :func:`candidates` inverts every chunk,
+    timed by :func:`~vargen.sampling.timing.fastest` (interleaved rounds, best each): the
     cheapest plan wins, sequential unless a Jacobi plan is ``margin`` times faster. ``clock``
     (default :func:`device_clock`) is read before and after each candidate's round. Returns
     (plans, {"seconds": per block {candidate: seconds}, "chosen": per block candidate name}).
@@ -92,24 +91,21 @@ def calibrate_cost(
     clock = clock or device_clock(p.device)
     x = torch.randn(N, T, C, generator=generator, device=generator.device, dtype=p.dtype).to(p.device)
     kw = dict(tol=tol, clamp=clamp, guidance=guidance, check_every=check_every, attn_temp=attn_temp)
-    cands = candidates(method, windows, segments)
+    by_name = {plan_name(pl): pl for pl in candidates(method, windows, segments)}
     plans, seconds, chosen = [], [], []
     for block in reversed(model.blocks):
         zp = block.permute(x)
-        secs, outs = {plan_name(pl): float("inf") for pl in cands}, {}
-        for _ in range(reps):
-            for plan in cands:
-                t0 = clock()
-                u = [
-                    _invert_block(block, zp[i : i + step], cond_N[i : i + step], plan, **kw)[0]
-                    for i in range(0, N, step)
-                ]
-                name = plan_name(plan)
-                secs[name], outs[name] = min(secs[name], clock() - t0), u
-        fast = min(cands[1:], key=lambda pl: secs[plan_name(pl)])
-        plan = fast if secs[plan_name(fast)] * margin < secs["sequential"] else cands[0]
-        plans.append(plan)
+
+        def invert(name, block=block, zp=zp):  # every calibration chunk under one candidate plan
+            plan = by_name[name]
+            return [
+                _invert_block(block, zp[i : i + step], cond_N[i : i + step], plan, **kw)[0]
+                for i in range(0, N, step)
+            ]
+
+        name, secs, outs = fastest(list(by_name), invert, reps=reps, margin=margin, clock=clock)
+        plans.append(by_name[name])
         seconds.append(secs)
-        chosen.append(plan_name(plan))
-        x = block.permute(torch.cat(outs[plan_name(plan)]))
+        chosen.append(name)
+        x = block.permute(torch.cat(outs[name]))
     return plans, {"seconds": seconds, "chosen": chosen}

@@ -37,7 +37,7 @@ import torch
 
 from vargen.sampling.decoders.ar import sample_ar
 from vargen.sampling.stats import add_stats
-from vargen.sampling.timing import device_clock
+from vargen.sampling.timing import device_clock, fastest
 
 SPECULATE_BY = ("fixed", "cost")
 
@@ -88,26 +88,21 @@ def choose_width(
 
     ``run(width, cond_N, generator, rows)`` samples ``cond_N`` at ``width`` (0: plain decoding)
     with ``rows`` in flight. Every candidate draws the same labels from a generator seeded with
-    ``seed``; the candidates take turns within each of ``reps`` rounds (a slow spell or the
-    first call's allocations do not fall on one of them) and each keeps its best round."""
+    ``seed``, timed by :func:`~vargen.sampling.timing.fastest` (interleaved rounds, best each,
+    ``margin`` over plain decoding)."""
     if reps < 1 or margin <= 0 or rows < 1 or images < 1:
         raise ValueError(
             f"need reps, rows, images >= 1 and margin > 0, got {reps}, {rows}, {images}, {margin}"
         )
     dev = torch.device(device)
-    clock = clock or device_clock(dev)
     cond_N = torch.arange(images, device=dev) % num_classes
+
+    def run_one(w):  # each candidate from the same seed; the ids are not kept
+        run(w, cond_N, torch.Generator(device=dev).manual_seed(seed), rows)
+
     cands = [0, *dict.fromkeys(int(w) for w in widths)]
-    secs = {w: float("inf") for w in cands}
-    for _ in range(reps):
-        for w in cands:
-            g = torch.Generator(device=dev).manual_seed(seed)
-            t0 = clock()
-            run(w, cond_N, g, rows)
-            secs[w] = min(secs[w], (clock() - t0) / images)
-    best = min(cands[1:], key=secs.__getitem__)
-    chosen = best if secs[best] * margin < secs[0] else 0
-    return chosen, {"seconds": secs, "chosen": chosen}
+    chosen, secs, _ = fastest(cands, run_one, reps=reps, margin=margin, clock=clock or device_clock(dev))
+    return chosen, {"seconds": {w: s / images for w, s in secs.items()}, "chosen": chosen}
 
 
 def plan_for(model, key: tuple, measure: Callable[[], tuple[int, dict]]) -> tuple[int, dict, bool]:
